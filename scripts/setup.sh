@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs conan-embedding and its test/serve/llm extras into the current Python.
+# torch is pinned to the CPU wheel first: a bare `torch` requirement would pull a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+python -m pip install -q --disable-pip-version-check -e ".[dev,serve,llm]"
