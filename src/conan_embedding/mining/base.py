@@ -1,0 +1,69 @@
+"""The contract between the trainer and whoever decides a sample's hard negatives.
+
+The trainer never reads ``record.neg`` itself: it asks a :class:`NegativeProvider` for the
+current negatives of the samples in a batch, and reports back the cosine scores the loss
+already computed. :class:`StaticNegatives` is the plain recipe (a record's own first ``n``
+negatives, forever); ``mining.dynamic`` implements Conan's dynamic hard negative mining on
+the same contract, so the trainer does not know which one it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from conan_embedding.data.records import RetrievalRecord
+
+EncodeFn = Callable[[Sequence[str]], torch.Tensor]
+"""Encodes texts with the current model (no grad) into L2-normalised rows."""
+
+
+@runtime_checkable
+class NegativeProvider(Protocol):
+    def negatives(self, sample_ids: Sequence[int]) -> list[list[str]]:
+        """The current hard negatives of each sample (the same count for every sample)."""
+
+    def observe(self, step: int, sample_ids: Sequence[int], neg_scores: torch.Tensor) -> None:
+        """Scores ``cos(query, negative)`` of the batch, shape ``[batch, n]``, detached.
+
+        Called once per training step for the batch that was just trained on.
+        """
+
+    def on_step_end(self, step: int, encode: EncodeFn) -> dict[str, float]:
+        """Hook after the optimizer step; returns numbers to log (may be empty)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class StaticNegatives:
+    """Each sample keeps its record's first ``n`` negatives (cycled if it has fewer)."""
+
+    def __init__(self, records: Sequence[RetrievalRecord], n: int):
+        if n < 0:
+            raise ValueError("the number of negatives must be >= 0")
+        self.records, self.n = records, n
+
+    def negatives(self, sample_ids: Sequence[int]) -> list[list[str]]:
+        out = []
+        for sid in sample_ids:
+            neg = self.records[sid].neg
+            if self.n and not neg:
+                raise ValueError(f"sample {sid} has no negatives but {self.n} are required")
+            out.append([neg[k % len(neg)] for k in range(self.n)] if self.n else [])
+        return out
+
+    def observe(self, step: int, sample_ids: Sequence[int], neg_scores: torch.Tensor) -> None:
+        return None
+
+    def on_step_end(self, step: int, encode: EncodeFn) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
