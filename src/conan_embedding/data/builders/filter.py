@@ -1,0 +1,230 @@
+"""Teacher-score filtering of weakly supervised pairs (Conan-v1 stage 1, v2 stage 3).
+
+Why: mined and generated pairs are noisy: a news title with an unrelated body, a query the
+LLM invented that its passage does not answer. The papers score every pair with an existing
+embedder (the teacher) and drop pairs whose cosine similarity is below 0.4; of ~750M
+collected pairs about 400M survive in v1.
+
+How: every distinct text is embedded once by the teacher (a sentence-transformers model,
+L2-normalised, optional ``query:``/``passage:`` prompts for e5-style teachers), each pair
+is scored ``s = cos(teacher(query), teacher(pos))``, and pairs with ``s < threshold`` are
+dropped. For retrieval records each positive is scored on its own; a record keeps the
+positives that pass and is dropped when none do. The kept rows are written atomically, the
+dropped ones optionally, plus a JSON report (counts, score quantiles, histogram) and a PNG
+histogram with the threshold marked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from conan_embedding.data.records import PairRecord, RetrievalRecord, read_records, write_records
+
+PAPER_THRESHOLD = 0.4
+FilterKind = Literal["pairs", "retrieval"]
+
+
+def pair_scores(
+    model,
+    queries: Sequence[str],
+    passages: Sequence[str],
+    *,
+    batch_size: int = 64,
+    query_prompt: str = "",
+    passage_prompt: str = "",
+    show_progress: bool = True,
+) -> np.ndarray:
+    """Cosine similarity of each (query, passage) under ``model``; each distinct text encoded once."""
+    if len(queries) != len(passages):
+        raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
+    if not queries:
+        return np.zeros(0, dtype=np.float32)
+    q_texts = sorted(set(queries))
+    p_texts = sorted(set(passages))
+    q_emb = _encode(model, [query_prompt + t for t in q_texts], batch_size, show_progress)
+    p_emb = _encode(model, [passage_prompt + t for t in p_texts], batch_size, show_progress)
+    q_row = {t: i for i, t in enumerate(q_texts)}
+    p_row = {t: i for i, t in enumerate(p_texts)}
+    qi = np.fromiter((q_row[t] for t in queries), dtype=np.int64, count=len(queries))
+    pi = np.fromiter((p_row[t] for t in passages), dtype=np.int64, count=len(passages))
+    return np.einsum("ij,ij->i", q_emb[qi], p_emb[pi]).astype(np.float32)
+
+
+def _encode(model, texts: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
+    emb = model.encode(
+        texts,
+        batch_size=batch_size,
+        convert_to_numpy=True,
+        normalize_embeddings=True,
+        show_progress_bar=show_progress,
+    )
+    return np.asarray(emb, dtype=np.float32)
+
+
+@dataclass
+class FilterResult:
+    kept: list
+    dropped: list
+    scores: np.ndarray  # one per scored (query, positive) pair
+    pairs_scored: int
+    pairs_kept: int
+
+
+def filter_records(
+    records: Sequence[PairRecord | RetrievalRecord],
+    model,
+    threshold: float = PAPER_THRESHOLD,
+    **score_kwargs,
+) -> FilterResult:
+    """Keep the pairs whose teacher cosine is >= ``threshold``."""
+    queries, passages, owner = [], [], []
+    for i, record in enumerate(records):
+        positives = [record.pos] if isinstance(record, PairRecord) else list(record.pos)
+        for pos in positives:
+            queries.append(record.query)
+            passages.append(pos)
+            owner.append(i)
+    scores = pair_scores(model, queries, passages, **score_kwargs)
+    passing: dict[int, list[tuple[str, float]]] = {}
+    for i, pos, score in zip(owner, passages, scores, strict=True):
+        if score >= threshold:
+            passing.setdefault(i, []).append((pos, float(score)))
+    kept, dropped = [], []
+    for i, record in enumerate(records):
+        if i not in passing:
+            dropped.append(record)
+        elif isinstance(record, RetrievalRecord) and len(passing[i]) < len(record.pos):
+            kept.append(record.model_copy(update={"pos": [p for p, _ in passing[i]]}))
+        else:
+            kept.append(record)
+    pairs_kept = sum(len(v) for v in passing.values())
+    return FilterResult(kept, dropped, scores, len(scores), pairs_kept)
+
+
+def score_histogram(scores: np.ndarray, bin_width: float = 0.05) -> dict:
+    """Counts over fixed bins of width ``bin_width`` covering [-1, 1]."""
+    edges = np.round(np.arange(-1.0, 1.0 + bin_width / 2, bin_width), 6)
+    counts, _ = np.histogram(np.clip(scores, -1.0, 1.0), bins=edges)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def plot_histogram(
+    scores: np.ndarray, threshold: float, path: str | os.PathLike[str], title: str
+) -> Path:
+    """A PNG histogram of the teacher scores with the threshold drawn, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    low, high = (
+        float(min(scores.min(initial=0.0), threshold)),
+        float(max(scores.max(initial=1.0), threshold)),
+    )
+    bins = np.linspace(low, high, 41)
+    ax.hist(
+        scores[scores < threshold],
+        bins=bins,
+        color="#c0504d",
+        label=f"dropped ({int((scores < threshold).sum())})",
+    )
+    ax.hist(
+        scores[scores >= threshold],
+        bins=bins,
+        color="#4f81bd",
+        label=f"kept ({int((scores >= threshold).sum())})",
+    )
+    ax.axvline(
+        threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}"
+    )
+    ax.set_xlabel("teacher cosine similarity (query, positive)")
+    ax.set_ylabel("pairs")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def run_filter(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    teacher: str,
+    *,
+    kind: FilterKind = "pairs",
+    threshold: float = PAPER_THRESHOLD,
+    dropped_path: str | os.PathLike[str] | None = None,
+    histogram_path: str | os.PathLike[str] | None = None,
+    report_path: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    query_prompt: str = "",
+    passage_prompt: str = "",
+    max_seq_length: int | None = None,
+    show_progress: bool = True,
+    model=None,
+) -> dict:
+    """Score ``input_path`` with ``teacher``, write the kept rows, report and histogram."""
+    if model is None:
+        from conan_embedding.modeling.embedder import load_embedder
+
+        model = load_embedder(teacher)
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    records = read_records(input_path, kind)
+    result = filter_records(
+        records, model, threshold, batch_size=batch_size, query_prompt=query_prompt,
+        passage_prompt=passage_prompt, show_progress=show_progress,
+    )  # fmt: skip
+    output_path = Path(output_path)
+    write_records(output_path, result.kept)
+    if dropped_path is not None:
+        write_records(dropped_path, result.dropped)
+    histogram_path = (
+        Path(histogram_path) if histogram_path else output_path.with_suffix(".scores.png")
+    )
+    report_path = Path(report_path) if report_path else output_path.with_suffix(".filter.json")
+    plot_histogram(
+        result.scores,
+        threshold,
+        histogram_path,
+        f"{Path(input_path).name}: teacher {Path(teacher).name}",
+    )
+    scores = result.scores
+    report = {
+        "input": str(input_path),
+        "output": str(output_path),
+        "teacher": str(teacher),
+        "kind": kind,
+        "threshold": threshold,
+        "records_in": len(records),
+        "records_kept": len(result.kept),
+        "records_dropped": len(result.dropped),
+        "pairs_scored": result.pairs_scored,
+        "pairs_kept": result.pairs_kept,
+        "pairs_dropped": result.pairs_scored - result.pairs_kept,
+        "score_quantiles": (
+            {q: float(np.quantile(scores, float(q))) for q in ("0.05", "0.25", "0.5", "0.75", "0.95")}
+            if len(scores) else {}
+        ),
+        "histogram": score_histogram(scores),
+        "histogram_png": str(histogram_path),
+    }  # fmt: skip
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report_path.with_name(f".{report_path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    os.replace(tmp, report_path)
+    report["report"] = str(report_path)
+    return report
