@@ -1,0 +1,813 @@
+"""Stages 1 and 2 of Conan-v2: causal-LM pretraining of our own LLM, then SFT.
+
+Why: Conan-v2's embedder is an LLM trained from scratch, so the LM stages are part of the
+recipe. Pretraining mixes sources with per-source weights (the paper up-weights news, QA and
+web pairs); SFT teaches (instruction, input) -> output, and the same rows later become the
+weak embedding pairs (stage 3, ``training.llm_embedding``).
+
+How:
+- Mixing and packing: for step ``s`` a generator seeded with ``(seed, s)`` draws a source
+  with probability ``w_k / sum(w)``, then a document of it, appends ``<|endoftext|>`` and
+  repeats until ``batch * seq_len`` tokens are filled; the stream is cut into full blocks (no
+  padding). Because a batch depends only on ``(seed, step)``, resuming replays the exact data.
+- Loss: next-token cross-entropy ``L = -1/N sum_t log p(x_{t+1} | x_<=t)``; perplexity is
+  ``exp(L)`` on held-out documents of every source (every ``holdout_every``-th document).
+- AdamW, linear warmup over ``warmup_ratio`` of the steps then cosine (or linear) decay.
+- Checkpoints are folders ``checkpoints/step-N`` holding the model (safetensors), the optimizer
+  state (safetensors tensors + JSON, never a pickle) and ``trainer_state.json``; ``resume``
+  continues from the newest one. A JSONL log and a loss / perplexity PNG are written beside.
+- SFT rows are ``{"instruction", "input", "output"}``; the model sees
+  ``instruction \\n input \\n output <eos>`` and the loss covers the output tokens only
+  (prompt and padding labels are ``-100``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import unicodedata
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm.auto import tqdm
+
+from conan_embedding.data.records import RecordError, write_records
+from conan_embedding.modeling.llm import (
+    build_causal_lm,
+    llm_config,
+    load_llm,
+    load_tokenizer,
+    save_llm,
+    save_tokenizer,
+    train_tokenizer,
+)
+
+IGNORE_INDEX = -100
+
+# ---------------------------------------------------------------- configs
+
+
+class SourceConfig(BaseModel):
+    """One pretraining source: a ``.txt`` (one document per line) or ``.jsonl`` (``text``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    path: str
+    weight: float = Field(default=1.0, gt=0)
+
+
+class PretrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    output_dir: str
+    sources: list[SourceConfig] = Field(min_length=1)
+    preset: str = "tiny"
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    tokenizer: str | None = None  # a saved tokenizer folder; trained on the sources if absent
+    vocab_size: int = 4000
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.001
+    scheduler: Literal["cosine", "linear"] = "cosine"
+    eval_every: int = 100
+    eval_blocks: int = 32
+    holdout_every: int = 50
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    # CPU threads for torch; 1 is fastest when other jobs share the cores (None = torch default)
+    threads: int | None = None
+
+
+class SFTConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    output_dir: str
+    base_model: str
+    data: str
+    max_len: int = 128
+    batch_size: int = 16
+    steps: int = 300
+    lr: float = 5e-4
+    warmup_ratio: float = 0.02
+    weight_decay: float = 0.001
+    scheduler: Literal["cosine", "linear"] = "cosine"
+    eval_every: int = 100
+    eval_rows: int = 128
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    threads: int | None = None
+
+
+# ---------------------------------------------------------------- reading data
+
+
+def read_documents(path: str | os.PathLike[str]) -> list[str]:
+    """Documents of a source file; a bad ``.jsonl`` row raises ``file:line: field 'text'``."""
+    path = Path(path)
+    documents: list[str] = []
+    with open(path, encoding="utf-8-sig") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise RecordError(
+                        path, line_no, "<json>", f"invalid JSON ({err.msg})"
+                    ) from None
+                text = row.get("text") if isinstance(row, dict) else None
+                if not isinstance(text, str) or not text.strip():
+                    raise RecordError(path, line_no, "text", "must be a non-empty string")
+                documents.append(text)
+            else:
+                documents.append(line.rstrip("\n"))
+    if not documents:
+        raise ValueError(f"{path}: no documents")
+    return documents
+
+
+class SFTRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    instruction: str
+    input: str = ""
+    output: str = Field(min_length=1)
+    id: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+def read_sft_records(path: str | os.PathLike[str]) -> list[SFTRecord]:
+    rows: list[SFTRecord] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RecordError(path, line_no, "<json>", f"invalid JSON ({err.msg})") from None
+            try:
+                rows.append(SFTRecord.model_validate(raw))
+            except ValidationError as err:
+                first = err.errors()[0]
+                field = ".".join(str(part) for part in first["loc"]) or "<row>"
+                raise RecordError(path, line_no, field, first["msg"]) from None
+    return rows
+
+
+# ---------------------------------------------------------------- mixing and packing
+
+
+class MixtureBatcher:
+    """Packed ``[batch, seq_len]`` blocks drawn from weighted sources; batch ``s`` depends only
+    on ``(seed, s)`` so training can resume mid-run on exactly the same data."""
+
+    def __init__(
+        self,
+        sources: dict[str, list[list[int]]],
+        weights: dict[str, float],
+        *,
+        seq_len: int,
+        batch_size: int,
+        eos_id: int,
+        seed: int = 0,
+    ):
+        empty = [name for name, docs in sources.items() if not docs]
+        if empty:
+            raise ValueError(f"sources without documents: {empty}")
+        self.names = list(sources)
+        self.sources = sources
+        total = sum(weights[name] for name in self.names)
+        self.probabilities = np.array([weights[name] / total for name in self.names])
+        self.seq_len, self.batch_size, self.eos_id, self.seed = seq_len, batch_size, eos_id, seed
+
+    def batch(self, step: int) -> tuple[torch.Tensor, dict[str, int]]:
+        """The step's input ids and how many tokens each source contributed."""
+        rng = np.random.default_rng([self.seed, step])
+        needed = self.batch_size * self.seq_len
+        stream: list[int] = []
+        drawn = dict.fromkeys(self.names, 0)
+        while len(stream) < needed:
+            name = self.names[rng.choice(len(self.names), p=self.probabilities)]
+            documents = self.sources[name]
+            document = documents[int(rng.integers(len(documents)))]
+            piece = [*document, self.eos_id][: needed - len(stream)]
+            stream.extend(piece)
+            drawn[name] += len(piece)
+        return torch.tensor(stream, dtype=torch.long).view(self.batch_size, self.seq_len), drawn
+
+
+def pack_blocks(
+    documents: Sequence[list[int]], seq_len: int, eos_id: int, limit: int
+) -> torch.Tensor:
+    """Held-out documents packed in order into at most ``limit`` full blocks."""
+    stream: list[int] = []
+    for document in documents:
+        stream.extend([*document, eos_id])
+        if len(stream) >= seq_len * limit:
+            break
+    count = min(limit, len(stream) // seq_len)
+    if count == 0:
+        raise ValueError("held-out text is shorter than one block; lower seq_len or holdout_every")
+    return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+# ---------------------------------------------------------------- optimizer state (no pickle)
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    meta = {"param_groups": state["param_groups"], "scalars": scalars}
+    (folder / "optimizer.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    meta = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ---------------------------------------------------------------- the shared loop
+
+
+@dataclass
+class LoopSettings:
+    output_dir: Path
+    steps: int
+    lr: float
+    warmup_ratio: float
+    weight_decay: float
+    scheduler: str
+    eval_every: int
+    save_every: int
+    keep_checkpoints: int
+    seed: int
+    description: str
+    threads: int | None = None
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    folders = sorted(
+        (p for p in (output_dir / "checkpoints").glob("step-*") if p.is_dir()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
+    return folders[-1] if folders else None
+
+
+def train_causal_lm(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
+    evaluate: Callable[[torch.nn.Module], float],
+    settings: LoopSettings,
+    *,
+    resume: bool = True,
+    extra_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """AdamW + warmup/decay over ``next_batch(step) -> (input_ids, labels, info)``.
+
+    Logs to ``log.jsonl``, checkpoints to ``checkpoints/step-N``, saves the final model to
+    ``output_dir/model`` and a curve to ``curve.png``; returns the summary.
+    """
+    from transformers import get_scheduler
+
+    out = settings.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=settings.lr,
+    )
+    scheduler = get_scheduler(
+        settings.scheduler,
+        optimizer,
+        num_warmup_steps=max(1, round(settings.warmup_ratio * settings.steps)),
+        num_training_steps=settings.steps,
+    )
+    start, history = 0, []
+    checkpoint = _latest_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
+        model.tie_weights()
+        load_optimizer(optimizer, checkpoint)
+        start, history = state["step"], state["history"]
+        with warnings.catch_warnings():  # replaying the schedule, not skipping a step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start):
+                scheduler.step()
+    log_path = out / "log.jsonl"
+    if start == 0:
+        log_path.unlink(missing_ok=True)
+        history = []
+        first = {"step": 0, "val_loss": evaluate(model), "kind": "eval"}
+        first["val_ppl"] = math.exp(min(first["val_loss"], 50.0))
+        history.append(first)
+        _append_log(log_path, first)
+
+    began = time.perf_counter()
+    model.train()
+    progress = tqdm(
+        range(start, settings.steps), desc=settings.description, initial=start, total=settings.steps
+    )
+    for step in progress:
+        input_ids, labels, info = next_batch(step)
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        entry = {
+            "step": done,
+            "loss": loss.item(),
+            "lr": scheduler.get_last_lr()[0],
+            "kind": "train",
+            **info,
+        }
+        history.append(entry)
+        _append_log(log_path, entry)
+        progress.set_postfix(loss=f"{entry['loss']:.3f}")
+        if done % settings.eval_every == 0 or done == settings.steps:
+            val = evaluate(model)
+            model.train()
+            entry = {
+                "step": done,
+                "val_loss": val,
+                "val_ppl": math.exp(min(val, 50.0)),
+                "kind": "eval",
+            }
+            history.append(entry)
+            _append_log(log_path, entry)
+        if done % settings.save_every == 0 and done < settings.steps:
+            _save_checkpoint(model, optimizer, out, done, history, settings.keep_checkpoints)
+    seconds = time.perf_counter() - began
+    model.eval()
+    evals = [h for h in history if h["kind"] == "eval"]
+    summary = {
+        "steps": settings.steps,
+        "resumed_from": start,
+        "seconds_this_run": round(seconds, 2),
+        "first_val_ppl": evals[0]["val_ppl"],
+        "final_val_ppl": evals[-1]["val_ppl"],
+        "final_train_loss": next(h["loss"] for h in reversed(history) if h["kind"] == "train"),
+        "loadavg": list(os.getloadavg()),
+        **(extra_meta or {}),
+    }
+    save_llm(model, tokenizer, out / "model", extra=summary)
+    _write_json(out / "summary.json", summary)
+    plot_curve(history, out / "curve.png", title=settings.description)
+    return summary
+
+
+def _save_checkpoint(model, optimizer, out: Path, step: int, history, keep: int) -> None:
+    from safetensors.torch import save_file
+
+    final = out / "checkpoints" / f"step-{step}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".step-{step}.tmp"))
+    try:
+        # tied weights share storage: store each tensor once, re-tie on load
+        seen: set[int] = set()
+        tensors = {}
+        for name, tensor in model.state_dict().items():
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.detach().contiguous().clone()
+        save_file(tensors, str(tmp / "model.safetensors"))
+        save_optimizer(optimizer, tmp)
+        _write_json(tmp / "trainer_state.json", {"step": step, "history": history})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    folders = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in folders[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _append_log(path: Path, entry: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def plot_curve(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Training loss and held-out perplexity against the step, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if h["kind"] == "train"]
+    evals = [h for h in history if h["kind"] == "eval"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([h["step"] for h in train], [h["loss"] for h in train], lw=0.8)
+    left.set(xlabel="step", ylabel="train loss", title=f"{title} loss")
+    right.plot([h["step"] for h in evals], [h["val_ppl"] for h in evals], marker="o")
+    right.set(xlabel="step", ylabel="held-out perplexity", yscale="log", title="perplexity")
+    figure.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def _held_out_loss(
+    model: torch.nn.Module, blocks: torch.Tensor, labels: torch.Tensor | None = None
+) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(blocks), 16):
+            ids = blocks[start : start + 16]
+            target = ids if labels is None else labels[start : start + 16]
+            n = int((target[:, 1:] != IGNORE_INDEX).sum())
+            total += model(input_ids=ids, labels=target).loss.item() * n
+            count += n
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- pretraining
+
+
+def run_pretraining(config: PretrainConfig, *, resume: bool = True) -> dict[str, Any]:
+    """Tokenizer (trained on the sources unless given), tiny..1.4B model, mixed packed LM loss."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    documents = {source.name: read_documents(source.path) for source in config.sources}
+    if len(documents) != len(config.sources):
+        raise ValueError("source names must be unique")
+    train_docs = {
+        n: [d for k, d in enumerate(docs) if k % config.holdout_every]
+        for n, docs in documents.items()
+    }
+    held_docs = {n: docs[:: config.holdout_every] for n, docs in documents.items()}
+
+    if config.tokenizer:
+        tokenizer = load_tokenizer(config.tokenizer)
+    elif (out / "tokenizer").is_dir():
+        tokenizer = load_tokenizer(out / "tokenizer")
+    else:
+        texts = [d for docs in train_docs.values() for d in docs]
+        tokenizer = train_tokenizer(texts, config.vocab_size)
+        save_tokenizer(tokenizer, out / "tokenizer")
+
+    def encode(docs: list[str]) -> list[list[int]]:
+        return tokenizer(docs, add_special_tokens=False)["input_ids"]
+
+    tokens = {n: encode(d) for n, d in tqdm(train_docs.items(), desc="tokenize")}
+    batcher = MixtureBatcher(
+        tokens,
+        {s.name: s.weight for s in config.sources},
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        eos_id=tokenizer.eos_token_id,
+        seed=config.seed,
+    )
+    held_blocks = torch.cat(
+        [
+            pack_blocks(
+                encode(docs),
+                config.seq_len,
+                tokenizer.eos_token_id,
+                max(1, config.eval_blocks // len(held_docs)),
+            )
+            for docs in held_docs.values()
+        ]
+    )
+    model_config = llm_config(
+        config.preset,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{"max_position_embeddings": max(config.seq_len, 512), **config.model_overrides},
+    )
+    model = build_causal_lm(model_config, seed=config.seed)
+
+    def next_batch(step: int):
+        ids, drawn = batcher.batch(step)
+        return ids, ids, {f"tokens_{k}": v for k, v in drawn.items()}
+
+    settings = LoopSettings(
+        output_dir=out,
+        steps=config.steps,
+        lr=config.lr,
+        warmup_ratio=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        scheduler=config.scheduler,
+        eval_every=config.eval_every,
+        save_every=config.save_every,
+        keep_checkpoints=config.keep_checkpoints,
+        seed=config.seed,
+        description="pretrain",
+        threads=config.threads,
+    )
+    meta = {
+        "stage": "pretrain",
+        "preset": config.preset,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "tokens_per_step": config.batch_size * config.seq_len,
+        "source_weights": {s.name: s.weight for s in config.sources},
+        "held_out_blocks": int(held_blocks.shape[0]),
+    }
+    return train_causal_lm(
+        model,
+        tokenizer,
+        next_batch,
+        lambda m: _held_out_loss(m, held_blocks),
+        settings,
+        resume=resume,
+        extra_meta=meta,
+    )
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def sft_prompt(record: SFTRecord) -> str:
+    return f"{record.instruction}\n{record.input}\n" if record.input else f"{record.instruction}\n"
+
+
+def encode_sft(
+    records: Sequence[SFTRecord], tokenizer: Any, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``labels`` (-100 except on output + eos tokens)."""
+    rows_ids, rows_labels = [], []
+    for record in records:
+        prompt = tokenizer(sft_prompt(record), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
+        prompt = prompt[: max(1, max_len - len(answer))]  # keep the answer, trim a long prompt
+        ids = (prompt + answer)[:max_len]
+        labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_len]
+        rows_ids.append(ids)
+        rows_labels.append(labels)
+    width = max(len(ids) for ids in rows_ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(rows_ids), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows_ids), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows_ids), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(zip(rows_ids, rows_labels, strict=True)):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        attention[row, : len(ids)] = 1
+    return input_ids, attention, labels
+
+
+def run_sft(config: SFTConfig, *, resume: bool = True) -> dict[str, Any]:
+    """Fine-tune a pretrained LLM on instruction rows, loss on the outputs only."""
+    records = read_sft_records(config.data)
+    if len(records) < 2:
+        raise ValueError(f"{config.data}: SFT needs at least 2 rows")
+    held = records[: min(config.eval_rows, len(records) // 10 or 1)]
+    train = records[len(held) :]
+    model, tokenizer = load_llm(config.base_model)
+    held_ids, _, held_labels = encode_sft(held, tokenizer, config.max_len)
+
+    def next_batch(step: int):
+        rng = random.Random(f"{config.seed}-{step}")
+        batch = [train[rng.randrange(len(train))] for _ in range(config.batch_size)]
+        ids, attention, labels = encode_sft(batch, tokenizer, config.max_len)
+        return ids, labels, {"output_tokens": int((labels != IGNORE_INDEX).sum())}
+
+    settings = LoopSettings(
+        output_dir=Path(config.output_dir),
+        steps=config.steps,
+        lr=config.lr,
+        warmup_ratio=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        scheduler=config.scheduler,
+        eval_every=config.eval_every,
+        save_every=config.save_every,
+        keep_checkpoints=config.keep_checkpoints,
+        seed=config.seed,
+        description="sft",
+        threads=config.threads,
+    )
+    meta = {
+        "stage": "sft",
+        "base_model": config.base_model,
+        "train_rows": len(train),
+        "held_rows": len(held),
+    }
+    return train_causal_lm(
+        model,
+        tokenizer,
+        next_batch,
+        lambda m: _held_out_loss(m, held_ids, held_labels),
+        settings,
+        resume=resume,
+        extra_meta=meta,
+    )
+
+
+# ---------------------------------------------------------------- corpus from shared/data
+
+
+def _norm(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
+
+
+def evaluation_sentences(data_dir: Path) -> set[str]:
+    """Every sentence of the test/validation files we report on, normalised, to keep out of
+    training (Tatoeba both sides, STS and pair test/dev sets)."""
+    import csv
+    import gzip
+
+    forbidden: set[str] = set()
+    for name in ("bitext/tatoeba.cmn-eng.cmn", "bitext/tatoeba.cmn-eng.eng"):
+        forbidden.update(
+            _norm(line) for line in (data_dir / name).read_text(encoding="utf-8").splitlines()
+        )
+    for name in (
+        "sts/stsb-en-test.csv",
+        "sts/stsb-zh-test.csv",
+        "sts/stsb-en-dev.csv",
+        "sts/stsb-zh-dev.csv",
+    ):
+        with open(data_dir / name, encoding="utf-8", newline="") as handle:
+            for row in csv.reader(handle):
+                forbidden.update(_norm(cell) for cell in row[:2])
+    for name in ("sts/cnsd-stsb.test.data", "sts/cnsd-stsb.valid.data", "sts/lcqmc-test.txt"):
+        for line in (data_dir / name).read_text(encoding="utf-8").splitlines():
+            forbidden.update(_norm(cell) for cell in line.split("\t")[:2])
+    with open(data_dir / "sts/bq-test.csv", encoding="utf-8-sig", newline="") as handle:
+        for row in csv.DictReader(handle):
+            forbidden.update((_norm(row["sentence1"]), _norm(row["sentence2"])))
+    with gzip.open(data_dir / "sts/stsbenchmark.tsv.gz", "rt", encoding="utf-8") as handle:
+        for line in handle.read().splitlines()[1:]:
+            cells = line.split("\t")
+            if cells[0] != "train":
+                forbidden.update(_norm(cell) for cell in cells[6:8])
+    forbidden.discard("")
+    return forbidden
+
+
+def build_shared_corpus(
+    output_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Pretraining sources and SFT rows from the zh/en text in ``shared/data``.
+
+    Sources (one ``.txt`` each): ``parallel`` (cmn.txt pairs), ``hsk`` (graded Chinese with its
+    English), ``web`` (CMRC 2018 *trial* passages; dev stays free for retrieval checks),
+    ``qa`` (CMRC trial question + answer), ``sts`` (STS-B and CNSD *train* sentences). Any line
+    holding a sentence of a test or validation set we report on is dropped (see
+    :func:`evaluation_sentences`); the counts removed are returned.
+    SFT rows: en->zh and zh->en translation, CMRC QA, and STS-B train paraphrases (score >= 4).
+    """
+    import csv
+    import gzip
+
+    from conan_embedding.data.sources import resolve_data_dir
+
+    data = resolve_data_dir(data_dir)
+    out = Path(output_dir)
+    forbidden = evaluation_sentences(data)
+    removed: dict[str, int] = {}
+
+    def clean(name: str, pairs: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        kept = [p for p in pairs if not any(_norm(x) in forbidden for x in p)]
+        removed[name] = len(pairs) - len(kept)
+        return kept
+
+    parallel = []
+    for line in (data / "parallel/cmn.txt").read_text(encoding="utf-8-sig").splitlines():
+        cells = line.split("\t")
+        if len(cells) >= 2 and cells[0].strip() and cells[1].strip():
+            parallel.append((cells[0].strip(), cells[1].strip()))
+    parallel = clean("parallel", parallel)
+    with gzip.open(data / "parallel/hsk-sentences.json.gz", "rt", encoding="utf-8") as handle:
+        hsk_rows = json.load(handle)
+    hsk = clean(
+        "hsk",
+        [
+            (r["chinese"].strip(), r["translation"]["en"].strip())
+            for r in hsk_rows
+            if r.get("chinese") and (r.get("translation") or {}).get("en")
+        ],
+    )
+    cmrc = json.loads((data / "retrieval/cmrc2018_trial.json").read_text(encoding="utf-8"))
+    passages, qa = [], []
+    for article in cmrc["data"]:
+        for paragraph in article["paragraphs"]:
+            passages.append((" ".join(paragraph["context"].split()),))
+            for question in paragraph["qas"]:
+                if question["answers"]:
+                    qa.append(
+                        (question["question"].strip(), question["answers"][0]["text"].strip())
+                    )
+    passages, qa = clean("web", passages), clean("qa", qa)
+    sts_pairs: list[tuple[str, str, float]] = []
+    for name in ("sts/stsb-en-train.csv", "sts/stsb-zh-train.csv"):
+        with open(data / name, encoding="utf-8", newline="") as handle:
+            sts_pairs.extend((r[0], r[1], float(r[2])) for r in csv.reader(handle) if len(r) >= 3)
+    for line in (data / "sts/cnsd-stsb.train.data").read_text(encoding="utf-8").splitlines():
+        cells = line.split("\t")
+        if len(cells) >= 3:
+            sts_pairs.append((cells[0], cells[1], float(cells[2])))
+    kept_sts = [
+        p for p in sts_pairs if _norm(p[0]) not in forbidden and _norm(p[1]) not in forbidden
+    ]
+    removed["sts"] = len(sts_pairs) - len(kept_sts)
+    sts_sentences = sorted({s for p in kept_sts for s in p[:2]})
+
+    texts = {
+        "parallel": [f"{en}\n{zh}" for en, zh in parallel],
+        "hsk": [f"{zh}\n{en}" for zh, en in hsk],
+        "web": [p[0] for p in passages],
+        "qa": [f"问：{q}\n答：{a}" for q, a in qa],
+        "sts": sts_sentences,
+    }
+    paths: dict[str, str] = {}
+    for name, docs in texts.items():
+        # a .txt source is one document per line, so embedded newlines are escaped as JSONL
+        path = out / f"{name}.jsonl"
+        write_records(path, ({"text": doc} for doc in docs))
+        paths[name] = str(path)
+    rng = random.Random(0)
+    sft = (
+        [
+            {"instruction": "Translate into Chinese.", "input": en, "output": zh}
+            for en, zh in parallel
+        ]
+        + [{"instruction": "翻译成英文。", "input": zh, "output": en} for zh, en in hsk]
+        + [{"instruction": "回答问题。", "input": q, "output": a} for q, a in qa]
+        + [
+            {"instruction": "Paraphrase.", "input": a, "output": b}
+            for a, b, score in kept_sts
+            if score >= 4
+        ]
+    )
+    rng.shuffle(sft)
+    sft_path = out / "sft.jsonl"
+    write_records(sft_path, sft)
+    summary = {
+        "sources": paths,
+        "documents": {k: len(v) for k, v in texts.items()},
+        "sft": str(sft_path),
+        "sft_rows": len(sft),
+        "removed_for_leakage": removed,
+    }
+    _write_json(out / "corpus.json", summary)
+    return summary
+
+
+def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
