@@ -1,0 +1,287 @@
+"""One inference engine for the server and the file encoder, with a swappable transformer backend.
+
+Why: a served model must give the vectors the trained model gives. Conan-v1's known deployment
+bug is a server that ran only the transformer and pooling and silently dropped the Dense
+projection (1024-d served instead of 1792-d). So the engine never rebuilds the pipeline: it
+tokenises with the model's own tokenizer, runs the model's first module (the transformer) on a
+backend, and then runs every remaining module of the saved sentence-transformers model
+(Pooling, Dense, Normalize, ...) exactly as ``SentenceTransformer.forward`` would. Swapping the
+backend (torch, ONNX fp32, ONNX int8) only swaps the transformer, which is where the time goes.
+
+How: texts are tokenised once into id lists (that is also how the server counts tokens and
+enforces its length limit), then :meth:`EmbeddingEngine.embed_ids` sorts the rows by length so
+every batch pads to nearly the same length, runs the batches, and restores the caller's order.
+Matryoshka truncation is ``e[:d] / ||e[:d]||`` (truncate, then re-normalise).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+from conan_embedding.modeling.embedder import (
+    embedding_width,
+    load_embedder,
+    matryoshka_dims,
+    resolve_model_path,
+)
+
+Backend = Literal["torch", "onnx", "onnx-int8"]
+BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
+
+
+class InputTooLongError(ValueError):
+    """An input has more tokens than the model reads and truncation was not asked for."""
+
+    def __init__(self, index: int, tokens: int, limit: int):
+        self.index, self.tokens, self.limit = index, tokens, limit
+        super().__init__(
+            f"input[{index}] has {tokens} tokens, more than this model's limit of {limit}; "
+            "shorten it or start the server/encoder with truncation enabled"
+        )
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids of one request's inputs, with the prompt already inside each row."""
+
+    ids: list[list[int]]
+    prompt_length: int | None  # tokens of the prompt, for pooling that excludes the prompt
+
+    @property
+    def token_count(self) -> int:
+        return sum(len(row) for row in self.ids)
+
+
+def truncate_and_normalize(embeddings: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """Matryoshka truncation: keep the first ``dimensions`` values, then re-normalise to unit length."""
+    if dimensions is None or dimensions >= embeddings.shape[1]:
+        return embeddings
+    head = embeddings[:, :dimensions]
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    return (head / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def special_token_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer puts before and after a text (e.g. ``[CLS]`` / ``[SEP]``).
+
+    Read from the tokenizer's own output on a probe word, so it holds for any template.
+    """
+    for probe in ("hello", "a", "the", "x"):
+        content = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+        for start in range(len(full) - len(content) + 1):
+            if content and full[start : start + len(content)] == content:
+                return list(full[:start]), list(full[start + len(content) :])
+    return [], []
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+class EmbeddingEngine:
+    """Tokenise, run the transformer on a backend, then the model's own remaining modules."""
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        *,
+        backend: Backend = "torch",
+        onnx_dir: str | os.PathLike[str] | None = None,
+        model_path: str | os.PathLike[str] | None = None,
+        batch_size: int = 32,
+        threads: int | None = None,
+        name: str | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self.model = model.eval()
+        self.backend: Backend = backend
+        self.batch_size = batch_size
+        self.threads = threads or default_threads()
+        self.name = name or (Path(str(model_path)).name if model_path else "conan-embedding")
+        self.tokenizer = model.tokenizer
+        self.width = embedding_width(model)
+        self.matryoshka_dims = matryoshka_dims(model)
+        self.prompts: dict[str, str] = dict(getattr(model, "prompts", {}) or {})
+        limit = model.max_seq_length or getattr(self.tokenizer, "model_max_length", 512)
+        self.max_tokens = int(min(limit, 1_000_000))
+        self.vocab_size = len(self.tokenizer)
+        self._needs_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._left_pad = getattr(self.tokenizer, "padding_side", "right") == "left"
+        self._head = list(model)[1:]  # Pooling, Dense, Normalize...: run as saved, never rebuilt
+        self._onnx_runner = None
+        if backend != "torch":
+            from conan_embedding.serving.onnx import OnnxTransformer, ensure_onnx_export
+
+            if model_path is None and onnx_dir is None:
+                raise ValueError("an ONNX backend needs the model folder (model_path) or onnx_dir")
+            folder = ensure_onnx_export(
+                model_path, out_dir=onnx_dir, int8=backend == "onnx-int8", model=model
+            )
+            self._onnx_runner = OnnxTransformer(
+                folder, int8=backend == "onnx-int8", threads=self.threads
+            )
+        torch.set_num_threads(self.threads)
+
+    @classmethod
+    def from_path(cls, model: str | os.PathLike[str], **kwargs: Any) -> EmbeddingEngine:
+        path = resolve_model_path(model)
+        kwargs.setdefault("name", Path(str(model)).name)
+        return cls(load_embedder(path), model_path=path, **kwargs)
+
+    # --- tokenisation -----------------------------------------------------------------------
+
+    def resolve_prompt(self, prompt_name: str | None) -> str | None:
+        if prompt_name is None:
+            return None
+        if prompt_name not in self.prompts:
+            known = sorted(self.prompts) or "none"
+            raise ValueError(f"unknown prompt {prompt_name!r}; this model's prompts: {known}")
+        return self.prompts[prompt_name] or None
+
+    def _prompt_length(self, prompt: str | None) -> int | None:
+        """Prompt tokens without a trailing special token, counted as sentence-transformers does."""
+        if not prompt:
+            return None
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return len(ids) - (bool(ids) and ids[-1] in set(self.tokenizer.all_special_ids))
+
+    def tokenize(
+        self, texts: Sequence[str], prompt: str | None = None, *, truncate: bool = False
+    ) -> Tokenized:
+        """Token ids of ``prompt + text`` with the model's special tokens.
+
+        Without ``truncate`` a row longer than the model's limit raises :class:`InputTooLongError`
+        (silently embedding half a document is worse than an error); with it, rows are cut to the
+        limit exactly as sentence-transformers cuts them.
+        """
+        full = [prompt + text for text in texts] if prompt else list(texts)
+        encoded = self.tokenizer(
+            full,
+            add_special_tokens=True,
+            truncation=truncate,
+            max_length=self.max_tokens if truncate else None,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["input_ids"]
+        if not truncate:
+            for index, row in enumerate(encoded):
+                if len(row) > self.max_tokens:
+                    raise InputTooLongError(index, len(row), self.max_tokens)
+        return Tokenized(
+            ids=[list(row) for row in encoded], prompt_length=self._prompt_length(prompt)
+        )
+
+    def tokenize_ids(
+        self, rows: Sequence[Sequence[int]], prompt: str | None = None, *, truncate: bool = False
+    ) -> Tokenized:
+        """Pre-tokenised input (ids of this model's vocabulary, without special tokens)."""
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        before, after = special_token_frame(self.tokenizer)
+        specials = len(before) + len(after)
+        out: list[list[int]] = []
+        for index, row in enumerate(rows):
+            bad = next((t for t in row if not 0 <= int(t) < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(
+                    f"input[{index}] has token id {bad}, outside this model's vocabulary "
+                    f"0..{self.vocab_size - 1}"
+                )
+            content = list(prompt_ids) + [int(t) for t in row]
+            room = self.max_tokens - specials
+            if len(content) > room:
+                if not truncate:
+                    raise InputTooLongError(index, len(content) + specials, self.max_tokens)
+                content = content[:room]
+            out.append(before + content + after)
+        return Tokenized(ids=out, prompt_length=self._prompt_length(prompt))
+
+    # --- inference --------------------------------------------------------------------------
+
+    def _pad(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        longest = max(len(row) for row in rows)
+        ids = np.full((len(rows), longest), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), longest), dtype=np.int64)
+        for i, row in enumerate(rows):
+            if self._left_pad:
+                ids[i, longest - len(row) :], mask[i, longest - len(row) :] = row, 1
+            else:
+                ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if self._needs_token_types:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        return features
+
+    @torch.inference_mode()
+    def _forward(self, features: dict[str, Any]) -> torch.Tensor:
+        if self._onnx_runner is None:
+            return self.model(features)["sentence_embedding"]
+        features["token_embeddings"] = self._onnx_runner(features)
+        for module in self._head:
+            features = module(features)
+        return features["sentence_embedding"]
+
+    def embed_ids(
+        self,
+        rows: Sequence[Sequence[int]],
+        prompt_length: int | None = None,
+        *,
+        dimensions: int | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Embeddings of tokenised rows, float32 ``[len(rows), width or dimensions]``."""
+        self.check_dimensions(dimensions)
+        if not rows:
+            return np.zeros((0, dimensions or self.width), dtype=np.float32)
+        size = batch_size or self.batch_size
+        # Longest first: each batch pads to about its own length, and a too-large batch fails early.
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out = np.empty((len(rows), self.width), dtype=np.float32)
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            features = self._pad([rows[i] for i in chunk])
+            if prompt_length is not None:
+                features["prompt_length"] = prompt_length
+            out[chunk] = self._forward(features).float().cpu().numpy()
+        return truncate_and_normalize(out, dimensions)
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        prompt_name: str | None = None,
+        dimensions: int | None = None,
+        truncate: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Embeddings of texts (the convenience path; the server and encoder tokenise first)."""
+        tokens = self.tokenize(texts, self.resolve_prompt(prompt_name), truncate=truncate)
+        return self.embed_ids(
+            tokens.ids, tokens.prompt_length, dimensions=dimensions, batch_size=batch_size
+        )
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        """``dimensions`` must be a trained Matryoshka size (or, without MRL dims, 1..width)."""
+        if dimensions is None or dimensions == self.width:
+            return
+        if self.matryoshka_dims:
+            if dimensions not in self.matryoshka_dims:
+                raise ValueError(
+                    f"dimensions={dimensions} is not one this model was trained for; "
+                    f"choose one of {sorted(set(self.matryoshka_dims) | {self.width})}"
+                )
+        elif not 1 <= dimensions <= self.width:
+            raise ValueError(f"dimensions must be between 1 and {self.width}, got {dimensions}")
