@@ -177,13 +177,18 @@ def run_filter(
     model=None,
 ) -> dict:
     """Score ``input_path`` with ``teacher``, write the kept rows, report and histogram."""
+    records = read_records(input_path, kind)  # bad rows fail before the teacher is loaded
     if model is None:
         from conan_embedding.modeling.embedder import load_embedder
 
-        model = load_embedder(teacher)
+        try:
+            model = load_embedder(teacher)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"teacher model {teacher!r} could not be loaded: {err}"
+            ) from None
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
-    records = read_records(input_path, kind)
     result = filter_records(
         records, model, threshold, batch_size=batch_size, query_prompt=query_prompt,
         passage_prompt=passage_prompt, show_progress=show_progress,
