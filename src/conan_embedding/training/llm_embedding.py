@@ -1,0 +1,357 @@
+"""Stages 3-4 of Conan-v2: turning the trained LLM into an embedder.
+
+Why: after pretraining and SFT the decoder knows the language but only attends causally.
+Stage 3 (weak supervision) reuses the SFT rows as pairs, ``query = instruction + input``,
+``positive = output``, trains with in-batch InfoNCE, and meanwhile opens the attention mask
+from causal to bidirectional with the soft mask (``modeling.soft_mask``). Stage 4 is the
+supervised multi-task stage of the foundation trainer, run on the exported model.
+
+    L_weak = InfoNCE(q, p) with in-batch negatives, optionally averaged over MRL dims
+    attention under  M_ij(t),  alpha(t) from the schedule, t = 0 .. T-1
+
+How: :class:`LLMEmbedder` runs the Llama backbone (``LlamaModel``, no LM head) with the
+additive ``log M`` mask and pools the last hidden states (``mean`` over real tokens, or the
+``lasttoken``: the ``<|endoftext|>`` appended to every text). Variants for the paper's
+ablation are schedules of the same loop: ``linear`` / ``accelerating`` / ``decelerating``
+(soft mask), ``hard`` (bidirectional from step 0), ``causal`` (never opened), and LoRA
+adapters (peft) instead of full fine-tuning. :func:`export_sentence_transformer` merges any
+adapter and saves a stock sentence-transformers folder whose Llama config says
+``is_causal: false`` when the schedule ended bidirectional, so ``SentenceTransformer(path)``,
+mteb and the serving code run the very attention the model was trained to end with.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from conan_embedding.losses.infonce import info_nce_loss
+from conan_embedding.losses.matryoshka import matryoshka_loss
+from conan_embedding.modeling.soft_mask import (
+    Schedule,
+    SoftMaskSchedule,
+    Variant,
+    soft_masked_forward,
+)
+
+Pooling = Literal["mean", "lasttoken"]
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(16, gt=0)
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+
+
+class WeakStageConfig(BaseModel):
+    """Stage 3 settings; defaults follow the paper where it gives them (batch 64, InfoNCE)."""
+
+    model_config = ConfigDict(extra="forbid")
+    output_dir: str
+    llm: str  # a folder saved by pretrain/sft (model + tokenizer)
+    data: str  # SFT rows {"instruction", "input", "output"}
+    schedule: Schedule = "linear"
+    variant: Variant = "L_over_i"
+    pooling: Pooling = "mean"
+    lora: LoraSettings | None = None
+    matryoshka_dims: list[int] = Field(default_factory=list)
+    max_len: int = 64
+    batch_size: int = 64
+    steps: int = 200
+    lr: float = 1e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.001
+    temperature: float = 0.05
+    max_rows: int | None = None
+    seed: int = 0
+    threads: int | None = None
+
+
+class LLMEmbedder(torch.nn.Module):
+    """A Llama backbone + pooling, run under the soft mask at a given ``alpha``."""
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        tokenizer: Any,
+        pooling: Pooling = "mean",
+        max_len: int = 64,
+    ):
+        super().__init__()
+        if pooling not in ("mean", "lasttoken"):
+            raise ValueError(f"pooling must be 'mean' or 'lasttoken', got {pooling!r}")
+        self.backbone = backbone
+        self.tokenizer = with_eos_appended(tokenizer)
+        self.pooling, self.max_len = pooling, max_len
+
+    @classmethod
+    def from_llm(
+        cls, path: str | os.PathLike[str], pooling: Pooling = "mean", max_len: int = 64
+    ) -> LLMEmbedder:
+        from transformers import LlamaModel
+
+        from conan_embedding.modeling.llm import load_tokenizer
+
+        backbone = LlamaModel.from_pretrained(str(path), use_safetensors=True)
+        return cls(backbone, load_tokenizer(path), pooling, max_len)
+
+    @property
+    def width(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_len, return_tensors="pt"
+        )
+
+    def forward(
+        self, texts: Sequence[str], alpha: float, variant: Variant = "L_over_i"
+    ) -> torch.Tensor:
+        batch = self.tokenize(texts)
+        hidden = soft_masked_forward(
+            self.backbone, batch["input_ids"], batch["attention_mask"], alpha, variant
+        )
+        return pool(hidden, batch["attention_mask"], self.pooling)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 64, alpha: float = 1.0) -> np.ndarray:
+        """L2-normalised embeddings, as ``SentenceTransformer.encode`` would return them."""
+        was_training = self.training
+        self.eval()
+        out = [
+            F.normalize(self(texts[i : i + batch_size], alpha), dim=-1)
+            for i in range(0, len(texts), batch_size)
+        ]
+        self.train(was_training)
+        return torch.cat(out).numpy()
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Mean over real tokens, or the last real token (right padding)."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    if pooling == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    last = attention_mask.sum(1) - 1
+    return hidden[torch.arange(hidden.shape[0]), last]
+
+
+def with_eos_appended(tokenizer: Any) -> Any:
+    """A copy of the tokenizer that ends every text with ``<|endoftext|>`` (the last-token
+    pooling target); saved in tokenizer.json so sentence-transformers tokenizes identically."""
+    from tokenizers import processors
+
+    tokenizer = copy.deepcopy(tokenizer)
+    eos = tokenizer.eos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}",
+        pair=f"$A {eos} $B {eos}",
+        special_tokens=[(eos, tokenizer.eos_token_id)],
+    )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# ---------------------------------------------------------------- data
+
+
+def weak_pairs(
+    path: str | os.PathLike[str], max_rows: int | None = None, seed: int = 0
+) -> list[tuple[str, str]]:
+    """SFT rows as (query, positive) pairs: ``instruction + input`` -> ``output``."""
+    from conan_embedding.training.pretrain import read_sft_records
+
+    rows = read_sft_records(path)
+    pairs = [(f"{r.instruction}\n{r.input}" if r.input else r.instruction, r.output) for r in rows]
+    if max_rows is not None and len(pairs) > max_rows:
+        pairs = random.Random(seed).sample(pairs, max_rows)
+    if len(pairs) < 2:
+        raise ValueError(f"{path}: the weak stage needs at least 2 pairs")
+    return pairs
+
+
+# ---------------------------------------------------------------- stage 3
+
+
+def apply_lora(embedder: LLMEmbedder, settings: LoraSettings) -> LLMEmbedder:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+    )
+    embedder.backbone = get_peft_model(embedder.backbone, config)
+    return embedder
+
+
+def train_weak_stage(config: WeakStageConfig, *, show_progress: bool = True) -> dict[str, Any]:
+    """Stage 3: in-batch InfoNCE on SFT pairs under the soft-mask schedule; exports the model."""
+    from conan_embedding.training.trainer import plot_losses
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    pairs = weak_pairs(config.data, config.max_rows, config.seed)
+    embedder = LLMEmbedder.from_llm(config.llm, config.pooling, config.max_len)
+    if config.lora is not None:
+        apply_lora(embedder, config.lora)
+    schedule = SoftMaskSchedule(config.schedule, config.steps, config.variant)
+    params = [p for p in embedder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+    )
+    warmup = max(1, round(config.warmup_ratio * config.steps))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (config.steps - step) / max(1, config.steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    dims = (
+        [d for d in config.matryoshka_dims if d < embedder.width] + [embedder.width]
+        if config.matryoshka_dims
+        else []
+    )
+
+    def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return info_nce_loss(q, p, temperature=config.temperature)
+
+    log_path = out / "train_log.jsonl"
+    log_path.unlink(missing_ok=True)
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    began = time.perf_counter()
+    embedder.train()
+    losses: list[float] = []
+    for step in tqdm(
+        range(config.steps), desc=f"weak stage ({config.schedule})", disable=not show_progress
+    ):
+        if len(order) < config.batch_size:
+            fresh = list(range(len(pairs)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        batch = [pairs[order.pop()] for _ in range(min(config.batch_size, len(pairs)))]
+        alpha = schedule.alpha(step)
+        queries = embedder([q for q, _ in batch], alpha, config.variant)
+        positives = embedder([p for _, p in batch], alpha, config.variant)
+        loss = matryoshka_loss(loss_fn, [queries, positives], dims)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"weak stage diverged at step {step} (loss {loss.item()})")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        with open(log_path, "a", encoding="utf-8") as handle:
+            row = {
+                "step": step + 1,
+                "loss": loss.item(),
+                "alpha": alpha,
+                "lr": scheduler.get_last_lr()[0],
+            }
+            handle.write(json.dumps(row) + "\n")
+    seconds = time.perf_counter() - began
+    plot_losses(log_path, out / "loss.png")
+    summary = {
+        "stage": "weak",
+        "schedule": config.schedule,
+        "variant": config.variant,
+        "pooling": config.pooling,
+        "lora": config.lora.model_dump() if config.lora else None,
+        "steps": config.steps,
+        "pairs": len(pairs),
+        "first_loss": losses[0],
+        "final_loss_mean_last_10": float(np.mean(losses[-10:])),
+        "seconds": round(seconds, 2),
+        "loadavg": list(os.getloadavg()),
+        "trainable_parameters": sum(p.numel() for p in params),
+    }
+    export_sentence_transformer(
+        embedder,
+        out / "model",
+        bidirectional=schedule.ends_bidirectional,
+        matryoshka_dims=dims or None,
+        extra_meta=summary,
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_sentence_transformer(
+    embedder: LLMEmbedder,
+    path: str | os.PathLike[str],
+    *,
+    bidirectional: bool,
+    matryoshka_dims: Sequence[int] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> Path:
+    """Save as a stock sentence-transformers folder (Transformer -> Pooling -> Normalize).
+
+    ``bidirectional`` writes ``is_causal: false`` into the Llama config, which transformers
+    turns into full attention (equal to the soft mask at ``alpha = 1``, the schedule's end).
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    from conan_embedding.modeling.embedder import save_embedder, set_matryoshka_dims
+
+    backbone = embedder.backbone
+    if hasattr(backbone, "merge_and_unload"):  # a peft model: fold the adapters in
+        backbone = copy.deepcopy(backbone).merge_and_unload()
+    with tempfile.TemporaryDirectory() as tmp:
+        was_causal = getattr(backbone.config, "is_causal", True)
+        backbone.config.is_causal = not bidirectional
+        try:
+            backbone.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            backbone.config.is_causal = was_causal  # the live model keeps taking explicit masks
+        embedder.tokenizer.save_pretrained(tmp)
+        transformer = Transformer(tmp, max_seq_length=embedder.max_len)
+        pooling = Pooling(embedder.width, pooling_mode=embedder.pooling)
+        model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu")
+        set_matryoshka_dims(model, matryoshka_dims)
+        meta = {
+            "architecture": "conan-v2 llm embedder",
+            "bidirectional": bidirectional,
+            **(extra_meta or {}),
+        }
+        return save_embedder(model, path, extra_meta=meta)

@@ -1,0 +1,132 @@
+"""Stage 3 on a tiny random LLM: soft-mask weak training, LoRA, export to sentence-transformers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from conan_embedding.modeling.embedder import load_embedder, matryoshka_dims
+from conan_embedding.modeling.llm import build_causal_lm, llm_config, save_llm, train_tokenizer
+from conan_embedding.training.llm_embedding import (
+    LLMEmbedder,
+    LoraSettings,
+    WeakStageConfig,
+    export_sentence_transformer,
+    pool,
+    train_weak_stage,
+    weak_pairs,
+)
+
+WORDS = ["apple", "river", "mountain", "苹果", "河流", "高山", "green", "绿色", "music", "音乐"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llm")
+    rows = []
+    for k in range(60):
+        a, b = WORDS[k % 10], WORDS[(k * 3 + 1) % 10]
+        rows.append(
+            {"instruction": "Translate.", "input": f"{a} {b} {k}", "output": f"{b} {a} {k}"}
+        )
+    data = folder / "sft.jsonl"
+    data.write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8"
+    )
+    tokenizer = train_tokenizer(
+        [f"{r['input']} {r['output']}" for r in rows] * 3, 300, show_progress=False
+    )
+    config = llm_config(
+        "tiny",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+    )
+    save_llm(build_causal_lm(config, seed=0), tokenizer, folder / "model")
+    return folder
+
+
+def _config(tiny_llm, tmp_path, **extra) -> WeakStageConfig:
+    return WeakStageConfig(
+        output_dir=str(tmp_path / "weak"),
+        llm=str(tiny_llm / "model"),
+        data=str(tiny_llm / "sft.jsonl"),
+        batch_size=8,
+        steps=extra.pop("steps", 12),
+        lr=3e-3,
+        max_len=24,
+        threads=1,
+        **extra,
+    )
+
+
+def test_pooling_mean_and_last_token_respect_padding():
+    hidden = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(pool(hidden, mask, "mean")[0], hidden[0, :2].mean(0))
+    torch.testing.assert_close(pool(hidden, mask, "lasttoken")[0], hidden[0, 1])
+    torch.testing.assert_close(pool(hidden, mask, "lasttoken")[1], hidden[1, 2])
+
+
+def test_weak_pairs_join_instruction_and_input(tiny_llm):
+    pairs = weak_pairs(tiny_llm / "sft.jsonl")
+    assert pairs[0][0].startswith("Translate.\n") and pairs[0][1] == "river apple 0"
+
+
+@pytest.mark.parametrize("pooling", ["mean", "lasttoken"])
+def test_export_matches_the_embedder_at_alpha_one(tiny_llm, tmp_path, pooling):
+    embedder = LLMEmbedder.from_llm(tiny_llm / "model", pooling=pooling, max_len=24)
+    texts = ["apple river", "高山 绿色 音乐 music", "green"]
+    export_sentence_transformer(
+        embedder, tmp_path / "bi", bidirectional=True, matryoshka_dims=[16, 32]
+    )
+    export_sentence_transformer(embedder, tmp_path / "causal", bidirectional=False)
+    bidirectional = SentenceTransformer(str(tmp_path / "bi"), device="cpu").encode(texts)
+    causal = SentenceTransformer(str(tmp_path / "causal"), device="cpu").encode(texts)
+    np.testing.assert_allclose(bidirectional, embedder.encode(texts, alpha=1.0), atol=1e-5)
+    np.testing.assert_allclose(causal, embedder.encode(texts, alpha=0.0), atol=1e-5)
+    assert np.abs(bidirectional - causal).max() > 1e-3
+    assert matryoshka_dims(load_embedder(tmp_path / "bi")) == [16, 32]
+
+
+def test_soft_mask_weak_stage_learns_and_ends_bidirectional(tiny_llm, tmp_path):
+    summary = train_weak_stage(
+        _config(tiny_llm, tmp_path, matryoshka_dims=[16]), show_progress=False
+    )
+    assert summary["final_loss_mean_last_10"] < summary["first_loss"]
+    log = [
+        json.loads(line)
+        for line in (tmp_path / "weak" / "train_log.jsonl").read_text().splitlines()
+    ]
+    alphas = [row["alpha"] for row in log]
+    assert alphas[0] == 0.0 and alphas == sorted(alphas) and alphas[-1] == pytest.approx(11 / 12)
+    saved = json.loads((tmp_path / "weak" / "model" / "config.json").read_text())
+    assert saved["is_causal"] is False
+    model = load_embedder(tmp_path / "weak" / "model")
+    assert matryoshka_dims(model) == [16, 32]
+    assert (tmp_path / "weak" / "loss.png").is_file()
+
+
+def test_lora_trains_only_adapters_and_merges_on_export(tiny_llm, tmp_path):
+    config = _config(tiny_llm, tmp_path, steps=4, schedule="hard", lora=LoraSettings(r=4, alpha=8))
+    summary = train_weak_stage(config, show_progress=False)
+    full = sum(p.numel() for p in LLMEmbedder.from_llm(tiny_llm / "model").parameters())
+    assert 0 < summary["trainable_parameters"] < full / 2
+    model = SentenceTransformer(str(tmp_path / "weak" / "model"), device="cpu")
+    names = [name for name, _ in model.named_parameters()]
+    assert not any("lora" in name for name in names)  # merged into plain Llama weights
+    base = LLMEmbedder.from_llm(tiny_llm / "model").encode(["apple river"])
+    assert np.abs(model.encode(["apple river"]) - base).max() > 1e-4  # the adapters did something
+
+
+def test_causal_baseline_stays_causal(tiny_llm, tmp_path):
+    train_weak_stage(_config(tiny_llm, tmp_path, steps=2, schedule="causal"), show_progress=False)
+    saved = json.loads((tmp_path / "weak" / "model" / "config.json").read_text())
+    assert saved["is_causal"] is True
