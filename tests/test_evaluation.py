@@ -1,0 +1,280 @@
+"""Fast tests of the evaluator on a tiny random BERT and a tiny copy of the data folder."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import mteb
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from sentence_transformers import SentenceTransformer
+
+from conan_embedding.evaluation.encoder import CachedEncoder, EmbeddingCache, model_fingerprint
+from conan_embedding.evaluation.run import evaluate
+from conan_embedding.evaluation.tasks import (
+    SUITES,
+    DataFormatError,
+    build_task,
+    cap_corpus,
+    expand_task_names,
+    file_revision,
+)
+from conan_embedding.modeling.embedder import build_embedder
+
+WORDS = [
+    "a",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "is",
+    "playing",
+    "guitar",
+    "piano",
+    "running",
+    "eating",
+    "food",
+    "the",
+    "on",
+    "in",
+    "car",
+    "plane",
+]
+STS_ROWS = [
+    ("a man is playing guitar", "a man plays the guitar", 4.8),
+    ("a woman is eating food", "a woman eats", 4.0),
+    ("a dog is running", "a cat is running", 2.5),
+    ("the plane is in the car", "a man is playing piano", 0.2),
+    ("a cat is eating", "a dog is eating food", 2.0),
+    ("a man is running", "a woman is playing piano", 0.5),
+    ("the dog is on the car", "a dog is on a car", 4.6),
+    ("a woman is playing guitar", "a man is eating", 0.4),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> SentenceTransformer:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *WORDS,
+        *letters,
+        *[f"##{c}" for c in letters],
+    ]
+    vocab = list(dict.fromkeys(vocab))
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return build_embedder(folder, pooling="mean")
+
+
+def write_sts_benchmark(data_dir: Path, rows: list[tuple[str, str, float]] = STS_ROWS) -> None:
+    path = data_dir / "sts" / "stsbenchmark.tsv.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["split\tgenre\tdataset\tyear\tsid\tscore\tsentence1\tsentence2"]
+    lines.append("train\tmain\tMSRvid\t2012\t0001\t5.0\ta train row\tnot in the test\r")
+    lines += [
+        f"test\tmain\tMSRvid\t2012\t{i:04d}\t{s:.3f}\t{a}\t{b}" for i, (a, b, s) in enumerate(rows)
+    ]
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as handle:
+        handle.write("\r\n".join(lines) + "\r\n")
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    write_sts_benchmark(root)
+    return root
+
+
+def direct_sts_spearman(model: SentenceTransformer, rows: list[tuple[str, str, float]]) -> float:
+    """Spearman of cosine computed without mteb, as the independent reference."""
+    first = model.encode([a for a, _, _ in rows], normalize_embeddings=True)
+    second = model.encode([b for _, b, _ in rows], normalize_embeddings=True)
+    cosine = (first * second).sum(axis=1)
+    return float(spearmanr(cosine, [s for _, _, s in rows])[0])
+
+
+def test_sts_score_equals_spearman_of_cosine(tiny_model, data_dir, tmp_path):
+    scores = evaluate(
+        tiny_model, ["STSBenchmark"], data_dir=data_dir, cache_dir=False, show_progress=False
+    )
+    assert set(scores) == {"STSBenchmark"}
+    assert scores["STSBenchmark"] == pytest.approx(
+        direct_sts_spearman(tiny_model, STS_ROWS), abs=1e-6
+    )
+
+
+def test_results_are_written_in_mteb_layout(tiny_model, data_dir, tmp_path):
+    out = tmp_path / "results"
+    scores = evaluate(
+        tiny_model,
+        "STSBenchmark",
+        output_dir=out,
+        data_dir=data_dir,
+        cache_dir=False,
+        show_progress=False,
+        model_name="org/tiny-bert",
+    )
+    revision = model_fingerprint(tiny_model)[:12]
+    folder = out / "org__tiny-bert" / revision
+    result = mteb.TaskResult.from_disk(folder / "STSBenchmark.json")
+    assert result.mteb_version == mteb.__version__
+    assert result.task_name == "STSBenchmark"
+    assert result.get_score() == pytest.approx(scores["STSBenchmark"], abs=1e-6)
+    # the dataset revision names the bytes of the local file, not the hub copy
+    assert result.dataset_revision == file_revision(data_dir / "sts" / "stsbenchmark.tsv.gz")
+    info = json.loads((folder / "run_info.json").read_text(encoding="utf-8"))
+    assert info["tasks"]["STSBenchmark"]["comparable_to_mteb"] is True
+    assert info["mteb_version"] == mteb.__version__
+    assert (folder / "model_meta.json").is_file()
+    assert not list(folder.glob(".*tmp"))  # no temp files left behind
+
+
+def test_second_run_is_served_from_the_cache(tiny_model, data_dir, tmp_path):
+    cache = tmp_path / "cache"
+    out = tmp_path / "results"
+    first = evaluate(
+        tiny_model,
+        ["STSBenchmark"],
+        data_dir=data_dir,
+        cache_dir=cache,
+        output_dir=out,
+        show_progress=False,
+    )
+    second = evaluate(
+        tiny_model,
+        ["STSBenchmark"],
+        data_dir=data_dir,
+        cache_dir=cache,
+        output_dir=out,
+        show_progress=False,
+    )
+    assert first == second
+    info = json.loads(next(out.rglob("run_info.json")).read_text(encoding="utf-8"))
+    assert info["tasks"]["STSBenchmark"]["texts_encoded"] == 0
+    assert info["tasks"]["STSBenchmark"]["cache_hits"] == 2 * len(STS_ROWS)
+    assert list((cache / model_fingerprint(tiny_model)).glob("shard-*.safetensors"))
+
+
+def test_cached_embeddings_equal_fresh_ones(tiny_model, tmp_path):
+    texts = ["a man is running", "a dog", "a man is running", "the car"]
+    encoder = CachedEncoder(tiny_model, name="tiny", cache_dir=tmp_path, show_progress=False)
+    fresh = encoder.encode_texts(texts)
+    assert encoder.encoded_texts == 3  # the duplicate is encoded once
+    reloaded = CachedEncoder(tiny_model, name="tiny", cache_dir=tmp_path, show_progress=False)
+    cached = reloaded.encode_texts(texts)
+    assert reloaded.encoded_texts == 0
+    np.testing.assert_array_equal(fresh, cached)
+    np.testing.assert_allclose(fresh, tiny_model.encode(texts), atol=1e-5)
+    # a different prompt is a different key
+    reloaded.encode_texts(texts[:1], prompt="query: ")
+    assert reloaded.encoded_texts == 1
+
+
+def test_changing_a_weight_changes_the_cache_namespace(tiny_model):
+    before = model_fingerprint(tiny_model)
+    parameter = next(tiny_model.parameters())
+    with torch.no_grad():
+        parameter[0, 0] += 1.0
+    try:
+        assert model_fingerprint(tiny_model) != before
+    finally:
+        with torch.no_grad():
+            parameter[0, 0] -= 1.0
+    assert model_fingerprint(tiny_model) == before
+
+
+def test_cache_rejects_a_corrupt_shard(tmp_path):
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "abc"
+    folder.mkdir()
+    save_file(
+        {
+            "keys": np.zeros((2, 3), dtype=np.uint8),
+            "embeddings": np.zeros((2, 4), dtype=np.float32),
+        },
+        str(folder / "shard-bad.safetensors"),
+    )
+    with pytest.raises(ValueError, match="shard-bad"):
+        EmbeddingCache(tmp_path, "abc").lookup([b"x" * 16])
+
+
+def test_symmetric_tasks_use_the_query_prompt_on_both_sides(tiny_model, data_dir):
+    prompted = SentenceTransformer(
+        modules=list(tiny_model), prompts={"query": "query: ", "passage": "passage: "}
+    )
+    scores = evaluate(
+        prompted, ["STSBenchmark"], data_dir=data_dir, cache_dir=False, show_progress=False
+    )
+    rows = [(f"query: {a}", f"query: {b}", s) for a, b, s in STS_ROWS]
+    assert scores["STSBenchmark"] == pytest.approx(direct_sts_spearman(tiny_model, rows), abs=1e-6)
+    no_prompt = evaluate(
+        prompted,
+        ["STSBenchmark"],
+        data_dir=data_dir,
+        cache_dir=False,
+        show_progress=False,
+        symmetric_prompt=None,
+    )
+    assert no_prompt["STSBenchmark"] == pytest.approx(
+        direct_sts_spearman(tiny_model, STS_ROWS), abs=1e-6
+    )
+
+
+def test_bad_row_names_file_and_line(tmp_path):
+    root = tmp_path / "data"
+    (root / "sts").mkdir(parents=True)
+    (root / "sts" / "cnsd-stsb.test.data").write_text(
+        "一个\t两个\t3\n一个\t两个\tfive\n", encoding="utf-8"
+    )
+    task = build_task("STSB", data_dir=root)
+    with pytest.raises(DataFormatError, match=r"cnsd-stsb\.test\.data:2: score: not a number"):
+        task.load_data()
+    (root / "sts" / "cnsd-stsb.test.data").write_text("only two\tfields\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"cnsd-stsb\.test\.data:1: expected 3 fields"):
+        build_task("STSB", data_dir=root).load_data()
+
+
+def test_suites_expand_to_known_tasks():
+    assert expand_task_names("mini-mteb") == SUITES["mini-mteb"]
+    assert {"STSBenchmark", "Banking77Classification", "SciFact"} <= set(SUITES["mini-mteb"])
+    assert {"STSB", "LCQMC", "BQ", "WaimaiLocal", "CMRC2018RetrievalLocal"} <= set(
+        SUITES["mini-cmteb"]
+    )
+    assert set(expand_task_names("all")) >= set(SUITES["cross-lingual"])
+    assert expand_task_names("stsbenchmark, STSB,STSBenchmark") == ["STSBenchmark", "STSB"]
+    with pytest.raises(KeyError, match="unknown task or suite"):
+        expand_task_names(["NoSuchTask"])
+
+
+def test_corpus_cap_keeps_every_relevant_document():
+    corpus = [f"d{i}" for i in range(100)]
+    relevant = {"q1": {"d5": 1, "d70": 1}, "q2": {"d99": 1}}
+    kept = cap_corpus(corpus, relevant, 10)
+    assert len(kept) == 10 and {"d5", "d70", "d99"} <= set(kept)
+    assert kept == cap_corpus(corpus, relevant, 10)  # seeded
+    assert cap_corpus(corpus, relevant, None) == corpus
+    with pytest.raises(ValueError, match="below the 3 relevant"):
+        cap_corpus(corpus, relevant, 2)
