@@ -8,22 +8,28 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = (
-    "the a cat dog sat on mat ran in park bank money loan card account what how is my "
-    "where can i get open close fee river water fish boat tree green red blue sky sun "
-    "moon night day car road fast slow happy sad food eat drink tea coffee"
-).split()
+WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "in", "park", "bank", "money", "loan", "card", "account", "what", "how", "is", "my", "where", "can", "i", "get", "open", "close", "fee", "river", "water", "fish", "boat", "tree", "green", "red", "blue", "sky", "sun", "moon", "night", "day", "car", "road", "fast", "slow", "happy", "sad", "food", "eat", "drink", "tea", "coffee"]
 
 
 def build_tiny_bert(directory: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
     """A randomly initialised 2-layer BERT with a small WordPiece vocabulary."""
     import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]
+    core = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]",
+    )
     tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
     config = BertConfig(

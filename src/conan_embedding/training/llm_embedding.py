@@ -355,3 +355,222 @@ def export_sentence_transformer(
             **(extra_meta or {}),
         }
         return save_embedder(model, path, extra_meta=meta)
+
+
+# ---------------------------------------------------------------- the end-to-end v2 demo
+
+
+class DemoVariant(BaseModel):
+    """One row of the ablation: a mask schedule, optionally with LoRA instead of full tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    schedule: Schedule = "linear"
+    variant: Variant = "L_over_i"
+    lora: LoraSettings | None = None
+
+
+class V2DemoConfig(BaseModel):
+    """Everything the CPU demo runs: corpus -> tokenizer + LLM -> SFT -> weak-stage variants ->
+    evaluation. ``quick`` shrinks every stage to a few steps (the CI form)."""
+
+    model_config = ConfigDict(extra="forbid")
+    output_dir: str = "runs/v2-demo"
+    data_dir: str | None = None
+    seed: int = 0
+    threads: int | None = 1
+    preset: str = "tiny"
+    vocab_size: int = 4000
+    source_weights: dict[str, float] = Field(
+        default_factory=lambda: {"parallel": 2.0, "hsk": 1.0, "web": 1.0, "qa": 2.0, "sts": 1.0}
+    )
+    pretrain: dict[str, Any] = Field(default_factory=dict)  # PretrainConfig fields
+    sft: dict[str, Any] = Field(default_factory=dict)  # SFTConfig fields
+    weak: dict[str, Any] = Field(default_factory=dict)  # WeakStageConfig fields
+    variants: list[DemoVariant] = Field(
+        default_factory=lambda: [
+            DemoVariant(name="soft-linear", schedule="linear"),
+            DemoVariant(name="hard-switch", schedule="hard"),
+            DemoVariant(name="causal", schedule="causal"),
+            DemoVariant(name="lora-r16-soft", schedule="linear", lora=LoraSettings(r=16)),
+        ]
+    )
+    ablation_tasks: list[str] = Field(
+        default_factory=lambda: ["STSBenchmark", "STSB", "STSBenchmarkMultilingualSTS", "Tatoeba"]
+    )
+    final_tasks: list[str] = Field(
+        default_factory=lambda: ["mini-mteb", "mini-cmteb", "cross-lingual"]
+    )
+    final_variant: str = "soft-linear"
+    max_corpus: int | None = 2000
+    quick: bool = False
+
+
+QUICK_OVERRIDES = {
+    "pretrain": {"steps": 6, "eval_every": 3, "batch_size": 4, "seq_len": 64, "eval_blocks": 4},
+    "sft": {"steps": 4, "eval_every": 2, "batch_size": 4, "eval_rows": 16},
+    "weak": {"steps": 4, "batch_size": 8, "max_rows": 256},
+}
+
+
+def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
+    """The whole v2 path on a CPU; writes ``ablation.json`` / ``ablation.md`` in ``output_dir``."""
+    from conan_embedding.evaluation.run import evaluate
+    from conan_embedding.training.pretrain import (
+        PretrainConfig,
+        SFTConfig,
+        SourceConfig,
+        build_shared_corpus,
+        run_pretraining,
+        run_sft,
+    )
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def stage(name: str, start: float) -> None:
+        timings[name] = round(time.perf_counter() - start, 1)
+
+    def section(name: str) -> dict[str, Any]:
+        values = dict(getattr(config, name))
+        if config.quick:
+            values.update(QUICK_OVERRIDES[name])
+        return values
+
+    start = time.perf_counter()
+    corpus = build_shared_corpus(out / "corpus", config.data_dir)
+    stage("corpus", start)
+
+    start = time.perf_counter()
+    sources = [
+        SourceConfig(name=name, path=path, weight=config.source_weights.get(name, 1.0))
+        for name, path in corpus["sources"].items()
+    ]
+    pretrain = PretrainConfig(
+        output_dir=str(out / "pretrain"),
+        sources=sources,
+        preset=config.preset,
+        vocab_size=config.vocab_size,
+        seed=config.seed,
+        threads=config.threads,
+        **section("pretrain"),
+    )
+    pretrain_summary = run_pretraining(pretrain)
+    stage("tokenizer+pretrain", start)
+
+    start = time.perf_counter()
+    sft = SFTConfig(
+        output_dir=str(out / "sft"),
+        base_model=str(out / "pretrain" / "model"),
+        data=corpus["sft"],
+        seed=config.seed,
+        threads=config.threads,
+        **section("sft"),
+    )
+    sft_summary = run_sft(sft)
+    stage("sft", start)
+
+    rows: list[dict[str, Any]] = []
+    tasks = ["STSBenchmark"] if config.quick else config.ablation_tasks
+    for variant in config.variants:
+        start = time.perf_counter()
+        weak = WeakStageConfig(
+            output_dir=str(out / "embed" / variant.name),
+            llm=str(out / "sft" / "model"),
+            data=corpus["sft"],
+            schedule=variant.schedule,
+            variant=variant.variant,
+            lora=variant.lora,
+            seed=config.seed,
+            threads=config.threads,
+            **section("weak"),
+        )
+        summary = train_weak_stage(weak)
+        scores = evaluate(
+            out / "embed" / variant.name / "model",
+            tasks,
+            output_dir=out / "results",
+            data_dir=config.data_dir,
+            max_corpus=config.max_corpus,
+            cache_dir=False,
+            show_progress=False,
+            model_name=f"conan-v2-{config.preset}-{variant.name}",
+        )
+        stage(f"embed:{variant.name}", start)
+        rows.append({"variant": variant.model_dump(), "weak": summary, "scores": scores})
+
+    final: dict[str, float] = {}
+    if not config.quick and config.final_tasks:
+        start = time.perf_counter()
+        final = evaluate(
+            out / "embed" / config.final_variant / "model",
+            config.final_tasks,
+            output_dir=out / "results",
+            data_dir=config.data_dir,
+            max_corpus=config.max_corpus,
+            cache_dir=False,
+            show_progress=False,
+            model_name=f"conan-v2-{config.preset}-{config.final_variant}",
+        )
+        stage("final-eval", start)
+
+    import mteb
+
+    report = {
+        "config": config.model_dump(),
+        "corpus": {k: v for k, v in corpus.items() if k != "sources"},
+        "pretrain": pretrain_summary,
+        "sft": sft_summary,
+        "ablation": rows,
+        "ablation_tasks": tasks,
+        "final_variant": config.final_variant,
+        "final_scores": final,
+        "timings_seconds": timings,
+        "total_seconds": round(time.perf_counter() - began, 1),
+        "mteb_version": mteb.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_at_end": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+    }
+    _write_json(out / "ablation.json", report)
+    _write_text(out / "ablation.md", ablation_markdown(report))
+    return report
+
+
+def ablation_markdown(report: dict[str, Any]) -> str:
+    tasks = report["ablation_tasks"]
+    header = (
+        "| variant | schedule | LoRA | "
+        + " | ".join(tasks)
+        + " | mean | weak loss (last 10) | train s |"
+    )
+    lines = [header, "|" + "---|" * (len(tasks) + 6)]
+    for row in report["ablation"]:
+        scores = [row["scores"][t] * 100 for t in tasks]
+        lora = row["variant"]["lora"]
+        lines.append(
+            f"| {row['variant']['name']} | {row['variant']['schedule']} | "
+            f"{'r=' + str(lora['r']) if lora else '-'} | "
+            + " | ".join(f"{s:.2f}" for s in scores)
+            + f" | {np.mean(scores):.2f} | {row['weak']['final_loss_mean_last_10']:.3f} | {row['weak']['seconds']:.0f} |"
+        )
+    if report["final_scores"]:
+        lines += ["", f"Final model ({report['final_variant']}) on the mini suites:", ""]
+        lines += ["| task | score |", "|---|---|"]
+        lines += [
+            f"| {task} | {score * 100:.2f} |" for task, score in report["final_scores"].items()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    _write_text(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str))
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)

@@ -71,6 +71,8 @@ class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     output_dir: str
     sources: list[SourceConfig] = Field(min_length=1)
+    # if set, missing source files are first built here from shared/data (build_shared_corpus)
+    shared_corpus_dir: str | None = None
     preset: str = "tiny"
     model_overrides: dict[str, Any] = Field(default_factory=dict)
     tokenizer: str | None = None  # a saved tokenizer folder; trained on the sources if absent
@@ -488,6 +490,9 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = True) -> dict[str,
     """Tokenizer (trained on the sources unless given), tiny..1.4B model, mixed packed LM loss."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    missing = [s.path for s in config.sources if not Path(s.path).is_file()]
+    if missing and config.shared_corpus_dir:
+        build_shared_corpus(config.shared_corpus_dir)
     documents = {source.name: read_documents(source.path) for source in config.sources}
     if len(documents) != len(config.sources):
         raise ValueError("source names must be unique")
@@ -811,3 +816,25 @@ def build_shared_corpus(
 def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def load_stage_config(
+    path: str | os.PathLike[str], model: type[BaseModel], overrides: dict[str, Any] | None = None
+) -> Any:
+    """A YAML file validated into ``model``; errors read ``file: field: problem``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "<root>"
+        raise ValueError(f"{path}: {field}: {first['msg']}") from None

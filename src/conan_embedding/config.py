@@ -1,0 +1,152 @@
+"""Pydantic models for every YAML config; the only place training defaults live.
+
+A wrong or misspelt key is an error that names the file and the key path, e.g.
+``configs/x.yaml: optim.lrr: Extra inputs are not permitted``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    name: str = "all-MiniLM-L6-v2"
+    pooling: Literal["cls", "mean", "lasttoken"] | None = None
+    dense_dim: int | None = None
+    normalize: bool = True
+    max_seq_length: int | None = 128
+    prompts: dict[str, str] = Field(default_factory=dict)
+    query_prompt: str | None = None
+    """Prompt name (key of ``prompts``) put before queries/first sentences; None = none."""
+    passage_prompt: str | None = None
+    freeze_word_embeddings: bool = False
+    matryoshka_dims: list[int] = Field(default_factory=list)
+    matryoshka_weights: list[float] | None = None
+
+
+class OptimConfig(_Strict):
+    """AdamW with linear warmup then linear decay. Defaults are the Conan-v1 paper's."""
+
+    lr: float = 1e-5
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    weight_decay: float = 0.001
+    max_steps: int = Field(100, gt=0)
+    grad_clip: float | None = 1.0
+
+
+class DynamicNegativesConfig(_Strict):
+    """Dynamic hard negative mining (``mining.dynamic``); ``rule: none`` keeps negatives static."""
+
+    rule: Literal["none", "v1", "v2"] = "none"
+    pool_path: str | None = None
+    check_every: int = 100
+    v1_decay: float = 1.15
+    v1_abs_cap: float = 0.8
+    v2_never_hard: float = 0.4
+    v2_decay: float = 1.2
+    v2_abs_cap: float = 0.7
+    pool_offset: int = 10
+
+
+class TaskConfig(_Strict):
+    name: str
+    kind: Literal["retrieval", "sts", "classification", "pairs"]
+    path: str
+    batch_size: int = Field(gt=0)
+    weight: float = Field(1.0, ge=0)
+    negatives: int = Field(0, ge=0)
+    """Hard negatives per query (retrieval) or other-label texts per text (classification)."""
+    max_rows: int | None = None
+    score_scale: float | None = None
+    """Divide STS gold scores by this (CoSENT only needs their order; kept for reporting)."""
+    in_batch_negatives: bool = True
+    dynamic_negatives: DynamicNegativesConfig = Field(default_factory=DynamicNegativesConfig)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> TaskConfig:
+        if self.kind in ("sts", "pairs") and self.negatives:
+            raise ValueError(f"task '{self.name}': {self.kind} tasks take no negatives")
+        return self
+
+
+class TeacherFilterConfig(_Strict):
+    """Weak stage: drop pairs the teacher embedder scores below ``threshold`` (paper: 0.4)."""
+
+    model: str
+    threshold: float = 0.4
+    batch_size: int = 64
+
+
+class TrainConfig(_Strict):
+    stage: Literal["weak", "supervised"] = "supervised"
+    output_dir: str = "runs/train"
+    seed: int = 42
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    temperature: float = Field(0.05, gt=0)
+    task_schedule: Literal["round_robin", "random_task", "proportional", "all_tasks"] = (
+        "round_robin"
+    )
+    """How each step picks its task(s); every batch holds one task (task-homogeneous).
+    ``all_tasks`` steps through every task each step and sums their losses (the
+    single-process reading of Conan's cross-GPU batch balance)."""
+    tasks: list[TaskConfig] = Field(min_length=1)
+    teacher_filter: TeacherFilterConfig | None = None
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    data_dir: str | None = None
+    """Relative task paths resolve against this folder (else the current directory)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        if self.stage == "weak" and any(t.kind not in ("pairs", "retrieval") for t in self.tasks):
+            raise ValueError("the weak stage trains on 'pairs' or 'retrieval' tasks only")
+        if self.teacher_filter is not None and self.stage != "weak":
+            raise ValueError("teacher_filter applies to the weak stage only")
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> TrainConfig:
+    """Read and validate a training YAML; errors name the file and the offending key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        config = TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<top>'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+    base = Path(config.data_dir) if config.data_dir else Path.cwd()
+    for task in config.tasks:
+        if not Path(task.path).is_absolute():
+            task.path = str((base / task.path).resolve())
+    return config
