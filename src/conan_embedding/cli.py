@@ -52,6 +52,43 @@ def train(
     typer.echo(f"model saved to {result.model_dir}")
 
 
+@app.command()
+def demo(
+    output_dir: str = typer.Option("runs/demo", help="Where data, checkpoints and the model go."),
+    config: str | None = typer.Option(None, help="Training YAML (default: the embedded recipe)."),
+    data_dir: str | None = typer.Option(None, help="The public data folder (../shared/data)."),
+    max_steps: int | None = typer.Option(None, help="Override the recipe's step count."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """The main job: fine-tune all-MiniLM-L6-v2 with the Conan-v1 recipe on real data and
+    print STSBenchmark test Spearman before and after."""
+    from conan_embedding.demo import run_demo
+
+    result = run_demo(output_dir, config, data_dir, max_steps, show_progress=progress)
+    for task, before in result.before.items():
+        after = result.after[task]
+        typer.echo(
+            f"{task} test Spearman: before {100 * before:.2f}  after {100 * after:.2f}  "
+            f"({100 * (after - before):+.2f})"
+        )
+    typer.echo(f"trained in {result.seconds / 60:.1f} min; model saved to {result.model_dir}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    out: str = typer.Argument("runs/data", help="Folder for the JSONL files."),
+    data_dir: str | None = typer.Option(None, help="The public data folder (../shared/data)."),
+    only: list[str] = typer.Option([], help="Convert only these sources (repeatable)."),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Drop rows touching test sets."),
+) -> None:
+    """Convert the public training files into the JSONL training schemas."""
+    from conan_embedding.data.prepare import prepare
+
+    report = prepare(out, data_dir=data_dir, only=only or None, dedup=dedup)
+    for name, row in report.items():
+        typer.echo(f"{name:18s} {row}")
+
+
 # --- stage commands are registered below, one block per stage (keep each block small) ---
 
 
@@ -294,6 +331,112 @@ def v2_demo_command(
     report = run_v2_demo(cfg)
     typer.echo((Path(cfg.output_dir) / "ablation.md").read_text(encoding="utf-8"))
     typer.echo(f"total {report['total_seconds']:.0f} s; report in {cfg.output_dir}/ablation.json")
+
+
+# --- serving: serve / encode / export-onnx (issue #8) ---
+
+
+@app.command("serve")
+def serve_command(
+    model: str = typer.Argument(..., help="A sentence-transformers folder (or a PyPI model name)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="TCP port."),
+    backend: str = typer.Option("torch", help="torch | onnx | onnx-int8"),
+    onnx_dir: str | None = typer.Option(None, help="Folder of an `export-onnx` run."),
+    name: str | None = typer.Option(None, help="Model id clients send (default: folder name)."),
+    api_key: str | None = typer.Option(
+        None, envvar="CONAN_API_KEY", help="Require this bearer key."
+    ),
+    max_inputs: int = typer.Option(512, help="Inputs per request (more: 400)."),
+    max_body_mb: float = typer.Option(8.0, help="Request body limit in MiB (more: 413)."),
+    max_batch: int = typer.Option(256, help="Rows joined into one micro-batch."),
+    max_wait_ms: float = typer.Option(2.0, help="How long a lone request waits for company."),
+    batch_size: int = typer.Option(32, help="Rows per forward pass."),
+    truncate: bool = typer.Option(False, help="Cut over-long inputs instead of answering 400."),
+    query_prompt: str | None = typer.Option(None, help="Prompt for input_type=query."),
+    passage_prompt: str | None = typer.Option(None, help="Prompt for input_type=passage."),
+    threads: int | None = typer.Option(None, help="CPU threads (default: all)."),
+) -> None:
+    """OpenAI-compatible embedding server: POST /v1/embeddings, GET /v1/models, GET /health."""
+    from conan_embedding.serving.engine import EmbeddingEngine
+    from conan_embedding.serving.server import ServerSettings, serve
+
+    engine = EmbeddingEngine.from_path(
+        model,
+        backend=backend,
+        onnx_dir=onnx_dir,
+        batch_size=batch_size,
+        threads=threads,
+        **({"name": name} if name else {}),
+    )
+    prompts = {
+        k: v for k, v in (("query", query_prompt), ("passage", passage_prompt)) if v is not None
+    }
+    settings = ServerSettings(
+        api_key=api_key,
+        max_inputs_per_request=max_inputs,
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        max_batch_inputs=max_batch,
+        max_wait_ms=max_wait_ms,
+        truncate=truncate,
+        prompts=prompts,
+    )
+    serve(engine, settings, host=host, port=port)
+
+
+@app.command("encode")
+def encode_command(
+    model: str = typer.Argument(..., help="A sentence-transformers folder (or a PyPI model name)."),
+    input_path: str = typer.Argument(..., help="Texts: .txt (a line each), .jsonl or .parquet."),
+    output_path: str = typer.Argument(..., help="Vectors: .npy or .parquet."),
+    field: str = typer.Option("text", help="The text field (jsonl) or column (parquet)."),
+    prompt_name: str | None = typer.Option(None, help="One of the model's prompts, e.g. query."),
+    dimensions: int | None = typer.Option(None, help="Matryoshka size (truncate + re-normalise)."),
+    backend: str = typer.Option("torch", help="torch | onnx | onnx-int8"),
+    onnx_dir: str | None = typer.Option(None, help="Folder of an `export-onnx` run."),
+    batch_size: int = typer.Option(32, help="Rows per forward pass."),
+    chunk_rows: int = typer.Option(4096, help="Rows per resumable chunk."),
+    restart: bool = typer.Option(False, help="Discard a partial run instead of resuming it."),
+    threads: int | None = typer.Option(None, help="CPU threads (default: all)."),
+) -> None:
+    """Encode a file of texts, length-sorted, resumable; prints rows and throughput."""
+    from conan_embedding.serving.encode import encode_file
+    from conan_embedding.serving.engine import EmbeddingEngine
+
+    engine = EmbeddingEngine.from_path(
+        model, backend=backend, onnx_dir=onnx_dir, batch_size=batch_size, threads=threads
+    )
+    result = encode_file(
+        engine,
+        input_path,
+        output_path,
+        field=field,
+        prompt_name=prompt_name,
+        dimensions=dimensions,
+        chunk_rows=chunk_rows,
+        restart=restart,
+    )
+    typer.echo(
+        f"{result.rows} rows x {result.dimensions} -> {result.output} "
+        f"({result.texts_per_second:.0f} texts/s, {result.chunks_resumed} chunks resumed)"
+    )
+
+
+@app.command("export-onnx")
+def export_onnx_command(
+    model: str = typer.Argument(..., help="A sentence-transformers folder (or a PyPI model name)."),
+    out: str | None = typer.Option(None, help="Output folder (default: MODEL/onnx)."),
+    int8: bool = typer.Option(True, help="Also write the int8 dynamic-quantised graph."),
+    per_channel: bool = typer.Option(False, help="int8 scales per output channel."),
+) -> None:
+    """Export the transformer to ONNX (fp32, fused) and int8 for `--backend onnx|onnx-int8`."""
+    from conan_embedding.serving.onnx import export_onnx, read_manifest
+
+    folder = export_onnx(model, out, int8=int8, per_channel=per_channel)
+    manifest = read_manifest(folder) or {}
+    typer.echo(
+        f"ONNX export in {folder} (max |onnx - torch| = {manifest.get('fp32_max_abs_error')})"
+    )
 
 
 if __name__ == "__main__":
