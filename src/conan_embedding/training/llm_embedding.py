@@ -407,7 +407,15 @@ class V2DemoConfig(BaseModel):
 
 
 QUICK_OVERRIDES = {
-    "pretrain": {"steps": 6, "eval_every": 3, "batch_size": 4, "seq_len": 64, "eval_blocks": 4},
+    "pretrain": {
+        "steps": 6,
+        "eval_every": 3,
+        "batch_size": 4,
+        "seq_len": 64,
+        "eval_blocks": 4,
+        "max_documents": 1500,
+        "vocab_size": 1000,
+    },
     "sft": {"steps": 4, "eval_every": 2, "batch_size": 4, "eval_rows": 16},
     "weak": {"steps": 4, "batch_size": 8, "max_rows": 256},
 }
@@ -451,11 +459,13 @@ def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
     pretrain = PretrainConfig(
         output_dir=str(out / "pretrain"),
         sources=sources,
-        preset=config.preset,
-        vocab_size=config.vocab_size,
-        seed=config.seed,
-        threads=config.threads,
-        **section("pretrain"),
+        **{
+            "preset": config.preset,
+            "vocab_size": config.vocab_size,
+            "seed": config.seed,
+            "threads": config.threads,
+            **section("pretrain"),
+        },
     )
     pretrain_summary = run_pretraining(pretrain)
     stage("tokenizer+pretrain", start)
@@ -474,6 +484,31 @@ def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     tasks = ["STSBenchmark"] if config.quick else config.ablation_tasks
+    final: dict[str, float] = {}
+
+    def write_report() -> dict[str, Any]:
+        import mteb
+
+        report = {
+            "config": config.model_dump(),
+            "corpus": {k: v for k, v in corpus.items() if k != "sources"},
+            "pretrain": pretrain_summary,
+            "sft": sft_summary,
+            "ablation": rows,
+            "ablation_tasks": tasks,
+            "final_variant": config.final_variant,
+            "final_scores": final,
+            "timings_seconds": timings,
+            "total_seconds": round(time.perf_counter() - began, 1),
+            "mteb_version": mteb.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_at_end": list(os.getloadavg()),
+            "cpus": os.cpu_count(),
+        }
+        _write_json(out / "ablation.json", report)
+        _write_text(out / "ablation.md", ablation_markdown(report))
+        return report
+
     for variant in config.variants:
         start = time.perf_counter()
         weak = WeakStageConfig(
@@ -500,43 +535,24 @@ def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
         )
         stage(f"embed:{variant.name}", start)
         rows.append({"variant": variant.model_dump(), "weak": summary, "scores": scores})
+        write_report()  # after every variant, so a long run leaves partial results
 
-    final: dict[str, float] = {}
     if not config.quick and config.final_tasks:
         start = time.perf_counter()
-        final = evaluate(
-            out / "embed" / config.final_variant / "model",
-            config.final_tasks,
-            output_dir=out / "results",
-            data_dir=config.data_dir,
-            max_corpus=config.max_corpus,
-            cache_dir=False,
-            show_progress=False,
-            model_name=f"conan-v2-{config.preset}-{config.final_variant}",
+        final.update(
+            evaluate(
+                out / "embed" / config.final_variant / "model",
+                config.final_tasks,
+                output_dir=out / "results",
+                data_dir=config.data_dir,
+                max_corpus=config.max_corpus,
+                cache_dir=False,
+                show_progress=False,
+                model_name=f"conan-v2-{config.preset}-{config.final_variant}",
+            )
         )
         stage("final-eval", start)
-
-    import mteb
-
-    report = {
-        "config": config.model_dump(),
-        "corpus": {k: v for k, v in corpus.items() if k != "sources"},
-        "pretrain": pretrain_summary,
-        "sft": sft_summary,
-        "ablation": rows,
-        "ablation_tasks": tasks,
-        "final_variant": config.final_variant,
-        "final_scores": final,
-        "timings_seconds": timings,
-        "total_seconds": round(time.perf_counter() - began, 1),
-        "mteb_version": mteb.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_at_end": list(os.getloadavg()),
-        "cpus": os.cpu_count(),
-    }
-    _write_json(out / "ablation.json", report)
-    _write_text(out / "ablation.md", ablation_markdown(report))
-    return report
+    return write_report()
 
 
 def ablation_markdown(report: dict[str, Any]) -> str:

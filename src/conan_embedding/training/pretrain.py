@@ -77,6 +77,7 @@ class PretrainConfig(BaseModel):
     model_overrides: dict[str, Any] = Field(default_factory=dict)
     tokenizer: str | None = None  # a saved tokenizer folder; trained on the sources if absent
     vocab_size: int = 4000
+    max_documents: int | None = None  # per source, a seeded sample (quick runs)
     seq_len: int = 128
     batch_size: int = 16
     steps: int = 1000
@@ -494,6 +495,13 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = True) -> dict[str,
     if missing and config.shared_corpus_dir:
         build_shared_corpus(config.shared_corpus_dir)
     documents = {source.name: read_documents(source.path) for source in config.sources}
+    if config.max_documents:
+        documents = {
+            name: docs
+            if len(docs) <= config.max_documents
+            else random.Random(f"{config.seed}-{name}").sample(docs, config.max_documents)
+            for name, docs in documents.items()
+        }
     if len(documents) != len(config.sources):
         raise ValueError("source names must be unique")
     train_docs = {
