@@ -130,3 +130,46 @@ def test_causal_baseline_stays_causal(tiny_llm, tmp_path):
     train_weak_stage(_config(tiny_llm, tmp_path, steps=2, schedule="causal"), show_progress=False)
     saved = json.loads((tmp_path / "weak" / "model" / "config.json").read_text())
     assert saved["is_causal"] is True
+
+
+def test_supervised_stage_runs_the_foundation_trainer_on_the_export(tiny_llm, tmp_path):
+    from conan_embedding.training.llm_embedding import run_supervised_stage
+
+    embedder = LLMEmbedder.from_llm(tiny_llm / "model", max_len=24)
+    export_sentence_transformer(embedder, tmp_path / "weak", bidirectional=True)
+    rows = [(f"{WORDS[k % 10]} {k}", f"{WORDS[(k + 1) % 10]} {k}") for k in range(24)]
+    records = {
+        "retrieval": tmp_path / "retrieval.jsonl",
+        "clr": tmp_path / "clr.jsonl",
+        "sts": tmp_path / "sts.jsonl",
+    }
+    for name in ("retrieval", "clr"):
+        records[name].write_text(
+            "\n".join(
+                json.dumps({"query": q, "pos": [p], "neg": [rows[(k + 5) % 24][1]]})
+                for k, (q, p) in enumerate(rows)
+            ),
+            encoding="utf-8",
+        )
+    records["sts"].write_text(
+        "\n".join(
+            json.dumps({"sentence1": q, "sentence2": p, "score": float(k % 5)})
+            for k, (q, p) in enumerate(rows)
+        ),
+        encoding="utf-8",
+    )
+    model_dir = run_supervised_stage(
+        tmp_path / "weak",
+        {k: str(v) for k, v in records.items()},
+        tmp_path / "supervised",
+        steps=3,
+        lr=1e-3,
+        negatives=1,
+        batch_size=4,
+        sts_batch_size=8,
+    )
+    texts = ["apple 1", "河流 2"]
+    before = SentenceTransformer(str(tmp_path / "weak"), device="cpu").encode(texts)
+    after = SentenceTransformer(str(model_dir), device="cpu")
+    assert json.loads((model_dir / "config.json").read_text())["is_causal"] is False
+    assert np.abs(after.encode(texts) - before).max() > 1e-5

@@ -590,3 +590,138 @@ def _write_text(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- stage 4 (foundation trainer)
+
+
+def build_supervised_records(
+    output_dir: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    negatives: int = 3,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Stage-4 training files in the foundation's JSONL schemas, from ``shared/data`` train sets.
+
+    ``sts.jsonl`` (STS-B en/zh + CNSD *train*, CoSENT), ``retrieval.jsonl`` (text2vec's BGE
+    triples, built from CNSD train), ``clr.jsonl`` (cross-lingual retrieval: an English
+    sentence retrieves its Chinese translation from cmn.txt, ``negatives`` random other
+    translations). Rows holding any test/validation sentence we report on are dropped.
+    """
+    import csv
+
+    from conan_embedding.data.records import write_records
+    from conan_embedding.data.sources import resolve_data_dir
+    from conan_embedding.training.pretrain import _norm, evaluation_sentences
+
+    data = resolve_data_dir(data_dir)
+    out = Path(output_dir)
+    forbidden = evaluation_sentences(data)
+
+    def clean(*texts: str) -> bool:
+        return not any(_norm(t) in forbidden for t in texts)
+
+    sts = []
+    for name in ("sts/stsb-en-train.csv", "sts/stsb-zh-train.csv"):
+        with open(data / name, encoding="utf-8", newline="") as handle:
+            sts += [(r[0], r[1], float(r[2])) for r in csv.reader(handle) if len(r) >= 3]
+    for line in (data / "sts/cnsd-stsb.train.data").read_text(encoding="utf-8").splitlines():
+        cells = line.split("\t")
+        if len(cells) >= 3:
+            sts.append((cells[0], cells[1], float(cells[2])))
+    sts_rows = [{"sentence1": a, "sentence2": b, "score": s} for a, b, s in sts if clean(a, b)]
+
+    retrieval_rows = []
+    with open(data / "retrieval/bge_finetune_data.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            texts = [row["query"], *row["pos"], *row["neg"]]
+            if clean(*texts) and row["neg"]:
+                retrieval_rows.append(
+                    {"query": row["query"], "pos": row["pos"][:1], "neg": row["neg"][:negatives]}
+                )
+
+    pairs = []
+    for line in (data / "parallel/cmn.txt").read_text(encoding="utf-8-sig").splitlines():
+        cells = line.split("\t")
+        if len(cells) >= 2 and cells[0].strip() and cells[1].strip() and clean(cells[0], cells[1]):
+            pairs.append((cells[0].strip(), cells[1].strip()))
+    rng = random.Random(seed)
+    chinese = [zh for _, zh in pairs]
+    clr_rows = [
+        {
+            "query": en,
+            "pos": [zh],
+            "neg": [c for c in rng.sample(chinese, negatives + 1) if c != zh][:negatives],
+        }
+        for en, zh in pairs
+    ]
+    paths = {}
+    for name, rows in (("sts", sts_rows), ("retrieval", retrieval_rows), ("clr", clr_rows)):
+        write_records(out / f"{name}.jsonl", rows)
+        paths[name] = str(out / f"{name}.jsonl")
+    return paths
+
+
+def run_supervised_stage(
+    model_dir: str | os.PathLike[str],
+    records: dict[str, str],
+    output_dir: str | os.PathLike[str],
+    *,
+    steps: int = 100,
+    lr: float = 2e-4,
+    negatives: int = 3,
+    batch_size: int = 16,
+    sts_batch_size: int = 32,
+    max_rows: int | None = None,
+    matryoshka_dims: Sequence[int] | None = None,
+    max_seq_length: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Stage 4 with the foundation :class:`~conan_embedding.training.trainer.Trainer` on an
+    exported LLM embedder: retrieval + CLR (InfoNCE, static hard negatives) and STS (CoSENT),
+    every task in every step (``all_tasks``, the single-process reading of CBB)."""
+    from conan_embedding.config import ModelConfig, OptimConfig, TaskConfig, TrainConfig
+    from conan_embedding.training.trainer import Trainer
+
+    tasks = [
+        TaskConfig(
+            name="retrieval",
+            kind="retrieval",
+            path=records["retrieval"],
+            batch_size=batch_size,
+            negatives=negatives,
+            max_rows=max_rows,
+        ),
+        TaskConfig(
+            name="clr",
+            kind="retrieval",
+            path=records["clr"],
+            batch_size=batch_size,
+            negatives=negatives,
+            max_rows=max_rows,
+        ),
+        TaskConfig(
+            name="sts",
+            kind="sts",
+            path=records["sts"],
+            batch_size=sts_batch_size,
+            max_rows=max_rows,
+        ),
+    ]
+    config = TrainConfig(
+        stage="supervised",
+        output_dir=str(output_dir),
+        seed=seed,
+        model=ModelConfig(
+            name=str(model_dir),
+            max_seq_length=max_seq_length,
+            matryoshka_dims=list(matryoshka_dims or []),
+        ),
+        optim=OptimConfig(lr=lr, max_steps=steps, warmup_ratio=0.05, weight_decay=0.001),
+        task_schedule="all_tasks",
+        tasks=tasks,
+        checkpoint_every=max(steps, 1),
+    )
+    return Trainer(config).train(show_progress=True).model_dir
