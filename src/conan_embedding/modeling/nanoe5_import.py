@@ -30,9 +30,11 @@ darts-clone double-array trie over UTF-8 keys plus a blob of replacement strings
 :func:`compile_charsmap` compiles the file's own map into that format rather than
 approximating it with ``NFKC`` (which would differ on e.g. the full-width tilde ``～``, kept
 by ``nmt_nfkc``, and on control characters). The tokenizer is saved as a plain
-``PreTrainedTokenizerFast``: saved as ``XLMRobertaTokenizerFast``, transformers 5 rebuilds
-the pipeline from its own defaults on load and silently drops this normaliser, after which
-full-width punctuation becomes ``<unk>``.
+``PreTrainedTokenizerFast`` (``TokenizersBackend`` in transformers 5), which reloads exactly
+the pipeline in ``tokenizer.json``. Saved as ``XLMRobertaTokenizerFast``, transformers 5
+rebuilds the pipeline from that class's defaults on load: on this machine the space-collapsing
+step became whitespace splitting (trailing spaces lost), and MODELS.md reports setups where the
+normaliser is dropped altogether and full-width punctuation becomes ``<unk>``.
 
 Known, small differences from the engine (none shows up at cosine 0.999): the engine quantises
 activations to int8 inside its matmuls (we run float32); it slides 510-token windows over long
