@@ -439,5 +439,48 @@ def export_onnx_command(
     )
 
 
+@app.command("mine")
+def mine_command(
+    records: str = typer.Argument(..., help="Retrieval JSONL (query, pos[, neg])."),
+    out: str = typer.Argument(..., help="Output retrieval JSONL; the pool goes beside it."),
+    model: str = typer.Option("all-MiniLM-L6-v2", help="Model folder or name to mine with."),
+    corpus: str | None = typer.Option(
+        None, help=".txt or .jsonl[.gz] corpus (default: positives + negatives)."
+    ),
+    pool: str | None = typer.Option(
+        None, help="Pool sidecar path (default: OUT stem + .pool.jsonl)."
+    ),
+    range_min: int = typer.Option(10, help="First kept rank among filtered candidates."),
+    range_max: int = typer.Option(200, help="Rank after the last kept candidate."),
+    negatives: int = typer.Option(7, help="Negatives written to each record's `neg`."),
+    relative_margin: float = typer.Option(
+        0.05, help="Drop candidates above pos - |pos|*margin (<0: off)."
+    ),
+    max_score: float | None = typer.Option(None, help="Drop candidates scoring above this cap."),
+    query_prompt: str | None = typer.Option(None, help="Text put before queries (e.g. 'query: ')."),
+    passage_prompt: str | None = typer.Option(None, help="Text put before corpus texts."),
+    index: str = typer.Option("auto", help="auto | exact | ivf | hnsw."),
+    exact_max: int = typer.Option(200_000, help="auto: exact search up to this corpus size."),
+    backend: str = typer.Option("torch", help="Encoder: torch | onnx."),
+    batch_size: int = typer.Option(32),
+    cache_dir: str | None = typer.Option(None, help="Embedding cache folder."),
+) -> None:
+    """Mine a ranked hard-negative pool per query, with false-negative filters."""
+    from conan_embedding.mining.offline import MiningConfig, mine_file
+
+    config = MiningConfig(
+        range_min=range_min, range_max=range_max, num_negatives=negatives,
+        relative_margin=relative_margin if relative_margin >= 0 else None, max_score=max_score,
+        query_prompt=query_prompt, passage_prompt=passage_prompt, index=index,
+        exact_max=exact_max, backend=backend, batch_size=batch_size,
+    )  # fmt: skip
+    stats = mine_file(records, out, model, corpus_path=corpus, pool_path=pool, config=config,
+                      cache_dir=cache_dir)  # fmt: skip
+    typer.echo(
+        f"{stats.queries} queries, corpus {stats.corpus_size}, mean pool {stats.mean_pool_size:.1f}, "
+        f"{stats.short_pools} short pools, skipped {stats.skipped} -> {out}"
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,316 @@
+"""Embed texts in bounded-memory chunks, cache the vectors, and search them with FAISS.
+
+Why: offline mining is dominated by encoding (the corpus is embedded once; the search is a
+few matrix products), so this module makes encoding cheap and never repeated:
+
+- **dedup**: each distinct text is encoded once, whatever its number of occurrences;
+- **length-sorted chunks**: texts are sorted by length over the *whole* corpus and encoded in
+  chunks of ``chunk_size``, so every batch holds texts of about the same length (little
+  padding), and only one chunk's activations live in memory at a time;
+- **cache**: vectors are written to ``cache_dir`` as ``.npy`` (loaded with
+  ``allow_pickle=False``), keyed by the model, the prompt and the texts, so re-mining with
+  other margins or windows costs no encoding at all;
+- **backend**: ``"torch"`` is sentence-transformers' own ``encode``; ``"onnx"`` exports the
+  transformer once (``torch.onnx.export``) and runs it with ONNX Runtime, which fuses the
+  attention/GELU/LayerNorm kernels on CPU and gives the same vectors (cosine > 0.99999).
+
+How the search runs: :func:`build_index` picks an exact ``IndexFlatIP`` below
+``exact_max`` vectors and an approximate index (IVF-Flat or HNSW-Flat) above it; vectors are
+L2-normalised, so inner product is cosine. :func:`search` queries in chunks with a progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["torch", "onnx"]
+IndexKind = Literal["auto", "exact", "ivf", "hnsw"]
+
+
+def _model_identity(model: SentenceTransformer) -> str:
+    """A string that changes when the weights or the tokenisation settings change."""
+    first = next(iter(model.state_dict().values()))
+    probe = first.flatten()[:64].double().sum().item()
+    names = ",".join(type(m).__name__ for m in model)
+    return (
+        f"{names}|{model.max_seq_length}|{probe:.10e}|{sum(p.numel() for p in model.parameters())}"
+    )
+
+
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _OnnxTransformer:
+    """The model's first module exported to ONNX; pooling/Dense/Normalize replayed in numpy."""
+
+    def __init__(self, model: SentenceTransformer, export_dir: Path):
+        import onnxruntime as ort
+        from sentence_transformers.sentence_transformer.modules import (
+            Normalize,
+            Pooling,
+            Transformer,
+        )
+
+        modules = list(model)
+        if not isinstance(modules[0], Transformer) or not isinstance(modules[1], Pooling):
+            raise ValueError("the onnx backend needs a Transformer -> Pooling model; use torch")
+        pooling = modules[1]
+        modes = pooling.get_config_dict().get("pooling_mode")
+        modes = [modes] if isinstance(modes, str) else list(modes or [])
+        if modes not in (["mean"], ["cls"]) or any(
+            not isinstance(m, Normalize) for m in modules[2:]
+        ):
+            raise ValueError(
+                f"the onnx backend handles mean/cls pooling + Normalize only (got {modes} and "
+                f"{[type(m).__name__ for m in modules[2:]]}); use backend='torch'"
+            )
+        self.mode = modes[0]
+        self.normalize = len(modules) > 2
+        self.tokenizer = model.tokenizer
+        self.max_length = model.max_seq_length
+        hf = modules[0].auto_model.eval()
+        sample = self.tokenizer(["a b"], return_tensors="pt")
+        self.input_names = [
+            k for k in ("input_ids", "attention_mask", "token_type_ids") if k in sample
+        ]
+        path = (
+            export_dir / f"{hashlib.sha256(_model_identity(model).encode()).hexdigest()[:16]}.onnx"
+        )
+        if not path.is_file():
+            self._export(hf, sample, path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def _export(self, hf: torch.nn.Module, sample, path: Path) -> None:
+        names = self.input_names
+
+        class _Wrapper(torch.nn.Module):
+            def __init__(self, inner: torch.nn.Module):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+                return self.inner(**dict(zip(names, tensors, strict=True))).last_hidden_state
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        axes = {name: {0: "batch", 1: "seq"} for name in [*names, "hidden"]}
+        try:
+            with torch.no_grad():
+                torch.onnx.export(
+                    _Wrapper(hf),
+                    tuple(sample[n] for n in names),
+                    tmp,
+                    input_names=names,
+                    output_names=["hidden"],
+                    dynamic_axes=axes,
+                    opset_version=17,
+                    dynamo=False,
+                )
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="np",
+            )
+            feeds = {n: batch[n].astype(np.int64) for n in self.input_names}
+            hidden = self.session.run(None, feeds)[0]
+            if self.mode == "cls":
+                vectors = hidden[:, 0]
+            else:
+                mask = batch["attention_mask"][..., None].astype(np.float32)
+                vectors = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+            if self.normalize:
+                vectors = vectors / np.maximum(
+                    np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12
+                )
+            out.append(vectors.astype(np.float32))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+class TextEncoder:
+    """Encodes texts into L2-normalised float32 rows: deduplicated, length-sorted, cached.
+
+    >>> encoder = TextEncoder(model, cache_dir="runs/cache")   # doctest: +SKIP
+    >>> vectors = encoder.encode(corpus, prompt="passage: ")  # [len(corpus), dim]
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        *,
+        backend: Backend = "torch",
+        batch_size: int = 32,
+        chunk_size: int = 4096,
+        cache_dir: str | os.PathLike[str] | None = None,
+        show_progress: bool = True,
+    ):
+        if batch_size <= 0 or chunk_size <= 0:
+            raise ValueError("batch_size and chunk_size must be positive")
+        self.model, self.backend = model, backend
+        self.batch_size, self.chunk_size = batch_size, chunk_size
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.show_progress = show_progress
+        self._onnx: _OnnxTransformer | None = None
+        if backend == "onnx":
+            export_dir = self.cache_dir or Path(tempfile.gettempdir()) / "conan-embedding-onnx"
+            self._onnx = _OnnxTransformer(model, export_dir / "onnx")
+        elif backend != "torch":
+            raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'onnx'")
+        self._identity = _model_identity(model)
+        self.cache_hits = 0
+
+    def _cache_path(self, texts: Sequence[str], prompt: str | None) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(
+            f"{self._identity}|{prompt or ''}|{texts_fingerprint(texts)}".encode()
+        ).hexdigest()[:32]
+        return self.cache_dir / f"emb-{key}.npy"
+
+    def encode(
+        self, texts: Sequence[str], prompt: str | None = None, desc: str = "encoding"
+    ) -> np.ndarray:
+        """One normalised row per input text (duplicates share one encoding)."""
+        unique = list(dict.fromkeys(texts))
+        position = {text: i for i, text in enumerate(unique)}
+        cache_path = self._cache_path(unique, prompt)
+        if cache_path is not None and cache_path.is_file():
+            vectors = np.load(cache_path, allow_pickle=False)
+            self.cache_hits += 1
+        else:
+            vectors = self._encode_unique(unique, prompt, desc)
+            if cache_path is not None:
+                _atomic_save_npy(cache_path, vectors)
+        if len(unique) == len(texts):
+            return vectors
+        return vectors[np.fromiter((position[t] for t in texts), dtype=np.int64, count=len(texts))]
+
+    def _encode_unique(self, texts: list[str], prompt: str | None, desc: str) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dimension()), np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out: np.ndarray | None = None
+        bar = tqdm(total=len(texts), desc=desc, disable=not self.show_progress, unit="text")
+        for start in range(0, len(texts), self.chunk_size):
+            rows = order[start : start + self.chunk_size]
+            chunk = [(prompt or "") + texts[i] for i in rows]
+            vectors = self._encode_chunk(chunk)
+            if out is None:
+                out = np.empty((len(texts), vectors.shape[1]), np.float32)
+            out[rows] = vectors
+            bar.update(len(rows))
+        bar.close()
+        assert out is not None
+        return out
+
+    def _encode_chunk(self, texts: list[str]) -> np.ndarray:
+        if self._onnx is not None:
+            return self._onnx.encode(texts, self.batch_size)
+        with torch.inference_mode():
+            vectors = self.model.encode(
+                texts,
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(vectors, dtype=np.float32)
+
+    def dimension(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+
+def build_index(
+    vectors: np.ndarray,
+    kind: IndexKind = "auto",
+    *,
+    exact_max: int = 200_000,
+    ivf_lists: int | None = None,
+    ivf_probe: int = 16,
+    hnsw_m: int = 32,
+    hnsw_ef_search: int = 256,
+    seed: int = 0,
+):
+    """A FAISS inner-product index over normalised ``vectors`` (``auto``: exact up to ``exact_max``)."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    count, dim = vectors.shape
+    if kind == "auto":
+        kind = "exact" if count <= exact_max else "ivf"
+    if kind == "exact":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        lists = ivf_lists or max(1, min(int(4 * np.sqrt(count)), count // 39))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(vectors)
+        index.nprobe = min(ivf_probe, lists)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = hnsw_ef_search
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; expected auto, exact, ivf or hnsw")
+    index.add(vectors)
+    return index
+
+
+def search(
+    index, queries: np.ndarray, k: int, *, query_chunk: int = 4096, show_progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, ids) per query; ids are -1 (score -inf) past the corpus size."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k_eff = min(k, index.ntotal)
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    ids = np.full((len(queries), k), -1, np.int64)
+    starts = range(0, len(queries), query_chunk)
+    for start in tqdm(starts, desc="searching", disable=not show_progress or len(starts) < 2):
+        s, i = index.search(queries[start : start + query_chunk], k_eff)
+        scores[start : start + len(s), :k_eff] = s
+        ids[start : start + len(s), :k_eff] = i
+    scores[ids < 0] = -np.inf
+    return scores, ids
