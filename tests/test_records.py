@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conan_embedding.data.records import (
+    RecordError,
+    RetrievalRecord,
+    read_records,
+    write_records,
+)
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_reads_each_kind(tmp_path):
+    ret = _write(tmp_path / "r.jsonl", ['{"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}'])
+    sts = _write(tmp_path / "s.jsonl", ['{"sentence1": "a", "sentence2": "b", "score": 3.5}'])
+    cls = _write(tmp_path / "c.jsonl", ['{"text": "t", "label": 7}'])
+    pairs = _write(tmp_path / "p.jsonl", ['{"query": "q", "pos": "p"}', ""])
+    assert read_records(ret, "retrieval")[0].neg == ["n1", "n2"]
+    assert read_records(sts, "sts")[0].score == 3.5
+    assert read_records(cls, "classification")[0].label == "7"
+    assert len(read_records(pairs, "pairs")) == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "problem"),
+    [
+        ('{"query": "q", "pos": []}', "pos", "at least 1"),
+        ('{"query": "q", "pos": ["p"], "negs": ["x"]}', "negs", "Extra inputs"),
+        ('{"query": "  ", "pos": ["p"]}', "query", "non-empty"),
+        ('{"query": "q", "pos": ["p"]', "<json>", "invalid JSON"),
+        ('["q", "p"]', "<row>", "JSON object"),
+        ('{"query": "q", "pos": ["p", 3]}', "pos.1", "string"),
+    ],
+)
+def test_bad_row_names_file_line_and_field(tmp_path, line, field, problem):
+    path = _write(tmp_path / "bad.jsonl", ['{"query": "ok", "pos": ["fine"]}', line])
+    with pytest.raises(RecordError) as info:
+        read_records(path, "retrieval")
+    err = info.value
+    assert (err.path, err.line, err.field) == (str(path), 2, field)
+    assert problem in str(err)
+    assert str(err).startswith(f"{path}:2: field '{field}'")
+
+
+def test_write_is_atomic_and_round_trips(tmp_path):
+    path = tmp_path / "out" / "r.jsonl"
+    rows = [RetrievalRecord(query="q", pos=["p"], neg=["n"]), {"query": "x", "pos": ["y"]}]
+    assert write_records(path, rows) == 2
+    assert [r.query for r in read_records(path, "retrieval")] == ["q", "x"]
+
+    def boom():
+        yield {"query": "partial", "pos": ["p"]}
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_records(path, boom())
+    # the earlier complete file is untouched and no temp file is left behind
+    assert [json.loads(x)["query"] for x in path.read_text().splitlines()] == ["q", "x"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.jsonl"]
+
+
+def test_unknown_kind_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown task kind"):
+        read_records(_write(tmp_path / "x.jsonl", ["{}"]), "qa")
