@@ -23,6 +23,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_ablation(tmp_path):
                 "variants:",
                 "  - {name: soft-linear, schedule: linear}",
                 "  - {name: causal, schedule: causal}",
+                "supervised: {steps: 50, negatives: 2}",
             ]
         ),
         encoding="utf-8",
@@ -31,13 +32,16 @@ def test_quick_demo_runs_every_stage_and_writes_the_ablation(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "demo" / "ablation.json").read_text(encoding="utf-8"))
     assert report["pretrain"]["final_val_ppl"] < report["pretrain"]["first_val_ppl"]
-    assert [row["variant"]["name"] for row in report["ablation"]] == ["soft-linear", "causal"]
+    names = [row["variant"]["name"] for row in report["ablation"]]
+    assert names == ["soft-linear", "causal", "soft-linear+supervised"]
     for row in report["ablation"]:
         assert 0.0 < row["scores"]["STSBenchmark"] < 1.0
     assert (tmp_path / "demo" / "pretrain" / "curve.png").is_file()
     assert json.loads(
         (tmp_path / "demo" / "embed" / "causal" / "model" / "config.json").read_text()
     )["is_causal"]
+    supervised = tmp_path / "demo" / "embed" / "soft-linear+supervised" / "model" / "config.json"
+    assert json.loads(supervised.read_text())["is_causal"] is False
     assert "| soft-linear | linear |" in (tmp_path / "demo" / "ablation.md").read_text(
         encoding="utf-8"
     )

@@ -402,6 +402,8 @@ class V2DemoConfig(BaseModel):
         default_factory=lambda: ["mini-mteb", "mini-cmteb", "cross-lingual"]
     )
     final_variant: str = "soft-linear"
+    # stage 4 on the final variant (run_supervised_stage keyword arguments); None skips it
+    supervised: dict[str, Any] | None = None
     max_corpus: int | None = 2000
     quick: bool = False
 
@@ -486,6 +488,30 @@ def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
     tasks = ["STSBenchmark"] if config.quick else config.ablation_tasks
     final: dict[str, float] = {}
 
+    def evaluate_once(model_dir: Path, name: str, task_names: list[str]) -> dict[str, float]:
+        """mteb scores, kept beside the model so a rerun of the demo does not recompute them."""
+        from conan_embedding.evaluation.tasks import expand_task_names
+
+        names = expand_task_names(task_names)
+        cache = model_dir.parent / "scores.json"
+        saved = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
+        todo = [t for t in names if t not in saved]
+        if todo:
+            saved.update(
+                evaluate(
+                    model_dir,
+                    todo,
+                    output_dir=out / "results",
+                    data_dir=config.data_dir,
+                    max_corpus=config.max_corpus,
+                    cache_dir=False,
+                    show_progress=False,
+                    model_name=name,
+                )
+            )
+            _write_json(cache, saved)
+        return {t: saved[t] for t in names}
+
     def write_report() -> dict[str, Any]:
         import mteb
 
@@ -522,37 +548,55 @@ def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
             threads=config.threads,
             **section("weak"),
         )
-        summary = train_weak_stage(weak)
-        scores = evaluate(
-            out / "embed" / variant.name / "model",
-            tasks,
-            output_dir=out / "results",
-            data_dir=config.data_dir,
-            max_corpus=config.max_corpus,
-            cache_dir=False,
-            show_progress=False,
-            model_name=f"conan-v2-{config.preset}-{variant.name}",
+        folder = out / "embed" / variant.name
+        summary = _reuse_json(
+            folder / "summary.json", {"steps": weak.steps, "schedule": weak.schedule}
         )
+        if summary is None:
+            summary = train_weak_stage(weak)
+        scores = evaluate_once(folder / "model", f"conan-v2-{config.preset}-{variant.name}", tasks)
         stage(f"embed:{variant.name}", start)
         rows.append({"variant": variant.model_dump(), "weak": summary, "scores": scores})
         write_report()  # after every variant, so a long run leaves partial results
 
+    final_model = out / "embed" / config.final_variant / "model"
+    final_name = f"conan-v2-{config.preset}-{config.final_variant}"
+    if config.supervised is not None:
+        start = time.perf_counter()
+        settings = dict(config.supervised)
+        if config.quick:
+            settings.update(steps=2, max_rows=64, batch_size=4, sts_batch_size=8)
+        folder = out / "embed" / f"{config.final_variant}+supervised"
+        if not (folder / "model" / "modules.json").is_file():
+            records = build_supervised_records(
+                out / "supervised-data", config.data_dir, negatives=settings.get("negatives", 3)
+            )
+            run_supervised_stage(final_model, records, folder, seed=config.seed, **settings)
+        scores = evaluate_once(folder / "model", f"{final_name}-supervised", tasks)
+        stage("supervised", start)
+        rows.append(
+            {
+                "variant": {"name": folder.name, "schedule": "stage 4", "lora": None},
+                "weak": {"final_loss_mean_last_10": float("nan"), "seconds": timings["supervised"]},
+                "scores": scores,
+            }
+        )
+        final_model, final_name = folder / "model", f"{final_name}-supervised"
+        write_report()
+
     if not config.quick and config.final_tasks:
         start = time.perf_counter()
-        final.update(
-            evaluate(
-                out / "embed" / config.final_variant / "model",
-                config.final_tasks,
-                output_dir=out / "results",
-                data_dir=config.data_dir,
-                max_corpus=config.max_corpus,
-                cache_dir=False,
-                show_progress=False,
-                model_name=f"conan-v2-{config.preset}-{config.final_variant}",
-            )
-        )
+        final.update(evaluate_once(final_model, final_name, config.final_tasks))
         stage("final-eval", start)
     return write_report()
+
+
+def _reuse_json(path: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished stage's saved summary if it matches ``expected`` (so reruns skip it)."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return saved if all(saved.get(k) == v for k, v in expected.items()) else None
 
 
 def ablation_markdown(report: dict[str, Any]) -> str:

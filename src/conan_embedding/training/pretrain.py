@@ -309,6 +309,9 @@ def train_causal_lm(
 
     out = settings.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    finished = _finished_summary(out, settings.steps) if resume else None
+    if finished is not None:  # a completed run is not redone (resume=False retrains)
+        return finished
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -405,6 +408,14 @@ def train_causal_lm(
     _write_json(out / "summary.json", summary)
     plot_curve(history, out / "curve.png", title=settings.description)
     return summary
+
+
+def _finished_summary(out: Path, steps: int) -> dict[str, Any] | None:
+    summary_path = out / "summary.json"
+    if not (summary_path.is_file() and (out / "model" / "model.safetensors").is_file()):
+        return None
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    return summary if summary.get("steps") == steps else None
 
 
 def _save_checkpoint(model, optimizer, out: Path, step: int, history, keep: int) -> None:
