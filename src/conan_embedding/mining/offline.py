@@ -43,14 +43,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from sentence_transformers import SentenceTransformer
 
 from conan_embedding.data.records import RecordError, RetrievalRecord, read_records, write_records
 from conan_embedding.mining.index import Backend, IndexKind, TextEncoder, build_index, search
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 
 class MiningConfig(BaseModel):
