@@ -30,7 +30,9 @@ def version() -> None:
 
 @app.command()
 def train(
-    config: str = typer.Argument(..., help="YAML training config (see configs/)."),
+    config: str = typer.Argument(
+        ..., help="YAML training config, or a packaged recipe name (minilm-v1)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
     output_dir: str | None = typer.Option(None, help="Override the config's output_dir."),
     max_steps: int | None = typer.Option(None, help="Override optim.max_steps."),

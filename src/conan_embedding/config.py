@@ -86,6 +86,22 @@ class TeacherFilterConfig(_Strict):
     batch_size: int = 64
 
 
+class CBBConfig(_Strict):
+    """Cross-GPU batch balance (``training.distributed``): every task in every step.
+
+    ``world_size`` devices, real (one ``torchrun`` process each) or virtual (one process steps
+    through them). ``task_ranks`` maps a task name to the devices that run it; when empty,
+    retrieval tasks run on devices ``0..W-2`` and every other task on the last one (all on
+    device 0 when ``W == 1``). Devices of a retrieval task share its queries and positives and
+    each holds ``negatives`` different hard negatives per query; ``beta`` weighs STS (CoSENT)
+    tasks: ``L = InfoNCE + beta * CoSENT``.
+    """
+
+    world_size: int = Field(2, ge=1)
+    task_ranks: dict[str, list[int]] = Field(default_factory=dict)
+    beta: float = Field(0.8, ge=0)
+
+
 class TrainConfig(_Strict):
     stage: Literal["weak", "supervised"] = "supervised"
     output_dir: str = "runs/train"
@@ -101,6 +117,9 @@ class TrainConfig(_Strict):
     single-process reading of Conan's cross-GPU batch balance)."""
     tasks: list[TaskConfig] = Field(min_length=1)
     teacher_filter: TeacherFilterConfig | None = None
+    cbb: CBBConfig | None = None
+    """Set to train with cross-GPU batch balance (``conan-embed train-cbb`` or torchrun);
+    ``task_schedule`` is then ignored (every task runs every step)."""
     checkpoint_every: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
@@ -123,9 +142,22 @@ class ConfigError(ValueError):
     pass
 
 
+def recipe_path(name: str) -> Path | None:
+    """The packaged recipe called ``name`` (e.g. ``minilm-v1``), if there is one."""
+    from importlib import resources
+
+    candidate = Path(str(resources.files("conan_embedding") / "recipes" / f"{name}.yaml"))
+    return candidate if candidate.is_file() else None
+
+
 def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> TrainConfig:
-    """Read and validate a training YAML; errors name the file and the offending key."""
+    """Read and validate a training YAML (a path, or a packaged recipe name such as
+    ``minilm-v1``); errors name the file and the offending key."""
+    if not Path(path).exists() and recipe_path(str(path)) is not None:
+        path = recipe_path(str(path))
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file (nor a packaged recipe of that name)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from conan_embedding.config import load_config
@@ -25,8 +24,7 @@ class DemoResult:
     seconds: float
 
 
-def default_recipe() -> Path:
-    return Path(str(resources.files("conan_embedding") / "recipes" / "minilm-v1.yaml"))
+DEFAULT_RECIPE = "minilm-v1"
 
 
 def run_demo(
@@ -47,7 +45,7 @@ def run_demo(
     overrides: dict = {"output_dir": str(out / "train"), "data_dir": str(prepared)}
     if max_steps is not None:
         overrides["optim.max_steps"] = max_steps
-    config = load_config(config_path or default_recipe(), overrides)
+    config = load_config(config_path or DEFAULT_RECIPE, overrides)
     trainer = Trainer(config)
     before = evaluate(
         trainer.model,
