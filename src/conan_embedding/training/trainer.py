@@ -371,12 +371,33 @@ class Trainer:
             logging.getLogger("conan_embedding").removeHandler(handler)
             handler.close()
 
+    def _accumulate_step(self, step: int, record: dict[str, Any]) -> float:
+        """Back-propagate every loss of one step into ``.grad``; returns the weighted total.
+
+        A method of its own so :class:`~conan_embedding.training.distributed.CBBTrainer` can
+        replace how a step's losses are formed (cross-device batch balance) and keep the loop.
+        """
+        tasks = {t.name: t for t in self.config.tasks}
+        total = 0.0
+        for name in self.schedule.tasks_for_step(step):
+            task = tasks[name]
+            loss, stats = self._loss(task, step)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"loss of task '{name}' is {loss.item()} at step {step + 1}; "
+                    "lower optim.lr or check the data (see train.log)"
+                )
+            (task.weight * loss).backward()
+            total += task.weight * loss.item()
+            record[f"loss/{name}"] = round(loss.item(), 6)
+            record.update({k: round(v, 6) for k, v in stats.items()})
+        return total
+
     def _train(self, resume: bool, show_progress: bool) -> TrainResult:
         config = self.config
         start = self._resume() if resume else 0
         if not resume:
             (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
-        tasks = {t.name: t for t in config.tasks}
         history: list[float] = []
         began = time.perf_counter()
         self.model.train()
@@ -392,19 +413,7 @@ class Trainer:
         with open(self.output_dir / "train_log.jsonl", "a", encoding="utf-8") as log_file:
             for step in range(start, config.optim.max_steps):
                 record: dict[str, Any] = {"step": step + 1}
-                total = 0.0
-                for name in self.schedule.tasks_for_step(step):
-                    task = tasks[name]
-                    loss, stats = self._loss(task, step)
-                    if not torch.isfinite(loss):
-                        raise TrainingDivergedError(
-                            f"loss of task '{name}' is {loss.item()} at step {step + 1}; "
-                            "lower optim.lr or check the data (see train.log)"
-                        )
-                    (task.weight * loss).backward()
-                    total += task.weight * loss.item()
-                    record[f"loss/{name}"] = round(loss.item(), 6)
-                    record.update({k: round(v, 6) for k, v in stats.items()})
+                total = self._accumulate_step(step, record)
                 if config.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
                 self.optimizer.step()
