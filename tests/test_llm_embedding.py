@@ -173,3 +173,24 @@ def test_supervised_stage_runs_the_foundation_trainer_on_the_export(tiny_llm, tm
     after = SentenceTransformer(str(model_dir), device="cpu")
     assert json.loads((model_dir / "config.json").read_text())["is_causal"] is False
     assert np.abs(after.encode(texts) - before).max() > 1e-5
+
+
+def test_teacher_filter_drops_low_scoring_pairs(tiny_llm, tmp_path, tiny_bert):
+    teacher = SentenceTransformer(str(tiny_bert), device="cpu")
+    pairs = weak_pairs(tiny_llm / "sft.jsonl")
+    queries = teacher.encode([q for q, _ in pairs], normalize_embeddings=True)
+    positives = teacher.encode([p for _, p in pairs], normalize_embeddings=True)
+    cosines = (queries * positives).sum(1)
+    # a threshold in the widest gap between scores, so float noise cannot move a pair across it
+    ordered = np.sort(cosines)
+    gaps = np.diff(ordered)[2:-2]
+    cut = int(np.argmax(gaps)) + 2
+    threshold = float((ordered[cut] + ordered[cut + 1]) / 2)
+    config = _config(
+        tiny_llm, tmp_path, steps=1, teacher=str(tiny_bert), teacher_threshold=threshold
+    )
+    summary = train_weak_stage(config, show_progress=False)
+    report = summary["teacher_filter"]
+    assert report["scored"] == 60
+    assert report["kept"] == summary["pairs"] == int((cosines >= threshold).sum())
+    assert 2 <= report["kept"] < 60

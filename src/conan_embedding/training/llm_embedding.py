@@ -89,6 +89,11 @@ class WeakStageConfig(BaseModel):
     weight_decay: float = 0.001
     temperature: float = 0.05
     max_rows: int | None = None
+    # the paper drops pairs a teacher embedder scores below 0.4 (data.builders.filter)
+    teacher: str | None = None
+    teacher_threshold: float = 0.4
+    teacher_query_prompt: str = ""
+    teacher_passage_prompt: str = ""
     seed: int = 0
     threads: int | None = None
 
@@ -222,6 +227,9 @@ def train_weak_stage(config: WeakStageConfig, *, show_progress: bool = True) -> 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     pairs = weak_pairs(config.data, config.max_rows, config.seed)
+    teacher_report = None
+    if config.teacher:
+        pairs, teacher_report = teacher_filtered(pairs, config, out)
     embedder = LLMEmbedder.from_llm(config.llm, config.pooling, config.max_len)
     if config.lora is not None:
         apply_lora(embedder, config.lora)
@@ -296,6 +304,7 @@ def train_weak_stage(config: WeakStageConfig, *, show_progress: bool = True) -> 
         "lora": config.lora.model_dump() if config.lora else None,
         "steps": config.steps,
         "pairs": len(pairs),
+        "teacher_filter": teacher_report,
         "first_loss": losses[0],
         "final_loss_mean_last_10": float(np.mean(losses[-10:])),
         "seconds": round(seconds, 2),
@@ -311,6 +320,39 @@ def train_weak_stage(config: WeakStageConfig, *, show_progress: bool = True) -> 
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def teacher_filtered(
+    pairs: list[tuple[str, str]], config: WeakStageConfig, out: Path
+) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """Keep the pairs the teacher scores at or above ``teacher_threshold`` (cosine)."""
+    from conan_embedding.data.builders.filter import run_filter
+    from conan_embedding.data.records import read_records, write_records
+
+    raw, kept = out / "weak_pairs.jsonl", out / "weak_pairs.filtered.jsonl"
+    write_records(raw, ({"query": q, "pos": p} for q, p in pairs))
+    report = run_filter(
+        raw,
+        kept,
+        config.teacher,
+        kind="pairs",
+        threshold=config.teacher_threshold,
+        query_prompt=config.teacher_query_prompt,
+        passage_prompt=config.teacher_passage_prompt,
+        max_seq_length=config.max_len,
+    )
+    filtered = [(r.query, r.pos) for r in read_records(kept, "pairs")]
+    if len(filtered) < 2:
+        raise ValueError(
+            f"the teacher kept {len(filtered)} of {len(pairs)} pairs at threshold {config.teacher_threshold}"
+        )
+    return filtered, {
+        "teacher": config.teacher,
+        "threshold": config.teacher_threshold,
+        "kept": len(filtered),
+        "scored": len(pairs),
+        "report": report.get("report"),
+    }
 
 
 # ---------------------------------------------------------------- export
