@@ -272,9 +272,181 @@ def test_suites_expand_to_known_tasks():
 def test_corpus_cap_keeps_every_relevant_document():
     corpus = [f"d{i}" for i in range(100)]
     relevant = {"q1": {"d5": 1, "d70": 1}, "q2": {"d99": 1}}
-    kept = cap_corpus(corpus, relevant, 10)
+    kept, qrels = cap_corpus(corpus, relevant, 10)
     assert len(kept) == 10 and {"d5", "d70", "d99"} <= set(kept)
-    assert kept == cap_corpus(corpus, relevant, 10)  # seeded
-    assert cap_corpus(corpus, relevant, None) == corpus
-    with pytest.raises(ValueError, match="below the 3 relevant"):
-        cap_corpus(corpus, relevant, 2)
+    assert qrels == relevant
+    assert (kept, qrels) == cap_corpus(corpus, relevant, 10)  # seeded
+    assert cap_corpus(corpus, relevant, None) == (corpus, relevant)
+    # a cap below the relevant documents keeps fewer queries, each with all its documents
+    kept, qrels = cap_corpus(corpus, relevant, 2)
+    assert len(kept) == 2 and len(qrels) == 1
+    assert all(doc in kept for docs in qrels.values() for doc in docs)
+
+
+def write_scifact(data_dir: Path) -> tuple[dict[str, str], dict[str, str], dict[str, set[str]]]:
+    docs = {
+        "10": ("Guitar", "a man is playing guitar"),
+        "11": ("", "a woman is eating food"),
+        "12": ("Dogs", "a dog is running on the car"),
+        "13": ("", "the plane is in the car"),
+        "14": ("Piano", "a woman is playing piano"),
+        "15": ("", "a cat is eating"),
+    }
+    queries = {"1": "man guitar", "2": "dog running", "3": "cat eating food", "4": "train query"}
+    qrels = {"1": {"10"}, "2": {"12", "15"}, "3": {"15", "11"}}
+    folder = data_dir / "retrieval" / "scifact"
+    (folder / "qrels").mkdir(parents=True)
+    with gzip.open(folder / "corpus.jsonl.gz", "wt", encoding="utf-8") as handle:
+        for doc_id, (title, text) in docs.items():
+            handle.write(
+                json.dumps({"_id": doc_id, "title": title, "text": text, "metadata": {}}) + "\n"
+            )
+    with open(folder / "queries.jsonl", "w", encoding="utf-8") as handle:
+        for query_id, text in queries.items():
+            # metadata holds the answers in the real file: it must never reach the model
+            handle.write(
+                json.dumps({"_id": query_id, "text": text, "metadata": {"answer": "10"}}) + "\n"
+            )
+    lines = ["query-id\tcorpus-id\tscore"] + [
+        f"{q}\t{d}\t1" for q, ds in qrels.items() for d in sorted(ds)
+    ]
+    (folder / "qrels" / "test.tsv").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    doc_texts = {d: f"{t} {x}".strip() for d, (t, x) in docs.items()}
+    return doc_texts, {q: queries[q] for q in qrels}, qrels
+
+
+def direct_ndcg_at_10(model, docs: dict[str, str], queries: dict[str, str], qrels) -> float:
+    """nDCG@10 with binary relevance, written out from its definition (no mteb, no pytrec_eval)."""
+    doc_ids = list(docs)
+    doc_emb = model.encode([docs[d] for d in doc_ids], normalize_embeddings=True)
+    values = []
+    for query_id, text in queries.items():
+        query_emb = model.encode([text], normalize_embeddings=True)[0]
+        ranking = [doc_ids[i] for i in np.argsort(-(doc_emb @ query_emb), kind="stable")][:10]
+        dcg = sum(1 / np.log2(rank + 2) for rank, d in enumerate(ranking) if d in qrels[query_id])
+        ideal = sum(1 / np.log2(rank + 2) for rank in range(min(len(qrels[query_id]), 10)))
+        values.append(dcg / ideal)
+    return float(np.mean(values))
+
+
+def test_retrieval_ndcg_equals_its_definition(tiny_model, tmp_path):
+    root = tmp_path / "data"
+    docs, queries, qrels = write_scifact(root)
+    scores = evaluate(tiny_model, ["SciFact"], data_dir=root, cache_dir=False, show_progress=False)
+    assert scores["SciFact"] == pytest.approx(
+        direct_ndcg_at_10(tiny_model, docs, queries, qrels), abs=1e-5
+    )
+
+
+def test_capped_corpus_is_reported(tiny_model, tmp_path):
+    root = tmp_path / "data"
+    write_scifact(root)
+    out = tmp_path / "results"
+    evaluate(
+        tiny_model,
+        ["SciFact"],
+        data_dir=root,
+        cache_dir=False,
+        show_progress=False,
+        output_dir=out,
+        max_corpus=4,
+    )
+    info = json.loads(next(out.rglob("run_info.json")).read_text(encoding="utf-8"))
+    assert info["max_corpus"] == 4
+    assert info["tasks"]["SciFact"]["corpus_sizes"] == {"default": 4}
+    assert info["tasks"]["SciFact"]["corpus_capped"] is True
+    assert info["tasks"]["SciFact"]["comparable_to_mteb"] is False
+    from conan_embedding.evaluation.report import load_all, summary_table
+
+    table = summary_table(load_all(out))
+    assert "SciFact" in table and " *" in table
+
+
+def write_banking(data_dir: Path) -> None:
+    folder = data_dir / "classification"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    labels = {"card": ["card", "guitar"], "food": ["food", "eating"], "pets": ["dog", "cat"]}
+    for split, count in (("train", 12), ("test", 5)):
+        rows = ["text,category"]
+        for label, words in labels.items():
+            for _ in range(count):
+                rows.append(f'"{" ".join(rng.choice(words, 3))} a man",{label}')
+        (folder / f"banking77-{split}.csv").write_text("\r\n".join(rows) + "\r\n", encoding="utf-8")
+
+
+def test_classification_runs_mtebs_undersampled_probe(tiny_model, tmp_path):
+    root = tmp_path / "data"
+    write_banking(root)
+    out = tmp_path / "results"
+    scores = evaluate(
+        tiny_model,
+        ["Banking77Classification"],
+        data_dir=root,
+        cache_dir=False,
+        show_progress=False,
+        output_dir=out,
+    )
+    result = mteb.TaskResult.from_disk(next(out.rglob("Banking77Classification.json")))
+    test_scores = result.scores["test"][0]
+    # mteb's protocol: n_experiments=10 probes on 8 samples per label, accuracy averaged
+    assert len(test_scores["scores_per_experiment"]) == 10
+    accuracies = [run["accuracy"] for run in test_scores["scores_per_experiment"]]
+    assert scores["Banking77Classification"] == pytest.approx(float(np.mean(accuracies)), abs=1e-6)
+    assert scores["Banking77Classification"] > 0.5  # the words separate the three labels
+
+
+def test_summary_chart_and_compare(tiny_model, data_dir, tmp_path):
+    from conan_embedding.evaluation.report import (
+        compare,
+        compare_table,
+        load_all,
+        summary_table,
+        write_summary,
+    )
+
+    out = tmp_path / "results"
+    before = evaluate(
+        tiny_model,
+        ["STSBenchmark"],
+        data_dir=data_dir,
+        cache_dir=False,
+        show_progress=False,
+        output_dir=out,
+        model_name="base",
+    )
+    changed = SentenceTransformer(modules=list(tiny_model))
+    changed.load_state_dict({k: v.clone() for k, v in tiny_model.state_dict().items()})
+    with torch.no_grad():
+        next(changed.parameters()).mul_(1.5)
+    after = evaluate(
+        changed,
+        ["STSBenchmark"],
+        data_dir=data_dir,
+        cache_dir=False,
+        show_progress=False,
+        output_dir=out,
+        model_name="tuned",
+    )
+    models = load_all(out)
+    assert {m.name for m in models} == {"base", "tuned"}
+    table = summary_table(models)
+    assert (
+        f"{100 * before['STSBenchmark']:.2f}" in table
+        and f"{100 * after['STSBenchmark']:.2f}" in table
+    )
+    markdown, chart = write_summary(out)
+    assert markdown.read_text(encoding="utf-8") == table
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    base_folder = next(p.parent for p in (out / "base").rglob("STSBenchmark.json"))
+    tuned_folder = next(p.parent for p in (out / "tuned").rglob("STSBenchmark.json"))
+    first, second, deltas = compare(base_folder, tuned_folder)
+    assert [d.task for d in deltas] == ["STSBenchmark"]
+    assert deltas[0].change == pytest.approx(
+        after["STSBenchmark"] - before["STSBenchmark"], abs=1e-6
+    )
+    rendered = compare_table(first, second, deltas)
+    assert f"{100 * deltas[0].change:+.2f}" in rendered
+    with pytest.raises(ValueError, match="2 model folders"):
+        compare(out, tuned_folder)

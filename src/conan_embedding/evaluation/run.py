@@ -157,6 +157,7 @@ def evaluate(
             "comparable_to_mteb": TASKS[task_name].comparable and not task.corpus_capped,
             "note": task.note,
             "corpus_sizes": task.corpus_sizes,
+            "corpus_capped": task.corpus_capped,
             "texts_encoded": encoder.encoded_texts - encoded_before,
             "cache_hits": (encoder.cache.hits if encoder.cache else 0) - hits_before,
             "seconds": round(time.perf_counter() - started, 2),

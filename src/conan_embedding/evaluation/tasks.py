@@ -326,8 +326,15 @@ class LocalSTSBenchmarkCrossLingual(LocalDataTask, STSBenchmarkMultilingualSTS):
 # --------------------------------------------------------------------------- classification
 
 
-def _classification_dataset(texts: list[str], labels: list[str]) -> Dataset:
+def _classification_dataset(texts: list[str], labels: list[int]) -> Dataset:
     return Dataset.from_dict({"text": texts, "label": labels})
+
+
+def label_ids(*label_lists: list[str]) -> list[list[int]]:
+    """Label names to integer ids (sorted names, one mapping for all splits), as mteb expects."""
+    names = sorted({name for labels in label_lists for name in labels})
+    index = {name: i for i, name in enumerate(names)}
+    return [[index[name] for name in labels] for labels in label_lists]
 
 
 class LocalBanking77(LocalDataTask, Banking77Classification):
@@ -335,7 +342,7 @@ class LocalBanking77(LocalDataTask, Banking77Classification):
 
     data_files = ("classification/banking77-test.csv", "classification/banking77-train.csv")
 
-    def _read(self, relative: str) -> Dataset:
+    def _read(self, relative: str) -> tuple[list[str], list[str]]:
         path = self.path(relative)
         texts, labels = [], []
         for line, row in read_delimited(
@@ -343,11 +350,17 @@ class LocalBanking77(LocalDataTask, Banking77Classification):
         ):
             texts.append(_non_empty(path, line, "text", row["text"]))
             labels.append(_non_empty(path, line, "category", row["category"]))
-        return _classification_dataset(texts, labels)
+        return texts, labels
 
     def build_dataset(self) -> dict[str, Any]:
+        train_texts, train_labels = self._read(self.data_files[1])
+        test_texts, test_labels = self._read(self.data_files[0])
+        train_ids, test_ids = label_ids(train_labels, test_labels)
         return DatasetDict(
-            {"train": self._read(self.data_files[1]), "test": self._read(self.data_files[0])}
+            {
+                "train": _classification_dataset(train_texts, train_ids),
+                "test": _classification_dataset(test_texts, test_ids),
+            }
         )
 
 
@@ -355,6 +368,7 @@ def seeded_split(
     texts: list[str], labels: list[str], *, n_train: int, n_test: int, seed: int = SPLIT_SEED
 ) -> DatasetDict:
     """A fixed random train/test split of a whole corpus (C-MTEB samples 8,000 / 1,000 too)."""
+    (ids,) = label_ids(labels)
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     if n_train + n_test > len(order):
@@ -362,8 +376,8 @@ def seeded_split(
     test, train = order[:n_test], order[n_test : n_test + n_train]
     return DatasetDict(
         {
-            "train": _classification_dataset([texts[i] for i in train], [labels[i] for i in train]),
-            "test": _classification_dataset([texts[i] for i in test], [labels[i] for i in test]),
+            "train": _classification_dataset([texts[i] for i in train], [ids[i] for i in train]),
+            "test": _classification_dataset([texts[i] for i in test], [ids[i] for i in test]),
         }
     )
 
@@ -435,10 +449,14 @@ class LocalCSLClassification(LocalDataTask, Waimai):
     note = "no MTEB classification task on CSL"
 
     def build_dataset(self) -> dict[str, Any]:
-        train = csl_titles(self.path(self.data_files[1]))
-        test = csl_titles(self.path(self.data_files[0]))
+        train_texts, train_labels = csl_titles(self.path(self.data_files[1]))
+        test_texts, test_labels = csl_titles(self.path(self.data_files[0]))
+        train_ids, test_ids = label_ids(train_labels, test_labels)
         return DatasetDict(
-            {"train": _classification_dataset(*train), "test": _classification_dataset(*test)}
+            {
+                "train": _classification_dataset(train_texts, train_ids),
+                "test": _classification_dataset(test_texts, test_ids),
+            }
         )
 
 
@@ -509,21 +527,34 @@ def cap_corpus(
     relevant: dict[str, dict[str, int]],
     max_corpus: int | None,
     seed: int = SPLIT_SEED,
-) -> list[str]:
-    """At most ``max_corpus`` documents: every relevant one, then a seeded sample of the rest.
+) -> tuple[list[str], dict[str, dict[str, int]]]:
+    """At most ``max_corpus`` documents: relevant ones first, then a seeded sample of the rest.
 
-    Keeping all relevant documents means every query still has its answers; the score is on a
-    smaller, easier haystack and is *not* comparable with the full-corpus number.
+    Every kept query keeps all of its relevant documents. If the relevant documents alone exceed
+    the cap (CMRC: every passage answers some question), a seeded subset of queries is kept
+    whose relevant documents fit. The score is then on a smaller, easier haystack and is *not*
+    comparable with the full-corpus number. Returns ``(kept document ids, kept qrels)``.
     """
     if max_corpus is None or max_corpus >= len(corpus_ids):
-        return corpus_ids
-    needed = {doc for docs in relevant.values() for doc in docs}
-    if len(needed) > max_corpus:
-        raise ValueError(f"max_corpus={max_corpus} is below the {len(needed)} relevant documents")
+        return corpus_ids, relevant
+    if max_corpus <= 0:
+        raise ValueError(f"max_corpus must be positive, got {max_corpus}")
+    query_order = list(relevant)
+    random.Random(seed).shuffle(query_order)
+    needed: set[str] = set()
+    kept_queries: dict[str, dict[str, int]] = {}
+    for query in query_order:
+        docs = set(relevant[query])
+        if len(needed | docs) <= max_corpus:
+            needed |= docs
+            kept_queries[query] = relevant[query]
+    if not kept_queries:
+        raise ValueError(f"max_corpus={max_corpus} is too small for any query's relevant documents")
     others = [doc for doc in corpus_ids if doc not in needed]
     random.Random(seed).shuffle(others)
     keep = needed | set(others[: max_corpus - len(needed)])
-    return [doc for doc in corpus_ids if doc in keep]
+    ordered = {query: kept_queries[query] for query in relevant if query in kept_queries}
+    return [doc for doc in corpus_ids if doc in keep], ordered
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -575,7 +606,7 @@ class LocalSciFact(LocalDataTask, SciFact):
         missing = [q for q in relevant if q not in queries]
         if missing:
             raise DataFormatError(f"{qrels_path}: query ids {missing[:5]} are not in {query_path}")
-        kept = cap_corpus(list(docs), relevant, self.max_corpus)
+        kept, relevant = cap_corpus(list(docs), relevant, self.max_corpus)
         self.corpus_sizes["default"] = len(kept)
         self.corpus_capped = len(kept) < len(docs)
         query_ids = [q for q in queries if q in relevant]
@@ -638,8 +669,10 @@ class LocalCMRC2018Retrieval(LocalDataTask, SciFact):
                     query_ids.append(qa["id"])
                     questions.append(qa["question"])
                     relevant[qa["id"]] = {paragraph["id"]: 1}
-        kept = set(cap_corpus(doc_ids, relevant, self.max_corpus))
+        kept_ids, relevant = cap_corpus(doc_ids, relevant, self.max_corpus)
+        kept = set(kept_ids)
         rows = [i for i, d in enumerate(doc_ids) if d in kept]
+        query_rows = [i for i, q in enumerate(query_ids) if q in relevant]
         self.corpus_sizes["default"] = len(rows)
         self.corpus_capped = len(rows) < len(doc_ids)
         return {
@@ -652,7 +685,12 @@ class LocalCMRC2018Retrieval(LocalDataTask, SciFact):
                             "text": [contexts[i] for i in rows],
                         }
                     ),
-                    "queries": Dataset.from_dict({"id": query_ids, "text": questions}),
+                    "queries": Dataset.from_dict(
+                        {
+                            "id": [query_ids[i] for i in query_rows],
+                            "text": [questions[i] for i in query_rows],
+                        }
+                    ),
                     "relevant_docs": relevant,
                     "top_ranked": None,
                 }
