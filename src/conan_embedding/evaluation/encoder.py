@@ -156,8 +156,10 @@ class CachedEncoder(AbsEncoder):
         cache_dir: str | os.PathLike[str] | None = None,
         symmetric_prompt: str | None = "query",
         show_progress: bool = True,
+        flush_every: int = 2048,
     ) -> None:
         self.model = model
+        self.flush_every = flush_every
         self.fingerprint = model_fingerprint(model)
         meta = ModelMeta.from_sentence_transformer_model(model)
         self.mteb_model_meta = meta.model_copy(
@@ -214,15 +216,18 @@ class CachedEncoder(AbsEncoder):
         unique_missing: dict[bytes, int] = {}
         for index in missing:
             unique_missing.setdefault(keys[index], index)
-        if unique_missing:
-            todo = list(unique_missing.values())
-            fresh = self._encode_uncached([texts[i] for i in todo], prompt, batch_size, desc)
-            self.encoded_texts += len(todo)
-            by_key = {keys[i]: fresh[j] for j, i in enumerate(todo)}
+        todo = list(unique_missing.values())
+        by_key: dict[bytes, np.ndarray] = {}
+        # Encode and store in chunks so an interrupted run keeps what it already paid for.
+        for start in range(0, len(todo), self.flush_every):
+            chunk = todo[start : start + self.flush_every]
+            fresh = self._encode_uncached([texts[i] for i in chunk], prompt, batch_size, desc)
+            self.encoded_texts += len(chunk)
             if self.cache is not None:
-                self.cache.add([keys[i] for i in todo], fresh)
-            for index in missing:
-                found[index] = by_key[keys[index]]
+                self.cache.add([keys[i] for i in chunk], fresh)
+            by_key.update({keys[i]: fresh[j] for j, i in enumerate(chunk)})
+        for index in missing:
+            found[index] = by_key[keys[index]]
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack(found).astype(np.float32, copy=False)
