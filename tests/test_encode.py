@@ -152,3 +152,34 @@ def test_parquet_missing_column_and_null_rows(engine, tmp_path: Path):
         encode_file(
             engine, tmp_path / "n.parquet", tmp_path / "n.npy", field="body", progress=False
         )
+
+
+def test_cli_encode_and_export_onnx(engine, tmp_path: Path):
+    pytest.importorskip("onnxruntime")
+    from typer.testing import CliRunner
+
+    from conan_embedding.cli import app
+
+    model_dir = str(engine.model_path)
+    texts = _texts(20, seed=4)
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    runner = CliRunner()
+    done = runner.invoke(
+        app,
+        ["encode", model_dir, str(tmp_path / "in.txt"), str(tmp_path / "t.npy"), "--threads", "1"],
+    )
+    assert done.exit_code == 0, done.output
+    assert "20 rows x 24" in done.output
+    exported = runner.invoke(app, ["export-onnx", model_dir, "--out", str(tmp_path / "onnx")])
+    assert exported.exit_code == 0, exported.output
+    args = [
+        "encode",
+        model_dir,
+        str(tmp_path / "in.txt"),
+        str(tmp_path / "o.npy"),
+        "--backend",
+        "onnx",
+    ]
+    done = runner.invoke(app, [*args, "--onnx-dir", str(tmp_path / "onnx"), "--threads", "1"])
+    assert done.exit_code == 0, done.output
+    assert np.min((np.load(tmp_path / "o.npy") * np.load(tmp_path / "t.npy")).sum(1)) >= 0.9999

@@ -109,7 +109,8 @@ class EmbeddingEngine:
         self.backend: Backend = backend
         self.batch_size = batch_size
         self.threads = threads or default_threads()
-        self.name = name or (Path(str(model_path)).name if model_path else "conan-embedding")
+        self.model_path = Path(model_path) if model_path is not None else None
+        self.name = name or (self.model_path.name if self.model_path else "conan-embedding")
         self.tokenizer = model.tokenizer
         self.width = embedding_width(model)
         self.matryoshka_dims = matryoshka_dims(model)
