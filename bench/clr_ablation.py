@@ -15,7 +15,8 @@ differ only in data:
 
 Evaluated with ``conan_embedding.evaluation.run.evaluate`` on Tatoeba cmn-eng (F1), the
 cross-lingual STS-B test (en sentence 1 vs zh sentence 2 and the reverse; Spearman) and the
-monolingual STS-B tests (en, zh) to see what CLR costs within a language. Prints a table with
+monolingual STS-B tests (en, zh; add them with --tasks) to see what CLR costs within a
+language. Prints a table with
 each run's ratio to the off-the-shelf model and writes bench/results/clr_ablation.json with
 machine info and load average (the CPU is shared with other work).
 """
@@ -33,7 +34,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = ["Tatoeba", "STSBenchmarkCrossLingualLocal", "STSBenchmark", "STSBenchmarkMultilingualSTS"]
+DEFAULT_TASKS = "Tatoeba,STSBenchmarkCrossLingualLocal"
 
 
 def build_data(work: Path) -> dict[str, Path]:
@@ -54,10 +55,14 @@ def build_data(work: Path) -> dict[str, Path]:
     return {"mono": work / "mono.jsonl", "clr": work / "clr.jsonl"}
 
 
-def train_config(name: str, model_dir: Path, data: dict[str, Path], steps: int, batch: int, work: Path) -> Path:
+def train_config(
+    name: str, model_dir: Path, data: dict[str, Path], steps: int, batch: int, work: Path
+) -> Path:
     tasks = [{"name": "mono", "kind": "retrieval", "path": str(data["mono"]), "batch_size": batch}]
     if name == "mono+clr":
-        tasks.append({"name": "clr", "kind": "retrieval", "path": str(data["clr"]), "batch_size": batch})
+        tasks.append(
+            {"name": "clr", "kind": "retrieval", "path": str(data["clr"]), "batch_size": batch}
+        )
     config = {
         "stage": "supervised",
         "output_dir": str(work / name.replace("+", "_")),
@@ -89,9 +94,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--tasks", default=DEFAULT_TASKS, help="comma-separated evaluator task names"
+    )
+    parser.add_argument("--runs", default="mono,mono+clr", help="which fine-tunes to run")
+    parser.add_argument(
+        "--base-scores",
+        default=None,
+        help="JSON of the untuned model's scores from an earlier run (skips its evaluation)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--work", default=str(ROOT / "runs" / "clr-ablation"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "clr_ablation.json"))
     args = parser.parse_args()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
@@ -102,6 +120,12 @@ def main() -> None:
     from conan_embedding.training.trainer import Trainer
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = set(runs) - {"mono", "mono+clr"}
+    if unknown:
+        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from mono, mono+clr")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = ROOT / "runs" / "models" / "me5-small"
@@ -112,26 +136,37 @@ def main() -> None:
     results: dict[str, dict] = {}
     load_before = os.getloadavg()
     started = time.time()
-    results["me5-small (no fine-tune)"] = {
-        "scores": evaluate(str(model_dir), TASKS, cache_dir=False, show_progress=False, model_name="me5-small"),
-        "train_seconds": 0.0,
-    }
-    for name in ("mono", "mono+clr"):
-        t0 = time.time()
-        trained = Trainer(load_config(train_config(name, model_dir, data, args.steps, args.batch_size, work))).train(
-            show_progress=False
+    base_scores = (
+        json.loads(args.base_scores)
+        if args.base_scores
+        else evaluate(
+            str(model_dir), tasks, cache_dir=False, show_progress=False, model_name="me5-small"
         )
+    )
+    results["me5-small (no fine-tune)"] = {"scores": base_scores, "train_seconds": 0.0}
+    print("base", json.dumps(results["me5-small (no fine-tune)"]), flush=True)
+    for name in runs:
+        t0 = time.time()
+        trained = Trainer(
+            load_config(train_config(name, model_dir, data, args.steps, args.batch_size, work))
+        ).train(show_progress=False)
         seconds = time.time() - t0
-        scores = evaluate(str(trained.model_dir), TASKS, cache_dir=False, show_progress=False, model_name=name)
-        results[name] = {"scores": scores, "train_seconds": round(seconds, 1), "final_loss": trained.final_loss}
+        scores = evaluate(
+            str(trained.model_dir), tasks, cache_dir=False, show_progress=False, model_name=name
+        )
+        results[name] = {
+            "scores": scores,
+            "train_seconds": round(seconds, 1),
+            "final_loss": trained.final_loss,
+        }
         print(name, json.dumps(results[name]), flush=True)
 
     base = results["me5-small (no fine-tune)"]["scores"]
-    header = f"{'run':28s}" + "".join(f"{t[:24]:>26s}" for t in TASKS)
+    header = f"{'run':28s}" + "".join(f"{t[:24]:>26s}" for t in tasks)
     print(header)
     for name, row in results.items():
         cells = "".join(
-            f"{100 * row['scores'][t]:>16.2f} ({row['scores'][t] / base[t]:.3f}x)" for t in TASKS
+            f"{100 * row['scores'][t]:>16.2f} ({row['scores'][t] / base[t]:.3f}x)" for t in tasks
         )
         print(f"{name:28s}{cells}")
 
@@ -141,10 +176,13 @@ def main() -> None:
     payload = {
         "command": "HF_HUB_OFFLINE=1 python bench/clr_ablation.py " + " ".join(sys.argv[1:]),
         "steps": args.steps,
+        "base_scores_reused": bool(args.base_scores),
         "batch_size": args.batch_size,
         "max_seq_length": 64,
         "results": results,
-        "ratio_vs_base": {n: {t: r["scores"][t] / base[t] for t in TASKS} for n, r in results.items()},
+        "ratio_vs_base": {
+            n: {t: r["scores"][t] / base[t] for t in tasks} for n, r in results.items()
+        },
         "data": {k: str(v) for k, v in data.items()},
         "machine": {
             "platform": platform.platform(),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -99,6 +100,7 @@ class OpenAIChatBackend:
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
         self.requests_sent = 0  # HTTP attempts, for logs and tests
+        self._count_lock = threading.Lock()
 
     def request_body(self, conversation: Conversation) -> dict[str, Any]:
         return {
@@ -160,7 +162,8 @@ class OpenAIChatBackend:
         for attempt in range(self.max_retries + 1):
             retry_after: float | None = None
             try:
-                self.requests_sent += 1
+                with self._count_lock:
+                    self.requests_sent += 1
                 response = self._client.post(url, json=body)
             except (httpx.TransportError, httpx.TimeoutException) as err:
                 last_problem = f"{type(err).__name__}: {err}"
