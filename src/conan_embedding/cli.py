@@ -546,5 +546,30 @@ def compare_command(
         write_text_atomic(output, table)
 
 
+# --- CBB: cross-GPU batch balance (conan_embedding.training.distributed) ---
+@app.command("train-cbb")
+def train_cbb_command(
+    config: str = typer.Argument(..., help="YAML with a 'cbb' section (configs/cbb-*.yaml)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
+    output_dir: str | None = typer.Option(None, help="Override the config's output_dir."),
+    max_steps: int | None = typer.Option(None, help="Override optim.max_steps."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train with CBB: virtual devices in one process (under torchrun: one device per process)."""
+    from conan_embedding.config import ConfigError
+    from conan_embedding.data.records import RecordError
+    from conan_embedding.training.distributed import run_cbb
+    from conan_embedding.training.trainer import TrainingDivergedError
+
+    overrides = {"output_dir": output_dir, "optim.max_steps": max_steps}
+    try:
+        result = run_cbb(config, overrides=overrides, resume=resume, show_progress=progress)
+    except (ConfigError, RecordError, TrainingDivergedError, ValueError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"final loss {result.final_loss:.4f} after {result.steps} steps")
+    typer.echo(f"model saved to {result.model_dir}")
+
+
 if __name__ == "__main__":
     app()
