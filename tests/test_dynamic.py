@@ -225,11 +225,20 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     try:
         records, pools = _data(pool_size=40)
-        for rule in ("v1", "v2"):
-            provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule=rule, check_every=2))
+        for rule in ("v1", "v2", "cbb"):
+            # data parallel: each rank trains on different samples and syncs over the group;
+            # "cbb": both ranks see the same rows and scores and need no collective at all
+            shared = rule == "cbb"
+            provider = DynamicNegatives(
+                records,
+                2,
+                pools,
+                DHNMConfig(rule="v2" if shared else rule, check_every=2),
+                group=None if shared else dist.group.WORLD,
+            )
             for step in range(8):
-                ids = [(step + rank) % 3]  # each rank trains on a different sample
-                scores = torch.tensor([[0.8 - 0.07 * ((step + rank + k) % 7) for k in range(2)]])
+                ids = [(step + (0 if shared else rank)) % 3]
+                scores = torch.tensor([[0.8 - 0.07 * ((step + ids[0] + k) % 7) for k in range(2)]])
                 provider.observe(step, ids, scores)
                 provider.on_step_end(
                     step + 1,
@@ -251,7 +260,7 @@ def test_two_gloo_ranks_keep_identical_state(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    for rule in ("v1", "v2"):
+    for rule in ("v1", "v2", "cbb"):
         rank0 = json.loads((tmp_path / f"{rule}-0.json").read_text())
         rank1 = json.loads((tmp_path / f"{rule}-1.json").read_text())
         assert rank0 == rank1

@@ -34,10 +34,19 @@ are never used (the paper's ``+10``; mined pools already start there).
 The state is plain JSON (lists; NaN written as ``null``) so the trainer stores it in its
 checkpoint's ``state.json`` and :meth:`DynamicNegatives.load_state_dict` restores it on resume.
 
-Under ``torch.distributed`` every rank keeps the full state; :meth:`observe` all-gathers the
-(sample id, scores) of every rank and every rank applies the same updates in the same order,
-and the v1 re-scoring shards the samples over ranks and all-gathers the scores, so decisions
-come from identical inputs everywhere (same sample on two ranks: its scores are averaged).
+Under ``torch.distributed`` every rank keeps the full state, and decisions must come from
+identical inputs on every rank. Two set-ups:
+
+- ranks that train on *different* samples (data parallel): pass ``group`` (e.g.
+  ``torch.distributed.group.WORLD``); :meth:`observe` all-gathers every rank's (sample id,
+  scores) and every rank applies the same updates in the same order (a sample seen on two
+  ranks in one step gets its scores averaged), the v1 re-scoring shards the samples over the
+  group and all-gathers the scores, and re-mining runs on the group's first rank and is
+  broadcast. Every rank of the group must then call ``observe``/``on_step_end`` each step.
+- ranks that already see the *same* rows and scores (Conan's cross-GPU batch balance: the
+  ranks of a retrieval task share queries and merge their negatives' scores before
+  ``observe``): leave ``group=None``; each rank computes the same updates on its own, and no
+  collective is issued, so ranks running other tasks are never waited for.
 
 Beyond the papers: ``remine_every > 0`` re-mines every pool with the current model
 (ANCE-style: corpus and queries re-encoded, same filters and window); off by default.
@@ -116,18 +125,25 @@ def v2_should_replace(
     return (initial < never_hard) | ((decay * current < initial) & (current < abs_cap))
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _synced(group: Any) -> bool:
+    return (
+        group is not None
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size(group) > 1
+    )
 
 
-def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _all_gather_rows(
+    ids: torch.Tensor, rows: torch.Tensor, group: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate every rank's ``ids [b]`` and ``rows [b, n]`` in rank order (b may differ)."""
-    if not _distributed():
+    if not _synced(group):
         return ids, rows
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     size = torch.tensor([ids.numel()], dtype=torch.int64)
     sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
+    dist.all_gather(sizes, size, group=group)
     longest = int(max(s.item() for s in sizes))
     width = rows.shape[1] if rows.dim() == 2 else 0
     padded_ids = torch.full((longest,), -1, dtype=torch.int64)
@@ -136,8 +152,8 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tenso
     padded_rows[: ids.numel()] = rows.float()
     all_ids = [torch.empty_like(padded_ids) for _ in range(world)]
     all_rows = [torch.empty_like(padded_rows) for _ in range(world)]
-    dist.all_gather(all_ids, padded_ids)
-    dist.all_gather(all_rows, padded_rows)
+    dist.all_gather(all_ids, padded_ids, group=group)
+    dist.all_gather(all_rows, padded_rows, group=group)
     keep = [int(s.item()) for s in sizes]
     return (
         torch.cat([t[:k] for t, k in zip(all_ids, keep, strict=True)]),
@@ -159,7 +175,7 @@ class DynamicNegatives:
     """A :class:`~conan_embedding.mining.base.NegativeProvider` that applies the v1/v2 rule.
 
     ``pools[i]`` is sample ``i``'s ranked candidate list (``PoolEntry`` from
-    :func:`~conan_embedding.mining.offline.read_pools`).
+    :func:`~conan_embedding.mining.offline.read_pools`); ``group``: see the module docstring.
     """
 
     def __init__(
@@ -168,6 +184,7 @@ class DynamicNegatives:
         n: int,
         pools: Sequence[PoolEntry],
         config: DHNMConfig | None = None,
+        group: Any = None,
     ):
         if n <= 0:
             raise ValueError("dynamic hard negative mining needs n >= 1 negatives per sample")
@@ -175,6 +192,7 @@ class DynamicNegatives:
             raise ValueError(f"{len(pools)} pools for {len(records)} records: mine them together")
         self.records, self.n = list(records), n
         self.config = config or DHNMConfig()
+        self.group = group
         # Every text a sample can hold gets a corpus id; state refers to ids, not texts.
         texts: dict[str, int] = {}
         for record in records:
@@ -272,7 +290,7 @@ class DynamicNegatives:
             raise ValueError(
                 f"neg_scores has shape {tuple(scores.shape)}, expected {(len(ids), self.n)}"
             )
-        ids, scores = _all_gather_rows(ids, scores)
+        ids, scores = _all_gather_rows(ids, scores, self.group)
         ids, scores = self._merge_duplicates(ids, scores)
         self._since_log["score_sum"] += float(scores.sum())
         self._since_log["score_count"] += scores.numel()
@@ -318,7 +336,10 @@ class DynamicNegatives:
 
     def _rescore(self, ids: torch.Tensor, encode: EncodeFn) -> torch.Tensor:
         """``cos(query, negative)`` of ``ids`` with the current model, sharded over ranks."""
-        rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        synced = _synced(self.group)
+        rank, world = (
+            (dist.get_rank(self.group), dist.get_world_size(self.group)) if synced else (0, 1)
+        )
         mine = ids[rank::world]
         rows = torch.zeros((len(mine), self.n))
         batch = max(1, self.config.encode_batch // (self.n + 1))
@@ -328,7 +349,7 @@ class DynamicNegatives:
             negs = encode([t for s in part for t in self.negatives([s])[0]]).float().cpu()
             negs = negs.reshape(len(part), self.n, -1)
             rows[start : start + len(part)] = torch.einsum("bd,bnd->bn", queries, negs)
-        gathered_ids, gathered = _all_gather_rows(mine, rows)
+        gathered_ids, gathered = _all_gather_rows(mine, rows, self.group)
         order = {int(s): i for i, s in enumerate(gathered_ids.tolist())}
         return gathered[[order[int(s)] for s in ids.tolist()]]
 
@@ -390,7 +411,7 @@ class DynamicNegatives:
     def remine(self, encode: EncodeFn, window: tuple[int, int] | None = None) -> None:
         """Rebuild every pool with the current model; pointers restart at the new pools' head.
 
-        Rank 0 computes the pools and broadcasts them so every rank holds the same ones.
+        With a ``group``, its first rank computes the pools and broadcasts them.
         """
         lengths = [len(p) for p in self.pools]
         size = max(lengths) if lengths else 0
@@ -402,7 +423,8 @@ class DynamicNegatives:
             relative_margin=self.config.remine_relative_margin,
         )
         ids_out = torch.full((len(self.records), stop - start), -1, dtype=torch.int64)
-        if not _distributed() or dist.get_rank() == 0:
+        synced = _synced(self.group)
+        if not synced or dist.get_rank(self.group) == 0:
             corpus_vecs = self._encode_all(encode, self.corpus)
             query_vecs = self._encode_all(encode, [r.query for r in self.records])
             scores = query_vecs @ corpus_vecs.T
@@ -422,8 +444,8 @@ class DynamicNegatives:
                 ids_out[sid, : len(window)] = torch.tensor(
                     [c for c, _, _ in window], dtype=torch.int64
                 )
-        if _distributed():
-            dist.broadcast(ids_out, src=0)
+        if synced:
+            dist.broadcast(ids_out, src=dist.get_global_rank(self.group, 0), group=self.group)
         self.pools = [[c for c in row if c >= 0] for row in ids_out.tolist()]
         self.pointer.zero_()
         self.pools_remined = True
