@@ -105,6 +105,7 @@ def main() -> int:
     )
     parser.add_argument("--output-dir", default=str(RESULTS / "eval"))
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy CPU)")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/")
     args = parser.parse_args()
 
@@ -129,6 +130,7 @@ def main() -> int:
                 batch_size=args.batch_size,
                 model_name=name,
                 show_progress=sys.stderr.isatty(),
+                num_threads=args.threads,
             )[task]
             seconds = time.perf_counter() - started
             published = TASKS[task].published.get(name)

@@ -505,6 +505,7 @@ def eval_command(
         "query", help="Prompt name for symmetric tasks ('' = none)."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    threads: int | None = typer.Option(None, help="torch threads (1 is faster on a busy CPU)."),
     list_tasks: bool = typer.Option(False, "--list", help="List tasks and suites, then exit."),
 ) -> None:
     """Evaluate a model on local-data MTEB / C-MTEB tasks (mteb's own metric code)."""
@@ -524,7 +525,7 @@ def eval_command(
     scores = evaluate(model, names, output_dir=output_dir, data_dir=data_dir, max_corpus=max_corpus,
                       cache_dir=False if no_cache else cache_dir, batch_size=batch_size,
                       show_progress=progress, model_name=model_name,
-                      symmetric_prompt=symmetric_prompt or None)  # fmt: skip
+                      symmetric_prompt=symmetric_prompt or None, num_threads=threads)  # fmt: skip
     for name, score in scores.items():
         typer.echo(f"{name:34s} {100 * score:6.2f}")
     table, chart = write_summary(output_dir)
