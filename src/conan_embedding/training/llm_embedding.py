@@ -613,6 +613,7 @@ def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
             records = build_supervised_records(
                 out / "supervised-data", config.data_dir, negatives=settings.get("negatives", 3)
             )
+            settings.setdefault("threads", config.threads)
             run_supervised_stage(final_model, records, folder, seed=config.seed, **settings)
         scores = evaluate_once(folder / "model", f"{final_name}-supervised", tasks)
         stage("supervised", start)
@@ -764,6 +765,7 @@ def run_supervised_stage(
     matryoshka_dims: Sequence[int] | None = None,
     max_seq_length: int = 64,
     seed: int = 0,
+    threads: int | None = None,
 ) -> Path:
     """Stage 4 with the foundation :class:`~conan_embedding.training.trainer.Trainer` on an
     exported LLM embedder: retrieval + CLR (InfoNCE, static hard negatives) and STS (CoSENT),
@@ -771,6 +773,8 @@ def run_supervised_stage(
     from conan_embedding.config import ModelConfig, OptimConfig, TaskConfig, TrainConfig
     from conan_embedding.training.trainer import Trainer
 
+    if threads:
+        torch.set_num_threads(threads)
     tasks = [
         TaskConfig(
             name="retrieval",
