@@ -12,9 +12,12 @@ The two published rules (thresholds are configurable; defaults are the papers'):
 
       replace all n negatives  if  current * 1.15 < initial  and  |current| < 0.8
 
-  and the i-th replacement takes pool ranks ``(i-1)*n + 10 .. i*n + 10``. ``current`` is
-  re-scored with the current model through the ``encode`` hook (``v1_current="encode"``,
-  the paper's) or taken from the last scores the loss computed (``"observed"``, free).
+  and the i-th replacement takes pool ranks ``(i-1)*n + 10 .. i*n + 10``. The samples
+  checked are those trained on since the last check. ``current`` is re-scored with the
+  current model through the ``encode`` hook (``v1_current="encode"``, the default: one
+  no-grad forward of each checked sample's query and negatives, roughly a third of what
+  training on it cost) or taken from the last scores the loss computed (``"observed"``:
+  free, but up to ``check_every`` steps old).
 - **v2** (Conan-embedding v2), at every step, per negative, from the scores the loss
   already computed (no extra encoding)::
 
