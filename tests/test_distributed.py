@@ -283,3 +283,17 @@ def test_torchrun_two_processes_trains_like_virtual_devices(tmp_path):
         real[-1]["loss"], abs=1e-6
     )
     assert (tmp_path / "real" / "model" / "config_sentence_transformers.json").exists()
+
+
+def test_configs_without_cbb_or_process_group_are_refused(tmp_path, tiny_bert):
+    from conan_embedding.training.distributed import run_cbb
+
+    path = write_cbb_config(tmp_path, tiny_bert)
+    raw = yaml.safe_load(path.read_text())
+    raw.pop("cbb")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"plain.yaml: no 'cbb' section"):
+        run_cbb(plain)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        CBBTrainer(load_config(path), distributed=True)
