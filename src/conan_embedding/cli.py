@@ -62,8 +62,11 @@ def demo(
     max_steps: int | None = typer.Option(None, help="Override the recipe's step count."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """The main job: fine-tune all-MiniLM-L6-v2 with the Conan-v1 recipe on real data and
-    print STSBenchmark test Spearman before and after."""
+    """The main job: Conan-v1 fine-tune of all-MiniLM-L6-v2, STSBenchmark before/after.
+
+    Prepares the real training data, evaluates the base model, trains with the packaged
+    recipe (minilm-v1) and evaluates again.
+    """
     from conan_embedding.demo import run_demo
 
     result = run_demo(output_dir, config, data_dir, max_steps, show_progress=progress)
