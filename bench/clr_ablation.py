@@ -56,7 +56,13 @@ def build_data(work: Path) -> dict[str, Path]:
 
 
 def train_config(
-    name: str, model_dir: Path, data: dict[str, Path], steps: int, batch: int, work: Path
+    name: str,
+    model_dir: Path,
+    data: dict[str, Path],
+    steps: int,
+    batch: int,
+    work: Path,
+    seed: int = 42,
 ) -> Path:
     tasks = [{"name": "mono", "kind": "retrieval", "path": str(data["mono"]), "batch_size": batch}]
     if name == "mono+clr":
@@ -66,7 +72,7 @@ def train_config(
     config = {
         "stage": "supervised",
         "output_dir": str(work / name.replace("+", "_")),
-        "seed": 42,
+        "seed": seed,
         "model": {
             "name": str(model_dir),
             "max_seq_length": 64,
@@ -106,6 +112,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
+    parser.add_argument("--seed", type=int, default=42, help="training seed (data order, init)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "clr-ablation"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "clr_ablation.json"))
     args = parser.parse_args()
@@ -148,7 +155,9 @@ def main() -> None:
     for name in runs:
         t0 = time.time()
         trained = Trainer(
-            load_config(train_config(name, model_dir, data, args.steps, args.batch_size, work))
+            load_config(
+                train_config(name, model_dir, data, args.steps, args.batch_size, work, args.seed)
+            )
         ).train(show_progress=False)
         seconds = time.time() - t0
         scores = evaluate(
@@ -176,6 +185,7 @@ def main() -> None:
     payload = {
         "command": "HF_HUB_OFFLINE=1 python bench/clr_ablation.py " + " ".join(sys.argv[1:]),
         "steps": args.steps,
+        "seed": args.seed,
         "base_scores_reused": bool(args.base_scores),
         "batch_size": args.batch_size,
         "max_seq_length": 64,
