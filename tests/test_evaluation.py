@@ -450,3 +450,28 @@ def test_summary_chart_and_compare(tiny_model, data_dir, tmp_path):
     assert f"{100 * deltas[0].change:+.2f}" in rendered
     with pytest.raises(ValueError, match="2 model folders"):
         compare(out, tuned_folder)
+
+
+def test_cli_eval_then_compare(tiny_model, data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from conan_embedding.cli import app
+    from conan_embedding.modeling.embedder import save_embedder
+
+    model_dir = save_embedder(tiny_model, tmp_path / "tiny-model")
+    out = tmp_path / "results"
+    runner = CliRunner()
+    common = ["--data-dir", str(data_dir), "--output-dir", str(out), "--no-cache", "--no-progress"]
+    result = runner.invoke(app, ["eval", str(model_dir), "--tasks", "STSBenchmark", *common])
+    assert result.exit_code == 0, result.output
+    expected = direct_sts_spearman(tiny_model, STS_ROWS)
+    assert f"{100 * expected:6.2f}" in result.output
+    assert (out / "summary.md").is_file() and (out / "summary.png").is_file()
+    folder = next(out.rglob("STSBenchmark.json")).parent
+    result = runner.invoke(
+        app, ["compare", str(folder), str(folder), "--output", str(tmp_path / "d.md")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "+0.00" in (tmp_path / "d.md").read_text(encoding="utf-8")
+    listing = runner.invoke(app, ["eval", "--list"])
+    assert "CMRC2018RetrievalLocal" in listing.output and "mini-cmteb" in listing.output
