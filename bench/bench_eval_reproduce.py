@@ -99,6 +99,13 @@ def main() -> int:
     )
     parser.add_argument("--models", default="minilm,me5", help="minilm, me5, or model folders")
     parser.add_argument("--tasks", default="all", help="task or suite names, comma-separated")
+    parser.add_argument(
+        "--model-tasks",
+        action="append",
+        default=[],
+        metavar="MODEL=TASKS",
+        help="per-model task list overriding --tasks, e.g. me5=STSBenchmark,STSB (repeatable)",
+    )
     parser.add_argument("--max-corpus", type=int, default=None)
     parser.add_argument(
         "--cache-dir", default=str(ROOT / ".cache"), help="models + embedding cache"
@@ -116,10 +123,11 @@ def main() -> int:
     from conan_embedding.evaluation.tasks import TASKS, expand_task_names
 
     cache_root = Path(args.cache_dir)
+    per_model = dict(item.split("=", 1) for item in args.model_tasks)
     rows: list[dict] = []
     for key in args.models.split(","):
         source, name = model_source(key.strip(), cache_root)
-        for task in expand_task_names(args.tasks):
+        for task in expand_task_names(per_model.get(key.strip(), args.tasks)):
             load_before, started = os.getloadavg(), time.perf_counter()
             score = evaluate(
                 source,
