@@ -529,6 +529,7 @@ def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     tasks = ["STSBenchmark"] if config.quick else config.ablation_tasks
     final: dict[str, float] = {}
+    final_label = [config.final_variant]
 
     def evaluate_once(model_dir: Path, name: str, task_names: list[str]) -> dict[str, float]:
         """mteb scores, kept beside the model so a rerun of the demo does not recompute them."""
@@ -565,6 +566,7 @@ def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
             "ablation": rows,
             "ablation_tasks": tasks,
             "final_variant": config.final_variant,
+            "final_model": final_label[0],
             "final_scores": final,
             "timings_seconds": timings,
             "total_seconds": round(time.perf_counter() - began, 1),
@@ -625,6 +627,7 @@ def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
             }
         )
         final_model, final_name = folder / "model", f"{final_name}-supervised"
+        final_label[0] = folder.name
         write_report()
 
     if not config.quick and config.final_tasks:
@@ -660,7 +663,11 @@ def ablation_markdown(report: dict[str, Any]) -> str:
             + f" | {np.mean(scores):.2f} | {row['weak']['final_loss_mean_last_10']:.3f} | {row['weak']['seconds']:.0f} |"
         )
     if report["final_scores"]:
-        lines += ["", f"Final model ({report['final_variant']}) on the mini suites:", ""]
+        lines += [
+            "",
+            f"Final model ({report.get('final_model', report['final_variant'])}) on the mini suites:",
+            "",
+        ]
         lines += ["| task | score |", "|---|---|"]
         lines += [
             f"| {task} | {score * 100:.2f} |" for task, score in report["final_scores"].items()
