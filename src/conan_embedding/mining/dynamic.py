@@ -214,11 +214,15 @@ class DynamicNegatives:
                     ids.append(texts.setdefault(cand.text, len(texts)))
             pool_ids.append(ids)
         self.corpus = list(texts)
-        self.pools = pool_ids
+        self._set_pools(pool_ids)
         self.fingerprint = texts_fingerprint(self.corpus)
         self._reset_state()
 
     # ----------------------------------------------------------------- state
+    def _set_pools(self, pools: list[list[int]]) -> None:
+        self.pools = pools
+        self._pool_lengths = torch.tensor([len(p) for p in pools], dtype=torch.int64)
+
     def _reset_state(self) -> None:
         size, n = len(self.records), self.n
         self.assigned = torch.full((size, n), -1, dtype=torch.int64)
@@ -230,19 +234,20 @@ class DynamicNegatives:
         self._pending: set[int] = set()
         self._since_log = {"replaced": 0, "blocked": 0, "score_sum": 0.0, "score_count": 0}
         lookup = {t: i for i, t in enumerate(self.corpus)}
+        assigned, pointer = [], [0] * size
         for sid, record in enumerate(self.records):
             if record.neg:
-                self.assigned[sid] = torch.tensor(
-                    [lookup[record.neg[k % len(record.neg)]] for k in range(n)]
+                assigned.append([lookup[record.neg[k % len(record.neg)]] for k in range(n)])
+                continue
+            drawn, pointer[sid] = self._next_candidates(self.pools[sid], 0, set(), n)
+            if len(drawn) < n:
+                raise ValueError(
+                    f"sample {sid} has no negatives and its pool holds fewer than {n} "
+                    "candidates; mine a wider window or drop it"
                 )
-            else:
-                drawn = self._draw(sid, n)
-                if drawn is None:
-                    raise ValueError(
-                        f"sample {sid} has no negatives and its pool holds fewer than {n} "
-                        "candidates; mine a wider window or drop it"
-                    )
-                self.assigned[sid] = torch.tensor(drawn)
+            assigned.append(drawn)
+        self.assigned = torch.tensor(assigned, dtype=torch.int64).reshape(size, n)
+        self.pointer = torch.tensor(pointer, dtype=torch.int64)
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -279,7 +284,7 @@ class DynamicNegatives:
         self.pointer = torch.tensor(state["pointer"], dtype=torch.int64)
         self._pending = set(state["pending"])
         if state.get("pools") is not None:
-            self.pools = [list(p) for p in state["pools"]]
+            self._set_pools([list(p) for p in state["pools"]])
             self.pools_remined = True
 
     # ----------------------------------------------------------------- contract
@@ -371,17 +376,26 @@ class DynamicNegatives:
 
     def _draw(self, sid: int, count: int) -> list[int] | None:
         """The next ``count`` pool candidates the sample does not hold; None if too few."""
-        pool, held = self.pools[sid], set(self.assigned[sid].tolist())
-        position, drawn = int(self.pointer[sid]), []
+        held = set(self.assigned[sid].tolist())
+        drawn, position = self._next_candidates(
+            self.pools[sid], int(self.pointer[sid]), held, count
+        )
+        if len(drawn) < count:
+            return None
+        self.pointer[sid] = position
+        return drawn
+
+    @staticmethod
+    def _next_candidates(
+        pool: list[int], position: int, held: set[int], count: int
+    ) -> tuple[list[int], int]:
+        drawn: list[int] = []
         while position < len(pool) and len(drawn) < count:
             cand = pool[position]
             position += 1
             if cand not in held and cand not in drawn:
                 drawn.append(cand)
-        if len(drawn) < count:
-            return None
-        self.pointer[sid] = position
-        return drawn
+        return drawn, position
 
     @staticmethod
     def _merge_duplicates(
@@ -396,9 +410,7 @@ class DynamicNegatives:
 
     def _log(self) -> dict[str, float]:
         since = self._since_log
-        exhausted = sum(
-            int(self.pointer[s]) >= len(self.pools[s]) for s in range(len(self.records))
-        )
+        exhausted = int((self.pointer >= self._pool_lengths).sum())
         out = {
             "dhnm/replaced": float(since["replaced"]),
             "dhnm/blocked": float(since["blocked"]),
@@ -449,7 +461,7 @@ class DynamicNegatives:
                 )
         if synced:
             dist.broadcast(ids_out, src=dist.get_global_rank(self.group, 0), group=self.group)
-        self.pools = [[c for c in row if c >= 0] for row in ids_out.tolist()]
+        self._set_pools([[c for c in row if c >= 0] for row in ids_out.tolist()])
         self.pointer.zero_()
         self.pools_remined = True
 
