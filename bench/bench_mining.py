@@ -217,9 +217,12 @@ def bench_steps(args, folder: Path) -> dict:
     mined, pools, _ = mine(
         records, load_embedder(model_path), corpus, MiningConfig(**WINDOW), show_progress=False
     )
+    # static negatives need a full set per row: keep the queries whose pool had 7
+    keep = [i for i, r in enumerate(mined) if len(r.neg) == WINDOW["num_negatives"]]
     train = folder / "train.jsonl"
-    write_records(train, mined)
-    write_pools(folder / "train.pool.jsonl", pools)
+    write_records(train, [mined[i] for i in keep])
+    kept_pools = [pools[i].model_copy(update={"index": j}) for j, i in enumerate(keep)]
+    write_pools(folder / "train.pool.jsonl", kept_pools)
     variants = {
         "static": {"rule": "none"},
         "v2": {"rule": "v2"},
@@ -283,6 +286,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--skip-steps", action="store_true", help="only the mining part")
+    parser.add_argument("--only-steps", action="store_true", help="only the DHNM step part")
     parser.add_argument("--data-dir", type=Path, default=None)
     args = parser.parse_args()
     args.data_dir = resolve_data_dir(args.data_dir)
@@ -299,33 +303,41 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="bench-mining-") as tmp:
         folder = Path(tmp)
-        result = {"machine": machine, "mining": bench_mining(args, folder)}
+        result: dict = {"machine": machine}
+        if not args.only_steps:
+            result["mining"] = bench_mining(args, folder)
+            save(result, "mining.json")  # before the step part, so a failure there keeps it
         if not args.skip_steps:
             print("training steps (MiniLM, batch 4, 7 negatives):", flush=True)
             result["dhnm_steps"] = bench_steps(args, folder)
-    result["machine"]["loadavg_end"] = os.getloadavg()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "mining.json"
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    os.replace(tmp_out, out)
-    mining = result["mining"]
-    print(f"\nsentence-transformers mine_hard_negatives: {mining['st']['median_seconds']:.1f} s")
-    for kind in ("ours-onnx", "ours-torch"):
-        row = mining[kind]
+            machine["loadavg_end"] = os.getloadavg()
+            save({"machine": machine, "dhnm_steps": result["dhnm_steps"]}, "mining_steps.json")
+    if "mining" in result:
+        mining = result["mining"]
+        print(f"\nST mine_hard_negatives: {mining['st']['median_seconds']:.1f} s")
+        for kind in ("ours-onnx", "ours-torch"):
+            row = mining[kind]
+            print(
+                f"{kind}: {row['median_seconds']:.1f} s -> {row['speedup_vs_st']:.2f}x vs ST, "
+                f"overlap {row['overlap_with_st']:.3f}, peak RSS {row['peak_rss_mb']:.0f} MB "
+                f"(ST {mining['st']['peak_rss_mb']:.0f} MB)"
+            )
         print(
-            f"{kind}: {row['median_seconds']:.1f} s -> {row['speedup_vs_st']:.2f}x vs ST, "
-            f"overlap {row['overlap_with_st']:.3f}, peak RSS {row['peak_rss_mb']:.0f} MB "
-            f"(ST {mining['st']['peak_rss_mb']:.0f} MB)"
+            f"warm cache: {mining['warm_cache_seconds']:.1f} s ({mining['warm_speedup_vs_st']:.1f}x)"
         )
-    print(
-        f"warm cache: {mining['warm_cache_seconds']:.1f} s -> {mining['warm_speedup_vs_st']:.1f}x"
-    )
     if "dhnm_steps" in result:
         for name in ("v2", "v1"):
             row = result["dhnm_steps"][name]
             print(f"DHNM {name} step overhead vs static: {100 * row['overhead_vs_static']:+.1f}%")
-    print(f"wrote {out}")
+
+
+def save(result: dict, name: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / name
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    os.replace(tmp_out, out)
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

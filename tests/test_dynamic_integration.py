@@ -86,8 +86,8 @@ def test_dhnm_keeps_negatives_harder_than_static(tmp_path, data_dir):
     model_path = resolve_model_path("all-MiniLM-L6-v2")
     with open(data_dir / "sts" / "stsb-en-train.csv", encoding="utf-8", newline="") as handle:
         rows = [r for r in csv.reader(handle) if len(r) == 3]
-    pairs = [(a, b) for a, b, s in rows if float(s) >= 4.0][:48]
-    corpus = list(dict.fromkeys(t for a, b, _ in rows[:1500] for t in (a, b)))
+    pairs = [(a, b) for a, b, s in rows if float(s) >= 4.0][:32]
+    corpus = list(dict.fromkeys(t for a, b, _ in rows[:600] for t in (a, b)))
     records = [RetrievalRecord(query=a, pos=[b]) for a, b in pairs]
     config = MiningConfig(range_min=10, range_max=60, num_negatives=2, relative_margin=0.05)
     mined, pools, _ = mine(records, load_embedder(model_path), corpus, config, show_progress=False)
@@ -96,7 +96,7 @@ def test_dhnm_keeps_negatives_harder_than_static(tmp_path, data_dir):
     write_pools(tmp_path / "train.pool.jsonl", pools)
 
     def run(rule: str) -> list[dict]:
-        config = _config(tmp_path / rule, model_path, train, rule, 24)
+        config = _config(tmp_path / rule, model_path, train, rule, 16)
         Trainer(config).train(show_progress=False)
         return read_log(tmp_path / rule / "train_log.jsonl")
 
