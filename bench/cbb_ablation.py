@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python bench/cbb_ablation.py                 # all three arms, then the table
     HF_HUB_OFFLINE=1 python bench/cbb_ablation.py --arm cbb       # one arm (run arms in parallel)
+    HF_HUB_OFFLINE=1 python bench/cbb_ablation.py --baseline      # the untrained model's scores
     HF_HUB_OFFLINE=1 python bench/cbb_ablation.py --summarize     # table from the arms' JSON
 
 The three arms are ``configs/cbb-ablation-{cbb,random,mixed}.yaml``: the same model
@@ -118,6 +119,28 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     return report
 
 
+def run_baseline(args: argparse.Namespace) -> dict:
+    """The imported model without training, same max_seq_length: what the arms start from."""
+    from conan_embedding.evaluation.run import evaluate
+    from conan_embedding.modeling.embedder import load_embedder
+
+    model_dir, _ = prepare_inputs(Path(args.work))
+    model = load_embedder(str(model_dir))
+    model.max_seq_length = args.max_seq_length
+    began = time.perf_counter()
+    scores = evaluate(model, args.tasks, show_progress=True, model_name="me5-small-untrained")
+    report = {
+        "arm": "untrained",
+        "max_seq_length": args.max_seq_length,
+        "scores": scores,
+        "eval_seconds": round(time.perf_counter() - began, 1),
+        "loadavg_after": os.getloadavg(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    _write_json(RESULTS / "cbb_ablation-untrained.json", report)
+    return report
+
+
 def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -154,11 +177,20 @@ def summarize() -> dict:
             + " | ".join(f"{100 * r['scores'].get(t, float('nan')):.2f}" for t in tasks)
             + f" | {ratio} | {r['train_seconds']:.0f} |"
         )
+    base_path = RESULTS / "cbb_ablation-untrained.json"
+    base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.exists() else None
+    if base:
+        lines.append(
+            "| untrained | - | - | - | "
+            + " | ".join(f"{100 * base['scores'].get(t, float('nan')):.2f}" for t in tasks)
+            + " | | |"
+        )
     table = "\n".join(lines)
     print(table)
     summary = {
         "table_markdown": table,
         "arms": reports,
+        "untrained": base,
         "paper_final_loss": {"cbb": 0.08, "separate_tasks": 0.38},
         "machine": {
             "platform": platform.platform(),
@@ -177,6 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arm", choices=ARMS, action="append")
     parser.add_argument("--summarize", action="store_true")
+    parser.add_argument("--baseline", action="store_true", help="also score the untrained model")
     parser.add_argument("--work", default=str(ROOT / "runs" / "cbb-ablation"))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--sts-batch", type=int, default=16)
@@ -186,8 +219,14 @@ def main() -> None:
     parser.add_argument("--tasks", default="STSB")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.baseline:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        run_baseline(args)
     if not args.summarize:
-        for arm in args.arm or ARMS:
+        for arm in args.arm or ([] if args.baseline else ARMS):
             run_arm(arm, args)
     summarize()
 
