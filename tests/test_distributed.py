@@ -161,7 +161,7 @@ def _direct_joint_gradients(trainer: CBBTrainer, step: int = 0):
     similarity = cosent_loss(a, b, gold, temperature=trainer.config.temperature)
     total = retrieval + 0.8 * similarity
     total.backward()
-    return float(total), _grads(model)
+    return float(total.detach()), _grads(model)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -297,3 +297,10 @@ def test_configs_without_cbb_or_process_group_are_refused(tmp_path, tiny_bert):
         run_cbb(plain)
     with pytest.raises(RuntimeError, match="init_process_group"):
         CBBTrainer(load_config(path), distributed=True)
+
+
+def test_the_plain_trainer_refuses_a_cbb_config(tmp_path, tiny_bert):
+    from conan_embedding.training.trainer import Trainer
+
+    with pytest.raises(ValueError, match="train-cbb"):
+        Trainer(load_config(write_cbb_config(tmp_path, tiny_bert)))

@@ -108,6 +108,11 @@ class Trainer:
         negative_providers: dict[str, NegativeProvider] | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
     ):
+        if config.cbb is not None and type(self) is Trainer:
+            raise ValueError(
+                "the config has a 'cbb' section: train it with `conan-embed train-cbb` "
+                "(training.distributed.CBBTrainer), or remove the section"
+            )
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.on_step = on_step
