@@ -51,10 +51,17 @@ class DynamicNegativesConfig(_Strict):
     check_every: int = 100
     v1_decay: float = 1.15
     v1_abs_cap: float = 0.8
+    v1_current: Literal["encode", "observed"] = "encode"
+    """v1's "current" score: re-encode the sample's negatives at the check (the paper), or
+    reuse the last scores the loss computed (free, possibly stale)."""
     v2_never_hard: float = 0.4
     v2_decay: float = 1.2
     v2_abs_cap: float = 0.7
     pool_offset: int = 10
+    remine_every: int = Field(0, ge=0)
+    """Beyond the paper: re-mine the pools with the current model every N steps (0 = off)."""
+    remine_relative_margin: float | None = 0.05
+    encode_batch: int = Field(256, gt=0)
 
 
 class TaskConfig(_Strict):
