@@ -7,6 +7,7 @@ import pytest
 from conan_embedding.data.builders.dedup import build_eval_index
 from conan_embedding.data.prepare import prepare
 from conan_embedding.data.records import read_records
+from conan_embedding.data.splits import reranking_holdout_indices
 
 
 @pytest.mark.integration
@@ -28,7 +29,11 @@ def test_prepare_converts_training_files_and_drops_test_overlap(tmp_path, data_d
     pairs = read_records(tmp_path / "parallel-en-zh.jsonl", "pairs")
     assert not any(p.query in index or p.pos in index for p in pairs)
     bge = read_records(tmp_path / "bge-finetune.jsonl", "retrieval")
-    assert report["bge-finetune"]["rows"] == len(bge) < 2701
+    assert report["bge-finetune"]["rows"] == len(bge) <= 2701 - 300
+    # the rows the reranking task scores are never trained on
+    source = read_records(data_dir / "retrieval" / "bge_finetune_data.jsonl", "retrieval")
+    held_out = {source[i].query for i in reranking_holdout_indices(len(source))}
+    assert not held_out & {r.query for r in bge}
     assert (
         len({r.label for r in read_records(tmp_path / "banking77-train.jsonl", "classification")})
         == 77

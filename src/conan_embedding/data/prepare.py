@@ -1,8 +1,8 @@
 """Convert the public training files of ``../shared/data`` into our JSONL schemas.
 
 Only training material is read: STS-B en/zh train, CNSD STS-B train, ATEC, LCQMC/BQ dev,
-Banking77 and CSL train, CMRC2018 *trial*, SciFact *train* queries, bge_finetune_data and
-the en-zh parallel corpus. Test files are never opened for training, and every row that
+Banking77 and CSL train, CMRC2018 *trial*, SciFact *train* queries, bge_finetune_data (minus
+the 300 rows held out for the reranking task) and the en-zh parallel corpus. Test files are never opened for training, and every row that
 touches a sentence of an evaluation *test* set (see :mod:`conan_embedding.data.builders.dedup`)
 is dropped, with counts in ``prepare_report.json``: the parallel corpus holds 442 Tatoeba
 test sentences, and bge_finetune_data holds CNSD STS-B test sentences.
@@ -36,6 +36,7 @@ from conan_embedding.data.records import (
     write_records,
 )
 from conan_embedding.data.sources import resolve_data_dir
+from conan_embedding.data.splits import reranking_holdout_indices
 
 
 def _open(path: Path) -> io.TextIOBase:
@@ -170,8 +171,15 @@ def parallel_pairs(path: Path) -> Iterator[Record]:
         yield PairRecord(query=parts[0], pos=parts[1])
 
 
-def jsonl_retrieval(path: Path) -> Iterator[Record]:
-    yield from iter_records(path, "retrieval")
+def bge_retrieval(path: Path) -> Iterator[Record]:
+    """bge_finetune_data minus the rows the evaluator holds out for reranking.
+
+    The file repeats some queries on several rows, so every row whose query is a held-out
+    query goes, not only the held-out rows themselves.
+    """
+    records = list(iter_records(path, "retrieval"))
+    held_out = {records[i].query for i in reranking_holdout_indices(len(records))}
+    yield from (r for r in records if r.query not in held_out)
 
 
 @dataclass(frozen=True)
@@ -203,7 +211,7 @@ SOURCES: tuple[Source, ...] = (
     Source("csl-train", "classification", csl, "classification/csl-cls_ctg-train.tsv"),
     Source("cmrc2018-trial", "retrieval", cmrc_retrieval, "retrieval/cmrc2018_trial.json"),
     Source("scifact-train", "retrieval", scifact_train, "retrieval/scifact"),
-    Source("bge-finetune", "retrieval", jsonl_retrieval, "retrieval/bge_finetune_data.jsonl"),
+    Source("bge-finetune", "retrieval", bge_retrieval, "retrieval/bge_finetune_data.jsonl"),
     Source("parallel-en-zh", "pairs", parallel_pairs, "parallel/cmn.txt"),
 )
 

@@ -56,8 +56,7 @@ from mteb.tasks.sts.multilingual.sts_benchmark_multilingual_sts import (
 from mteb.tasks.sts.zho.cmtebsts import BQ, LCQMC, STSB
 
 from conan_embedding.data.sources import resolve_data_dir
-
-SPLIT_SEED = 42  # seed of every split and subsample we make ourselves
+from conan_embedding.data.splits import SPLIT_SEED, reranking_holdout_indices
 
 
 class DataFormatError(ValueError):
@@ -699,20 +698,6 @@ class LocalCMRC2018Retrieval(LocalDataTask, SciFact):
 
 
 # --------------------------------------------------------------------------- reranking
-
-RERANKING_HOLDOUT = 300  # rows of bge_finetune_data.jsonl held out for reranking
-
-
-def reranking_holdout_indices(
-    n_rows: int, n_holdout: int = RERANKING_HOLDOUT, seed: int = SPLIT_SEED
-) -> list[int]:
-    """The 0-based rows of ``bge_finetune_data.jsonl`` the reranking task scores.
-
-    A trainer that reports this task must drop these rows from its training data.
-    """
-    order = list(range(n_rows))
-    random.Random(seed).shuffle(order)
-    return sorted(order[:n_holdout])
 
 
 class LocalBGEHeldoutReranking(LocalDataTask, T2Reranking):
