@@ -9,6 +9,7 @@ retrieval on Banking77, Matryoshka dims), evaluates again and prints both scores
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ def run_demo(
     # mteb flags the v1 STSBenchmark as superseded: v1 is the split the leaderboard reports
     warnings.filterwarnings("ignore", message=".*superseded.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("mteb").setLevel(logging.ERROR)
     out = Path(output_dir)
     prepared = out / "data"
     prepare(prepared, data_dir=data_dir)
