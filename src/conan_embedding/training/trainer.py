@@ -485,12 +485,13 @@ def plot_losses(log_path: str | Path, png_path: str | Path, window: int = 10) ->
         if not pts:
             continue
         steps, values = zip(*pts, strict=True)
-        smooth = np.convolve(
-            values, np.ones(min(window, len(values))) / min(window, len(values)), "valid"
-        )
+        # the total alternates between tasks step by step: average over whole task cycles
+        width = window * max(1, len(keys) - 1) if key == "loss" else window
+        width = min(width, len(values))
+        smooth = np.convolve(values, np.ones(width) / width, "valid")
         ax.plot(steps[len(steps) - len(smooth) :], smooth, label=key, lw=2 if key == "loss" else 1)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"loss ({window}-step mean)")
+    ax.set_ylabel(f"loss (mean of {window} steps per task)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
