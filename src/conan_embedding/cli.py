@@ -542,7 +542,8 @@ def compare_command(
     output: str | None = typer.Option(None, help="Also write the markdown table here."),
 ) -> None:
     """Per-task main scores of two result folders and their difference (after - before)."""
-    from conan_embedding.evaluation.report import compare, compare_table, write_text_atomic
+    from conan_embedding.atomic import write_text_atomic
+    from conan_embedding.evaluation.report import compare, compare_table
 
     table = compare_table(*compare(before, after))
     typer.echo(table)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from conan_embedding.atomic import atomic_open
 
 TaskKind = Literal["retrieval", "sts", "classification", "pairs"]
 
@@ -113,22 +113,10 @@ def iter_records(path: str | os.PathLike[str], kind: TaskKind) -> Iterator[Recor
 
 def write_records(path: str | os.PathLike[str], records: Iterable[BaseModel | dict]) -> int:
     """Write records as JSONL atomically (temp file + rename); returns the row count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                row = (
-                    record.model_dump(exclude_none=True)
-                    if isinstance(record, BaseModel)
-                    else record
-                )
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as handle:
+        for record in records:
+            row = record.model_dump(exclude_none=True) if isinstance(record, BaseModel) else record
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
     return count

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mteb
 
+from conan_embedding.atomic import write_text_atomic
 from conan_embedding.evaluation.run import RUN_INFO_FILE
 from conan_embedding.evaluation.tasks import TASKS
 
@@ -230,20 +231,6 @@ def compare_table(first: ModelScores, second: ModelScores, deltas: list[Delta]) 
             f"| mean over {len(changes)} shared tasks | | | {100 * sum(changes) / len(changes):+.2f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_summary(root: str | os.PathLike[str]) -> tuple[Path, Path]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import mteb
 from tqdm.auto import tqdm
 
+from conan_embedding.atomic import atomic_open
 from conan_embedding.evaluation.encoder import CachedEncoder
 from conan_embedding.evaluation.tasks import TASKS, build_task, expand_task_names
 
@@ -64,15 +65,8 @@ def _load_model(
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(payload, out, indent=2, ensure_ascii=False, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as out:
+        json.dump(payload, out, indent=2, ensure_ascii=False, default=str)
 
 
 def write_task_result(task_result: mteb.TaskResult, folder: Path) -> Path:

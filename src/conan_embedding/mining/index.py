@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from conan_embedding.atomic import save_npy_atomic
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -59,18 +61,6 @@ def texts_fingerprint(texts: Sequence[str]) -> str:
         digest.update(text.encode("utf-8"))
         digest.update(b"\x00")
     return digest.hexdigest()
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fuse_bert_kernels(hf: torch.nn.Module, path: str) -> None:
@@ -247,7 +237,7 @@ class TextEncoder:
         else:
             vectors = self._encode_unique(unique, prompt, desc)
             if cache_path is not None:
-                _atomic_save_npy(cache_path, vectors)
+                save_npy_atomic(cache_path, vectors)
         if len(unique) == len(texts):
             return vectors
         return vectors[np.fromiter((position[t] for t in texts), dtype=np.int64, count=len(texts))]

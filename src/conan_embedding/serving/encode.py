@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from conan_embedding.atomic import save_npy_atomic
 from conan_embedding.data.records import RecordError
 from conan_embedding.serving.engine import EmbeddingEngine
 
@@ -130,17 +131,6 @@ def _chunks(texts: Iterator[str], size: int) -> Iterator[list[str]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _assemble(parts: list[Path], output: Path, rows: int, width: int) -> None:
@@ -271,7 +261,7 @@ def encode_file(
                 continue
             tokens = engine.tokenize(texts, prompt, truncate=truncate)
             vectors = engine.embed_ids(tokens.ids, tokens.prompt_length, dimensions=dimensions)
-            _save_npy_atomic(parts[index], vectors)
+            save_npy_atomic(parts[index], vectors)
             bar.update(len(texts))
     finally:
         bar.close()
