@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +26,8 @@ from sentence_transformers.sentence_transformer.modules import (
     Pooling,
     Transformer,
 )
+
+from conan_embedding.atomic import atomic_dir
 
 PoolingMode = Literal["cls", "mean", "lasttoken"]
 CONAN_META_FILE = "conan_embedding.json"
@@ -157,25 +157,13 @@ def save_embedder(
     extra_meta: dict[str, Any] | None = None,
 ) -> Path:
     """Save in sentence-transformers layout (safetensors), atomically: a temp folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-    try:
-        model.save(str(tmp), safe_serialization=True)
+
+    def write(folder: Path) -> None:
+        model.save(str(folder), safe_serialization=True)
         meta = {**getattr(model, "conan_meta", {}), **(extra_meta or {})}
-        (tmp / CONAN_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        (folder / CONAN_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    return atomic_dir(path, write)
 
 
 def load_embedder(path: str | os.PathLike[str], device: str | None = None) -> SentenceTransformer:

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conan_embedding.atomic import atomic_dir
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -159,7 +159,7 @@ def wrap_tokenizer(core: Any) -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | os.PathLike[str]) -> Path:
-    return _atomic_dir(path, lambda tmp: tokenizer.save_pretrained(str(tmp)))
+    return atomic_dir(path, lambda tmp: tokenizer.save_pretrained(str(tmp)))
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
@@ -186,7 +186,7 @@ def save_llm(
         if extra:
             (tmp / "conan_llm.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
 
-    return _atomic_dir(path, write)
+    return atomic_dir(path, write)
 
 
 def load_llm(
@@ -194,24 +194,3 @@ def load_llm(
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     model = LlamaForCausalLM.from_pretrained(str(path), use_safetensors=True)
     return model, load_tokenizer(path)
-
-
-def _atomic_dir(path: str | os.PathLike[str], write: Any) -> Path:
-    """Write a folder via a temp folder beside it, then swap it in (no half-written outputs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
