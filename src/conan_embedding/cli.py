@@ -576,5 +576,93 @@ def train_cbb_command(
     typer.echo(f"model saved to {result.model_dir}")
 
 
+# --- recipe: the whole recipe end to end and its ablation (conan_embedding.ablation, issue #9) ---
+recipe_app = typer.Typer(
+    help="The Conan recipe end to end: prepare, run one arm, the ablation, the results page.",
+    no_args_is_help=True,
+)
+app.add_typer(recipe_app, name="recipe")
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+@recipe_app.command("prepare")
+def recipe_prepare(
+    work_dir: str = typer.Option("runs/recipe", help="Data goes to WORK_DIR/data."),
+    data_dir: str | None = typer.Option(None, help="The public data folder (../shared/data)."),
+    model_dir: str | None = typer.Option(None, help="Base model (default runs/models/me5-small)."),
+) -> None:
+    """Prepare the data, mine the CLR and bge pools, import me5-small (skips what exists)."""
+    from conan_embedding.ablation import prepare_recipe_inputs
+
+    inputs = prepare_recipe_inputs(work_dir, data_dir, model_dir)
+    typer.echo(f"recipe inputs in {inputs.data_dir}; base model {inputs.model_dir}")
+
+
+@recipe_app.command("run")
+def recipe_run(
+    arm: str = typer.Argument(
+        ..., help="An arm of configs/recipe (full, baseline, ...) or a YAML."
+    ),
+    seed: int = typer.Option(42),
+    steps: int | None = typer.Option(None, help="Override optim.max_steps (smoke runs)."),
+    threads: int | None = typer.Option(None, help="torch threads."),
+    work_dir: str = typer.Option("runs/recipe"),
+    model_dir: str | None = typer.Option(None, help="Base model (default runs/models/me5-small)."),
+    tasks: str | None = typer.Option(None, help="Comma-separated eval tasks (default: the 8)."),
+    force: bool = typer.Option(False, "--force", help="Re-run even if the result JSON exists."),
+) -> None:
+    """Train one arm with one seed, evaluate it, write bench/results/recipe/ARM-sSEED.json."""
+    from conan_embedding.ablation import EVAL_TASKS, run_arm
+    from conan_embedding.config import ConfigError
+
+    try:
+        record = run_arm(arm, seed, work_dir, steps, threads,
+                         tasks.split(",") if tasks else EVAL_TASKS, force, model_dir=model_dir)  # fmt: skip
+    except (ConfigError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    for task, score in record["scores"].items():
+        typer.echo(f"{task:34s} {score:6.2f}")
+    typer.echo(f"train {record['train_seconds']:.0f} s, eval {record['eval_seconds']:.0f} s")
+
+
+@recipe_app.command("ablation")
+def recipe_ablation(
+    arms: str | None = typer.Option(None, help="Comma-separated arms (default: all seven)."),
+    seeds: str = typer.Option("42", help="Comma-separated seeds, e.g. 42,43."),
+    steps: int | None = typer.Option(None, help="Override optim.max_steps (smoke runs)."),
+    threads: int | None = typer.Option(None, help="torch threads."),
+    work_dir: str = typer.Option("runs/recipe"),
+    data_dir: str | None = typer.Option(None, help="The public data folder (../shared/data)."),
+    force: bool = typer.Option(False, "--force", help="Re-run arms whose JSON exists."),
+) -> None:
+    """Prepare, evaluate the base, run each arm x seed, then write docs/results.md."""
+    from conan_embedding.ablation import ABLATION_ARMS, run_ablation
+
+    chosen = [a for a in arms.split(",") if a] if arms else list(ABLATION_ARMS)
+    page = run_ablation(chosen, _int_list(seeds), work_dir, steps, threads, data_dir=data_dir,
+                        force=force)  # fmt: skip
+    typer.echo(f"results page {page}")
+
+
+@recipe_app.command("report")
+def recipe_report(
+    results_dir: str = typer.Option("bench/results/recipe"),
+    out: str = typer.Option("docs/results.md"),
+) -> None:
+    """Regenerate docs/results.md and docs/results.png from the arm JSONs."""
+    from conan_embedding.ablation import write_results
+
+    try:
+        page = write_results(results_dir, out)
+    except FileNotFoundError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"results page {page}")
+
+
 if __name__ == "__main__":
     app()

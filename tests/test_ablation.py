@@ -1,0 +1,294 @@
+"""The recipe ablation (issue #9): configs, the CLR builder, one arm end to end, the results page.
+
+Everything runs on a tiny random BERT and a few dozen rows written into ``tmp_path``; only the
+evaluation reads ``../shared/data`` (one STS task), and that test skips when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tests.conftest import WORDS
+
+from conan_embedding.ablation import (
+    ANALYSIS_END,
+    ANALYSIS_START,
+    RECIPE_TASKS,
+    build_clr_records,
+    load_results,
+    mine_with_own_corpus,
+    recipe_config_dir,
+    recipe_mining_config,
+    run_arm,
+    write_results,
+)
+from conan_embedding.config import TrainConfig, load_config
+from conan_embedding.data.records import PairRecord, RetrievalRecord, STSRecord, write_records
+from conan_embedding.mining.offline import default_pool_path, read_pools, write_pools
+
+ARMS = sorted(p.stem for p in recipe_config_dir().glob("*.yaml"))
+
+
+def _load(arm: str) -> TrainConfig:
+    return load_config(recipe_config_dir() / f"{arm}.yaml", {"data_dir": "/data"})
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted paths of a config dump; tasks keyed by name so a reorder is no difference."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "name" in value[0]:
+        return _flatten({item["name"]: item for item in value}, prefix)
+    return {prefix.rstrip("."): value}
+
+
+def _differences(arm: str) -> set[str]:
+    full = _flatten(_load("full").model_dump())
+    other = _flatten(_load(arm).model_dump())
+    keys = (set(full) | set(other)) - {"output_dir"}
+    return {k for k in keys if full.get(k, "<absent>") != other.get(k, "<absent>")}
+
+
+def test_every_recipe_config_validates():
+    assert {"baseline", "full", "full-dhnm-v1", "minus-cbb", "minus-clr", "minus-dhnm",
+            "minus-mrl"} <= set(ARMS)  # fmt: skip
+    for arm in ARMS:
+        config = _load(arm)
+        assert config.optim.max_steps == 620 and config.model.max_seq_length == 64
+        assert config.model.freeze_word_embeddings and config.checkpoint_every >= 620
+        assert all(Path(t.path).is_relative_to("/data") for t in config.tasks)
+
+
+def test_minus_dhnm_differs_only_in_the_rule():
+    assert _differences("minus-dhnm") == {
+        "tasks.bge.dynamic_negatives.rule",
+        "tasks.clr.dynamic_negatives.rule",
+    }
+    assert {t.dynamic_negatives.rule for t in _load("minus-dhnm").tasks} == {"none"}
+
+
+def test_full_dhnm_v1_differs_only_in_the_rule_and_its_check():
+    diff = _differences("full-dhnm-v1")
+    assert {k.split(".", 2)[2] for k in diff} == {
+        "dynamic_negatives.rule",
+        "dynamic_negatives.check_every",
+    }
+
+
+def test_minus_mrl_differs_only_in_matryoshka_dims():
+    assert _differences("minus-mrl") == {"model.matryoshka_dims"}
+    assert _load("minus-mrl").model.matryoshka_dims == []
+
+
+def test_minus_clr_replaces_only_the_clr_task():
+    diff = _differences("minus-clr")
+    assert diff and all(
+        k.startswith(("tasks.clr.", "tasks.parallel-pairs.", "cbb.task_ranks.")) for k in diff
+    )
+    full, minus = _load("full"), _load("minus-clr")
+    assert minus.cbb.task_ranks["parallel-pairs"] == full.cbb.task_ranks["clr"]
+    pairs = next(t for t in minus.tasks if t.name == "parallel-pairs")
+    assert pairs.kind == "pairs" and pairs.path.endswith("parallel-en-zh.jsonl")
+
+
+def test_minus_cbb_keeps_examples_and_negatives_of_full():
+    diff = _differences("minus-cbb")
+    assert all(
+        k.startswith("cbb") or k == "task_schedule" or k.endswith((".batch_size", ".negatives"))
+        for k in diff
+    )
+    full, minus = _load("full"), _load("minus-cbb")
+    assert minus.cbb is None and minus.task_schedule == "round_robin"
+    n_tasks = len(full.tasks)
+    for task in full.tasks:
+        other = next(t for t in minus.tasks if t.name == task.name)
+        devices = len(full.cbb.task_ranks[task.name])
+        if task.kind == "retrieval":  # devices share the queries, split the negatives
+            assert other.batch_size == n_tasks * task.batch_size
+            assert other.negatives == devices * task.negatives
+        else:  # every device draws its own batch
+            assert other.batch_size == n_tasks * task.batch_size * devices
+        assert other.dynamic_negatives == task.dynamic_negatives
+
+
+# --------------------------------------------------------------------------- tiny data
+def _sentence(i: int, offset: int = 0) -> str:
+    return " ".join(WORDS[(i * 7 + k * 3 + offset) % len(WORDS)] for k in range(5))
+
+
+def _parallel(n: int) -> list[PairRecord]:
+    return [
+        PairRecord(query=f"{_sentence(i)} {i}", pos=f"{_sentence(i, 11)} {i}") for i in range(n)
+    ]
+
+
+def _tiny_mining():
+    """The recipe's window (ranks 10..110, 7 negatives) without the margin: a random BERT
+    scores every text about as high as the positive, so the margin would drop them all."""
+    return recipe_mining_config(None).model_copy(update={"relative_margin": None})
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.conftest import build_tiny_bert
+
+    from conan_embedding.modeling.embedder import build_embedder, save_embedder
+
+    folder = tmp_path_factory.mktemp("tiny")
+    model = build_embedder(build_tiny_bert(folder / "hf"), max_seq_length=32)
+    return model, save_embedder(model, folder / "st")
+
+
+def test_clr_builder_mines_both_directions_with_renumbered_pools(tiny_model, tmp_path):
+    model, _ = tiny_model
+    parallel = _parallel(40)
+    records, pools, report = build_clr_records(
+        parallel, model, _tiny_mining(), max_pairs=30, seed=1, show_progress=False
+    )
+    english = {p.query for p in parallel}
+    chinese = {p.pos for p in parallel}
+    en_to_zh = [r for r in records if r.query in english]
+    zh_to_en = [r for r in records if r.query in chinese]
+    assert len(en_to_zh) == report["en->zh"]["kept"] > 0
+    assert len(zh_to_en) == report["zh->en"]["kept"] > 0
+    assert records == en_to_zh + zh_to_en  # en->zh first, then zh->en
+    assert all(set(r.pos) <= chinese and set(r.neg) <= chinese for r in en_to_zh)
+    assert all(set(r.pos) <= english and set(r.neg) <= english for r in zh_to_en)
+    assert all(len(r.neg) == 7 and not set(r.neg) & set(r.pos) for r in records)
+    chosen_en = {r.query for r in en_to_zh}
+    assert len(chosen_en | {p for r in zh_to_en for p in r.pos}) <= 30  # the cap
+    path = tmp_path / "clr.jsonl"
+    write_records(path, records)
+    write_pools(default_pool_path(path), pools)
+    reread = read_pools(default_pool_path(path))  # validates index == line
+    assert [p.index for p in reread] == list(range(len(records)))
+    assert [p.query for p in reread] == [r.query for r in records]
+    assert all(
+        r.neg == [c.text for c in p.candidates[:7]] for r, p in zip(records, reread, strict=True)
+    )
+
+
+def _write_tiny_work_dir(work: Path, model) -> None:
+    data = work / "data"
+    sts = [
+        STSRecord(sentence1=_sentence(i), sentence2=_sentence(i, 1 + i % 3), score=float(i % 6))
+        for i in range(24)
+    ]
+    write_records(data / "cnsd-stsb-train.jsonl", sts)
+    write_records(
+        data / "zh-pairs-sts.jsonl", [s.model_copy(update={"score": s.score % 2}) for s in sts]
+    )
+    config = _tiny_mining()
+    records, pools, _ = build_clr_records(_parallel(40), model, config, show_progress=False)
+    write_records(data / "clr-en-zh.jsonl", records)
+    write_pools(default_pool_path(data / "clr-en-zh.jsonl"), pools)
+    bge = [
+        RetrievalRecord(
+            query=_sentence(i),
+            pos=[_sentence(i, 2)],
+            neg=[_sentence(i + j, 5) for j in range(1, 4)],
+        )
+        for i in range(30)
+    ]
+    mined, bge_pools, _ = mine_with_own_corpus(bge, model, config, show_progress=False)
+    write_records(data / "bge-finetune-mined.jsonl", mined)
+    write_pools(default_pool_path(data / "bge-finetune-mined.jsonl"), bge_pools)
+
+
+def test_run_arm_end_to_end_writes_the_result_json(tiny_model, tmp_path, data_dir, monkeypatch):
+    model, model_dir = tiny_model
+    monkeypatch.setenv("CONAN_EMBED_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    _write_tiny_work_dir(tmp_path / "work", model)
+    results = tmp_path / "results"
+    record = run_arm(
+        "full",
+        seed=3,
+        work_dir=tmp_path / "work",
+        steps=2,
+        threads=1,
+        eval_tasks=["STSBenchmark"],
+        model_dir=model_dir,
+        results_dir=results,
+        eval_data_dir=data_dir,
+        overrides={"model.matryoshka_dims": [8, 16, 32], "model.max_seq_length": 32},
+        show_progress=False,
+    )
+    torch.set_num_threads(threads)
+    saved = json.loads((results / "full-s3.json").read_text(encoding="utf-8"))
+    assert saved == record
+    assert record["arm"] == "full" and record["seed"] == 3 and record["steps"] == 2
+    assert record["trainer"] == "CBBTrainer" and record["torch_threads"] == 1
+    assert (
+        set(record["scores"]) == {"STSBenchmark"}
+        and -100 <= record["scores"]["STSBenchmark"] <= 100
+    )
+    assert record["eval_max_seq_length"] == 64  # 256 capped by the tiny BERT's positions
+    seen = record["examples_seen"]
+    assert seen["bge"] == {"steps": 2, "batch_size": 4, "devices": 1, "examples": 8,
+                           "negatives_per_query": 4}  # fmt: skip
+    assert seen["cnsd-sts"]["examples"] == 2 * 12 and seen["clr"]["examples"] == 2 * 8
+    assert not (tmp_path / "work" / "arms" / "full-s3" / "checkpoints").exists()
+    assert (tmp_path / "work" / "arms" / "full-s3" / "model" / "modules.json").is_file()
+    for key in ("train_seconds", "eval_seconds", "loadavg_before", "loadavg_after", "machine"):
+        assert key in record
+    # a second call finds the JSON and trains nothing
+    again = run_arm("full", seed=3, work_dir=tmp_path / "nowhere", results_dir=results)
+    assert again == record
+
+
+def _fake_result(arm: str, seed: int | None, base: float) -> dict[str, Any]:
+    scores = {t: round(base + i, 2) for i, t in enumerate(RECIPE_TASKS)}
+    scores["BGEHeldoutRerankingLocal"] = base + 10
+    return {
+        "arm": arm, "seed": seed, "steps": 620, "scores": scores, "train_seconds": 100.0,
+        "eval_seconds": 50.0, "torch_threads": 2, "loadavg_before": [1.0, 1.0, 1.0],
+        "loadavg_after": [2.0, 2.0, 2.0], "git_commit": "abc", "machine": {"cpus": 2,
+        "platform": "test"}, "examples_seen": {},
+    }  # fmt: skip
+
+
+def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
+    results = tmp_path / "results"
+    for name, record in {
+        "base.json": _fake_result("base", None, 50.0),
+        "baseline-s42.json": _fake_result("baseline", 42, 60.0),
+        "full-s42.json": _fake_result("full", 42, 62.0),
+        "full-s43.json": _fake_result("full", 43, 63.0),
+    }.items():
+        results.mkdir(exist_ok=True)
+        (results / name).write_text(json.dumps(record), encoding="utf-8")
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text(f"old\n{ANALYSIS_START}\nwhy CBB helps\n{ANALYSIS_END}\nold tail\n", "utf-8")
+    write_results(results, page)
+    text = page.read_text(encoding="utf-8")
+    assert f"{ANALYSIS_START}\nwhy CBB helps\n{ANALYSIS_END}" in text and "old tail" not in text
+    assert (tmp_path / "docs" / "results.png").is_file()
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in text.split("| arm | seeds |", 1)[1].split("\n\n", 1)[0].splitlines()
+        if line.startswith("| ")
+    }
+    assert [a.arm for a in load_results(results)] == ["base", "baseline", "full"]
+    baseline_cells = rows["baseline"].strip("| ").split(" | ")
+    assert baseline_cells[2:9] == [f"{60.0 + i:.2f}" for i in range(7)]
+    assert baseline_cells[9] == f"{60.0 + 3:.2f}"  # the average of the seven
+    assert baseline_cells[10] == "70.00"  # BGE reranking, outside the average
+    full_cells = rows["full"].strip("| ").split(" | ")
+    assert full_cells[1] == "42, 43" and full_cells[2] == "62.50 ± 0.50"
+    delta = rows["**full − baseline**"].strip("| ").split(" | ")
+    assert delta[2:] == ["+2.50"] * 9
+    assert "*plain ST fine-tune (issue #9, quoted)*" in rows
+    assert "76.42" in rows["*plain ST fine-tune (issue #9, quoted)*"]
+    assert "conan-embed recipe report" in text
+    # regenerating keeps the (now only) analysis section verbatim
+    write_results(results, page)
+    assert page.read_text(encoding="utf-8") == text
