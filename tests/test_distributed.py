@@ -164,12 +164,14 @@ def _direct_joint_gradients(trainer: CBBTrainer, step: int = 0):
     return float(total.detach()), _grads(model)
 
 
+@pytest.mark.parametrize("grad_cache", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_virtual_devices_equal_the_joint_loss_computed_at_once(tmp_path, dropout):
+def test_virtual_devices_equal_the_joint_loss_computed_at_once(tmp_path, dropout, grad_cache):
     """GradCache passes + per-device accumulation give the gradient of the joint loss; with
-    dropout, too (the RNG is replayed, so the re-encode draws the masks of the first pass)."""
+    dropout, too (the RNG is replayed, so the re-encode draws the masks of the first pass).
+    Without GradCache the one pass is the joint loss itself."""
     model = tiny_bert_without_dropout(tmp_path / "bert", dropout)
-    config = load_config(write_cbb_config(tmp_path, model))
+    config = load_config(write_cbb_config(tmp_path, model, grad_cache=grad_cache))
     virtual = CBBTrainer(config)
     virtual.model.train()
     torch.manual_seed(11)

@@ -142,7 +142,7 @@ def test_pool_offset_skips_low_ranks_and_mismatched_pools_fail():
     records, pools = _data(samples=1, with_neg=False)
     low = [PoolCandidate(text=f"low{r}", score=0.99, rank=r) for r in range(3)]
     pools = [pools[0].model_copy(update={"candidates": low + pools[0].candidates})]
-    provider = DynamicNegatives(records, 2, pools, DHNMConfig(pool_offset=10))
+    provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v2", pool_offset=10))
     assert provider.negatives([0]) == [["c0-10", "c0-11"]]
     bad = [pools[0].model_copy(update={"query": "other"})]
     with pytest.raises(ValueError, match="does not match"):
@@ -195,7 +195,10 @@ def test_build_from_training_config_and_pool_file(tmp_path):
 def test_remine_rebuilds_pools_with_the_current_model():
     records, pools = _data(samples=2, pool_size=12)
     provider = DynamicNegatives(
-        records, 2, pools, DHNMConfig(pool_offset=0, remine_every=5, remine_relative_margin=None)
+        records,
+        2,
+        pools,
+        DHNMConfig(rule="v2", pool_offset=0, remine_every=5, remine_relative_margin=None),
     )
 
     # the "current model" puts c0-21 closest to q0 and c1-15 closest to q1

@@ -159,6 +159,21 @@ def test_onnx_backend_matches_torch(tiny_model, tmp_path):
     assert np.min(np.sum(torch_vecs * onnx_vecs, axis=1)) > 0.9999
 
 
+def test_int8_backend_is_close_to_fp32_and_cached_apart(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    texts = _sentences(25, 5)
+    fp32 = TextEncoder(tiny_model, backend="onnx", cache_dir=tmp_path, show_progress=False)
+    int8 = TextEncoder(tiny_model, backend="onnx-int8", cache_dir=tmp_path, show_progress=False)
+    fp32_vecs, int8_vecs = fp32.encode(texts), int8.encode(texts)
+    (quantized,) = tmp_path.glob("onnx/*-int8.onnx")
+    onnx = pytest.importorskip("onnx")
+    assert "MatMulInteger" in {node.op_type for node in onnx.load(quantized).graph.node}
+    assert np.sum(fp32_vecs * int8_vecs, axis=1).min() > 0.95
+    assert len(list(tmp_path.glob("emb-*.npy"))) == 2  # never served from the fp32 cache
+    np.testing.assert_array_equal(int8.encode(texts), int8_vecs)
+    assert int8.cache_hits == 1
+
+
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_indexes_find_the_exact_neighbours(kind):
     rng = np.random.default_rng(0)

@@ -48,16 +48,21 @@ class DynamicNegativesConfig(_Strict):
 
     rule: Literal["none", "v1", "v2"] = "none"
     pool_path: str | None = None
-    check_every: int = 100
+    check_every: int = Field(100, gt=0)
+    """v1: check every N steps (paper: 100; the v2 paper says 1k)."""
     v1_decay: float = 1.15
     v1_abs_cap: float = 0.8
     v1_current: Literal["encode", "observed"] = "encode"
     """v1's "current" score: re-encode the sample's negatives at the check (the paper), or
     reuse the last scores the loss computed (free, possibly stale)."""
     v2_never_hard: float = 0.4
+    """v2: a negative whose first score ``S_0`` is below this was never hard. The paper's 0.4
+    assumes its model's score scale: set it under the pool's typical scores (``conan-embed
+    mine`` reports them), else every candidate counts as never hard and v2 walks down the pool
+    to easier ones (measured with MiniLM on STS-B, see tests/test_dynamic_integration.py)."""
     v2_decay: float = 1.2
     v2_abs_cap: float = 0.7
-    pool_offset: int = 10
+    pool_offset: int = Field(10, ge=0)
     remine_every: int = Field(0, ge=0)
     """Beyond the paper: re-mine the pools with the current model every N steps (0 = off)."""
     remine_relative_margin: float | None = 0.05
@@ -107,6 +112,9 @@ class CBBConfig(_Strict):
     world_size: int = Field(2, ge=1)
     task_ranks: dict[str, list[int]] = Field(default_factory=dict)
     beta: float = Field(0.8, ge=0)
+    grad_cache: bool = True
+    """Virtual devices: encode each device's share twice (GradCache: memory of one device) or
+    all at once with their graphs (faster; needs memory for all of them)."""
 
 
 class TrainConfig(_Strict):

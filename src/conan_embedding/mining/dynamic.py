@@ -60,14 +60,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from conan_embedding.config import DynamicNegativesConfig
 from conan_embedding.data.records import RetrievalRecord
 from conan_embedding.mining.base import EncodeFn
 from conan_embedding.mining.index import texts_fingerprint
@@ -84,30 +84,9 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-@dataclass(frozen=True)
-class DHNMConfig:
-    """Thresholds and schedule of the replacement rules (defaults: the papers')."""
-
-    rule: Literal["v1", "v2"] = "v2"
-    check_every: int = 100
-    v1_decay: float = 1.15
-    v1_abs_cap: float = 0.8
-    v1_current: Literal["encode", "observed"] = "encode"
-    v2_never_hard: float = 0.4
-    v2_decay: float = 1.2
-    v2_abs_cap: float = 0.7
-    pool_offset: int = 10
-    remine_every: int = 0
-    remine_relative_margin: float | None = 0.05
-    encode_batch: int = 256
-
-    def __post_init__(self) -> None:
-        if self.rule not in ("v1", "v2"):
-            raise ValueError(f"unknown DHNM rule {self.rule!r}; expected 'v1' or 'v2'")
-        if self.check_every <= 0:
-            raise ValueError("check_every must be positive")
-        if self.v1_current not in ("encode", "observed"):
-            raise ValueError("v1_current must be 'encode' or 'observed'")
+DHNMConfig = DynamicNegativesConfig
+"""The rules' thresholds and schedule: the training config's ``dynamic_negatives`` section
+(one definition, in :mod:`conan_embedding.config`; defaults are the papers')."""
 
 
 def v1_should_replace(
@@ -189,12 +168,15 @@ class DynamicNegatives:
         config: DHNMConfig | None = None,
         group: Any = None,
     ):
+        config = config if config is not None else DHNMConfig(rule="v2")
+        if config.rule == "none":
+            raise ValueError("DynamicNegatives needs rule 'v1' or 'v2' (rule 'none' = static)")
         if n <= 0:
             raise ValueError("dynamic hard negative mining needs n >= 1 negatives per sample")
         if len(pools) != len(records):
             raise ValueError(f"{len(pools)} pools for {len(records)} records: mine them together")
         self.records, self.n = list(records), n
-        self.config = config or DHNMConfig()
+        self.config = config
         self.group = group
         # Every text a sample can hold gets a corpus id; state refers to ids, not texts.
         texts: dict[str, int] = {}
@@ -476,19 +458,15 @@ class DynamicNegatives:
 def build_dynamic_negatives(
     records: Sequence[RetrievalRecord],
     n: int,
-    config: Any,
+    config: DHNMConfig,
     records_path: str | Path | None = None,
 ) -> DynamicNegatives:
     """The trainer's factory: the pool file is ``config.pool_path`` or ``<records>.pool.jsonl``.
 
-    ``config`` is the training config's ``dynamic_negatives`` section (or a :class:`DHNMConfig`).
+    ``config`` is the training config's ``dynamic_negatives`` section.
     """
-    if isinstance(config, DHNMConfig):
-        dhnm = config
-    else:
-        fields = DHNMConfig.__dataclass_fields__
-        dhnm = DHNMConfig(**{k: getattr(config, k) for k in fields if hasattr(config, k)})
-    pool_path = getattr(config, "pool_path", None)
+    dhnm = config
+    pool_path = config.pool_path
     if pool_path is None:
         if records_path is None:
             raise ValueError("dynamic negatives need a pool file: set dynamic_negatives.pool_path")

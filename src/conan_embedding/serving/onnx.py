@@ -138,7 +138,8 @@ def _fuse_transformer_ops(model: SentenceTransformer, path: Path) -> bool:
     return True
 
 
-def _quantize_int8(source: Path, target: Path, per_channel: bool) -> None:
+def quantize_int8(source: Path, target: Path, per_channel: bool = False) -> None:
+    """Dynamic int8 quantisation of the MatMul weights of ``source`` into ``target``."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -191,7 +192,7 @@ def export_onnx(
     try:
         names = _export_fp32(model, tmp / FP32_FILE)
         if int8:  # quantise the unfused graph: the runtime then fuses around the int8 MatMuls
-            _quantize_int8(tmp / FP32_FILE, tmp / INT8_FILE, per_channel)
+            quantize_int8(tmp / FP32_FILE, tmp / INT8_FILE, per_channel)
         fused = _fuse_transformer_ops(model, tmp / FP32_FILE)
         manifest: dict[str, Any] = {
             "source": str(source),
