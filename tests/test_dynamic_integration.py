@@ -74,7 +74,7 @@ def test_dhnm_state_survives_trainer_resume(tmp_path, tiny_bert):
         np.array(a["s0"], dtype=float), np.array(b["s0"], dtype=float), atol=1e-4
     )
     log = read_log(tmp_path / "a" / "train_log.jsonl")
-    assert all("dhnm/replaced" in row and "dhnm/pool_exhausted" in row for row in log)
+    assert all("ret/dhnm/replaced" in row and "ret/dhnm/pool_exhausted" in row for row in log)
 
 
 @pytest.mark.integration
@@ -107,7 +107,7 @@ def test_dhnm_keeps_negatives_harder_than_static(tmp_path, data_dir):
         return read_log(tmp_path / rule / "train_log.jsonl")
 
     static, dynamic = run("none"), run("v2")
-    replaced = sum(row["dhnm/replaced"] for row in dynamic)
+    replaced = sum(row["ret/dhnm/replaced"] for row in dynamic)
     assert replaced > 0
     half = len(static) // 2
     static_score = np.mean([row["ret/neg_score"] for row in static[half:]])

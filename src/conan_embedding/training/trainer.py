@@ -424,8 +424,10 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                for provider in self.providers.values():
-                    record.update(provider.on_step_end(step + 1, self._encode_no_grad))
+                for name, provider in self.providers.items():
+                    # per task ("bge/dhnm/replaced"): two DHNM tasks must not overwrite each other
+                    stats = provider.on_step_end(step + 1, self._encode_no_grad)
+                    record.update({f"{name}/{key}": value for key, value in stats.items()})
                 loss_value = total
                 history.append(total)
                 record.update({"loss": round(total, 6), "lr": self.scheduler.get_last_lr()[0]})
