@@ -18,9 +18,11 @@ from conan_embedding.ablation import (
     ANALYSIS_END,
     ANALYSIS_START,
     RECIPE_TASKS,
+    backfill_negative_stats,
     build_clr_records,
     load_results,
     mine_with_own_corpus,
+    negative_stats,
     recipe_config_dir,
     recipe_mining_config,
     run_arm,
@@ -292,3 +294,36 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
     # regenerating keeps the (now only) analysis section verbatim
     write_results(results, page)
     assert page.read_text(encoding="utf-8") == text
+
+
+def test_negative_stats_read_each_dhnm_task_and_the_page_shows_them(tmp_path):
+    config = _load("full")
+    rows = []
+    for step in range(1, 21):
+        row: dict[str, Any] = {"step": step, "loss/bge": 1.0, "loss/clr": 1.0}
+        row["bge/neg_score"] = 0.9 if step <= 10 else 0.7
+        row["clr/neg_score"] = 0.8
+        row["bge/dhnm/replacements_total"] = float(step)
+        row["bge/dhnm/pool_exhausted"] = 0.25
+        row["clr/dhnm/replacements_total"] = 0.0
+        row["clr/dhnm/pool_exhausted"] = 0.0
+        rows.append(row)
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    stats = negative_stats(config, log)
+    assert set(stats) == {"bge", "clr"}  # the STS tasks have no negatives
+    assert stats["bge"] == {
+        "rule": "v2", "replacements": 20.0, "pool_exhausted": 0.25,
+        "neg_score_first_10": 0.9, "neg_score_second_half": 0.7,
+    }  # fmt: skip
+    assert stats["clr"]["replacements"] == 0.0 and stats["clr"]["neg_score_second_half"] == 0.8
+
+    results = tmp_path / "results"
+    results.mkdir()
+    record = _fake_result("full", 42, 62.0)
+    record.update({"config": "configs/recipe/full.yaml", "output_dir": str(tmp_path)})
+    (results / "full-s42.json").write_text(json.dumps(record), encoding="utf-8")
+    assert backfill_negative_stats(results) == [results / "full-s42.json"]
+    assert backfill_negative_stats(results) == []  # already there
+    page = write_results(results, tmp_path / "results.md")
+    assert "| full | 42 | bge | v2 | 20 | 25.0% | 0.9000 → 0.7000 |" in page.read_text("utf-8")

@@ -413,6 +413,58 @@ def examples_seen(config: Any, log_path: Path) -> dict[str, dict[str, int]]:
     return out
 
 
+def negative_stats(config: Any, log_path: Path) -> dict[str, dict[str, Any]]:
+    """Per retrieval task: its DHNM rule, replacements, pool exhaustion and how hard its
+    negatives stayed (mean ``<task>/neg_score`` over the first 10 logged steps and over the
+    second half of the run), from ``train_log.jsonl``.
+
+    Logs written before the trainer named provider stats per task carry one unprefixed
+    ``dhnm/*`` set, which the last provider of a step overwrote: those counts are left out.
+    """
+    rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
+    out: dict[str, dict[str, Any]] = {}
+    for task in config.tasks:
+        if task.kind != "retrieval":
+            continue
+        scores = [row[f"{task.name}/neg_score"] for row in rows if f"{task.name}/neg_score" in row]
+        totals = [row[k] for row in rows if (k := f"{task.name}/dhnm/replacements_total") in row]
+        exhausted = [row[k] for row in rows if (k := f"{task.name}/dhnm/pool_exhausted") in row]
+        half = len(scores) // 2
+        out[task.name] = {
+            "rule": task.dynamic_negatives.rule,
+            "replacements": totals[-1] if totals else None,
+            "pool_exhausted": exhausted[-1] if exhausted else None,
+            "neg_score_first_10": round(sum(scores[:10]) / len(scores[:10]), 4) if scores else None,
+            "neg_score_second_half": round(sum(scores[half:]) / len(scores[half:]), 4)
+            if scores
+            else None,
+        }
+    return out
+
+
+def backfill_negative_stats(
+    results_dir: str | os.PathLike[str] = DEFAULT_RESULTS_DIR,
+) -> list[Path]:
+    """Add :func:`negative_stats` to arm JSONs written without it, where the arm's train log
+    is still on disk; returns the files updated."""
+    from conan_embedding.config import load_config
+
+    updated = []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if "negatives" in record or not record.get("config") or record.get("seed") is None:
+            continue
+        default_dir = Path(DEFAULT_WORK_DIR) / "arms" / f"{record['arm']}-s{record['seed']}"
+        log_path = Path(record.get("output_dir") or default_dir) / "train_log.jsonl"
+        if not log_path.is_file():
+            continue
+        config = load_config(record["config"], {"data_dir": record.get("data_dir") or "."})
+        record["negatives"] = negative_stats(config, log_path)
+        _write_json(path, record)
+        updated.append(path)
+    return updated
+
+
 def _eval_model(model_dir: Path, max_seq_length: int) -> SentenceTransformer:
     from conan_embedding.modeling.embedder import load_embedder
 
@@ -521,6 +573,9 @@ def run_arm(
     record["final_loss"] = round(result.final_loss, 6)
     record["trainer"] = type(trainer).__name__
     record["examples_seen"] = examples_seen(config, output_dir / "train_log.jsonl")
+    record["output_dir"] = str(output_dir)
+    record["data_dir"] = values["data_dir"]
+    record["negatives"] = negative_stats(config, output_dir / "train_log.jsonl")
     del trainer
     # checkpoints only serve --resume, which an arm run never uses; each is ~0.6 GB for me5
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
@@ -740,6 +795,26 @@ def _examples_table(arms: list[ArmSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _negatives_table(arms: list[ArmSummary]) -> str:
+    lines = [
+        "| arm | seed | task | rule | replacements | pools exhausted | "
+        "mean hard-negative score: first 10 steps → second half |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for summary in arms:
+        for r in summary.records:
+            for task, v in (r.get("negatives") or {}).items():
+                replaced = "" if v["replacements"] is None else f"{v['replacements']:.0f}"
+                exhausted = "" if v["pool_exhausted"] is None else f"{v['pool_exhausted']:.1%}"
+                first, second = v["neg_score_first_10"], v["neg_score_second_half"]
+                trend = "" if first is None else f"{first:.4f} → {second:.4f}"
+                lines.append(
+                    f"| {summary.arm} | {r.get('seed')} | {task} | {v['rule']} | {replaced} | "
+                    f"{exhausted} | {trend} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def _chart(arms: list[ArmSummary], path: Path) -> Path:
     from conan_embedding.evaluation.report import ModelScores, bar_chart
 
@@ -809,6 +884,9 @@ BGEHeldoutRerankingLocal is extra and not in it. Rows in *italics* are quoted fr
 {_table(arms)}
 ![scores per arm](./{chart.name})
 
+## Hard negatives (DHNM)
+
+{_negatives_table(arms)}
 ## Examples seen
 
 {_examples_table(arms)}
@@ -845,4 +923,5 @@ def run_ablation(
     for arm in arms:
         for seed in seeds:
             run_arm(arm, seed, work_dir, steps, threads, force=force, **common)
+    backfill_negative_stats(results_dir)
     return write_results(results_dir, out)

@@ -655,10 +655,12 @@ def recipe_report(
     results_dir: str = typer.Option("bench/results/recipe"),
     out: str = typer.Option("docs/results.md"),
 ) -> None:
-    """Regenerate docs/results.md and docs/results.png from the arm JSONs."""
-    from conan_embedding.ablation import write_results
+    """Regenerate docs/results.md and docs/results.png from the arm JSONs (first adding the
+    hard-negative statistics to JSONs written without them, where the train logs remain)."""
+    from conan_embedding.ablation import backfill_negative_stats, write_results
 
     try:
+        backfill_negative_stats(results_dir)
         page = write_results(results_dir, out)
     except FileNotFoundError as err:
         typer.echo(f"error: {err}", err=True)
