@@ -8,7 +8,58 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "in", "park", "bank", "money", "loan", "card", "account", "what", "how", "is", "my", "where", "can", "i", "get", "open", "close", "fee", "river", "water", "fish", "boat", "tree", "green", "red", "blue", "sky", "sun", "moon", "night", "day", "car", "road", "fast", "slow", "happy", "sad", "food", "eat", "drink", "tea", "coffee"]
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "ran",
+    "in",
+    "park",
+    "bank",
+    "money",
+    "loan",
+    "card",
+    "account",
+    "what",
+    "how",
+    "is",
+    "my",
+    "where",
+    "can",
+    "i",
+    "get",
+    "open",
+    "close",
+    "fee",
+    "river",
+    "water",
+    "fish",
+    "boat",
+    "tree",
+    "green",
+    "red",
+    "blue",
+    "sky",
+    "sun",
+    "moon",
+    "night",
+    "day",
+    "car",
+    "road",
+    "fast",
+    "slow",
+    "happy",
+    "sad",
+    "food",
+    "eat",
+    "drink",
+    "tea",
+    "coffee",
+]
 
 
 def build_tiny_bert(directory: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
@@ -23,18 +74,27 @@ def build_tiny_bert(directory: Path, hidden: int = 32, layers: int = 2, seed: in
     core.normalizer = normalizers.BertNormalizer(lowercase=True)
     core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     core.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
     )
     tokenizer = BertTokenizerFast(
-        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]",
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
     tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=64,
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=64,
     )
     BertModel(config).save_pretrained(directory)
     return directory
