@@ -205,6 +205,26 @@ def test_changing_a_weight_changes_the_cache_namespace(tiny_model):
     assert model_fingerprint(tiny_model) == before
 
 
+def test_a_different_token_limit_is_a_different_cache_namespace(tiny_model, tmp_path):
+    """Same weights cut at another length give other embeddings; they must not be shared."""
+    limit = tiny_model.max_seq_length
+    texts = ["word " * 40]
+    try:
+        tiny_model.max_seq_length = 8
+        short_key = model_fingerprint(tiny_model)
+        short = CachedEncoder(
+            tiny_model, name="t", cache_dir=tmp_path, show_progress=False
+        ).encode_texts(texts)
+        tiny_model.max_seq_length = 32
+        assert model_fingerprint(tiny_model) != short_key
+        longer = CachedEncoder(
+            tiny_model, name="t", cache_dir=tmp_path, show_progress=False
+        ).encode_texts(texts)
+    finally:
+        tiny_model.max_seq_length = limit
+    assert float(np.dot(short[0], longer[0])) < 0.9999
+
+
 def test_cache_rejects_a_corrupt_shard(tmp_path):
     from safetensors.numpy import save_file
 

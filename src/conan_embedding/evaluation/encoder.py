@@ -59,6 +59,9 @@ def model_fingerprint(model: SentenceTransformer) -> str:
     digest = hashlib.blake2b(digest_size=16)
     digest.update(repr(model).encode("utf-8"))
     digest.update(f"truncate_dim={model.truncate_dim}".encode())
+    # sentence-transformers 6's repr leaves the token limit out: without it, one model's
+    # embeddings cut at 64 tokens were served to the same weights evaluated at 256
+    digest.update(f"max_seq_length={model.max_seq_length}".encode())
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         digest.update(f"vocab={len(tokenizer)}".encode())
