@@ -181,15 +181,18 @@ def test_build_from_training_config_and_pool_file(tmp_path):
     records, pools = _data()
     train = tmp_path / "train.jsonl"
     write_pools(tmp_path / "train.pool.jsonl", pools)
-
-    class Section:  # the shape of the trainer's dynamic_negatives config section
-        rule, pool_path, check_every, pool_offset = "v2", None, 100, 10
-        v1_decay, v1_abs_cap, v2_never_hard, v2_decay, v2_abs_cap = 1.15, 0.8, 0.5, 1.2, 0.7
-
-    provider = build_dynamic_negatives(records, 2, Section(), train)
+    section = DHNMConfig(rule="v2", v2_never_hard=0.5)  # the trainer's dynamic_negatives
+    provider = build_dynamic_negatives(records, 2, section, train)
     assert provider.config.v2_never_hard == 0.5
     with pytest.raises(FileNotFoundError, match="conan-embed mine"):
-        build_dynamic_negatives(records, 2, Section(), tmp_path / "missing.jsonl")
+        build_dynamic_negatives(records, 2, section, tmp_path / "missing.jsonl")
+    # a task's max_rows keeps a subset of the rows: each finds its own pool by query
+    subset = build_dynamic_negatives([records[2], records[0]], 2, section, train)
+    assert subset.pools[0] != subset.pools[1]
+    assert subset.negatives([0]) == [records[2].neg] and subset.negatives([1]) == [records[0].neg]
+    stranger = RetrievalRecord(query="never mined", pos=["p"], neg=["n"])
+    with pytest.raises(ValueError, match="no pool for query 'never mined'"):
+        build_dynamic_negatives([stranger], 2, section, train)
 
 
 def test_remine_rebuilds_pools_with_the_current_model():

@@ -462,6 +462,8 @@ def build_dynamic_negatives(
     records_path: str | Path | None = None,
 ) -> DynamicNegatives:
     """The trainer's factory: the pool file is ``config.pool_path`` or ``<records>.pool.jsonl``.
+    When the task kept a subset of the records (``max_rows``), each row's pool is found by its
+    query.
 
     ``config`` is the training config's ``dynamic_negatives`` section.
     """
@@ -476,4 +478,16 @@ def build_dynamic_negatives(
             f"pool file {pool_path} not found: run `conan-embed mine` on {records_path} first "
             "or set dynamic_negatives.pool_path"
         )
-    return DynamicNegatives(records, n, read_pools(pool_path), dhnm)
+    pools = read_pools(pool_path)
+    if len(pools) != len(records):  # a task's max_rows kept a subset: find each row's pool
+        by_query = {pool.query: pool for pool in pools}
+        if len(by_query) != len(pools):
+            raise ValueError(
+                f"{pool_path}: {len(pools)} pools for {len(records)} records and repeated "
+                "queries, so the subset's pools cannot be matched; mine the subset itself"
+            )
+        missing = [r.query for r in records if r.query not in by_query]
+        if missing:
+            raise ValueError(f"{pool_path}: no pool for query {missing[0][:60]!r}")
+        pools = [by_query[r.query] for r in records]
+    return DynamicNegatives(records, n, pools, dhnm)
