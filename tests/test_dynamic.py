@@ -190,6 +190,18 @@ def test_build_from_training_config_and_pool_file(tmp_path):
     subset = build_dynamic_negatives([records[2], records[0]], 2, section, train)
     assert subset.pools[0] != subset.pools[1]
     assert subset.negatives([0]) == [records[2].neg] and subset.negatives([1]) == [records[0].neg]
+    # with the rows' file positions, repeated queries are no obstacle
+    twins, twin_pools = _data(4)
+    twins[3] = twins[3].model_copy(update={"query": "q1"})
+    twin_pools[3] = twin_pools[3].model_copy(update={"query": "q1"})
+    write_pools(tmp_path / "twins.pool.jsonl", twin_pools)
+    kept = build_dynamic_negatives(
+        [twins[1], twins[3]], 2, section, tmp_path / "twins.jsonl", rows=[1, 3]
+    )
+    assert kept.negatives([0, 1]) == [twins[1].neg, twins[3].neg]
+    assert kept.pools[0] != kept.pools[1]  # each row got its own pool, not the first "q1"
+    with pytest.raises(ValueError, match="repeated queries"):
+        build_dynamic_negatives([twins[1], twins[3]], 2, section, tmp_path / "twins.jsonl")
     stranger = RetrievalRecord(query="never mined", pos=["p"], neg=["n"])
     with pytest.raises(ValueError, match="no pool for query 'never mined'"):
         build_dynamic_negatives([stranger], 2, section, train)

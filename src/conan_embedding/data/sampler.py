@@ -128,10 +128,14 @@ class LabelIndex:
         ]
 
 
+def cap_indices(total: int, max_rows: int | None, seed: int, name: str) -> list[int]:
+    """Positions of a seeded subset of at most ``max_rows`` of ``total`` rows, in file order."""
+    if max_rows is None or max_rows >= total:
+        return list(range(total))
+    rng = np.random.default_rng([seed, _stable_hash(name), 7])
+    return [int(i) for i in np.sort(rng.choice(total, size=max_rows, replace=False))]
+
+
 def cap_rows(records: Sequence[Record], max_rows: int | None, seed: int, name: str) -> list[Record]:
     """A seeded subset of at most ``max_rows`` rows (all rows when ``max_rows`` is None)."""
-    if max_rows is None or max_rows >= len(records):
-        return list(records)
-    rng = np.random.default_rng([seed, _stable_hash(name), 7])
-    keep = np.sort(rng.choice(len(records), size=max_rows, replace=False))
-    return [records[i] for i in keep]
+    return [records[i] for i in cap_indices(len(records), max_rows, seed, name)]

@@ -460,10 +460,13 @@ def build_dynamic_negatives(
     n: int,
     config: DHNMConfig,
     records_path: str | Path | None = None,
+    *,
+    rows: Sequence[int] | None = None,
 ) -> DynamicNegatives:
     """The trainer's factory: the pool file is ``config.pool_path`` or ``<records>.pool.jsonl``.
-    When the task kept a subset of the records (``max_rows``), each row's pool is found by its
-    query.
+    When the task kept a subset of the file's records (``max_rows``), ``rows`` are their
+    positions in the file, which pick their pools; without them each row's pool is found by its
+    query (unambiguous only when no query repeats).
 
     ``config`` is the training config's ``dynamic_negatives`` section.
     """
@@ -479,7 +482,11 @@ def build_dynamic_negatives(
             "or set dynamic_negatives.pool_path"
         )
     pools = read_pools(pool_path)
-    if len(pools) != len(records):  # a task's max_rows kept a subset: find each row's pool
+    if rows is not None and len(pools) != len(records):
+        if len(rows) != len(records) or (rows and max(rows) >= len(pools)):
+            raise ValueError(f"{pool_path}: rows {len(rows)} do not index {len(pools)} pools")
+        pools = [pools[i] for i in rows]
+    elif len(pools) != len(records):  # a subset without positions: find each row's pool
         by_query = {pool.query: pool for pool in pools}
         if len(by_query) != len(pools):
             raise ValueError(

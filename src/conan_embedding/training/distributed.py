@@ -282,7 +282,11 @@ class CBBTrainer(Trainer):
         from conan_embedding.mining.dynamic import build_dynamic_negatives
 
         return build_dynamic_negatives(
-            records, widened.negatives, task.dynamic_negatives, task.path
+            records,
+            widened.negatives,
+            task.dynamic_negatives,
+            task.path,
+            rows=self.source_rows.get(task.name),
         )
 
     def task_weight(self, task: TaskConfig) -> float:

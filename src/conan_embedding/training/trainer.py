@@ -43,7 +43,7 @@ from conan_embedding.data.records import (
     PairRecord,
     read_records,
 )
-from conan_embedding.data.sampler import LabelIndex, TaskSchedule, TaskStream, cap_rows
+from conan_embedding.data.sampler import LabelIndex, TaskSchedule, TaskStream, cap_indices
 from conan_embedding.losses import (
     classification_as_retrieval_loss,
     cosent_loss,
@@ -133,6 +133,8 @@ class Trainer:
         self.query_prompt = self._prompt(mc.query_prompt)
         self.passage_prompt = self._prompt(mc.passage_prompt)
 
+        self.source_rows: dict[str, list[int] | None] = {}
+        """Per task, the file positions of the rows kept (None once a filter dropped some)."""
         self.records = {t.name: self._load_task(t) for t in config.tasks}
         self.streams = {
             t.name: TaskStream(t.name, len(self.records[t.name]), config.seed) for t in config.tasks
@@ -185,7 +187,9 @@ class Trainer:
 
     def _load_task(self, task: TaskConfig) -> list:
         records = read_records(task.path, task.kind)
-        records = cap_rows(records, task.max_rows, self.config.seed, task.name)
+        rows = cap_indices(len(records), task.max_rows, self.config.seed, task.name)
+        records = [records[i] for i in rows]
+        self.source_rows[task.name] = rows
         if task.kind == "retrieval" and task.negatives and task.dynamic_negatives.rule == "none":
             short = [i for i, r in enumerate(records) if not r.neg]
             if short:
@@ -195,6 +199,7 @@ class Trainer:
                 )
         if self.config.teacher_filter is not None:
             records = self._teacher_filter(task, records)
+            self.source_rows[task.name] = None
         if not records:
             raise ValueError(f"task '{task.name}' has no rows left ({task.path})")
         return records
@@ -226,7 +231,13 @@ class Trainer:
             return StaticNegatives(records, task.negatives)
         from conan_embedding.mining.dynamic import build_dynamic_negatives
 
-        return build_dynamic_negatives(records, task.negatives, task.dynamic_negatives, task.path)
+        return build_dynamic_negatives(
+            records,
+            task.negatives,
+            task.dynamic_negatives,
+            task.path,
+            rows=self.source_rows.get(task.name),
+        )
 
     # ----------------------------------------------------------------- losses per kind
     def _loss(self, task: TaskConfig, step: int) -> tuple[torch.Tensor, dict[str, float]]:
