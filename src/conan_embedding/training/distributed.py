@@ -64,7 +64,7 @@ from conan_embedding.data.sampler import LabelIndex, TaskStream
 from conan_embedding.losses.cbb import cbb_info_nce_loss, merge_rank_negatives
 from conan_embedding.losses.infonce import info_nce_loss, own_negative_scores
 from conan_embedding.losses.matryoshka import matryoshka_loss
-from conan_embedding.mining.base import NegativeProvider, StaticNegatives
+from conan_embedding.mining.base import NegativeProvider
 from conan_embedding.training.trainer import (
     Trainer,
     TrainingDivergedError,
@@ -275,18 +275,8 @@ class CBBTrainer(Trainer):
     def _default_provider(self, task: TaskConfig) -> NegativeProvider:
         # each of the task's N devices takes its own n of the N * n negatives per query
         shared = len(self.layout.task_ranks[task.name])
-        widened = task.model_copy(update={"negatives": task.negatives * shared})
-        records = self.records[task.name]
-        if task.dynamic_negatives.rule == "none":
-            return StaticNegatives(records, widened.negatives)
-        from conan_embedding.mining.dynamic import build_dynamic_negatives
-
-        return build_dynamic_negatives(
-            records,
-            widened.negatives,
-            task.dynamic_negatives,
-            task.path,
-            rows=self.source_rows.get(task.name),
+        return super()._default_provider(
+            task.model_copy(update={"negatives": task.negatives * shared})
         )
 
     def task_weight(self, task: TaskConfig) -> float:
