@@ -474,7 +474,7 @@ def _eval_model(model_dir: Path, max_seq_length: int) -> SentenceTransformer:
     return model
 
 
-def _evaluate_into(
+def _evaluate_and_save(
     record: dict[str, Any],
     model_dir: Path,
     eval_tasks: Sequence[str],
@@ -483,7 +483,9 @@ def _evaluate_into(
     eval_data_dir: str | os.PathLike[str] | None,
     eval_max_seq_length: int,
     show_progress: bool,
-) -> None:
+    result_path: Path,
+) -> dict[str, Any]:
+    """Evaluate ``model_dir`` into ``record`` and write it to ``result_path`` (atomically)."""
     from conan_embedding.evaluation.run import evaluate
 
     started = time.perf_counter()
@@ -499,6 +501,9 @@ def _evaluate_into(
     record["eval_max_seq_length"] = model.max_seq_length
     record["scores"] = {task: round(100 * value, 4) for task, value in scores.items()}
     record["eval_seconds"] = round(time.perf_counter() - started, 1)
+    record["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    _write_json(result_path, record)
+    return record
 
 
 def _base_record(arm: str, seed: int | None, config_path: str | None) -> dict[str, Any]:
@@ -580,7 +585,7 @@ def run_arm(
     # checkpoints only serve --resume, which an arm run never uses; each is ~0.6 GB for me5
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
 
-    _evaluate_into(
+    return _evaluate_and_save(
         record,
         result.model_dir,
         eval_tasks,
@@ -589,10 +594,8 @@ def run_arm(
         eval_data_dir,
         eval_max_seq_length,
         show_progress,
+        result_path,
     )
-    record["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    _write_json(result_path, record)
-    return record
 
 
 def evaluate_base(
@@ -617,7 +620,7 @@ def evaluate_base(
         torch.set_num_threads(threads)
     record = _base_record("base", None, None)
     record.update({"steps": 0, "train_seconds": 0.0, "examples_seen": {}})
-    _evaluate_into(
+    return _evaluate_and_save(
         record,
         Path(model_dir or DEFAULT_MODEL_DIR),
         eval_tasks,
@@ -626,10 +629,8 @@ def evaluate_base(
         eval_data_dir,
         eval_max_seq_length,
         show_progress,
+        result_path,
     )
-    record["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    _write_json(result_path, record)
-    return record
 
 
 # --------------------------------------------------------------------------- 3. results page
