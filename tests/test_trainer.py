@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +121,29 @@ def test_loss_goes_down_on_a_learnable_task(tmp_path, tiny_bert):
     assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
 
 
+# Runs the CLI in a child that SIGKILLs itself when the trainer asks for its third checkpoint
+# (step 12; one every 4 steps): steps 9-12 are trained and logged but never saved. Dying at a fixed step, instead
+# of polling from outside, keeps the test deterministic however fast the machine is.
+_DIE_AT_THIRD_CHECKPOINT = """
+import os, signal, sys
+import conan_embedding.training.trainer as trainer
+from conan_embedding.cli import app
+
+real_save = trainer.save_checkpoint
+calls = []
+
+def save_or_die(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(*args, **kwargs)
+
+trainer.save_checkpoint = save_or_die
+sys.argv = ["conan-embed", *sys.argv[1:]]
+app()
+"""
+
+
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_bert):
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     full_dir.mkdir()
@@ -132,16 +154,15 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_bert):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "conan_embedding.cli", "train"]
 
-    proc = subprocess.Popen([*cmd, str(killed_cfg), "--no-progress"], env=env, cwd=tmp_path)
-    target = killed_dir / "run" / "checkpoints" / "step-000008" / "state.json"
-    deadline = time.time() + 240
-    while not target.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert target.exists(), "the run never wrote its step-8 checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    log = read_log(killed_dir / "run" / "train_log.jsonl")
-    assert log[-1]["step"] < steps, "the run finished before it was killed"
+    killed = subprocess.run(
+        [sys.executable, "-c", _DIE_AT_THIRD_CHECKPOINT, "train", str(killed_cfg), "--no-progress"],
+        env=env,
+        cwd=tmp_path,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = sorted(p.name for p in (killed_dir / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000004", "step-000008"]
+    assert read_log(killed_dir / "run" / "train_log.jsonl")[-1]["step"] == 12
 
     subprocess.run(
         [*cmd, str(killed_cfg), "--resume", "--no-progress"], env=env, cwd=tmp_path, check=True
