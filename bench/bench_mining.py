@@ -335,7 +335,7 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "loadavg_start": os.getloadavg(),
-        "note": "CPU shared with other jobs; load averages recorded beside each run",
+        "note": "1-min load averages recorded beside each run (other jobs slow every figure)",
     }
     with tempfile.TemporaryDirectory(prefix="bench-mining-") as tmp:
         folder = Path(tmp)
