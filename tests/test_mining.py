@@ -159,6 +159,28 @@ def test_onnx_backend_matches_torch(tiny_model, tmp_path):
     assert np.min(np.sum(torch_vecs * onnx_vecs, axis=1)) > 0.9999
 
 
+def test_onnx_token_batches_keep_input_order_serial_or_concurrent(tiny_model, tmp_path):
+    """Batches are formed by token count and run on worker threads; rows must come back in
+    the caller's order and equal one-text-at-a-time encoding."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from conan_embedding.mining.index import _OnnxTransformer
+
+    texts = _sentences(40, 9)  # 2-10 words: batches mix lengths once re-sorted
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        concurrent = _OnnxTransformer(tiny_model, tmp_path, concurrent_batches=True)
+        serial = _OnnxTransformer(tiny_model, tmp_path, concurrent_batches=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert concurrent.workers == 2 and serial.workers == 1
+    one_by_one = np.concatenate([serial.encode([t], batch_size=1) for t in texts])
+    np.testing.assert_allclose(concurrent.encode(texts, batch_size=6), one_by_one, atol=1e-5)
+    np.testing.assert_allclose(serial.encode(texts, batch_size=6), one_by_one, atol=1e-5)
+
+
 def test_int8_backend_is_close_to_fp32_and_cached_apart(tiny_model, tmp_path):
     pytest.importorskip("onnxruntime")
     texts = _sentences(25, 5)
