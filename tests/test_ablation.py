@@ -20,6 +20,7 @@ from conan_embedding.ablation import (
     RECIPE_TASKS,
     backfill_negative_stats,
     build_clr_records,
+    evaluate_dims,
     load_results,
     mine_with_own_corpus,
     negative_stats,
@@ -244,6 +245,21 @@ def test_run_arm_end_to_end_writes_the_result_json(tiny_model, tmp_path, data_di
     # a second call finds the JSON and trains nothing
     again = run_arm("full", seed=3, work_dir=tmp_path / "nowhere", results_dir=results)
     assert again == record
+
+    # Matryoshka: the same model cut to 8 of its 32 dims is scored again, beside the rest
+    dims = {"work_dir": tmp_path / "work", "results_dir": results, "show_progress": False}
+    cut = evaluate_dims("full-s3", [8], eval_tasks=["STSBenchmark"], eval_data_dir=data_dir, **dims)
+    torch.set_num_threads(threads)
+    assert {k: v for k, v in cut.items() if k != "scores_by_dim"} == record
+    assert set(cut["scores_by_dim"]) == {"8"}
+    assert cut["scores_by_dim"]["8"]["STSBenchmark"] != record["scores"]["STSBenchmark"]
+    assert json.loads((results / "full-s3.json").read_text(encoding="utf-8")) == cut
+    assert evaluate_dims("full-s3", [8], eval_tasks=["STSBenchmark"], **dims) == cut  # kept
+    with pytest.raises(ValueError, match="outside 1..32"):
+        evaluate_dims("full-s3", [64], eval_tasks=["STSBenchmark"], **dims)
+    page = write_results(results, tmp_path / "results.md").read_text(encoding="utf-8")
+    row = f"| full | 3 | 8 |  | {cut['scores_by_dim']['8']['STSBenchmark']:.2f} |"
+    assert row in page
 
 
 def _fake_result(arm: str, seed: int | None, base: float) -> dict[str, Any]:

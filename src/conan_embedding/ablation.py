@@ -633,6 +633,70 @@ def evaluate_base(
     )
 
 
+DIM_TASKS = (
+    "STSB",
+    "STSBenchmark",
+    "STSBenchmarkCrossLingualLocal",
+    "Tatoeba",
+    "BGEHeldoutRerankingLocal",
+)
+"""The cheap tasks (under a minute each on one core) used to compare truncated embeddings."""
+
+
+def evaluate_dims(
+    result_name: str,
+    dims: Sequence[int],
+    work_dir: str | os.PathLike[str] = DEFAULT_WORK_DIR,
+    threads: int | None = None,
+    eval_tasks: Sequence[str] = DIM_TASKS,
+    *,
+    model_dir: str | os.PathLike[str] | None = None,
+    results_dir: str | os.PathLike[str] = DEFAULT_RESULTS_DIR,
+    eval_data_dir: str | os.PathLike[str] | None = None,
+    eval_max_seq_length: int = EVAL_MAX_SEQ_LENGTH,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Re-evaluate a finished arm with its embeddings cut to each of ``dims`` (Matryoshka).
+
+    What MRL buys is quality at the *shorter* dimensions, which the full-width table cannot
+    show; this stores ``scores_by_dim[str(dim)]`` in ``<results_dir>/<result_name>.json``
+    (e.g. ``full-s42`` or ``base``), skipping dimensions already there.
+    """
+    import torch
+
+    from conan_embedding.evaluation.run import evaluate
+
+    result_path = Path(results_dir) / f"{result_name}.json"
+    if not result_path.is_file():
+        raise FileNotFoundError(f"{result_path}: no such result; run the arm first")
+    record = json.loads(result_path.read_text(encoding="utf-8"))
+    if model_dir is None:
+        arm_dir = Path(record.get("output_dir") or Path(work_dir) / "arms" / result_name)
+        model_dir = DEFAULT_MODEL_DIR if record.get("arm") == "base" else arm_dir / "model"
+    if threads:
+        torch.set_num_threads(threads)
+    by_dim = record.setdefault("scores_by_dim", {})
+    for dim in dims:
+        if set(eval_tasks) <= set(by_dim.get(str(dim), {})):
+            continue
+        model = _eval_model(Path(model_dir), eval_max_seq_length)
+        width = model.get_sentence_embedding_dimension()
+        if width is not None and not 0 < dim <= width:
+            raise ValueError(f"dimension {dim} is outside 1..{width} for {model_dir}")
+        model.truncate_dim = dim
+        scores = evaluate(
+            model,
+            list(eval_tasks),
+            output_dir=Path(work_dir) / "arms" / result_name / f"eval-dim{dim}",
+            data_dir=eval_data_dir,
+            model_name=f"{result_name}-dim{dim}",
+            show_progress=show_progress,
+        )
+        by_dim[str(dim)] = {task: round(100 * value, 4) for task, value in scores.items()}
+        _write_json(result_path, record)
+    return record
+
+
 # --------------------------------------------------------------------------- 3. results page
 @dataclass
 class ArmSummary:
@@ -816,6 +880,31 @@ def _negatives_table(arms: list[ArmSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _dims_table(arms: list[ArmSummary]) -> str:
+    rows = [
+        (summary.arm, r.get("seed"), dim, scores)
+        for summary in arms
+        for r in summary.records
+        for dim, scores in sorted(
+            (r.get("scores_by_dim") or {}).items(), key=lambda item: int(item[0])
+        )
+    ]
+    if not rows:
+        return (
+            "_No arm has been evaluated at truncated dimensions yet (`conan-embed recipe dims`)._\n"
+        )
+    lines = [
+        "| arm | seed | dims | " + " | ".join(DIM_TASKS) + " |",
+        "|" + "---|" * (3 + len(DIM_TASKS)),
+    ]
+    for arm, seed, dim, scores in rows:
+        cells = [f"{scores[t]:.2f}" if t in scores else "" for t in DIM_TASKS]
+        lines.append(
+            f"| {arm} | {'-' if seed is None else seed} | {dim} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _chart(arms: list[ArmSummary], path: Path) -> Path:
     from conan_embedding.evaluation.report import ModelScores, bar_chart
 
@@ -885,6 +974,13 @@ BGEHeldoutRerankingLocal is extra and not in it. Rows in *italics* are quoted fr
 {_table(arms)}
 ![scores per arm](./{chart.name})
 
+## Matryoshka: the same models with embeddings cut short
+
+Scores of each arm's model with its embedding truncated to the first `dims` values
+(`conan-embed recipe dims <arm>-s<seed> --dims 128,256`); the full-width scores are in the
+table above.
+
+{_dims_table(arms)}
 ## Hard negatives (DHNM)
 
 {_negatives_table(arms)}

@@ -650,6 +650,27 @@ def recipe_ablation(
     typer.echo(f"results page {page}")
 
 
+@recipe_app.command("dims")
+def recipe_dims(
+    result: str = typer.Argument(..., help="A finished result: base, full-s42, minus-mrl-s42..."),
+    dims: str = typer.Option("128,256", help="Comma-separated embedding widths."),
+    threads: int | None = typer.Option(None, help="torch threads."),
+    work_dir: str = typer.Option("runs/recipe"),
+    tasks: str | None = typer.Option(None, help="Comma-separated eval tasks (default: 5 cheap)."),
+) -> None:
+    """Re-evaluate a finished arm with its embeddings truncated (what Matryoshka training buys)."""
+    from conan_embedding.ablation import DIM_TASKS, evaluate_dims
+
+    try:
+        record = evaluate_dims(result, _int_list(dims), work_dir, threads,
+                               tasks.split(",") if tasks else DIM_TASKS)  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    for dim, scores in record["scores_by_dim"].items():
+        typer.echo(f"dim {dim}: " + ", ".join(f"{t} {v:.2f}" for t, v in scores.items()))
+
+
 @recipe_app.command("report")
 def recipe_report(
     results_dir: str = typer.Option("bench/results/recipe"),
