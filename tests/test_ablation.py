@@ -18,6 +18,7 @@ from conan_embedding.ablation import (
     ANALYSIS_END,
     ANALYSIS_START,
     RECIPE_TASKS,
+    EvalSettings,
     backfill_negative_stats,
     build_clr_records,
     evaluate_dims,
@@ -211,6 +212,7 @@ def test_run_arm_end_to_end_writes_the_result_json(tiny_model, tmp_path, data_di
     threads = torch.get_num_threads()
     _write_tiny_work_dir(tmp_path / "work", model)
     results = tmp_path / "results"
+    settings = EvalSettings(results_dir=results, data_dir=data_dir, show_progress=False)
     record = run_arm(
         "full",
         seed=3,
@@ -219,10 +221,8 @@ def test_run_arm_end_to_end_writes_the_result_json(tiny_model, tmp_path, data_di
         threads=1,
         eval_tasks=["STSBenchmark"],
         model_dir=model_dir,
-        results_dir=results,
-        eval_data_dir=data_dir,
         overrides={"model.matryoshka_dims": [8, 16, 32], "model.max_seq_length": 32},
-        show_progress=False,
+        settings=settings,
     )
     torch.set_num_threads(threads)
     saved = json.loads((results / "full-s3.json").read_text(encoding="utf-8"))
@@ -243,20 +243,20 @@ def test_run_arm_end_to_end_writes_the_result_json(tiny_model, tmp_path, data_di
     for key in ("train_seconds", "eval_seconds", "loadavg_before", "loadavg_after", "machine"):
         assert key in record
     # a second call finds the JSON and trains nothing
-    again = run_arm("full", seed=3, work_dir=tmp_path / "nowhere", results_dir=results)
+    again = run_arm("full", seed=3, work_dir=tmp_path / "nowhere", settings=settings)
     assert again == record
 
     # Matryoshka: the same model cut to 8 of its 32 dims is scored again, beside the rest
-    dims = {"work_dir": tmp_path / "work", "results_dir": results, "show_progress": False}
-    cut = evaluate_dims("full-s3", [8], eval_tasks=["STSBenchmark"], eval_data_dir=data_dir, **dims)
+    dims = {"work_dir": tmp_path / "work", "eval_tasks": ["STSBenchmark"], "settings": settings}
+    cut = evaluate_dims("full-s3", [8], **dims)
     torch.set_num_threads(threads)
     assert {k: v for k, v in cut.items() if k != "scores_by_dim"} == record
     assert set(cut["scores_by_dim"]) == {"8"}
     assert cut["scores_by_dim"]["8"]["STSBenchmark"] != record["scores"]["STSBenchmark"]
     assert json.loads((results / "full-s3.json").read_text(encoding="utf-8")) == cut
-    assert evaluate_dims("full-s3", [8], eval_tasks=["STSBenchmark"], **dims) == cut  # kept
+    assert evaluate_dims("full-s3", [8], **dims) == cut  # kept, not evaluated again
     with pytest.raises(ValueError, match="outside 1..32"):
-        evaluate_dims("full-s3", [64], eval_tasks=["STSBenchmark"], **dims)
+        evaluate_dims("full-s3", [64], **dims)
     page = write_results(results, tmp_path / "results.md").read_text(encoding="utf-8")
     row = f"| full | 3 | 8 |  | {cut['scores_by_dim']['8']['STSBenchmark']:.2f} |"
     assert row in page

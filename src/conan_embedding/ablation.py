@@ -465,6 +465,17 @@ def backfill_negative_stats(
     return updated
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How every arm is evaluated and where its result goes: the same for all arms."""
+
+    results_dir: str | os.PathLike[str] = DEFAULT_RESULTS_DIR
+    data_dir: str | os.PathLike[str] | None = None
+    """The public data folder (``../shared/data`` when None)."""
+    max_seq_length: int = EVAL_MAX_SEQ_LENGTH
+    show_progress: bool = True
+
+
 def _eval_model(model_dir: Path, max_seq_length: int) -> SentenceTransformer:
     from conan_embedding.modeling.embedder import load_embedder
 
@@ -480,23 +491,21 @@ def _evaluate_and_save(
     eval_tasks: Sequence[str],
     output_dir: Path,
     name: str,
-    eval_data_dir: str | os.PathLike[str] | None,
-    eval_max_seq_length: int,
-    show_progress: bool,
+    settings: EvalSettings,
     result_path: Path,
 ) -> dict[str, Any]:
     """Evaluate ``model_dir`` into ``record`` and write it to ``result_path`` (atomically)."""
     from conan_embedding.evaluation.run import evaluate
 
     started = time.perf_counter()
-    model = _eval_model(model_dir, eval_max_seq_length)
+    model = _eval_model(model_dir, settings.max_seq_length)
     scores = evaluate(
         model,
         list(eval_tasks),
         output_dir=output_dir,
-        data_dir=eval_data_dir,
+        data_dir=settings.data_dir,
         model_name=name,
-        show_progress=show_progress,
+        show_progress=settings.show_progress,
     )
     record["eval_max_seq_length"] = model.max_seq_length
     record["scores"] = {task: round(100 * value, 4) for task, value in scores.items()}
@@ -530,11 +539,8 @@ def run_arm(
     force: bool = False,
     *,
     model_dir: str | os.PathLike[str] | None = None,
-    results_dir: str | os.PathLike[str] = DEFAULT_RESULTS_DIR,
-    eval_data_dir: str | os.PathLike[str] | None = None,
-    eval_max_seq_length: int = EVAL_MAX_SEQ_LENGTH,
+    settings: EvalSettings = EvalSettings(),
     overrides: dict[str, Any] | None = None,
-    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Train one arm with one seed, evaluate it, write ``<results_dir>/<arm>-s<seed>.json``.
 
@@ -548,7 +554,7 @@ def run_arm(
     from conan_embedding.training.trainer import Trainer
 
     arm, config_path = resolve_arm(str(arm_config_path))
-    result_path = Path(results_dir) / f"{arm}-s{seed}.json"
+    result_path = Path(settings.results_dir) / f"{arm}-s{seed}.json"
     if result_path.is_file() and not force:
         return json.loads(result_path.read_text(encoding="utf-8"))
     if threads:
@@ -572,7 +578,7 @@ def run_arm(
         trainer: Trainer = CBBTrainer(config, distributed=False)
     else:
         trainer = Trainer(config)
-    result = trainer.train(show_progress=show_progress)
+    result = trainer.train(show_progress=settings.show_progress)
     record["train_seconds"] = round(time.perf_counter() - started, 1)
     record["steps"] = result.steps
     record["final_loss"] = round(result.final_loss, 6)
@@ -591,9 +597,7 @@ def run_arm(
         eval_tasks,
         output_dir / "eval",
         f"{arm}-s{seed}",
-        eval_data_dir,
-        eval_max_seq_length,
-        show_progress,
+        settings,
         result_path,
     )
 
@@ -605,15 +609,12 @@ def evaluate_base(
     force: bool = False,
     *,
     model_dir: str | os.PathLike[str] | None = None,
-    results_dir: str | os.PathLike[str] = DEFAULT_RESULTS_DIR,
-    eval_data_dir: str | os.PathLike[str] | None = None,
-    eval_max_seq_length: int = EVAL_MAX_SEQ_LENGTH,
-    show_progress: bool = True,
+    settings: EvalSettings = EvalSettings(),
 ) -> dict[str, Any]:
     """The untrained base model as arm ``base`` (``<results_dir>/base.json``)."""
     import torch
 
-    result_path = Path(results_dir) / "base.json"
+    result_path = Path(settings.results_dir) / "base.json"
     if result_path.is_file() and not force:
         return json.loads(result_path.read_text(encoding="utf-8"))
     if threads:
@@ -626,9 +627,7 @@ def evaluate_base(
         eval_tasks,
         Path(work_dir) / "arms" / "base" / "eval",
         "base",
-        eval_data_dir,
-        eval_max_seq_length,
-        show_progress,
+        settings,
         result_path,
     )
 
@@ -651,10 +650,7 @@ def evaluate_dims(
     eval_tasks: Sequence[str] = DIM_TASKS,
     *,
     model_dir: str | os.PathLike[str] | None = None,
-    results_dir: str | os.PathLike[str] = DEFAULT_RESULTS_DIR,
-    eval_data_dir: str | os.PathLike[str] | None = None,
-    eval_max_seq_length: int = EVAL_MAX_SEQ_LENGTH,
-    show_progress: bool = True,
+    settings: EvalSettings = EvalSettings(),
 ) -> dict[str, Any]:
     """Re-evaluate a finished arm with its embeddings cut to each of ``dims`` (Matryoshka).
 
@@ -666,7 +662,7 @@ def evaluate_dims(
 
     from conan_embedding.evaluation.run import evaluate
 
-    result_path = Path(results_dir) / f"{result_name}.json"
+    result_path = Path(settings.results_dir) / f"{result_name}.json"
     if not result_path.is_file():
         raise FileNotFoundError(f"{result_path}: no such result; run the arm first")
     record = json.loads(result_path.read_text(encoding="utf-8"))
@@ -679,7 +675,7 @@ def evaluate_dims(
     for dim in dims:
         if set(eval_tasks) <= set(by_dim.get(str(dim), {})):
             continue
-        model = _eval_model(Path(model_dir), eval_max_seq_length)
+        model = _eval_model(Path(model_dir), settings.max_seq_length)
         width = model.get_sentence_embedding_dimension()
         if width is not None and not 0 < dim <= width:
             raise ValueError(f"dimension {dim} is outside 1..{width} for {model_dir}")
@@ -688,9 +684,9 @@ def evaluate_dims(
             model,
             list(eval_tasks),
             output_dir=Path(work_dir) / "arms" / result_name / f"eval-dim{dim}",
-            data_dir=eval_data_dir,
+            data_dir=settings.data_dir,
             model_name=f"{result_name}-dim{dim}",
-            show_progress=show_progress,
+            show_progress=settings.show_progress,
         )
         by_dim[str(dim)] = {task: round(100 * value, 4) for task, value in scores.items()}
         _write_json(result_path, record)
@@ -1015,7 +1011,10 @@ def run_ablation(
 ) -> Path:
     """Prepare, evaluate the base, run every arm x seed (skipping finished ones), write the page."""
     inputs = prepare_recipe_inputs(work_dir, data_dir, model_dir)
-    common = {"model_dir": inputs.model_dir, "results_dir": results_dir, "eval_data_dir": data_dir}
+    common = {
+        "model_dir": inputs.model_dir,
+        "settings": EvalSettings(results_dir=results_dir, data_dir=data_dir),
+    }
     evaluate_base(work_dir, threads, force=force, **common)
     for arm in arms:
         for seed in seeds:
