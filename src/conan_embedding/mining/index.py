@@ -209,22 +209,15 @@ class _OnnxTransformer:
         lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
         order = np.argsort(-lengths, kind="stable")
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        pad_id = self.tokenizer.pad_token_id or 0
 
         def run(rows: np.ndarray) -> np.ndarray:
-            width = int(lengths[rows].max())
-            mask = np.arange(width)[None, :] < lengths[rows][:, None]
-            feeds = {}
-            for name in self.input_names:
-                source = encoded[name] if name != "attention_mask" else None
-                fill = pad_id if name == "input_ids" else 0
-                block = np.full((len(rows), width), fill, dtype=np.int64)
-                if source is None:
-                    block[mask] = 1
-                else:
-                    for r, row in enumerate(rows):
-                        block[r, : lengths[row]] = source[row]
-                feeds[name] = block
+            batch = self.tokenizer.pad(
+                {name: [encoded[name][i] for i in rows] for name in encoded},
+                padding=True,
+                return_tensors="np",
+            )
+            feeds = {name: batch[name].astype(np.int64) for name in self.input_names}
+            mask = batch["attention_mask"].astype(bool)
             hidden = self.session.run(None, feeds)[0]
             if self.mode == "cls":
                 vectors = hidden[:, 0]
