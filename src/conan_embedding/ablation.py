@@ -672,13 +672,15 @@ def evaluate_dims(
     if threads:
         torch.set_num_threads(threads)
     by_dim = record.setdefault("scores_by_dim", {})
-    for dim in dims:
-        if set(eval_tasks) <= set(by_dim.get(str(dim), {})):
-            continue
-        model = _eval_model(Path(model_dir), settings.max_seq_length)
-        width = model.get_sentence_embedding_dimension()
+    todo = [dim for dim in dims if not set(eval_tasks) <= set(by_dim.get(str(dim), {}))]
+    if not todo:
+        return record
+    model = _eval_model(Path(model_dir), settings.max_seq_length)
+    width = model.get_sentence_embedding_dimension()
+    for dim in todo:  # every width is checked before any is evaluated
         if width is not None and not 0 < dim <= width:
             raise ValueError(f"dimension {dim} is outside 1..{width} for {model_dir}")
+    for dim in todo:
         model.truncate_dim = dim
         scores = evaluate(
             model,
