@@ -541,11 +541,14 @@ def run_arm(
     model_dir: str | os.PathLike[str] | None = None,
     settings: EvalSettings = EvalSettings(),
     overrides: dict[str, Any] | None = None,
+    tag: str | None = None,
 ) -> dict[str, Any]:
     """Train one arm with one seed, evaluate it, write ``<results_dir>/<arm>-s<seed>.json``.
 
     Returns the existing JSON unchanged when it is there and ``force`` is False. ``overrides``
-    are extra dotted config keys (tests shrink the model's Matryoshka dims with it).
+    are extra dotted config keys (tests shrink the model's Matryoshka dims with it). ``tag``
+    renames the arm to ``<arm>-<tag>`` (result file, run folder and report row), so a variant
+    such as ``--steps 620 --tag 620`` sits beside the plain arm instead of replacing it.
     """
     import torch
 
@@ -554,6 +557,8 @@ def run_arm(
     from conan_embedding.training.trainer import Trainer
 
     arm, config_path = resolve_arm(str(arm_config_path))
+    if tag:
+        arm = f"{arm}-{tag}"
     result_path = Path(settings.results_dir) / f"{arm}-s{seed}.json"
     if result_path.is_file() and not force:
         return json.loads(result_path.read_text(encoding="utf-8"))
@@ -775,16 +780,16 @@ def _table(arms: list[ArmSummary]) -> str:
         cells = [f"{scores[t]:.2f}" for t in RECIPE_TASKS] + [f"{average:.2f}"]
         lines.append("| " + " | ".join([f"*{label}*", "-", *cells, ""]) + " |")
     by_name = {s.arm: s for s in arms}
-    full = by_name.get("full")
-    if full is not None:
-        quoted = QUOTED_ROWS[PLAIN_ST_ROW]
-        quoted_average = sum(quoted.values()) / len(quoted)
+    quoted = QUOTED_ROWS[PLAIN_ST_ROW]
+    quoted_average = sum(quoted.values()) / len(quoted)
+    for full_name, baseline_name in _full_baseline_pairs(by_name):
+        full = by_name[full_name]
         references = []
-        if "baseline" in by_name:
-            b = by_name["baseline"]
+        if baseline_name in by_name:
+            b = by_name[baseline_name]
             references.append(
                 (
-                    "full − baseline",
+                    f"{full_name} − {baseline_name}",
                     [b.mean(t) for t in RECIPE_TASKS],
                     b.average(),
                     [b.mean(t) for t in EXTRA_TASKS],
@@ -792,7 +797,7 @@ def _table(arms: list[ArmSummary]) -> str:
             )
         references.append(
             (
-                "full − plain ST (quoted)",
+                f"{full_name} − plain ST (quoted)",
                 [quoted[t] for t in RECIPE_TASKS],
                 quoted_average,
                 [None for _ in EXTRA_TASKS],
@@ -806,6 +811,17 @@ def _table(arms: list[ArmSummary]) -> str:
             ]
             lines.append("| " + " | ".join([f"**{label}**", "", *cells]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _full_baseline_pairs(by_name: dict[str, ArmSummary]) -> list[tuple[str, str]]:
+    """(``full``, ``baseline``) and each tagged pair run the same way (``full-620``,
+    ``baseline-620``): the rows that get a difference line in the table."""
+    pairs = [("full", "baseline")] if "full" in by_name else []
+    for name in by_name:
+        tag = name.removeprefix("baseline-")
+        if name.startswith("baseline-") and f"full-{tag}" in by_name:
+            pairs.append((f"full-{tag}", name))
+    return pairs
 
 
 def _runs_table(arms: list[ArmSummary]) -> str:

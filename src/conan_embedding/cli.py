@@ -615,6 +615,9 @@ def recipe_run(
     model_dir: str | None = typer.Option(None, help="Base model (default runs/models/me5-small)."),
     tasks: str | None = typer.Option(None, help="Comma-separated eval tasks (default: the 8)."),
     force: bool = typer.Option(False, "--force", help="Re-run even if the result JSON exists."),
+    tag: str | None = typer.Option(
+        None, help="Name the run ARM-TAG (e.g. --steps 620 --tag 620), kept beside ARM."
+    ),
 ) -> None:
     """Train one arm with one seed, evaluate it, write bench/results/recipe/ARM-sSEED.json."""
     from conan_embedding.ablation import EVAL_TASKS, run_arm
@@ -622,7 +625,8 @@ def recipe_run(
 
     try:
         record = run_arm(arm, seed, work_dir, steps, threads,
-                         tasks.split(",") if tasks else EVAL_TASKS, force, model_dir=model_dir)  # fmt: skip
+                         tasks.split(",") if tasks else EVAL_TASKS, force, model_dir=model_dir,
+                         tag=tag)  # fmt: skip
     except (ConfigError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
