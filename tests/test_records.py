@@ -49,6 +49,34 @@ def test_bad_row_names_file_line_and_field(tmp_path, line, field, problem):
     assert str(err).startswith(f"{path}:2: field '{field}'")
 
 
+def _every_jsonl_reader():
+    from conan_embedding.data.builders.generate import read_passages
+    from conan_embedding.mining.offline import read_corpus, read_pools
+    from conan_embedding.serving.encode import iter_texts
+    from conan_embedding.training.pretrain import read_documents, read_sft_records
+
+    return {
+        "records": lambda p: read_records(p, "sts"),
+        "sft": read_sft_records,
+        "documents": read_documents,
+        "corpus": read_corpus,
+        "pools": read_pools,
+        "passages": read_passages,
+        "encode": lambda p: list(iter_texts(p)),
+    }
+
+
+@pytest.mark.parametrize("reader", sorted(_every_jsonl_reader()))
+@pytest.mark.parametrize(
+    ("line", "field"), [('{"text": "cut', "<json>"), ('"just a string"', "<row>")]
+)
+def test_every_jsonl_reader_names_the_bad_line_the_same_way(tmp_path, reader, line, field):
+    path = _write(tmp_path / "bad.jsonl", ["", line])
+    with pytest.raises(RecordError) as info:
+        _every_jsonl_reader()[reader](path)
+    assert (info.value.path, info.value.line, info.value.field) == (str(path), 2, field)
+
+
 def test_write_is_atomic_and_round_trips(tmp_path):
     path = tmp_path / "out" / "r.jsonl"
     rows = [RetrievalRecord(query="q", pos=["p"], neg=["n"]), {"query": "x", "pos": ["y"]}]

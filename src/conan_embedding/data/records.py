@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from conan_embedding.atomic import atomic_open
 
 TaskKind = Literal["retrieval", "sts", "classification", "pairs"]
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class _Record(BaseModel):
@@ -93,22 +94,54 @@ def iter_records(path: str | os.PathLike[str], kind: TaskKind) -> Iterator[Recor
     if kind not in RECORD_TYPES:
         raise ValueError(f"unknown task kind {kind!r}; expected one of {sorted(RECORD_TYPES)}")
     model = RECORD_TYPES[kind]
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(path, line_no, "<json>", f"invalid JSON ({err.msg})") from None
-            if not isinstance(raw, dict):
-                raise RecordError(path, line_no, "<row>", "expected a JSON object")
-            try:
-                yield model.model_validate(raw)
-            except ValidationError as err:
-                first = err.errors()[0]
-                field = ".".join(str(part) for part in first["loc"]) or "<row>"
-                raise RecordError(path, line_no, field, first["msg"]) from None
+    for line_no, raw in iter_json_objects(path):
+        yield validated(model, raw, path, line_no)
+
+
+def iter_json_objects(
+    path: str | os.PathLike[str], handle: Iterable[str] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file.
+
+    Every JSONL reader of the package goes through here, so every one reports a bad line the
+    same way: :class:`RecordError` with field ``<json>`` (not JSON) or ``<row>`` (not an
+    object). ``handle`` is an already open text stream (a gzip file, say); by default ``path``
+    is opened as UTF-8, a byte-order mark tolerated.
+    """
+    if handle is None:
+        with open(path, encoding="utf-8-sig") as opened:
+            yield from iter_json_objects(path, opened)
+        return
+    for line_no, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RecordError(path, line_no, "<json>", f"invalid JSON ({err.msg})") from None
+        if not isinstance(raw, dict):
+            raise RecordError(path, line_no, "<row>", "expected a JSON object")
+        yield line_no, raw
+
+
+def validated(
+    model: type[ModelT], raw: dict[str, Any], path: str | os.PathLike[str], line_no: int
+) -> ModelT:
+    """``model.model_validate(raw)``, with pydantic's first error as ``file:line: field``."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "<row>"
+        raise RecordError(path, line_no, field, first["msg"]) from None
+
+
+def text_field(raw: dict[str, Any], field: str, path: str | os.PathLike[str], line_no: int) -> str:
+    """``raw[field]`` when it is a non-empty string, else :class:`RecordError` naming it."""
+    value = raw.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(path, line_no, field, "must be a non-empty string")
+    return value
 
 
 def write_records(path: str | os.PathLike[str], records: Iterable[BaseModel | dict]) -> int:

@@ -37,7 +37,6 @@ Outputs, written atomically:
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -46,9 +45,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from conan_embedding.data.records import RecordError, RetrievalRecord, read_records, write_records
+from conan_embedding.data.records import (
+    RecordError,
+    RetrievalRecord,
+    iter_json_objects,
+    read_records,
+    text_field,
+    validated,
+    write_records,
+)
 from conan_embedding.mining.index import Backend, IndexKind, TextEncoder, build_index, search
 
 if TYPE_CHECKING:
@@ -262,27 +269,17 @@ def write_pools(path: str | os.PathLike[str], pools: Sequence[PoolEntry]) -> int
 
 def read_pools(path: str | os.PathLike[str]) -> list[PoolEntry]:
     """Read a pool sidecar; raises :class:`RecordError` naming file, line and field."""
-    pools = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = PoolEntry.model_validate(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise RecordError(path, line_no, "<json>", f"invalid JSON ({err.msg})") from None
-            except ValidationError as err:
-                first = err.errors()[0]
-                where = ".".join(str(p) for p in first["loc"]) or "<row>"
-                raise RecordError(path, line_no, where, first["msg"]) from None
-            if entry.index != len(pools):
-                raise RecordError(
-                    path, line_no, "index", f"expected {len(pools)} (one line per record, in order)"
-                )
-            ranks = [c.rank for c in entry.candidates]
-            if ranks != sorted(ranks):
-                raise RecordError(path, line_no, "candidates", "ranks must be ascending")
-            pools.append(entry)
+    pools: list[PoolEntry] = []
+    for line_no, raw in iter_json_objects(path):
+        entry = validated(PoolEntry, raw, path, line_no)
+        if entry.index != len(pools):
+            raise RecordError(
+                path, line_no, "index", f"expected {len(pools)} (one line per record, in order)"
+            )
+        ranks = [c.rank for c in entry.candidates]
+        if ranks != sorted(ranks):
+            raise RecordError(path, line_no, "candidates", "ranks must be ascending")
+        pools.append(entry)
     return pools
 
 
@@ -291,21 +288,12 @@ def read_corpus(path: str | os.PathLike[str]) -> list[str]:
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     is_jsonl = path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz"))
-    texts = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if not is_jsonl:
-                texts.append(line.rstrip("\r\n"))
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(path, line_no, "<json>", f"invalid JSON ({err.msg})") from None
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise RecordError(path, line_no, "text", "must be a non-empty string")
+    with opener(path, "rt", encoding="utf-8-sig") as handle:
+        if not is_jsonl:
+            return [line.rstrip("\r\n") for line in handle if line.strip()]
+        texts = []
+        for line_no, row in iter_json_objects(path, handle):
+            text = text_field(row, "text", path, line_no)
             title = row.get("title")
             texts.append(f"{title} {text}" if isinstance(title, str) and title.strip() else text)
     return texts

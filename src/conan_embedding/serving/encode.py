@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from conan_embedding.atomic import save_npy_atomic
-from conan_embedding.data.records import RecordError
+from conan_embedding.data.records import RecordError, iter_json_objects
 from conan_embedding.serving.engine import EmbeddingEngine
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -100,26 +100,18 @@ def iter_texts(path: str | os.PathLike[str], field: str = "text") -> Iterator[st
                     )
                 yield value
         return
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if kind == ".txt":
-                yield line.rstrip("\r\n")
-                continue
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(path, line_no, "<json>", f"invalid JSON ({err.msg})") from None
-            if not isinstance(raw, dict):
-                raise RecordError(path, line_no, "<row>", "expected a JSON object")
-            if field not in raw:
-                raise RecordError(path, line_no, field, "missing")
-            if not isinstance(raw[field], str):
-                raise RecordError(
-                    path, line_no, field, f"expected a string, got {type(raw[field]).__name__}"
-                )
-            yield raw[field]
+    if kind == ".txt":
+        with open(path, encoding="utf-8") as handle:
+            yield from (line.rstrip("\r\n") for line in handle)
+        return
+    for line_no, raw in iter_json_objects(path):
+        if field not in raw:
+            raise RecordError(path, line_no, field, "missing")
+        if not isinstance(raw[field], str):
+            raise RecordError(
+                path, line_no, field, f"expected a string, got {type(raw[field]).__name__}"
+            )
+        yield raw[field]
 
 
 def _chunks(texts: Iterator[str], size: int) -> Iterator[list[str]]:

@@ -42,7 +42,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
-from conan_embedding.data.records import RecordError, write_records
+from conan_embedding.data.records import (
+    iter_json_objects,
+    text_field,
+    validated,
+    write_records,
+)
 from conan_embedding.modeling.llm import (
     build_causal_lm,
     llm_config,
@@ -121,24 +126,11 @@ class SFTConfig(BaseModel):
 def read_documents(path: str | os.PathLike[str]) -> list[str]:
     """Documents of a source file; a bad ``.jsonl`` row raises ``file:line: field 'text'``."""
     path = Path(path)
-    documents: list[str] = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise RecordError(
-                        path, line_no, "<json>", f"invalid JSON ({err.msg})"
-                    ) from None
-                text = row.get("text") if isinstance(row, dict) else None
-                if not isinstance(text, str) or not text.strip():
-                    raise RecordError(path, line_no, "text", "must be a non-empty string")
-                documents.append(text)
-            else:
-                documents.append(line.rstrip("\n"))
+    if path.suffix == ".jsonl":
+        documents = [text_field(row, "text", path, n) for n, row in iter_json_objects(path)]
+    else:
+        with open(path, encoding="utf-8-sig") as handle:
+            documents = [line.rstrip("\n") for line in handle if line.strip()]
     if not documents:
         raise ValueError(f"{path}: no documents")
     return documents
@@ -154,22 +146,7 @@ class SFTRecord(BaseModel):
 
 
 def read_sft_records(path: str | os.PathLike[str]) -> list[SFTRecord]:
-    rows: list[SFTRecord] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(path, line_no, "<json>", f"invalid JSON ({err.msg})") from None
-            try:
-                rows.append(SFTRecord.model_validate(raw))
-            except ValidationError as err:
-                first = err.errors()[0]
-                field = ".".join(str(part) for part in first["loc"]) or "<row>"
-                raise RecordError(path, line_no, field, first["msg"]) from None
-    return rows
+    return [validated(SFTRecord, raw, path, n) for n, raw in iter_json_objects(path)]
 
 
 # ---------------------------------------------------------------- mixing and packing

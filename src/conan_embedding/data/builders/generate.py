@@ -29,7 +29,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from conan_embedding.data.builders.backends import ChatBackend, Conversation
 from conan_embedding.data.builders.dedup import EvalIndex, normalize_text
-from conan_embedding.data.records import RetrievalRecord, STSRecord, write_records
+from conan_embedding.data.records import (
+    RecordError,
+    RetrievalRecord,
+    STSRecord,
+    iter_json_objects,
+    write_records,
+)
 
 DEFAULT_SYSTEM = "You write training data for a text-embedding model. Follow the format exactly."
 DEFAULT_QUERY_TEMPLATE = (
@@ -282,29 +288,25 @@ def read_passages(
     """Passages from a ``.txt`` (one per line) or ``.jsonl`` file (``field_name``: str or list)."""
     path = Path(path)
     passages: list[str] = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(
-                        f"{path}:{line_no}: field '<json>': invalid JSON ({err.msg})"
-                    ) from None
-                value = row.get(field_name) if isinstance(row, dict) else None
-                values = value if isinstance(value, list) else [value]
-                if not values or not all(isinstance(v, str) for v in values):
-                    raise ValueError(
-                        f"{path}:{line_no}: field '{field_name}': expected a string or a list of strings"
-                    )
-                passages.extend(values)
-            else:
-                passages.append(line.rstrip("\r\n"))
+    if path.suffix == ".jsonl":
+        for line_no, row in iter_json_objects(path):
+            value = row.get(field_name)
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(isinstance(v, str) for v in values):
+                raise RecordError(
+                    path, line_no, field_name, "expected a string or a list of strings"
+                )
+            passages.extend(values)
             if limit is not None and len(passages) >= limit:
-                return passages[:limit]
-    return passages
+                break
+    else:
+        with open(path, encoding="utf-8-sig") as handle:
+            for line in handle:
+                if line.strip():
+                    passages.append(line.rstrip("\r\n"))
+                if limit is not None and len(passages) >= limit:
+                    break
+    return passages if limit is None else passages[:limit]
 
 
 def run_generate(
