@@ -245,6 +245,11 @@ def test_run_arm_end_to_end_writes_the_result_json(tiny_model, tmp_path, data_di
     # a second call finds the JSON and trains nothing
     again = run_arm("full", seed=3, work_dir=tmp_path / "nowhere", settings=settings)
     assert again == record
+    # a tag names its own file, so the tagged run is not the untagged one
+    (results / "full-620-s3.json").write_text('{"arm": "full-620"}', encoding="utf-8")
+    tagged = run_arm("full", seed=3, work_dir=tmp_path / "nowhere", settings=settings, tag="620")
+    assert tagged == {"arm": "full-620"}
+    (results / "full-620-s3.json").unlink()
 
     # Matryoshka: the same model cut to 8 of its 32 dims is scored again, beside the rest
     dims = {"work_dir": tmp_path / "work", "eval_tasks": ["STSBenchmark"], "settings": settings}
@@ -280,6 +285,8 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
         "baseline-s42.json": _fake_result("baseline", 42, 60.0),
         "full-s42.json": _fake_result("full", 42, 62.0),
         "full-s43.json": _fake_result("full", 43, 63.0),
+        "baseline-620-s42.json": _fake_result("baseline-620", 42, 64.0),
+        "full-620-s42.json": _fake_result("full-620", 42, 65.5),
     }.items():
         results.mkdir(exist_ok=True)
         (results / name).write_text(json.dumps(record), encoding="utf-8")
@@ -295,7 +302,9 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
         for line in text.split("| arm | seeds |", 1)[1].split("\n\n", 1)[0].splitlines()
         if line.startswith("| ")
     }
-    assert [a.arm for a in load_results(results)] == ["base", "baseline", "full"]
+    assert [a.arm for a in load_results(results)] == [
+        "base", "baseline", "full", "baseline-620", "full-620"
+    ]  # fmt: skip
     baseline_cells = rows["baseline"].strip("| ").split(" | ")
     assert baseline_cells[2:9] == [f"{60.0 + i:.2f}" for i in range(7)]
     assert baseline_cells[9] == f"{60.0 + 3:.2f}"  # the average of the seven
@@ -304,6 +313,9 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
     assert full_cells[1] == "42, 43" and full_cells[2] == "62.50 ± 0.50"
     delta = rows["**full − baseline**"].strip("| ").split(" | ")
     assert delta[2:] == ["+2.50"] * 9
+    tagged = rows["**full-620 − baseline-620**"].strip("| ").split(" | ")  # a tagged pair
+    assert tagged[2:] == ["+1.50"] * 9
+    assert "**full-620 − plain ST (quoted)**" in rows
     assert "*plain ST fine-tune (issue #9, quoted)*" in rows
     assert "76.42" in rows["*plain ST fine-tune (issue #9, quoted)*"]
     assert "conan-embed recipe report" in text
