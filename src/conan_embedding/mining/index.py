@@ -28,7 +28,6 @@ L2-normalised, so inner product is cosine. :func:`search` queries in chunks with
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -45,7 +44,6 @@ from conan_embedding.atomic import save_npy_atomic
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-logger = logging.getLogger(__name__)
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
 IndexKind = Literal["auto", "exact", "ivf", "hnsw"]
@@ -67,26 +65,6 @@ def texts_fingerprint(texts: Sequence[str]) -> str:
         digest.update(text.encode("utf-8"))
         digest.update(b"\x00")
     return digest.hexdigest()
-
-
-def _fuse_bert_kernels(hf: torch.nn.Module, path: str) -> None:
-    """Fuse attention/LayerNorm/GELU with onnxruntime's transformer optimizer (BERT-likes)."""
-    config = getattr(hf, "config", None)
-    if getattr(config, "model_type", None) not in ("bert", "roberta", "xlm-roberta", "mpnet"):
-        return
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    try:
-        fused = optimize_model(
-            path,
-            model_type="bert",
-            num_heads=int(config.num_attention_heads),
-            hidden_size=int(config.hidden_size),
-            opt_level=0,
-        )
-        fused.save_model_to_file(path)
-    except Exception as err:  # an unfusable graph still runs correctly unfused
-        logger.warning("ONNX kernel fusion skipped (%s); the plain graph is used", err)
 
 
 def _quantize_atomically(source: Path, target: Path) -> None:
@@ -119,6 +97,8 @@ class _OnnxTransformer:
             Transformer,
         )
 
+        from conan_embedding.serving.onnx import export_transformer_graph
+
         modules = list(model)
         if not isinstance(modules[0], Transformer) or not isinstance(modules[1], Pooling):
             raise ValueError("the onnx backend needs a Transformer -> Pooling model; use torch")
@@ -136,16 +116,11 @@ class _OnnxTransformer:
         self.normalize = len(modules) > 2
         self.tokenizer = model.tokenizer
         self.max_length = model.max_seq_length
-        hf = modules[0].auto_model.eval()
-        sample = self.tokenizer(["a b"], return_tensors="pt")
-        self.input_names = [
-            k for k in ("input_ids", "attention_mask", "token_type_ids") if k in sample
-        ]
         path = (
             export_dir / f"{hashlib.sha256(_model_identity(model).encode()).hexdigest()[:16]}.onnx"
         )
         if not path.is_file():
-            self._export(hf, sample, path)
+            export_transformer_graph(model, path)
         if int8:
             quantized = path.with_name(path.stem + "-int8.onnx")
             if not quantized.is_file():
@@ -157,39 +132,7 @@ class _OnnxTransformer:
         options.intra_op_num_threads = 1 if concurrent_batches else threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def _export(self, hf: torch.nn.Module, sample, path: Path) -> None:
-        names = self.input_names
-
-        class _Wrapper(torch.nn.Module):
-            def __init__(self, inner: torch.nn.Module):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-                return self.inner(**dict(zip(names, tensors, strict=True))).last_hidden_state
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        axes = {name: {0: "batch", 1: "seq"} for name in [*names, "hidden"]}
-        try:
-            with torch.no_grad():
-                torch.onnx.export(
-                    _Wrapper(hf),
-                    tuple(sample[n] for n in names),
-                    tmp,
-                    input_names=names,
-                    output_names=["hidden"],
-                    dynamic_axes=axes,
-                    opset_version=17,
-                    dynamo=False,
-                )
-            _fuse_bert_kernels(hf, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self.input_names = [i.name for i in self.session.get_inputs()]
 
     def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         """Tokenize once, batch by token count, run the batches on every worker thread.

@@ -138,6 +138,26 @@ def _fuse_transformer_ops(model: SentenceTransformer, path: Path) -> bool:
     return True
 
 
+def export_transformer_graph(model: SentenceTransformer, path: str | os.PathLike[str]) -> list[str]:
+    """Write module 0 of ``model`` as a fused fp32 ONNX graph at ``path``; returns its inputs.
+
+    The graph maps the tokenizer's ids and masks to ``token_embeddings``; it is written to a
+    temp file beside ``path`` and renamed, so a crash never leaves a graph a later run trusts.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        names = _export_fp32(model, Path(tmp))
+        _fuse_transformer_ops(model, Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return names
+
+
 def quantize_int8(source: Path, target: Path, per_channel: bool = False) -> None:
     """Dynamic int8 quantisation of the MatMul weights of ``source`` into ``target``."""
     import onnx
