@@ -1026,8 +1026,12 @@ def run_ablation(
     results_dir: str | os.PathLike[str] = DEFAULT_RESULTS_DIR,
     out: str | os.PathLike[str] = DEFAULT_RESULTS_PAGE,
     force: bool = False,
+    tag: str | None = None,
 ) -> Path:
-    """Prepare, evaluate the base, run every arm x seed (skipping finished ones), write the page."""
+    """Prepare, evaluate the base, run every arm x seed (skipping finished ones), write the page.
+
+    ``tag`` names every run ``<arm>-<tag>`` (e.g. ``steps=620, tag="620"``), see :func:`run_arm`.
+    """
     inputs = prepare_recipe_inputs(work_dir, data_dir, model_dir)
     common = {
         "model_dir": inputs.model_dir,
@@ -1036,6 +1040,6 @@ def run_ablation(
     evaluate_base(work_dir, threads, force=force, **common)
     for arm in arms:
         for seed in seeds:
-            run_arm(arm, seed, work_dir, steps, threads, force=force, **common)
+            run_arm(arm, seed, work_dir, steps, threads, force=force, tag=tag, **common)
     backfill_negative_stats(results_dir)
     return write_results(results_dir, out)

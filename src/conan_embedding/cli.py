@@ -644,13 +644,14 @@ def recipe_ablation(
     work_dir: str = typer.Option("runs/recipe"),
     data_dir: str | None = typer.Option(None, help="The public data folder (../shared/data)."),
     force: bool = typer.Option(False, "--force", help="Re-run arms whose JSON exists."),
+    tag: str | None = typer.Option(None, help="Name every run ARM-TAG (see `recipe run`)."),
 ) -> None:
     """Prepare, evaluate the base, run each arm x seed, then write docs/results.md."""
     from conan_embedding.ablation import ABLATION_ARMS, run_ablation
 
     chosen = [a for a in arms.split(",") if a] if arms else list(ABLATION_ARMS)
     page = run_ablation(chosen, _int_list(seeds), work_dir, steps, threads, data_dir=data_dir,
-                        force=force)  # fmt: skip
+                        force=force, tag=tag)  # fmt: skip
     typer.echo(f"results page {page}")
 
 
