@@ -287,6 +287,8 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
         "full-s43.json": _fake_result("full", 43, 63.0),
         "baseline-620-s42.json": _fake_result("baseline-620", 42, 64.0),
         "full-620-s42.json": _fake_result("full-620", 42, 65.5),
+        "minus-dhnm-620-s42.json": _fake_result("minus-dhnm-620", 42, 65.5),
+        "dhnm-revisit-v2-s42.json": _fake_result("dhnm-revisit-v2", 42, 61.0),
     }.items():
         results.mkdir(exist_ok=True)
         (results / name).write_text(json.dumps(record), encoding="utf-8")
@@ -303,8 +305,9 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
         if line.startswith("| ")
     }
     assert [a.arm for a in load_results(results)] == [
-        "base", "baseline", "full", "baseline-620", "full-620"
-    ]  # fmt: skip
+        "base", "baseline", "full", "baseline-620", "full-620", "minus-dhnm-620",
+        "dhnm-revisit-v2",
+    ]  # fmt: skip  (the plain arms, then each tag's arms in the same order, then the rest)
     baseline_cells = rows["baseline"].strip("| ").split(" | ")
     assert baseline_cells[2:9] == [f"{60.0 + i:.2f}" for i in range(7)]
     assert baseline_cells[9] == f"{60.0 + 3:.2f}"  # the average of the seven

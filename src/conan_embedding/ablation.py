@@ -741,14 +741,26 @@ class ArmSummary:
         return (max(per_seed) - min(per_seed)) / 2 if len(per_seed) > 1 else None
 
 
+def _arm_sort_key(name: str) -> tuple[int, str, int, str]:
+    """:data:`ARM_ORDER` first, then each tag's arms in that order (``baseline-620``,
+    ``full-620``, ``minus-dhnm-620``), then any other arm by name."""
+    rank = {arm: i for i, arm in enumerate(ARM_ORDER)}
+    if name in rank:
+        return (0, "", rank[name], "")
+    tagged = [arm for arm in ARM_ORDER if name.startswith(f"{arm}-")]
+    if tagged:
+        arm = max(tagged, key=len)
+        return (1, name[len(arm) + 1 :], rank[arm], "")
+    return (2, "", 0, name)
+
+
 def load_results(results_dir: str | os.PathLike[str] = DEFAULT_RESULTS_DIR) -> list[ArmSummary]:
-    """Every ``*.json`` of ``results_dir`` grouped by arm, in :data:`ARM_ORDER` then by name."""
+    """Every ``*.json`` of ``results_dir`` grouped by arm, in the order of :func:`_arm_sort_key`."""
     by_arm: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(Path(results_dir).glob("*.json")):
         record = json.loads(path.read_text(encoding="utf-8"))
         by_arm.setdefault(record["arm"], []).append(record)
-    rank = {arm: i for i, arm in enumerate(ARM_ORDER)}
-    names = sorted(by_arm, key=lambda a: (rank.get(a, len(rank)), a))
+    names = sorted(by_arm, key=_arm_sort_key)
     return [
         ArmSummary(a, sorted(by_arm[a], key=lambda r: (r.get("seed") is None, r.get("seed"))))
         for a in names
@@ -930,6 +942,7 @@ def _chart(arms: list[ArmSummary], path: Path) -> Path:
             scores={t: s.mean(t) / 100 for t in EVAL_TASKS if s.mean(t) is not None},
         )
         for s in arms
+        if s.average() is not None  # arms evaluated on a subset stay in the tables only
     ]
     models.append(
         ModelScores(
@@ -986,7 +999,7 @@ BGEHeldoutRerankingLocal is extra and not in it. Rows in *italics* are quoted fr
 (plain sentence-transformers fine-tune measured there), not measured by this code.
 
 {_table(arms)}
-![scores per arm](./{chart.name})
+![scores of every arm evaluated on all seven rows](./{chart.name})
 
 ## Matryoshka: the same models with embeddings cut short
 

@@ -152,10 +152,18 @@ def bar_chart(models: list[ModelScores], path: str | os.PathLike[str], *, title:
         raise ValueError("no task results to plot")
     width = 0.8 / max(len(models), 1)
     positions = np.arange(len(tasks))
-    figure, axis = plt.subplots(figsize=(max(8.0, 0.8 * len(tasks) + 2), 4.8))
+    figure, axis = plt.subplots(figsize=(max(8.0, 0.8 * len(tasks) + 2) + 2.5, 4.8))
+    # tab10 repeats its colours after ten models; tab20 keeps up to twenty apart
+    colours = plt.get_cmap("tab10" if len(models) <= 10 else "tab20").colors
     for index, model in enumerate(models):
         values = [100 * model.scores.get(task, np.nan) for task in tasks]
-        axis.bar(positions + index * width - 0.4 + width / 2, values, width, label=model.name)
+        axis.bar(
+            positions + index * width - 0.4 + width / 2,
+            values,
+            width,
+            label=model.name,
+            color=colours[index % len(colours)],
+        )
     labels = [
         task if (TASKS.get(task) is None or TASKS[task].comparable) else f"{task} †"
         for task in tasks
@@ -164,7 +172,7 @@ def bar_chart(models: list[ModelScores], path: str | os.PathLike[str], *, title:
     axis.set_ylabel("main score (x100)")
     axis.set_ylim(0, 100)
     axis.set_title(title or "main score per task (mteb protocol, local data)")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not over
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     path = Path(path)
