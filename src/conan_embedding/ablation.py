@@ -741,17 +741,24 @@ class ArmSummary:
         return (max(per_seed) - min(per_seed)) / 2 if len(per_seed) > 1 else None
 
 
-def _arm_sort_key(name: str) -> tuple[int, str, int, str]:
+def _split_tag(name: str) -> tuple[str | None, str]:
+    """``full-620`` -> (``full``, ``620``): the :data:`ARM_ORDER` arm a ``--tag`` run was made
+    from (the longest that prefixes it) and its tag; (None, name) for any other arm."""
+    arms = [arm for arm in ARM_ORDER if name.startswith(f"{arm}-")]
+    if not arms:
+        return None, name
+    arm = max(arms, key=len)
+    return arm, name[len(arm) + 1 :]
+
+
+def _arm_sort_key(name: str) -> tuple[int, str, int]:
     """:data:`ARM_ORDER` first, then each tag's arms in that order (``baseline-620``,
     ``full-620``, ``minus-dhnm-620``), then any other arm by name."""
     rank = {arm: i for i, arm in enumerate(ARM_ORDER)}
     if name in rank:
-        return (0, "", rank[name], "")
-    tagged = [arm for arm in ARM_ORDER if name.startswith(f"{arm}-")]
-    if tagged:
-        arm = max(tagged, key=len)
-        return (1, name[len(arm) + 1 :], rank[arm], "")
-    return (2, "", 0, name)
+        return (0, "", rank[name])
+    arm, tag = _split_tag(name)
+    return (1, tag, rank[arm]) if arm is not None else (2, name, 0)
 
 
 def load_results(results_dir: str | os.PathLike[str] = DEFAULT_RESULTS_DIR) -> list[ArmSummary]:
@@ -830,8 +837,8 @@ def _full_baseline_pairs(by_name: dict[str, ArmSummary]) -> list[tuple[str, str]
     ``baseline-620``): the rows that get a difference line in the table."""
     pairs = [("full", "baseline")] if "full" in by_name else []
     for name in by_name:
-        tag = name.removeprefix("baseline-")
-        if name.startswith("baseline-") and f"full-{tag}" in by_name:
+        arm, tag = _split_tag(name)
+        if arm == "baseline" and f"full-{tag}" in by_name:
             pairs.append((f"full-{tag}", name))
     return pairs
 
