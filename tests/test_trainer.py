@@ -126,10 +126,10 @@ def test_loss_goes_down_on_a_learnable_task(tmp_path, tiny_bert):
 # of polling from outside, keeps the test deterministic however fast the machine is.
 _DIE_AT_THIRD_CHECKPOINT = """
 import os, signal, sys
-import conan_embedding.training.trainer as trainer
+from conan_embedding.training.engine import Engine
 from conan_embedding.cli import app
 
-real_save = trainer.save_checkpoint
+real_save = Engine.save_checkpoint
 calls = []
 
 def save_or_die(*args, **kwargs):
@@ -138,7 +138,7 @@ def save_or_die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_save(*args, **kwargs)
 
-trainer.save_checkpoint = save_or_die
+Engine.save_checkpoint = save_or_die
 sys.argv = ["conan-embed", *sys.argv[1:]]
 app()
 """

@@ -29,6 +29,9 @@ class ModelConfig(_Strict):
     """Prompt name (key of ``prompts``) put before queries/first sentences; None = none."""
     passage_prompt: str | None = None
     freeze_word_embeddings: bool = False
+    model_kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Passed to ``from_pretrained`` of the backbone, e.g. ``{torch_dtype: bfloat16,
+    attn_implementation: sdpa}``."""
     matryoshka_dims: list[int] = Field(default_factory=list)
     matryoshka_weights: list[float] | None = None
 
@@ -41,6 +44,31 @@ class OptimConfig(_Strict):
     weight_decay: float = 0.001
     max_steps: int = Field(100, gt=0)
     grad_clip: float | None = 1.0
+    scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+
+
+class EngineConfig(_Strict):
+    """Devices, precision and processes (``training.engine``); the same for every stage.
+
+    Multi-process runs start with ``torchrun`` or ``accelerate launch``; an accelerate config
+    file (``accelerate launch --config_file configs/accelerate/fsdp.yaml``) picks DDP, FSDP or
+    DeepSpeed, or ``deepspeed`` names a DeepSpeed JSON here.
+    """
+
+    device: str = "auto"
+    """``auto`` (``cuda:LOCAL_RANK`` when a GPU is visible, else the CPU), ``cpu``, ``cuda``."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = None
+    """Path of a DeepSpeed JSON (``configs/deepspeed-zero2.json``); needs ``pip install deepspeed``."""
+    shards: int | None = Field(None, gt=0)
+    """Split each step's batch into this many equal shards, each encoded with its own dropout
+    seed; processes share the shards out. Default: one per process. Setting it makes a run
+    give the same trajectory on any process count that divides it."""
+    trackers: list[str] = Field(default_factory=lambda: ["auto"])
+    """accelerate trackers (``tensorboard``, ``wandb``, ...); ``auto`` = TensorBoard when
+    installed, W&B when installed and ``WANDB_API_KEY`` is set; ``[]`` = none."""
+    threads: int | None = Field(None, gt=0)
 
 
 class DynamicNegativesConfig(_Strict):
@@ -115,6 +143,9 @@ class CBBConfig(_Strict):
     grad_cache: bool = True
     """Virtual devices: encode each device's share twice (GradCache: memory of one device) or
     all at once with their graphs (faster; needs memory for all of them)."""
+    in_batch_negatives: bool = False
+    """The paper's L_CBB: a query's denominator holds its positive and the N devices' negatives
+    of that query only. True adds the other queries' positives and negatives."""
 
 
 class TrainConfig(_Strict):
@@ -135,6 +166,7 @@ class TrainConfig(_Strict):
     cbb: CBBConfig | None = None
     """Set to train with cross-GPU batch balance (``conan-embed train-cbb`` or torchrun);
     ``task_schedule`` is then ignored (every task runs every step)."""
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     checkpoint_every: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)

@@ -26,11 +26,17 @@ def classification_as_retrieval_loss(
     other_label_ids: torch.Tensor | None,
     *,
     temperature: float = 0.05,
+    query_offset: int = 0,
 ) -> torch.Tensor:
     """``text``/``same_label`` ``[B, d]``, ``other_labels`` ``[B, n, d]``, ``labels`` ``[B]``,
-    ``other_label_ids`` ``[B, n]``."""
+    ``other_label_ids`` ``[B, n]``; with ``query_offset`` the texts are rows
+    ``query_offset ..`` of a batch gathered from every rank (see ``info_nce_loss``)."""
+    labels = labels.to(text.device)
+    if other_label_ids is not None:
+        other_label_ids = other_label_ids.to(text.device)
     if other_labels is not None and other_label_ids is not None:
-        own = labels.unsqueeze(1) == other_label_ids
+        mine = slice(query_offset, query_offset + text.shape[0])
+        own = labels[mine].unsqueeze(1) == other_label_ids[mine]
         if own.any():
             raise ValueError("a hard negative carries the query's own label")
     return info_nce_loss(
@@ -40,4 +46,5 @@ def classification_as_retrieval_loss(
         temperature=temperature,
         groups=labels,
         negative_groups=other_label_ids,
+        query_offset=query_offset,
     )

@@ -27,6 +27,7 @@ def cosent_loss(
     cos = F.cosine_similarity(first, second, dim=-1) / temperature
     # diff[i, j] = c_j - c_i, kept only where gold says i ranks above j
     diff = cos.unsqueeze(0) - cos.unsqueeze(1)
+    scores = scores.to(cos.device)
     ordered = scores.unsqueeze(1) > scores.unsqueeze(0)
     diff = diff.masked_fill(~ordered, float("-inf"))
     # log(1 + sum exp(.)) == logsumexp over the terms plus a zero

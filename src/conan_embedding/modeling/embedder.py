@@ -71,17 +71,19 @@ def build_embedder(
     matryoshka_dims: Sequence[int] | None = None,
     device: str | None = None,
     seed: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> SentenceTransformer:
     """An embedder from a sentence-transformers folder, a Hugging Face model, or a hub name.
 
     A sentence-transformers model keeps its own pooling unless ``pooling`` overrides it. A
     ``dense_dim`` appends a ``Dense`` projection (bias, identity activation) if the model has
-    none of that width. ``seed`` makes the new Dense weights reproducible.
+    none of that width. ``seed`` makes the new Dense weights reproducible. ``model_kwargs`` go
+    to the backbone's ``from_pretrained`` (``torch_dtype``, ``attn_implementation``).
     """
     source = resolve_model_path(model_name_or_path)
     device = device or "cpu"
     if is_sentence_transformers_folder(source) or _looks_like_st_hub_model(source):
-        model = SentenceTransformer(source, device=device)
+        model = SentenceTransformer(source, device=device, model_kwargs=model_kwargs or None)
         modules = list(model)
         if pooling is not None:
             width = model[0].get_embedding_dimension()
@@ -89,7 +91,7 @@ def build_embedder(
                 m for m in modules[1:] if not isinstance(m, Pooling)
             ]
     else:
-        transformer = Transformer(source)
+        transformer = Transformer(source, model_kwargs=model_kwargs or None)
         width = transformer.get_embedding_dimension()
         modules = [transformer, Pooling(width, pooling_mode=pooling or "mean")]
     if max_seq_length is not None:

@@ -1,25 +1,32 @@
-"""The training loop for both Conan stages, on a plain sentence-transformers model.
+"""The embedding stages (weak and supervised) as a step program on the training engine.
 
-Why a loop of our own rather than the sentence-transformers/HF trainer: Conan needs
+Why a step of our own rather than the sentence-transformers/HF trainer: Conan needs
 per-sample negative state that changes *during* training (dynamic hard negative mining reads
 the scores the loss just computed and swaps a sample's negatives for the next step) and
 steps that hold several task-homogeneous batches at once (cross-GPU batch balance). Both sit
 awkwardly behind a Dataset/collator/``compute_loss`` interface; here they are a few explicit
-lines. The model itself stays a stock :class:`~sentence_transformers.SentenceTransformer`,
-so everything downstream (saving, ``encode``, mteb, serving) is the ecosystem's own.
+lines. Everything around the step (devices, precision, processes, AdamW and its schedule,
+checkpoints, logs) is :class:`~conan_embedding.training.engine.Engine`'s, and the model stays
+a stock :class:`~sentence_transformers.SentenceTransformer`, so everything downstream
+(saving, ``encode``, mteb, serving) is the ecosystem's own.
 
 How a step runs:
 
-1. :class:`~conan_embedding.data.sampler.TaskSchedule` names the task(s) of the step.
-2. Each task draws a batch from its :class:`~conan_embedding.data.sampler.TaskStream`;
-   retrieval tasks ask their :class:`~conan_embedding.mining.base.NegativeProvider` for the
-   current hard negatives.
-3. Texts are encoded with gradient, the task's loss (InfoNCE / CoSENT /
-   classification-as-retrieval, wrapped in Matryoshka when dims are set) is weighted and
-   back-propagated; the provider sees the negative scores the loss used.
-4. AdamW step with warmup + linear decay; log, progress bar, and every
-   ``checkpoint_every`` steps an atomic safetensors checkpoint that includes the samplers'
-   cursors, the providers' state and the RNG, so ``resume`` continues the same trajectory.
+1. :class:`~conan_embedding.data.sampler.TaskSchedule` names the task(s) of the step (the same
+   on every rank: it is seeded by step).
+2. Each task draws the step's *global* batch from its
+   :class:`~conan_embedding.data.sampler.TaskStream` (every rank draws the same rows, so the
+   cursors are resumable and identical everywhere) and cuts it into ``S`` equal shards
+   (``engine.shards``, default one per process); rank ``r`` of ``W`` encodes shards
+   ``r*S/W .. (r+1)*S/W - 1``, each under its own dropout seed ``(seed, step, task, shard)``.
+3. Data parallel: the documents (positives, hard negatives) are gathered from every rank with
+   gradient; each rank's InfoNCE covers its own queries against the whole batch's candidates
+   (``query_offset``), CoSENT covers every pair of the whole batch. DDP's gradient average then
+   equals the gradient of the loss of the global batch, so 1 process and ``W`` processes
+   follow the same trajectory.
+4. The losses (InfoNCE / CoSENT / classification-as-retrieval, wrapped in Matryoshka when
+   dims are set) are weighted and back-propagated; the negative provider sees the scores the
+   loss used, gathered from every rank, so its decisions are the same on every rank.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
-from tqdm.auto import tqdm
 
 from conan_embedding.config import TaskConfig, TrainConfig
-from conan_embedding.data.records import (
-    PairRecord,
-    read_records,
-)
+from conan_embedding.data.records import PairRecord, read_records
 from conan_embedding.data.sampler import LabelIndex, TaskSchedule, TaskStream, cap_indices
 from conan_embedding.losses import (
     classification_as_retrieval_loss,
@@ -53,13 +55,20 @@ from conan_embedding.losses import (
 from conan_embedding.losses.infonce import own_negative_scores
 from conan_embedding.mining.base import NegativeProvider, StaticNegatives
 from conan_embedding.modeling.embedder import build_embedder, save_embedder
-from conan_embedding.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from conan_embedding.training.collectives import all_gather_no_grad, all_gather_with_grad
+from conan_embedding.training.engine import (
+    Engine,
+    LoopSettings,
+    RunResult,
+    TrainingDivergedError,
+)
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["Trainer", "TrainResult", "TrainingDivergedError", "encode_with_grad", "read_log"]
 
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite."""
+_QUERIES, _DOCUMENTS = 0, 1
+"""Which encode of a shard a dropout seed belongs to."""
 
 
 @dataclass
@@ -80,16 +89,23 @@ def set_seed(seed: int) -> None:
 
 
 def encode_with_grad(
-    model: SentenceTransformer, texts: Sequence[str], prompt: str | None = None
+    model: SentenceTransformer,
+    texts: Sequence[str],
+    prompt: str | None = None,
+    forward: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """Sentence embeddings with autograd (``model.encode`` runs without gradient)."""
+    """Sentence embeddings with autograd (``model.encode`` runs without gradient).
+
+    ``forward`` is the module to call (the engine's DDP/FSDP wrapper of ``model``); the
+    result is float32 whatever the autocast precision, so losses are computed in float32.
+    """
     if prompt:
         texts = [prompt + t for t in texts]
     features = model.preprocess(list(texts))
     features = {
         k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()
     }
-    return model(features)["sentence_embedding"]
+    return (forward or model)(features)["sentence_embedding"].float()
 
 
 def _stable_text_ids(texts: Sequence[str]) -> torch.Tensor:
@@ -98,8 +114,14 @@ def _stable_text_ids(texts: Sequence[str]) -> torch.Tensor:
     return torch.tensor([table.setdefault(t, len(table)) for t in texts])
 
 
+def _task_key(name: str) -> int:
+    import zlib
+
+    return zlib.crc32(name.encode("utf-8"))
+
+
 class Trainer:
-    """Runs one stage from a :class:`~conan_embedding.config.TrainConfig`."""
+    """Runs one embedding stage from a :class:`~conan_embedding.config.TrainConfig`."""
 
     def __init__(
         self,
@@ -108,7 +130,7 @@ class Trainer:
         negative_providers: dict[str, NegativeProvider] | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
     ):
-        if config.cbb is not None and type(self) is Trainer:
+        if config.cbb is not None and not self._handles_cbb():
             raise ValueError(
                 "the config has a 'cbb' section: train it with `conan-embed train-cbb` "
                 "(training.distributed.CBBTrainer), or remove the section"
@@ -117,6 +139,19 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.on_step = on_step
         set_seed(config.seed)
+        self.engine = Engine(
+            config.engine,
+            LoopSettings(
+                output_dir=self.output_dir,
+                steps=config.optim.max_steps,
+                optim=config.optim,
+                seed=config.seed,
+                log_every=config.log_every,
+                checkpoint_every=config.checkpoint_every,
+                keep_checkpoints=config.keep_checkpoints,
+                description=f"{config.stage} training",
+            ),
+        )
         mc = config.model
         self.model = model or build_embedder(
             mc.name,
@@ -127,6 +162,8 @@ class Trainer:
             prompts=mc.prompts or None,
             matryoshka_dims=mc.matryoshka_dims or None,
             seed=config.seed,
+            device=str(self.engine.device),
+            model_kwargs=mc.model_kwargs or None,
         )
         if mc.freeze_word_embeddings:
             self.model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
@@ -155,28 +192,31 @@ class Trainer:
             [t.weight for t in config.tasks],
             config.seed,
         )
+        self.recent_losses: list[float] = []
+        self._setup_shards()
+        self.forward_model = self.engine.prepare(self.model)
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": config.optim.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=config.optim.lr,
-        )
-        total = config.optim.max_steps
-        warmup = max(1, int(round(config.optim.warmup_ratio * total)))
-
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+    def _handles_cbb(self) -> bool:
+        return False
 
     # ----------------------------------------------------------------- setup helpers
+    def _setup_shards(self) -> None:
+        engine = self.engine
+        self.shards = self.config.engine.shards or engine.world_size
+        if self.shards % engine.world_size:
+            raise ValueError(
+                f"engine.shards is {self.shards}: it must be a multiple of the "
+                f"{engine.world_size} processes"
+            )
+        for task in self.config.tasks:
+            if task.batch_size % self.shards:
+                raise ValueError(
+                    f"task '{task.name}': batch_size {task.batch_size} does not split into "
+                    f"{self.shards} equal shards (one per process unless engine.shards is set)"
+                )
+        per_rank = self.shards // engine.world_size
+        self.my_shards = range(engine.rank * per_rank, (engine.rank + 1) * per_rank)
+
     def _prompt(self, name: str | None) -> str | None:
         if name is None:
             return None
@@ -208,7 +248,7 @@ class Trainer:
         from conan_embedding.modeling.embedder import load_embedder
 
         tf = self.config.teacher_filter
-        teacher = load_embedder(tf.model)
+        teacher = load_embedder(tf.model, device=str(self.engine.device))
         queries = [r.query for r in records]
         positives = [r.pos if isinstance(r, PairRecord) else r.pos[0] for r in records]
         q = teacher.encode(queries, batch_size=tf.batch_size, normalize_embeddings=True)
@@ -239,14 +279,51 @@ class Trainer:
             rows=self.source_rows.get(task.name),
         )
 
+    # ----------------------------------------------------------------- sharded encoding
+    def _shard_slices(self, batch: int) -> list[slice]:
+        size = batch // self.shards
+        return [slice(k * size, (k + 1) * size) for k in self.my_shards]
+
+    def _encode_shards(
+        self,
+        task: TaskConfig,
+        step: int,
+        role: int,
+        texts_of_shard: Callable[[slice], list[str]],
+        batch: int,
+        prompt: str | None,
+    ) -> torch.Tensor:
+        """This rank's shards of one kind of text, each under its own dropout seed."""
+        out = []
+        for shard, part in zip(self.my_shards, self._shard_slices(batch), strict=True):
+            with self.engine.seeded(step, _task_key(task.name), shard, role):
+                out.append(
+                    encode_with_grad(self.model, texts_of_shard(part), prompt, self.forward_model)
+                )
+        return torch.cat(out)
+
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        return torch.cat(all_gather_with_grad(local))
+
+    def _query_offset(self, batch: int) -> int:
+        return self.my_shards.start * (batch // self.shards)
+
     # ----------------------------------------------------------------- losses per kind
     def _loss(self, task: TaskConfig, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """This rank's part of the task's loss for the step's global batch (see module doc)."""
         records = self.records[task.name]
         rows = self.streams[task.name].next_indices(task.batch_size)
+        size = len(rows)
+        if size % self.shards:
+            raise ValueError(
+                f"task '{task.name}' has {size} rows, fewer than a batch that splits into "
+                f"{self.shards} shards"
+            )
         rng = np.random.default_rng([self.config.seed, step, len(task.name)])
         dims = self.config.model.matryoshka_dims
         weights = self.config.model.matryoshka_weights
         tau = self.config.temperature
+        offset = self._query_offset(size)
         stats: dict[str, float] = {}
 
         if task.kind in ("retrieval", "pairs"):
@@ -260,16 +337,26 @@ class Trainer:
                 self.providers[task.name].negatives(rows) if task.kind == "retrieval" else []
             )
             n_neg = len(negatives[0]) if negatives and negatives[0] else 0
-            q = encode_with_grad(self.model, queries, self.query_prompt)
-            docs = positives + [t for negs in negatives for t in negs] if n_neg else positives
-            d = encode_with_grad(self.model, docs, self.passage_prompt)
-            p = d[: len(rows)]
-            n = d[len(rows) :].reshape(len(rows), n_neg, -1) if n_neg else None
-            ids = _stable_text_ids(
-                positives + [t for negs in negatives for t in negs] if n_neg else positives
+            q = self._encode_shards(
+                task, step, _QUERIES, lambda s: queries[s], size, self.query_prompt
             )
-            groups = ids[: len(rows)]
-            neg_groups = ids[len(rows) :].reshape(len(rows), n_neg) if n_neg else None
+
+            def documents(part: slice) -> list[str]:
+                return positives[part] + [t for negs in negatives[part] for t in negs[:n_neg]]
+
+            d = self._encode_shards(task, step, _DOCUMENTS, documents, size, self.passage_prompt)
+            # each shard encoded [its positives, its negatives]: split them back per shard
+            per = size // self.shards
+            chunks = d.split(per * (1 + n_neg))
+            p = self._gather(torch.cat([c[:per] for c in chunks]))
+            n = (
+                self._gather(torch.cat([c[per:].reshape(per, n_neg, -1) for c in chunks]))
+                if n_neg
+                else None
+            )
+            ids = _stable_text_ids(positives + [t for negs in negatives for t in negs[:n_neg]])
+            groups = ids[:size]
+            neg_groups = ids[size:].reshape(size, n_neg) if n_neg else None
 
             def loss_fn(qe, pe, ne=None):
                 return info_nce_loss(
@@ -280,22 +367,33 @@ class Trainer:
                     in_batch=task.in_batch_negatives,
                     groups=groups,
                     negative_groups=neg_groups,
+                    query_offset=offset,
                 )
 
             loss = matryoshka_loss(loss_fn, [q, p, n], dims, weights)
             if n is not None:
-                scores = own_negative_scores(q.detach(), n.detach())
+                own = n[offset : offset + q.shape[0]]
+                scores = own_negative_scores(q.detach(), own.detach())
+                scores = torch.cat(all_gather_no_grad(scores)).cpu()
                 self.providers[task.name].observe(step, rows, scores)
                 stats[f"{task.name}/neg_score"] = float(scores.mean())
             return loss, stats
 
         if task.kind == "sts":
             batch = [records[i] for i in rows]
-            a = encode_with_grad(self.model, [r.sentence1 for r in batch], self.query_prompt)
-            b = encode_with_grad(self.model, [r.sentence2 for r in batch], self.query_prompt)
+            first, second = [r.sentence1 for r in batch], [r.sentence2 for r in batch]
+            a = self._gather(
+                self._encode_shards(task, step, _QUERIES, lambda s: first[s], size, self.query_prompt)
+            )
+            b = self._gather(
+                self._encode_shards(
+                    task, step, _DOCUMENTS, lambda s: second[s], size, self.query_prompt
+                )
+            )
             gold = torch.tensor([r.score for r in batch], dtype=torch.float32)
             if task.score_scale:
                 gold = gold / task.score_scale
+            # every rank holds the whole batch's loss; DDP's mean over ranks keeps it as is
             loss = matryoshka_loss(
                 lambda x, y: cosent_loss(x, y, gold, temperature=tau), [a, b], dims, weights
             )
@@ -307,19 +405,29 @@ class Trainer:
         negatives = (
             [index.negatives(i, task.negatives, rng) for i in rows] if task.negatives else []
         )
+        n_neg = task.negatives if negatives else 0
         texts = [records[i].text for i in rows]
-        q = encode_with_grad(self.model, texts, self.query_prompt)
-        others = [records[i].text for i in positives] + [
-            records[j].text for negs in negatives for j in negs
-        ]
-        d = encode_with_grad(self.model, others, self.query_prompt)
-        p = d[: len(rows)]
-        n = d[len(rows) :].reshape(len(rows), task.negatives, -1) if negatives else None
+        q = self._encode_shards(task, step, _QUERIES, lambda s: texts[s], size, self.query_prompt)
+
+        def others(part: slice) -> list[str]:
+            return [records[i].text for i in positives[part]] + [
+                records[j].text for negs in negatives[part] for j in negs
+            ]
+
+        d = self._encode_shards(task, step, _DOCUMENTS, others, size, self.query_prompt)
+        per = size // self.shards
+        chunks = d.split(per * (1 + n_neg))
+        p = self._gather(torch.cat([c[:per] for c in chunks]))
+        n = (
+            self._gather(torch.cat([c[per:].reshape(per, n_neg, -1) for c in chunks]))
+            if n_neg
+            else None
+        )
         labels = torch.as_tensor(index.ids[rows])
         neg_labels = torch.as_tensor(index.ids[np.asarray(negatives)]) if negatives else None
         loss = matryoshka_loss(
             lambda qe, pe, ne=None: classification_as_retrieval_loss(
-                qe, pe, ne, labels, neg_labels, temperature=tau
+                qe, pe, ne, labels, neg_labels, temperature=tau, query_offset=offset
             ),
             [q, p, n],
             dims,
@@ -327,7 +435,44 @@ class Trainer:
         )
         return loss, stats
 
-    # ----------------------------------------------------------------- the loop
+    # ----------------------------------------------------------------- the step program
+    def step(self, step: int) -> dict[str, float]:
+        """Back-propagate every task of the step; returns the losses (mean over ranks)."""
+        tasks = {t.name: t for t in self.config.tasks}
+        names = self.schedule.tasks_for_step(step)
+        record: dict[str, float] = {}
+        local = torch.zeros(len(names), dtype=torch.float64)
+        for index, name in enumerate(names):
+            task = tasks[name]
+            with self.engine.sync(last=index == len(names) - 1):
+                loss, stats = self._loss(task, step)
+                self.engine.check_finite(loss, f"task '{name}'", step)
+                self.engine.backward(task.weight * loss)
+            local[index] = loss.item()
+            record.update(stats)
+        values = self.engine.mean_over_ranks(local)
+        total = 0.0
+        for index, name in enumerate(names):
+            record[f"loss/{name}"] = float(values[index])
+            total += tasks[name].weight * float(values[index])
+        record["loss"] = total
+        return record
+
+    def after_step(self, step: int) -> dict[str, float]:
+        record: dict[str, float] = {}
+        for name, provider in self.providers.items():
+            # per task ("bge/dhnm/replaced"): two DHNM tasks must not overwrite each other
+            stats = provider.on_step_end(step, self._encode_no_grad)
+            if stats and self.engine.distributed:
+                # re-scoring ran on every rank with the same weights; rank 0's result is kept
+                # so float noise between devices can never split the ranks' negatives
+                provider.load_state_dict(self.engine.broadcast_object(provider.state_dict()))
+            record.update({f"{name}/{key}": value for key, value in stats.items()})
+        self.recent_losses = (self.recent_losses + [record.get("loss", math.nan)])[-100:]
+        if self.on_step:
+            self.on_step(step, record)
+        return record
+
     def _encode_no_grad(self, texts: Sequence[str]) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
@@ -340,136 +485,51 @@ class Trainer:
                 batch_size=64,
             )
         self.model.train(was_training)
-        return out
+        return out.float().cpu()
 
-    def _extra_state(self, history: list[float]) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "streams": {k: s.state_dict() for k, s in self.streams.items()},
             "providers": {k: p.state_dict() for k, p in self.providers.items()},
-            "recent_losses": history[-100:],
         }
 
-    def _resume(self) -> int:
-        checkpoints = list_checkpoints(self.output_dir / "checkpoints")
-        if not checkpoints:
-            logger.info("no checkpoint in %s: starting from step 0", self.output_dir)
-            return 0
-        state = load_checkpoint(checkpoints[-1], self.model, self.optimizer, self.scheduler)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, stream_state in state["streams"].items():
             self.streams[name].load_state_dict(stream_state)
         for name, provider_state in state["providers"].items():
             self.providers[name].load_state_dict(provider_state)
-        step = int(state["step"])
-        log_path = self.output_dir / "train_log.jsonl"
-        if log_path.exists():  # drop the killed run's steps past the checkpoint
-            kept = [
-                line
-                for line in log_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step
-            ]
-            log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        logger.info("resumed from %s at step %d", checkpoints[-1], step)
-        return step
 
-    def train(self, resume: bool = False, show_progress: bool = True) -> TrainResult:
-        config = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.json").write_text(
-            config.model_dump_json(indent=2), encoding="utf-8"
-        )
-        handler = logging.FileHandler(self.output_dir / "train.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger("conan_embedding").addHandler(handler)
-        logging.getLogger("conan_embedding").setLevel(logging.INFO)
-        try:
-            return self._train(resume, show_progress)
-        finally:
-            logging.getLogger("conan_embedding").removeHandler(handler)
-            handler.close()
-
-    def _accumulate_step(self, step: int, record: dict[str, Any]) -> float:
-        """Back-propagate every loss of one step into ``.grad``; returns the weighted total.
-
-        A method of its own so :class:`~conan_embedding.training.distributed.CBBTrainer` can
-        replace how a step's losses are formed (cross-device batch balance) and keep the loop.
-        """
-        tasks = {t.name: t for t in self.config.tasks}
-        total = 0.0
-        for name in self.schedule.tasks_for_step(step):
-            task = tasks[name]
-            loss, stats = self._loss(task, step)
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"loss of task '{name}' is {loss.item()} at step {step + 1}; "
-                    "lower optim.lr or check the data (see train.log)"
-                )
-            (task.weight * loss).backward()
-            total += task.weight * loss.item()
-            record[f"loss/{name}"] = round(loss.item(), 6)
-            record.update({k: round(v, 6) for k, v in stats.items()})
-        return total
-
-    def _train(self, resume: bool, show_progress: bool) -> TrainResult:
-        config = self.config
-        start = self._resume() if resume else 0
-        if not resume:
-            (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
-        history: list[float] = []
-        began = time.perf_counter()
-        self.model.train()
-        bar = tqdm(
-            total=config.optim.max_steps,
-            initial=start,
-            disable=not show_progress,
-            desc=f"{config.stage} training",
-            unit="step",
-            dynamic_ncols=True,
-        )
-        loss_value = float("nan")
-        with open(self.output_dir / "train_log.jsonl", "a", encoding="utf-8") as log_file:
-            for step in range(start, config.optim.max_steps):
-                record: dict[str, Any] = {"step": step + 1}
-                total = self._accumulate_step(step, record)
-                if config.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                for name, provider in self.providers.items():
-                    # per task ("bge/dhnm/replaced"): two DHNM tasks must not overwrite each other
-                    stats = provider.on_step_end(step + 1, self._encode_no_grad)
-                    record.update({f"{name}/{key}": value for key, value in stats.items()})
-                loss_value = total
-                history.append(total)
-                record.update({"loss": round(total, 6), "lr": self.scheduler.get_last_lr()[0]})
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{total:.4f}", refresh=False)
-                if (step + 1) % config.log_every == 0:
-                    logger.info("step %d loss %.4f lr %.2e", step + 1, total, record["lr"])
-                if self.on_step:
-                    self.on_step(step + 1, record)
-                if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.optim.max_steps:
-                    save_checkpoint(
-                        self.output_dir / "checkpoints",
-                        step + 1,
-                        self.model,
-                        self.optimizer,
-                        self.scheduler,
-                        self._extra_state(history),
-                        keep=config.keep_checkpoints,
-                    )
-        bar.close()
-        model_dir = save_embedder(
+    def finish(self, engine: Engine, result: RunResult) -> None:
+        if engine.sharded_state:
+            full = engine.full_state_dict()
+            if engine.is_main:
+                self.model.load_state_dict(full)
+        if not engine.is_main:
+            return
+        self.model_dir = save_embedder(
             self.model,
             self.output_dir / "model",
-            extra_meta={"stage": config.stage, "steps": config.optim.max_steps},
+            extra_meta={"stage": self.config.stage, "steps": self.config.optim.max_steps},
         )
         plot_losses(self.output_dir / "train_log.jsonl", self.output_dir / "loss.png")
-        seconds = time.perf_counter() - began
-        logger.info("saved the model to %s after %.1f s", model_dir, seconds)
-        return TrainResult(self.output_dir, model_dir, config.optim.max_steps, loss_value, seconds)
+        logger.info("saved the model to %s after %.1f s", self.model_dir, result.seconds)
+
+    # ----------------------------------------------------------------- entry point
+    def train(self, resume: bool = False, show_progress: bool = True) -> TrainResult:
+        config = self.config
+        if self.engine.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(
+                config.model_dump_json(indent=2), encoding="utf-8"
+            )
+        result = self.engine.run(self, resume=resume, show_progress=show_progress)
+        return TrainResult(
+            self.output_dir,
+            self.output_dir / "model",
+            config.optim.max_steps,
+            result.final_loss,
+            result.seconds,
+        )
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:

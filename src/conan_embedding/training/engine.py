@@ -1,0 +1,575 @@
+"""The one training engine: every stage's loop, on Hugging Face ``accelerate``.
+
+Why: Conan's stages differ only in what a step is (an embedding batch per task, every task
+across devices for CBB, a packed block of tokens for the LM, pairs under the soft mask).
+Devices, precision, processes, the optimizer and its schedule, clipping, checkpoints,
+logging, trackers and progress are the same for all of them, so they live here once. The
+process and device work is accelerate's (the engine under the HF and sentence-transformers
+trainers): ``Accelerator`` picks the device (``cuda:LOCAL_RANK`` under torchrun), joins the
+process group (NCCL on GPUs, gloo on CPUs), wraps the model for DDP, FSDP or DeepSpeed as the
+accelerate config says, and runs bf16/fp16 autocast.
+
+How a run goes (:meth:`Engine.run`):
+
+1. ``program.step(step)`` computes the step's losses and calls :meth:`Engine.backward`;
+   it returns the numbers to log (``loss`` at least, already averaged over ranks).
+2. The engine clips, steps AdamW and the learning-rate schedule (warmup, then linear or
+   cosine decay), zeroes the gradients, then calls ``program.after_step(step)`` (dynamic
+   hard negatives, held-out evaluation), logs a JSONL row (rank 0), updates trackers and
+   progress, and every ``checkpoint_every`` steps writes a checkpoint.
+3. At the end ``program.finish(engine, summary)`` saves the model on rank 0.
+
+A step program is plain PyTorch around a few engine calls:
+
+- :meth:`prepare` once (model -> the module to call for forward; builds AdamW + schedule);
+- :meth:`sync` around a forward/backward that is not the step's last (DDP reduces
+  gradients once per step, in the last backward);
+- :meth:`seeded` around an encode whose dropout must not depend on the process count:
+  shard ``k`` of step ``t`` draws its masks from ``(seed, t, k, ...)`` on whatever rank
+  runs it, so 1 process and 2 processes give the same trajectory with dropout on;
+- :func:`all_gather_with_grad`, :meth:`mean_over_ranks`, :meth:`broadcast_object`.
+
+Checkpoints (``checkpoints/step-NNNNNN/``, safetensors and JSON, never a pickle for the plain
+and DDP cases) are written by every rank into one hidden folder that rank 0 renames into
+place after a barrier: ``model.safetensors`` and ``optimizer.safetensors`` (rank 0; under
+FSDP/DeepSpeed ``accelerate/`` from ``Accelerator.save_state``, sharded per rank),
+``state.json`` (step, world size, schedule; written last), and per rank
+``rank-RRRRR.json`` / ``rank-RRRRR.safetensors`` (the program's cursors and negative state,
+CPU and CUDA RNG states). On resume rank 0 picks the newest complete checkpoint and every
+rank loads that same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from conan_embedding.config import EngineConfig, OptimConfig
+from conan_embedding.training.checkpoint import (
+    list_checkpoints,
+    optimizer_from_flat,
+    optimizer_to_flat,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class LoopSettings:
+    """What every stage's loop needs besides its step: where, how long, how to optimise."""
+
+    output_dir: Path
+    steps: int
+    optim: OptimConfig
+    seed: int = 42
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    description: str = "training"
+    log_name: str = "train_log.jsonl"
+
+
+@dataclass
+class RunResult:
+    steps: int
+    start_step: int
+    final_loss: float
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StepProgram(Protocol):
+    """What a stage tells the engine: one step, its state, and what to save at the end."""
+
+    def step(self, step: int) -> dict[str, float]: ...
+
+    def after_step(self, step: int) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def finish(self, engine: Engine, result: RunResult) -> None: ...
+
+
+# --------------------------------------------------------------------------- devices
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible (accelerate then takes ``cuda:LOCAL_RANK``),
+    else ``mps`` on Apple silicon, else ``cpu``. Explicit ``cpu``/``cuda``/``mps`` are kept."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be auto, cpu, cuda or mps, got {device!r}")
+    if ":" in device:
+        raise ValueError(
+            f"device {device!r}: the engine places each process on cuda:LOCAL_RANK itself; "
+            "choose GPUs with CUDA_VISIBLE_DEVICES and say 'cuda'"
+        )
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return device
+
+
+def _trackers(names: list[str]) -> list[str]:
+    """``auto`` = TensorBoard when installed, plus W&B when installed and logged in."""
+    import importlib.util
+
+    chosen: list[str] = []
+    for name in names:
+        if name != "auto":
+            chosen.append(name)
+            continue
+        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+            chosen.append("tensorboard")
+        if importlib.util.find_spec("wandb") and os.environ.get("WANDB_API_KEY"):
+            chosen.append("wandb")
+    return list(dict.fromkeys(chosen))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def split_state(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Tensors and arrays of a nested dict go to safetensors, the rest stays JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(state, torch.Tensor | np.ndarray):
+        key = prefix or "value"
+        tensors[key] = torch.as_tensor(state).detach().cpu().contiguous()
+        return {"__tensor__": key}, tensors
+    if isinstance(state, dict):
+        out = {}
+        for k, v in state.items():
+            out[k], found = split_state(v, f"{prefix}.{k}" if prefix else str(k))
+            tensors.update(found)
+        return out, tensors
+    return _jsonable(state), tensors
+
+
+def merge_state(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(state, dict):
+        if set(state) == {"__tensor__"}:
+            return tensors[state["__tensor__"]]
+        return {k: merge_state(v, tensors) for k, v in state.items()}
+    return state
+
+
+class Engine:
+    """Owns devices, precision, processes, optimisation, checkpoints and logging for a run."""
+
+    def __init__(self, config: EngineConfig, settings: LoopSettings):
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin
+
+        self.config = config
+        self.settings = settings
+        self.output_dir = Path(settings.output_dir)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = resolve_device(config.device)
+        deepspeed_plugin = None
+        if config.deepspeed:
+            if not Path(config.deepspeed).is_file():
+                raise FileNotFoundError(f"engine.deepspeed: no such file {config.deepspeed}")
+            deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=str(config.deepspeed))
+        trackers = _trackers(config.trackers)
+        # cpu=True is what makes torchrun on a CPU machine a MULTI_CPU (gloo, DDP) run
+        # instead of N processes that each train alone
+        self.accelerator = Accelerator(
+            cpu=device == "cpu",
+            mixed_precision=config.mixed_precision,
+            deepspeed_plugin=deepspeed_plugin,
+            log_with=trackers or None,
+            project_dir=str(self.output_dir),
+            step_scheduler_with_optimizer=False,
+        )
+        self.trackers = trackers
+        self.model: torch.nn.Module | None = None
+        self.forward_model: torch.nn.Module | None = None
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+
+    # ------------------------------------------------------------------ processes
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def sharded_state(self) -> bool:
+        """FSDP / DeepSpeed: weights and optimizer state live in shards across ranks."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (
+            DistributedType.FSDP,
+            DistributedType.DEEPSPEED,
+        )
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def broadcast_object(self, value: Any, src: int = 0, group: Any = None) -> Any:
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=src, group=group)
+        return box[0]
+
+    def mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise mean over all ranks (a copy; for logging and summaries)."""
+        if not self.distributed:
+            return values
+        out = values.detach().to(self.device, torch.float64).clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return (out / self.world_size).cpu()
+
+    # ------------------------------------------------------------------ model and optimiser
+    def prepare(self, model: torch.nn.Module, *, decay_filter: Any = None) -> torch.nn.Module:
+        """Move ``model`` to the device, build AdamW (+ schedule) and wrap both for the
+        distributed type; returns the module to call for forward passes."""
+        optim = self.settings.optim
+        if self.config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.to(self.device)
+        decay, no_decay = [], []
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            is_decay = decay_filter(name, parameter) if decay_filter else parameter.ndim >= 2
+            (decay if is_decay else no_decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=optim.lr,
+        )
+        from transformers import get_scheduler
+
+        total = self.settings.steps
+        self.scheduler = get_scheduler(
+            optim.scheduler,
+            optimizer,
+            num_warmup_steps=max(1, round(optim.warmup_ratio * total)),
+            num_training_steps=total,
+        )
+        if self.accelerator.state.deepspeed_plugin is not None:
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+                ds["train_micro_batch_size_per_gpu"] = 1  # batches are per task in our YAML
+        self.forward_model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.model = model
+        return self.forward_model
+
+    def unwrap(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.forward_model)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around a forward + backward: gradients are reduced across ranks only when ``last``."""
+        if last or not self.distributed or self.sharded_state:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.forward_model)
+
+    @contextlib.contextmanager
+    def seeded(self, *keys: int) -> Iterator[None]:
+        """Dropout (and any torch RNG draw) inside depends on ``(seed, *keys)`` only."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        seed = int(np.random.SeedSequence([self.settings.seed, *keys]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(seed)
+            yield
+
+    def check_finite(self, loss: torch.Tensor, what: str, step: int) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingDivergedError(
+                f"loss of {what} is {loss.item()} at step {step + 1}; "
+                "lower optim.lr or check the data (see train.log)"
+            )
+
+    # ------------------------------------------------------------------ the loop
+    def run(
+        self, program: StepProgram, *, resume: bool = False, show_progress: bool = True
+    ) -> RunResult:
+        if self.forward_model is None:
+            raise RuntimeError("Engine.prepare(model) must be called before run()")
+        settings = self.settings
+        out = self.output_dir
+        if self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        self.wait()
+        handler = self._file_logging()
+        try:
+            start = self._resume(program) if resume else 0
+            log_path = out / settings.log_name
+            if self.is_main and start == 0:
+                log_path.unlink(missing_ok=True)
+            if self.trackers:
+                self.accelerator.init_trackers(settings.description.replace(" ", "-"))
+            history: list[dict[str, Any]] = []
+            began = time.perf_counter()
+            self.forward_model.train()
+            interactive = show_progress and self.is_main and sys.stderr.isatty()
+            bar = tqdm(
+                total=settings.steps,
+                initial=start,
+                disable=not interactive,
+                desc=settings.description,
+                unit="step",
+                dynamic_ncols=True,
+            )
+            loss_value = float("nan")
+            for step in range(start, settings.steps):
+                with self.autocast():
+                    record: dict[str, Any] = {"step": step + 1, **program.step(step)}
+                optim = settings.optim
+                if optim.grad_clip:
+                    self.accelerator.clip_grad_norm_(self.forward_model.parameters(), optim.grad_clip)
+                self.optimizer.step()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                record.update(program.after_step(step + 1) or {})
+                record["lr"] = self.scheduler.get_last_lr()[0]
+                record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+                loss_value = float(record.get("loss", float("nan")))
+                history.append(record)
+                if self.is_main:
+                    with open(log_path, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(_jsonable(record)) + "\n")
+                if self.trackers:
+                    numbers = {k: v for k, v in record.items() if isinstance(v, int | float)}
+                    self.accelerator.log(numbers, step=step + 1)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                if self.is_main and ((step + 1) % settings.log_every == 0 or not interactive and step == start):
+                    logger.info(
+                        "%s step %d/%d loss %.4f lr %.2e",
+                        settings.description,
+                        step + 1,
+                        settings.steps,
+                        loss_value,
+                        record["lr"],
+                    )
+                if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+                    self.save_checkpoint(step + 1, program)
+            bar.close()
+            result = RunResult(
+                steps=settings.steps,
+                start_step=start,
+                final_loss=loss_value,
+                seconds=time.perf_counter() - began,
+                history=history,
+            )
+            self.wait()
+            program.finish(self, result)
+            self.wait()
+            if self.trackers:
+                self.accelerator.end_training()
+            return result
+        finally:
+            if handler is not None:
+                logging.getLogger("conan_embedding").removeHandler(handler)
+                handler.close()
+
+    def _file_logging(self) -> logging.Handler | None:
+        root = logging.getLogger("conan_embedding")
+        root.setLevel(logging.INFO)
+        if not self.is_main:
+            return None
+        handler = logging.FileHandler(self.output_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(handler)
+        return handler
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on every rank's CPU (gathered under FSDP/DeepSpeed)."""
+        state = self.accelerator.get_state_dict(self.forward_model)
+        return {k: v.detach().cpu() for k, v in state.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int, program: StepProgram) -> Path:
+        directory = self.output_dir / "checkpoints"
+        final = directory / f"step-{step:06d}"
+        tmp = directory / f".tmp-step-{step:06d}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.wait()
+        try:
+            if self.sharded_state:
+                self.accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
+            elif self.is_main:
+                from safetensors.torch import save_model
+
+                save_model(self.unwrap(), str(tmp / "model.safetensors"))
+                tensors, meta = optimizer_to_flat(self.optimizer)
+                save_file(tensors, str(tmp / "optimizer.safetensors"))
+                (tmp / "optimizer.json").write_text(json.dumps(meta), encoding="utf-8")
+            self._save_rank_state(tmp, program)
+            self.wait()
+            if self.is_main:
+                sched = {
+                    k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"
+                }
+                state = {"step": step, "world_size": self.world_size, "scheduler": sched}
+                (tmp / "state.json").write_text(json.dumps(_jsonable(state)), encoding="utf-8")
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                for old in list_checkpoints(directory)[: -self.settings.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.wait()
+        return final
+
+    def _save_rank_state(self, folder: Path, program: StepProgram) -> None:
+        rng: dict[str, Any] = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for index, state in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"torch_cuda_{index}"] = state
+        py_state = random.getstate()
+        np_state = np.random.get_state()
+        payload = {
+            "program": program.state_dict(),
+            "rng": rng,
+            "python_random": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy_random": {
+                "kind": np_state[0],
+                "keys": np_state[1].astype(np.int64),
+                "pos": int(np_state[2]),
+                "has_gauss": int(np_state[3]),
+                "cached_gaussian": float(np_state[4]),
+            },
+        }
+        meta, tensors = split_state(payload)
+        name = f"rank-{self.rank:05d}"
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+        (folder / f"{name}.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    def _resume(self, program: StepProgram) -> int:
+        found = list_checkpoints(self.output_dir / "checkpoints") if self.is_main else []
+        chosen = str(found[-1]) if found else None
+        chosen = self.broadcast_object(chosen)
+        if chosen is None:
+            logger.info("no checkpoint in %s: starting from step 0", self.output_dir)
+            return 0
+        path = Path(chosen)
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"{path}: written by {state['world_size']} processes, resumed with "
+                f"{self.world_size}; resume with the same process count"
+            )
+        if self.sharded_state:
+            self.accelerator.load_state(str(path / "accelerate"))
+        else:
+            from safetensors.torch import load_model
+
+            load_model(self.unwrap(), str(path / "model.safetensors"), device=str(self.device))
+            meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
+            optimizer_from_flat(self.optimizer, load_file(str(path / "optimizer.safetensors")), meta)
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **state["scheduler"]})
+        name = f"rank-{self.rank:05d}"
+        meta = json.loads((path / f"{name}.json").read_text(encoding="utf-8"))
+        payload = merge_state(meta, load_file(str(path / f"{name}.safetensors")))
+        program.load_state_dict(payload["program"])
+        torch.set_rng_state(payload["rng"]["torch_cpu"])
+        if torch.cuda.is_available():
+            cuda = [payload["rng"][k] for k in sorted(payload["rng"]) if k.startswith("torch_cuda")]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+        version, internal, gauss = payload["python_random"]
+        random.setstate((version, tuple(internal), gauss))
+        nps = payload["numpy_random"]
+        keys = nps["keys"].numpy().astype(np.uint32)
+        np.random.set_state(
+            (nps["kind"], keys, nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
+        )
+        step = int(state["step"])
+        log_path = self.output_dir / self.settings.log_name
+        if self.is_main and log_path.exists():  # drop the killed run's steps past the checkpoint
+            kept = [
+                line
+                for line in log_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step
+            ]
+            log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        logger.info("resumed from %s at step %d", path, step)
+        return step
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
+    """Turn on activation checkpointing in every Hugging Face model inside ``model``
+    (non-reentrant, so it composes with DDP and frozen embeddings); returns how many."""
+    from transformers import PreTrainedModel
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            count += 1
+    if not count:
+        raise ValueError("gradient_checkpointing: the model holds no Hugging Face model that supports it")
+    return count
+
+
+def finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
