@@ -1,47 +1,45 @@
-"""Cross-GPU batch balance training: a task-to-device map, gathers with gradient, virtual devices.
+"""Cross-GPU batch balance as a step program on the engine: every task in every step.
 
 Why: Conan-v1 replaces "one random task per iteration" with steps that hold every task, laid
 out across devices: retrieval on devices ``0..N-1`` with the same queries and positives but
-different hard negatives (each query's InfoNCE denominator holds all ``N`` devices' negatives,
-:mod:`conan_embedding.losses.cbb`), STS on another device with a larger batch, and one
-optimiser step on ``L = InfoNCE + beta * CoSENT``. The same YAML runs on 1 to ``W`` devices:
+different hard negatives (each query's InfoNCE denominator holds all ``N`` devices' negatives
+of that query, :mod:`conan_embedding.losses.cbb`), STS on another device with a larger batch,
+and one optimiser step on ``L = InfoNCE + beta * CoSENT``. The same YAML runs on 1 to ``W``
+devices:
 
 - **real devices**: ``torchrun --nproc_per_node W -m conan_embedding.training.distributed
-  CONFIG`` (gloo on CPU, NCCL on GPU), one process per device;
-- **virtual devices**: ``conan-embed train-cbb CONFIG`` on one CPU or GPU steps through the
-  ``W`` devices in one process and produces the same loss and gradients (checked to 1e-5 by
-  ``tests/test_distributed.py`` against a 2-process gloo run).
+  CONFIG`` (or ``accelerate launch``); gloo on CPUs, NCCL on GPUs, collectives on the model's
+  device. ``W`` may be a multiple ``G * S`` of the group size ``S = cbb.world_size``: ``G``
+  groups of ``S`` devices train side by side on different rows (64 GPUs = 8 groups of 8);
+- **virtual devices**: ``conan-embed train-cbb CONFIG`` on one process steps through the
+  ``S`` devices of one group and produces the same loss and gradients (checked to 1e-5 by
+  ``tests/test_distributed.py`` against 2 gloo processes, with dropout on).
 
-How, on real devices (rank ``r``, world ``W``; task ``t`` on the ranks ``R_t``, ``|R_t| = N``):
+How (group ``g``, device ``k`` of the group; task ``t`` on the devices ``R_t``, ``|R_t| = N``):
 
-1. Every rank of a retrieval task draws the same rows (the sampler is seeded by task and step)
-   and asks the task's negative provider for ``N * n`` negatives per query; rank ``k`` of
-   ``R_t`` encodes the queries, the positives and slice ``k`` of the negatives.
-2. :func:`all_gather_with_grad` collects every rank's negatives; its backward sums the
-   gradients all ranks send to a rank's own negatives. Each rank then computes the *same*
-   ``L_t`` with the merged negatives.
-3. Data-parallel tasks (STS, classification, pairs) give each of their ranks its own batch.
-4. Each rank back-propagates ``W / N * w_t * L_t`` for its tasks, and gradients are averaged
-   over all ``W`` ranks (what DDP does, done explicitly after backward because ranks run
-   different tasks with different graphs). The sum over ``R_t`` of the local gradients is
-   ``N * grad L_t`` (each of the ``N`` identical losses reaches every rank's negatives through
-   the gather), so the average is exactly ``sum_t w_t * grad L_t``, with ``w_t = beta`` for
-   STS tasks, 1 otherwise (times the task's ``weight``).
+1. Every rank draws every task's rows for the step (global draw, seeded by task and step) and
+   asks each retrieval task's negative provider for ``N * n`` negatives per query, so streams
+   and providers advance identically everywhere. Group ``g`` takes slice ``g`` of the rows;
+   device ``k`` of a data-parallel task (STS, classification, pairs) takes its own slice of
+   the group's rows, so no two devices see the same sample.
+2. A retrieval device encodes the queries and positives (same dropout seed on every device,
+   so all compute the same ``q``, ``p``) and slice ``k`` of the negatives (seed of ``k``);
+   :func:`~conan_embedding.training.collectives.all_gather_with_grad` collects the group's
+   negatives; every device computes the same ``L_t``.
+3. Each rank back-propagates ``S / N * w_t * L_t`` for its tasks (``w_t = beta`` for STS) and
+   DDP averages gradients over all ``W = G * S`` ranks: the step's gradient is
+   ``1/G * sum_g sum_t w_t * grad L_t^g``.
+4. DHNM: the negative scores of each group are gathered to every rank, which observes all of
+   them in group order; so every rank's provider makes the same decisions by construction.
 
 On virtual devices the retrieval term is computed GradCache-style (``cbb.grad_cache``, the
-default), so peak memory stays that of one device's share: pass 1 encodes the queries, the positives and each device's negatives
-without gradient (recording the RNG state so dropout can be replayed), the loss is
-back-propagated to those embeddings only, and pass 2 re-encodes each chunk with gradient and
-back-propagates the cached embedding gradients into the weights (gradient accumulation over the
-virtual devices). Data-parallel tasks loop over their virtual devices and accumulate
-``w_t / N * L``. With ``grad_cache: false`` every device's share is encoded with its graph in
-one pass instead: the same loss and gradients for about a third less compute, when the
-activations of all devices fit in memory (small models, CPU).
-
-Each real rank writes its own log, checkpoints and model under ``output_dir`` (rank 0) or
-``output_dir/rank-<r>`` (rank ``r > 0``): the weights are identical on all ranks, while the
-sampler cursors and negative-provider state a rank checkpoints are its own, so ``--resume``
-continues every rank exactly.
+default), so peak memory stays that of one device's share: pass 1 encodes the queries, the
+positives and each device's negatives without gradient, the loss is back-propagated to those
+embeddings only, and pass 2 re-encodes each chunk with gradient under the same dropout seed
+and back-propagates the cached embedding gradients into the weights. Data-parallel tasks loop
+over their virtual devices and accumulate ``w_t / N * L``. With ``grad_cache: false`` every
+device's share is encoded with its graph in one pass: the same loss and gradients for about a
+third less compute, when the activations of all devices fit in memory.
 """
 
 from __future__ import annotations
@@ -51,7 +49,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,16 +57,17 @@ import torch.distributed as dist
 from sentence_transformers import SentenceTransformer
 
 from conan_embedding.config import TaskConfig, TrainConfig
-from conan_embedding.data.sampler import LabelIndex, TaskStream
 from conan_embedding.losses.cbb import cbb_info_nce_loss, merge_rank_negatives
+from conan_embedding.losses.cosent import cosent_loss
 from conan_embedding.losses.infonce import info_nce_loss, own_negative_scores
 from conan_embedding.losses.matryoshka import matryoshka_loss
 from conan_embedding.mining.base import NegativeProvider
+from conan_embedding.training.collectives import all_gather_no_grad, all_gather_with_grad
 from conan_embedding.training.trainer import (
     Trainer,
-    TrainingDivergedError,
     TrainResult,
     _stable_text_ids,
+    _task_key,
     encode_with_grad,
 )
 
@@ -77,6 +75,9 @@ logger = logging.getLogger(__name__)
 
 SHARED_KINDS = ("retrieval",)
 """Task kinds whose devices share queries/positives and pool negatives (the CBB part)."""
+
+_QUERIES, _POSITIVES, _NEGATIVES, _SECOND = 0, 1, 2, 3
+"""Which encode of a device a dropout seed belongs to."""
 
 
 # --------------------------------------------------------------------------- the device map
@@ -103,7 +104,8 @@ class RankLayout:
             missing = sorted(set(kinds) - set(config.cbb.task_ranks))
             if missing:
                 raise ValueError(f"cbb.task_ranks gives no devices to tasks {missing}")
-            ranks = {name: tuple(config.cbb.task_ranks[name]) for name in kinds}
+            # sorted: a group's gather returns ranks in ascending order (dist.new_group sorts)
+            ranks = {name: tuple(sorted(config.cbb.task_ranks[name])) for name in kinds}
         elif world == 1:
             ranks = {name: (0,) for name in kinds}
         else:
@@ -140,85 +142,10 @@ class RankLayout:
         return ", ".join(f"{name} -> {list(r)}" for name, r in self.task_ranks.items())
 
 
-# --------------------------------------------------------------------------- collectives
-class _AllGatherWithGrad(torch.autograd.Function):
-    """``all_gather`` whose backward sends each rank the sum of the gradients of its slice."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group: Any) -> tuple[torch.Tensor, ...]:
-        ctx.group = group
-        tensor = tensor.contiguous()
-        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(out, tensor, group=group)
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, None]:
-        # gloo has no reduce_scatter: all-reduce the stacked gradients, keep our own slice
-        stacked = torch.stack([g.contiguous() for g in grads])
-        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=ctx.group)
-        return stacked[dist.get_rank(ctx.group)], None
-
-
-def all_gather_with_grad(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
-    """The tensors of every rank of ``group``, in rank order, differentiable w.r.t. our own."""
-    if dist.get_world_size(group) == 1:
-        return [tensor]
-    return list(_AllGatherWithGrad.apply(tensor, group))
-
-
-def average_gradients(model: torch.nn.Module, world_size: int) -> None:
-    """Average the gradients of every trainable parameter over all ranks (one all-reduce)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:  # a rank whose tasks never reached this parameter
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
-
-
-def broadcast_model(model: torch.nn.Module) -> None:
-    """Make every rank start from rank 0's weights (as DDP does on construction)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(tensor.data, src=0)
-
-
-class _RngReplay:
-    """Captures the RNG state before an encode so a re-encode draws the same dropout masks."""
-
-    def __init__(self, device: torch.device):
-        self.cpu = torch.get_rng_state()
-        self.cuda = (
-            torch.cuda.get_rng_state(device)
-            if device.type == "cuda" and torch.cuda.is_available()
-            else None
-        )
-        self.device = device
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-
-
-# --------------------------------------------------------------------------- the trainer
-def _alias(task: str, position: int) -> str:
-    """Name of the sampler of device ``position`` of a data-parallel task (0 = the task)."""
-    return task if position == 0 else f"{task}#dev{position}"
-
-
+# --------------------------------------------------------------------------- the step program
 class CBBTrainer(Trainer):
-    """:class:`~conan_embedding.training.trainer.Trainer` whose steps follow cross-GPU batch balance.
-
-    ``distributed=False`` runs every device of ``config.cbb`` in this process (virtual
-    devices); ``distributed=True`` runs this process's rank of an initialised
-    ``torch.distributed`` group of ``cbb.world_size`` processes.
-    """
+    """:class:`~conan_embedding.training.trainer.Trainer` whose steps follow cross-GPU batch
+    balance: real devices when the engine runs several processes, virtual ones otherwise."""
 
     def __init__(
         self,
@@ -226,52 +153,43 @@ class CBBTrainer(Trainer):
         model: SentenceTransformer | None = None,
         negative_providers: dict[str, NegativeProvider] | None = None,
         on_step: Any = None,
-        *,
-        distributed: bool = False,
     ):
         self.layout = RankLayout.from_config(config)
-        self.distributed = distributed
-        self.rank: int | None = None
-        if distributed:
-            if not dist.is_initialized():
-                raise RuntimeError("distributed=True needs torch.distributed.init_process_group()")
-            if dist.get_world_size() != self.layout.world_size:
-                raise ValueError(
-                    f"cbb.world_size is {self.layout.world_size} but {dist.get_world_size()} "
-                    "processes were started (torchrun --nproc_per_node must match)"
-                )
-            self.rank = dist.get_rank()
-            if self.rank > 0:
-                out = str(Path(config.output_dir) / f"rank-{self.rank}")
-                config = config.model_copy(update={"output_dir": out})
         super().__init__(config, model, negative_providers, on_step)
         self.tasks = {t.name: t for t in config.tasks}
-        # data-parallel tasks: one sampler per device, registered under an alias name so the
-        # base class's per-kind losses (and checkpoints) use it unchanged
-        for task in config.tasks:
-            if task.kind in SHARED_KINDS:
-                continue
-            for position in range(1, len(self.layout.task_ranks[task.name])):
-                alias = _alias(task.name, position)
-                self.records[alias] = self.records[task.name]
-                self.streams[alias] = TaskStream(alias, len(self.records[task.name]), config.seed)
-                if task.kind == "classification":
-                    self.label_index[alias] = LabelIndex(self.records[task.name])
+        engine, group_size = self.engine, self.layout.world_size
+        self.virtual = not engine.distributed
+        if engine.distributed and engine.world_size % group_size:
+            raise ValueError(
+                f"cbb.world_size is {group_size} but {engine.world_size} processes were started: "
+                "the process count must be a multiple of it (groups of cbb.world_size devices)"
+            )
+        self.replicas = 1 if self.virtual else engine.world_size // group_size
+        self.replica = 0 if self.virtual else engine.rank // group_size
+        self.device_index: int | None = None if self.virtual else engine.rank % group_size
         self.groups: dict[str, Any] = {}
-        if distributed:
-            # new_group must be called by every rank, in the same order
-            for task in config.tasks:
-                group = dist.new_group(list(self.layout.task_ranks[task.name]))
-                self.groups[task.name] = group
-            broadcast_model(self.model)
+        if not self.virtual:
+            # new_group must be called by every rank, for every group, in the same order
+            for replica in range(self.replicas):
+                for task in config.tasks:
+                    ranks = [replica * group_size + r for r in self.layout.task_ranks[task.name]]
+                    group = dist.new_group(ranks)
+                    if replica == self.replica:
+                        self.groups[task.name] = group
         logger.info(
-            "CBB on %s %d device(s): %s",
-            "real" if distributed else "virtual",
-            self.layout.world_size,
+            "CBB on %s: %d group(s) of %d device(s): %s",
+            "virtual devices" if self.virtual else f"{engine.world_size} processes",
+            self.replicas,
+            group_size,
             self.layout.describe(),
         )
 
-    # ------------------------------------------------------------------ setup
+    def _handles_cbb(self) -> bool:
+        return True
+
+    def _setup_shards(self) -> None:
+        self.shards, self.my_shards = 1, range(1)  # CBB lays devices out itself
+
     def _default_provider(self, task: TaskConfig) -> NegativeProvider:
         # each of the task's N devices takes its own n of the N * n negatives per query
         shared = len(self.layout.task_ranks[task.name])
@@ -284,84 +202,124 @@ class CBBTrainer(Trainer):
         assert self.config.cbb is not None
         return task.weight * (self.config.cbb.beta if task.kind == "sts" else 1.0)
 
+    def _positions(self, name: str) -> list[int]:
+        """The devices of ``name`` this process runs (all of them on virtual devices)."""
+        devices = self.layout.task_ranks[name]
+        if self.virtual:
+            return list(range(len(devices)))
+        return [devices.index(self.device_index)] if self.device_index in devices else []
+
     # ------------------------------------------------------------------ one step
-    def _accumulate_step(self, step: int, record: dict[str, Any]) -> float:
-        """Back-propagate ``sum_t w_t L_t`` (averaged over real ranks); returns its value."""
+    def step(self, step: int) -> dict[str, float]:
+        """Back-propagate ``sum_t w_t L_t`` (averaged over groups); returns the losses."""
         names = [t.name for t in self.config.tasks]
+        draws = {name: self._draw(self.tasks[name], step) for name in names}
+        mine = [name for name in names if self._positions(name)]
         local = torch.zeros(len(names), dtype=torch.float64)
-        for index, name in enumerate(names):
-            task = self.tasks[name]
-            devices = self.layout.task_ranks[name]
-            positions = (
-                range(len(devices))
-                if self.rank is None
-                else ([self.layout.position(name, self.rank)] if self.rank in devices else [])
-            )
-            if not positions:
-                continue
-            if task.kind in SHARED_KINDS:
-                if self.rank is None:
-                    value, stats = self._virtual_shared_step(task, step)
+        record: dict[str, float] = {}
+        for order, name in enumerate(mine):
+            task, index = self.tasks[name], names.index(name)
+            n_devices = len(self.layout.task_ranks[name])
+            with self.engine.sync(last=order == len(mine) - 1):
+                if task.kind in SHARED_KINDS:
+                    value = self._shared_step(task, step, draws[name])
+                    local[index] += value if self.virtual else value / n_devices
                 else:
-                    value, stats = self._rank_shared_step(task, step, positions[0])
-                local[index] += value / (1 if self.rank is None else len(devices))
-            else:
-                stats = {}
-                for position in positions:
-                    value, task_stats = self._data_parallel_step(task, step, position)
-                    local[index] += value / len(devices)
-                    stats.update(task_stats)
-            record.update({k: round(v, 6) for k, v in stats.items()})
-        if self.rank is not None:
-            average_gradients(self.model, self.layout.world_size)
-            dist.all_reduce(local, op=dist.ReduceOp.SUM)
+                    for position in self._positions(name):
+                        local[index] += (
+                            self._data_parallel_step(task, step, draws[name], position) / n_devices
+                        )
+        for name in names:
+            if self.tasks[name].kind in SHARED_KINDS:
+                record.update(self._observe(self.tasks[name], step, draws[name]))
+        values = local
+        if not self.virtual:  # sum over ranks counts each group's loss once: mean over groups
+            values = self.engine.mean_over_ranks(local) * self.engine.world_size / self.replicas
         total = 0.0
         for index, name in enumerate(names):
-            record[f"loss/{name}"] = round(float(local[index]), 6)
-            total += self.task_weight(self.tasks[name]) * float(local[index])
-        return total
+            record[f"loss/{name}"] = float(values[index])
+            total += self.task_weight(self.tasks[name]) * float(values[index])
+        record["loss"] = total
+        return record
+
+    def _draw(self, task: TaskConfig, step: int) -> dict[str, Any]:
+        """Every group's rows of the step (and negatives, for retrieval); this group's slice."""
+        per_group = task.batch_size * (
+            1 if task.kind in SHARED_KINDS else len(self.layout.task_ranks[task.name])
+        )
+        wanted = per_group * self.replicas
+        if wanted > len(self.records[task.name]):
+            raise ValueError(
+                f"task '{task.name}' has {len(self.records[task.name])} rows, fewer than one "
+                f"step's {wanted} (batch x devices x groups)"
+            )
+        rows = self.streams[task.name].next_indices(wanted)
+        mine = slice(self.replica * per_group, (self.replica + 1) * per_group)
+        draw: dict[str, Any] = {"rows": rows, "group_rows": rows[mine]}
+        if task.kind in SHARED_KINDS:
+            negatives = self.providers[task.name].negatives(rows)
+            wanted_neg = task.negatives * len(self.layout.task_ranks[task.name])
+            got = {len(n) for n in negatives}
+            if got != {wanted_neg} and not (wanted_neg == 0 and got <= {0}):
+                raise ValueError(
+                    f"task '{task.name}': the negative provider returned {sorted(got)} negatives "
+                    f"per query, CBB needs negatives x devices = {wanted_neg}"
+                )
+            draw["negatives"] = negatives[mine]
+        return draw
 
     def _backward_scale(self, task: TaskConfig) -> float:
-        """Factor on the local loss so that the average over ranks is ``w_t * grad L_t``."""
+        """Factor on a device's loss so that DDP's mean over ranks is ``w_t * grad L_t``."""
         n_devices = len(self.layout.task_ranks[task.name])
-        if self.rank is None:  # one process: accumulate w_t * (mean over virtual devices)
+        if self.virtual:  # one process: accumulate w_t * (mean over virtual devices)
             return self.task_weight(task) / (1 if task.kind in SHARED_KINDS else n_devices)
         return self.task_weight(task) * self.layout.world_size / n_devices
 
-    def _check_finite(self, task: TaskConfig, loss: torch.Tensor, step: int) -> None:
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(
-                f"loss of task '{task.name}' is {loss.item()} at step {step + 1}; "
-                "lower optim.lr or check the data (see train.log)"
-            )
+    def _backward(self, task: TaskConfig, loss: torch.Tensor, step: int) -> float:
+        self.engine.check_finite(loss, f"task '{task.name}'", step)
+        self.engine.backward(self._backward_scale(task) * loss)
+        return loss.item()
 
     def _data_parallel_step(
-        self, task: TaskConfig, step: int, position: int
-    ) -> tuple[float, dict[str, float]]:
-        device_task = task.model_copy(update={"name": _alias(task.name, position)})
-        loss, stats = self._loss(device_task, step)
-        self._check_finite(task, loss, step)
-        (self._backward_scale(task) * loss).backward()
-        return loss.item(), stats
-
-    def _shared_batch(
-        self, task: TaskConfig, step: int
-    ) -> tuple[list[int], list[str], list[str], list[list[str]], int]:
-        """Rows, queries, positives and the ``N * n`` negatives per query every device shares."""
+        self, task: TaskConfig, step: int, draw: dict[str, Any], position: int
+    ) -> float:
+        """Device ``position``'s own batch of a data-parallel task, under its own seeds."""
+        rows = draw["group_rows"][position * task.batch_size : (position + 1) * task.batch_size]
+        key = (step, _task_key(task.name), self.replica, position)
         records = self.records[task.name]
-        rows = self.streams[task.name].next_indices(task.batch_size)
-        rng = np.random.default_rng([self.config.seed, step, len(task.name)])
-        batch = [records[i] for i in rows]
-        positives = [r.pos[int(rng.integers(len(r.pos)))] for r in batch]
-        negatives = self.providers[task.name].negatives(rows)
-        wanted = task.negatives * len(self.layout.task_ranks[task.name])
-        got = {len(n) for n in negatives}
-        if got != {wanted} and not (wanted == 0 and got <= {0}):
-            raise ValueError(
-                f"task '{task.name}': the negative provider returned {sorted(got)} negatives per "
-                f"query, CBB needs negatives x devices = {wanted}"
+        if task.kind == "sts":
+            batch = [records[i] for i in rows]
+            with self.engine.seeded(*key, _QUERIES):
+                a = self._encode([r.sentence1 for r in batch], self.query_prompt)
+            with self.engine.seeded(*key, _SECOND):
+                b = self._encode([r.sentence2 for r in batch], self.query_prompt)
+            gold = torch.tensor([r.score for r in batch], dtype=torch.float32)
+            if task.score_scale:
+                gold = gold / task.score_scale
+            loss = matryoshka_loss(
+                lambda x, y: cosent_loss(x, y, gold, temperature=self.config.temperature),
+                [a, b],
+                self.config.model.matryoshka_dims,
+                self.config.model.matryoshka_weights,
             )
-        return rows, [r.query for r in batch], positives, negatives, task.negatives
+            return self._backward(task, loss, step)
+        # classification and pairs: the plain trainer's loss on this device's rows
+        loss, _ = self._loss(task, step, rows=rows, seed_key=(self.replica, position))
+        return self._backward(task, loss, step)
+
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        return local  # a CBB device's data-parallel batch is its own: nothing crosses devices
+
+    def _encode(self, texts: list[str], prompt: str | None) -> torch.Tensor:
+        return encode_with_grad(self.model, texts, prompt, self.forward_model)
+
+    # ------------------------------------------------------------------ retrieval, shared
+    def _shared_texts(self, task: TaskConfig, draw: dict[str, Any], step: int):
+        rows = draw["group_rows"]
+        rng = np.random.default_rng([self.config.seed, step, len(task.name), self.replica])
+        batch = [self.records[task.name][i] for i in rows]
+        positives = [r.pos[int(rng.integers(len(r.pos)))] for r in batch]
+        return [r.query for r in batch], positives, draw["negatives"]
 
     def _shared_loss_fn(self, task: TaskConfig, positives: list[str], negatives: list[list[str]]):
         n_total = len(negatives[0]) if negatives else 0
@@ -370,16 +328,17 @@ class CBBTrainer(Trainer):
         groups = ids[: len(positives)]
         neg_groups = ids[len(positives) :].reshape(len(positives), n_total) if n_total else None
         tau = self.config.temperature
+        in_batch = self.config.cbb.in_batch_negatives
 
         def loss_fn(q: torch.Tensor, p: torch.Tensor, *per_rank: torch.Tensor) -> torch.Tensor:
             if not n_total:
-                return info_nce_loss(q, p, None, temperature=tau, in_batch=task.in_batch_negatives)
+                return info_nce_loss(q, p, None, temperature=tau, in_batch=in_batch)
             return cbb_info_nce_loss(
                 q,
                 p,
                 per_rank,
                 temperature=tau,
-                in_batch=task.in_batch_negatives,
+                in_batch=in_batch,
                 groups=groups,
                 negative_groups=neg_groups,
             )
@@ -388,83 +347,81 @@ class CBBTrainer(Trainer):
         weights = self.config.model.matryoshka_weights
         return lambda embeddings: matryoshka_loss(loss_fn, embeddings, dims, weights)
 
-    def _observe(self, task: TaskConfig, step: int, rows, q, per_rank) -> dict[str, float]:
-        if not per_rank:
-            return {}
-        scores = own_negative_scores(
-            q.detach(), merge_rank_negatives([n.detach() for n in per_rank])
-        )
-        self.providers[task.name].observe(step, rows, scores)
-        return {f"{task.name}/neg_score": float(scores.mean())}
-
-    def _rank_shared_step(
-        self, task: TaskConfig, step: int, position: int
-    ) -> tuple[float, dict[str, float]]:
-        """This rank's share of a retrieval task: own negatives, everyone's in the loss."""
-        rows, queries, positives, negatives, n = self._shared_batch(task, step)
-        mine = [t for negs in negatives for t in negs[position * n : (position + 1) * n]]
-        q = encode_with_grad(self.model, queries, self.query_prompt)
-        p = encode_with_grad(self.model, positives, self.passage_prompt)
-        per_rank: list[torch.Tensor] = []
-        if n:
-            own = encode_with_grad(self.model, mine, self.passage_prompt)
-            own = own.reshape(len(rows), n, -1)
-            per_rank = all_gather_with_grad(own, self.groups[task.name])
-        loss = self._shared_loss_fn(task, positives, negatives)([q, p, *per_rank])
-        self._check_finite(task, loss, step)
-        (self._backward_scale(task) * loss).backward()
-        return loss.item(), self._observe(task, step, rows, q, per_rank)
-
-    def _virtual_shared_step(self, task: TaskConfig, step: int) -> tuple[float, dict[str, float]]:
-        """All devices of a retrieval task in one process, GradCache-style (two passes)."""
-        rows, queries, positives, negatives, n = self._shared_batch(task, step)
-        chunks: list[tuple[list[str], str | None]] = [
-            (queries, self.query_prompt),
-            (positives, self.passage_prompt),
+    def _shared_step(self, task: TaskConfig, step: int, draw: dict[str, Any]) -> float:
+        queries, positives, negatives = self._shared_texts(task, draw, step)
+        n = task.negatives
+        key = (step, _task_key(task.name), self.replica)
+        devices = self._positions(task.name)
+        chunks: list[tuple[list[str], str | None, tuple[int, ...]]] = [
+            (queries, self.query_prompt, (*key, _QUERIES)),
+            (positives, self.passage_prompt, (*key, _POSITIVES)),
         ]
-        for position in range(len(self.layout.task_ranks[task.name]) if n else 0):
+        for position in devices if n else []:
             share = [t for negs in negatives for t in negs[position * n : (position + 1) * n]]
-            chunks.append((share, self.passage_prompt))
+            chunks.append((share, self.passage_prompt, (*key, _NEGATIVES, position)))
+        loss_of = self._shared_loss_fn(task, positives, negatives)
+        batch = len(queries)
+
+        def shaped(embeddings: list[torch.Tensor]) -> list[torch.Tensor]:
+            return embeddings[:2] + [e.reshape(batch, n, -1) for e in embeddings[2:]]
+
+        if not self.virtual:  # this device's share; every device's negatives in the loss
+            q, p, *own = [
+                self._encode_seeded(texts, prompt, seed) for texts, prompt, seed in chunks
+            ]
+            per_rank = (
+                all_gather_with_grad(own[0].reshape(batch, n, -1), self.groups[task.name])
+                if n
+                else []
+            )
+            draw["scores"] = self._scores(q, per_rank)
+            return self._backward(task, loss_of([q, p, *per_rank]), step)
         if not self.config.cbb.grad_cache:  # one pass: every device's activations at once
-            direct = [encode_with_grad(self.model, texts, prompt) for texts, prompt in chunks]
-            embeddings = direct[:2] + [e.reshape(len(rows), n, -1) for e in direct[2:]]
-            loss = self._shared_loss_fn(task, positives, negatives)(embeddings)
-            self._check_finite(task, loss, step)
-            (self._backward_scale(task) * loss).backward()
-            return loss.item(), self._observe(task, step, rows, embeddings[0], embeddings[2:])
-        # pass 1: embeddings without a graph, remembering the RNG for each chunk
-        replays, cached = [], []
-        for texts, prompt in chunks:
-            replays.append(_RngReplay(self.model.device))
-            with torch.no_grad():
-                cached.append(encode_with_grad(self.model, texts, prompt))
+            embeddings = shaped([self._encode_seeded(t, pr, seed) for t, pr, seed in chunks])
+            draw["scores"] = self._scores(embeddings[0], embeddings[2:])
+            return self._backward(task, loss_of(embeddings), step)
+        # pass 1: embeddings without a graph; pass 2 replays each chunk's dropout seed
+        with torch.no_grad():
+            cached = [self._encode_seeded(t, pr, seed) for t, pr, seed in chunks]
         leaves = [e.detach().requires_grad_(True) for e in cached]
-        embeddings = leaves[:2] + [e.reshape(len(rows), n, -1) for e in leaves[2:]]
-        loss = self._shared_loss_fn(task, positives, negatives)(embeddings)
-        self._check_finite(task, loss, step)
-        (self._backward_scale(task) * loss).backward()
-        # pass 2: each device's chunk again with a graph; accumulate its share into the weights
-        after = _RngReplay(self.model.device)
-        for (texts, prompt), replay, leaf in zip(chunks, replays, leaves, strict=True):
-            replay.restore()
-            encode_with_grad(self.model, texts, prompt).backward(leaf.grad)
-        after.restore()
-        return loss.item(), self._observe(task, step, rows, embeddings[0], embeddings[2:])
+        embeddings = shaped(leaves)
+        value = self._backward(task, loss_of(embeddings), step)
+        for (texts, prompt, seed), leaf in zip(chunks, leaves, strict=True):
+            self._encode_seeded(texts, prompt, seed).backward(leaf.grad)
+        draw["scores"] = self._scores(embeddings[0], embeddings[2:])
+        return value
+
+    def _encode_seeded(self, texts: list[str], prompt: str | None, seed: tuple[int, ...]):
+        with self.engine.seeded(*seed):
+            return self._encode(texts, prompt)
+
+    @staticmethod
+    def _scores(q: torch.Tensor, per_rank: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        if not per_rank:
+            return None
+        merged = merge_rank_negatives([n.detach() for n in per_rank])
+        return own_negative_scores(q.detach(), merged).cpu()
+
+    def _observe(self, task: TaskConfig, step: int, draw: dict[str, Any]) -> dict[str, float]:
+        """Every rank observes every group's scores, in group order (identical DHNM state)."""
+        if not task.negatives:
+            return {}
+        if self.virtual:
+            scores = draw["scores"]
+        else:
+            n_total = task.negatives * len(self.layout.task_ranks[task.name])
+            mine = draw.get("scores")
+            if mine is None:
+                mine = torch.zeros(len(draw["group_rows"]), n_total)
+            everyone = all_gather_no_grad(mine.to(self.engine.device, torch.float32))
+            first = self.layout.task_ranks[task.name][0]
+            size = self.layout.world_size
+            scores = torch.cat([everyone[g * size + first] for g in range(self.replicas)]).cpu()
+        self.providers[task.name].observe(step, draw["rows"], scores)
+        return {f"{task.name}/neg_score": float(scores.mean())}
 
 
 # --------------------------------------------------------------------------- entry points
-def init_from_env() -> bool:
-    """Join the process group torchrun describes (``WORLD_SIZE`` etc.); False if not under torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "LOCAL_RANK" not in os.environ:
-        return False
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True
-
-
 def run_cbb(
     config_path: str | os.PathLike[str],
     *,
@@ -472,20 +429,14 @@ def run_cbb(
     resume: bool = False,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Train with CBB: real devices under torchrun, virtual devices otherwise."""
+    """Train with CBB: real devices under torchrun / accelerate launch, virtual otherwise."""
     from conan_embedding.config import load_config
 
     config = load_config(config_path, {k: v for k, v in (overrides or {}).items() if v is not None})
     if config.cbb is None:
         raise ValueError(f"{config_path}: no 'cbb' section (see configs/cbb-demo.yaml)")
-    distributed = init_from_env()
-    try:
-        trainer = CBBTrainer(config, distributed=distributed)
-        rank = trainer.rank or 0
-        return trainer.train(resume=resume, show_progress=show_progress and rank == 0)
-    finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    trainer = CBBTrainer(config)
+    return trainer.train(resume=resume, show_progress=show_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -496,12 +447,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("config", help="YAML training config with a 'cbb' section")
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda (engine.device)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     result = run_cbb(
         args.config,
-        overrides={"output_dir": args.output_dir, "optim.max_steps": args.max_steps},
+        overrides={
+            "output_dir": args.output_dir,
+            "optim.max_steps": args.max_steps,
+            "engine.device": args.device,
+        },
         resume=args.resume,
         show_progress=not args.no_progress,
     )

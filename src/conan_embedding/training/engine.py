@@ -192,7 +192,7 @@ class Engine:
 
     def __init__(self, config: EngineConfig, settings: LoopSettings):
         from accelerate import Accelerator
-        from accelerate.utils import DeepSpeedPlugin
+        from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 
         self.config = config
         self.settings = settings
@@ -215,6 +215,13 @@ class Engine:
             log_with=trackers or None,
             project_dir=str(self.output_dir),
             step_scheduler_with_optimizer=False,
+            # ranks run different numbers of forwards per step (CBB: different tasks), so
+            # DDP must not broadcast buffers at each forward (a collective per call); our
+            # encoders' buffers are constants (position ids), never updated by training;
+            # unused parameters exist (BERT's pooler is never in an embedding loss)
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=True)
+            ],
         )
         self.trackers = trackers
         self.model: torch.nn.Module | None = None
@@ -377,7 +384,9 @@ class Engine:
                     record: dict[str, Any] = {"step": step + 1, **program.step(step)}
                 optim = settings.optim
                 if optim.grad_clip:
-                    self.accelerator.clip_grad_norm_(self.forward_model.parameters(), optim.grad_clip)
+                    self.accelerator.clip_grad_norm_(
+                        self.forward_model.parameters(), optim.grad_clip
+                    )
                 self.optimizer.step()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
@@ -385,7 +394,9 @@ class Engine:
                 self.optimizer.zero_grad(set_to_none=True)
                 record.update(program.after_step(step + 1) or {})
                 record["lr"] = self.scheduler.get_last_lr()[0]
-                record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+                record = {
+                    k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()
+                }
                 loss_value = float(record.get("loss", float("nan")))
                 history.append(record)
                 if self.is_main:
@@ -396,7 +407,9 @@ class Engine:
                     self.accelerator.log(numbers, step=step + 1)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-                if self.is_main and ((step + 1) % settings.log_every == 0 or not interactive and step == start):
+                if self.is_main and (
+                    (step + 1) % settings.log_every == 0 or not interactive and step == start
+                ):
                     logger.info(
                         "%s step %d/%d loss %.4f lr %.2e",
                         settings.description,
@@ -463,9 +476,7 @@ class Engine:
             self._save_rank_state(tmp, program)
             self.wait()
             if self.is_main:
-                sched = {
-                    k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"
-                }
+                sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
                 state = {"step": step, "world_size": self.world_size, "scheduler": sched}
                 (tmp / "state.json").write_text(json.dumps(_jsonable(state)), encoding="utf-8")
                 shutil.rmtree(final, ignore_errors=True)
@@ -524,7 +535,9 @@ class Engine:
 
             load_model(self.unwrap(), str(path / "model.safetensors"), device=str(self.device))
             meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
-            optimizer_from_flat(self.optimizer, load_file(str(path / "optimizer.safetensors")), meta)
+            optimizer_from_flat(
+                self.optimizer, load_file(str(path / "optimizer.safetensors")), meta
+            )
         self.scheduler.load_state_dict({**self.scheduler.state_dict(), **state["scheduler"]})
         name = f"rank-{self.rank:05d}"
         meta = json.loads((path / f"{name}.json").read_text(encoding="utf-8"))
@@ -563,10 +576,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            module.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             count += 1
     if not count:
-        raise ValueError("gradient_checkpointing: the model holds no Hugging Face model that supports it")
+        raise ValueError(
+            "gradient_checkpointing: the model holds no Hugging Face model that supports it"
+        )
     return count
 
 

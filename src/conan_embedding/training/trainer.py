@@ -292,11 +292,12 @@ class Trainer:
         texts_of_shard: Callable[[slice], list[str]],
         batch: int,
         prompt: str | None,
+        seed_key: tuple[int, ...] = (),
     ) -> torch.Tensor:
         """This rank's shards of one kind of text, each under its own dropout seed."""
         out = []
         for shard, part in zip(self.my_shards, self._shard_slices(batch), strict=True):
-            with self.engine.seeded(step, _task_key(task.name), shard, role):
+            with self.engine.seeded(step, _task_key(task.name), shard, role, *seed_key):
                 out.append(
                     encode_with_grad(self.model, texts_of_shard(part), prompt, self.forward_model)
                 )
@@ -309,10 +310,17 @@ class Trainer:
         return self.my_shards.start * (batch // self.shards)
 
     # ----------------------------------------------------------------- losses per kind
-    def _loss(self, task: TaskConfig, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(
+        self,
+        task: TaskConfig,
+        step: int,
+        rows: list[int] | None = None,
+        seed_key: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """This rank's part of the task's loss for the step's global batch (see module doc)."""
         records = self.records[task.name]
-        rows = self.streams[task.name].next_indices(task.batch_size)
+        if rows is None:
+            rows = self.streams[task.name].next_indices(task.batch_size)
         size = len(rows)
         if size % self.shards:
             raise ValueError(
@@ -338,13 +346,21 @@ class Trainer:
             )
             n_neg = len(negatives[0]) if negatives and negatives[0] else 0
             q = self._encode_shards(
-                task, step, _QUERIES, lambda s: queries[s], size, self.query_prompt
+                task,
+                step,
+                _QUERIES,
+                lambda s: queries[s],
+                size,
+                self.query_prompt,
+                seed_key=seed_key,
             )
 
             def documents(part: slice) -> list[str]:
                 return positives[part] + [t for negs in negatives[part] for t in negs[:n_neg]]
 
-            d = self._encode_shards(task, step, _DOCUMENTS, documents, size, self.passage_prompt)
+            d = self._encode_shards(
+                task, step, _DOCUMENTS, documents, size, self.passage_prompt, seed_key=seed_key
+            )
             # each shard encoded [its positives, its negatives]: split them back per shard
             per = size // self.shards
             chunks = d.split(per * (1 + n_neg))
@@ -383,11 +399,25 @@ class Trainer:
             batch = [records[i] for i in rows]
             first, second = [r.sentence1 for r in batch], [r.sentence2 for r in batch]
             a = self._gather(
-                self._encode_shards(task, step, _QUERIES, lambda s: first[s], size, self.query_prompt)
+                self._encode_shards(
+                    task,
+                    step,
+                    _QUERIES,
+                    lambda s: first[s],
+                    size,
+                    self.query_prompt,
+                    seed_key=seed_key,
+                )
             )
             b = self._gather(
                 self._encode_shards(
-                    task, step, _DOCUMENTS, lambda s: second[s], size, self.query_prompt
+                    task,
+                    step,
+                    _DOCUMENTS,
+                    lambda s: second[s],
+                    size,
+                    self.query_prompt,
+                    seed_key=seed_key,
                 )
             )
             gold = torch.tensor([r.score for r in batch], dtype=torch.float32)
@@ -407,14 +437,18 @@ class Trainer:
         )
         n_neg = task.negatives if negatives else 0
         texts = [records[i].text for i in rows]
-        q = self._encode_shards(task, step, _QUERIES, lambda s: texts[s], size, self.query_prompt)
+        q = self._encode_shards(
+            task, step, _QUERIES, lambda s: texts[s], size, self.query_prompt, seed_key=seed_key
+        )
 
         def others(part: slice) -> list[str]:
             return [records[i].text for i in positives[part]] + [
                 records[j].text for negs in negatives[part] for j in negs
             ]
 
-        d = self._encode_shards(task, step, _DOCUMENTS, others, size, self.query_prompt)
+        d = self._encode_shards(
+            task, step, _DOCUMENTS, others, size, self.query_prompt, seed_key=seed_key
+        )
         per = size // self.shards
         chunks = d.split(per * (1 + n_neg))
         p = self._gather(torch.cat([c[:per] for c in chunks]))
