@@ -88,6 +88,7 @@ def test_pretraining_lowers_perplexity_and_writes_curve(tmp_path):
     assert (out / "model" / "tokenizer.json").is_file()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     train = [e for e in log if e["kind"] == "train"]
+    assert [e["step"] for e in log if "val_ppl" in e][-1] == 12  # evaluated at the end
     assert len(train) == 12 and {"tokens_news", "tokens_qa"} <= set(train[0])
     lrs = [e["lr"] for e in train]
     assert lrs[0] > 0 and max(lrs) == pytest.approx(3e-3) and lrs[-1] < 1e-4  # warmup + decay
@@ -99,7 +100,7 @@ def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
     # first half: 8-step schedule stopped after 4 steps via a checkpoint
     first = interrupted.model_copy(update={"steps": 8, "save_every": 4})
     _run_until(first, stop_after=4)
-    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-4"
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-000004"
     assert (checkpoint / "optimizer.safetensors").is_file()
     assert not list(checkpoint.glob("*.pt")) and not list(checkpoint.glob("*.bin"))
     summary = run_pretraining(first, resume=True)
@@ -112,21 +113,21 @@ def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
 
 def _run_until(config: PretrainConfig, stop_after: int) -> None:
     """Run ``config`` but crash right after step ``stop_after`` (simulated interruption)."""
-    import conan_embedding.training.pretrain as pretrain
+    from conan_embedding.training.pretrain import CausalLMProgram
 
-    original = pretrain._append_log
+    original = CausalLMProgram.after_step
 
-    def crash(path, entry):
-        original(path, entry)
-        if entry["kind"] == "train" and entry["step"] == stop_after + 1:
+    def crash(self, step):
+        if step == stop_after + 1:
             raise KeyboardInterrupt
+        return original(self, step)
 
-    pretrain._append_log = crash
+    CausalLMProgram.after_step = crash
     try:
         with pytest.raises(KeyboardInterrupt):
             run_pretraining(config)
     finally:
-        pretrain._append_log = original
+        CausalLMProgram.after_step = original
 
 
 def test_sft_labels_cover_the_output_only(tmp_path):

@@ -36,14 +36,25 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
     output_dir: str | None = typer.Option(None, help="Override the config's output_dir."),
     max_steps: int | None = typer.Option(None, help="Override optim.max_steps."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda (engine.device)."),
+    mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train one stage (weak or supervised) from a YAML config."""
+    """Train one stage (weak or supervised) from a YAML config.
+
+    Several processes: `torchrun --nproc_per_node N -m conan_embedding.cli train CONFIG`
+    (or `accelerate launch --config_file configs/accelerate/<ddp|fsdp|deepspeed-zero2>.yaml`).
+    """
     from conan_embedding.config import ConfigError, load_config
     from conan_embedding.data.records import RecordError
     from conan_embedding.training.trainer import Trainer, TrainingDivergedError
 
-    overrides = {"output_dir": output_dir, "optim.max_steps": max_steps}
+    overrides = {
+        "output_dir": output_dir,
+        "optim.max_steps": max_steps,
+        "engine.device": device,
+        "engine.mixed_precision": mixed_precision,
+    }
     try:
         cfg = load_config(config, {k: v for k, v in overrides.items() if v is not None})
         result = Trainer(cfg).train(resume=resume, show_progress=progress)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import tempfile
@@ -37,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
+from conan_embedding.config import EngineConfig
 from conan_embedding.losses.infonce import info_nce_loss
 from conan_embedding.losses.matryoshka import matryoshka_loss
 from conan_embedding.modeling.soft_mask import (
@@ -47,6 +46,7 @@ from conan_embedding.modeling.soft_mask import (
     Variant,
     soft_masked_forward,
 )
+from conan_embedding.training.engine import Engine
 
 Pooling = Literal["mean", "lasttoken"]
 
@@ -96,6 +96,8 @@ class WeakStageConfig(BaseModel):
     teacher_passage_prompt: str = ""
     seed: int = 0
     threads: int | None = None
+    checkpoint_every: int = Field(1000, gt=0)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
 class LLMEmbedder(torch.nn.Module):
@@ -138,7 +140,8 @@ class LLMEmbedder(torch.nn.Module):
     def forward(
         self, texts: Sequence[str], alpha: float, variant: Variant = "L_over_i"
     ) -> torch.Tensor:
-        batch = self.tokenize(texts)
+        device = next(self.backbone.parameters()).device
+        batch = {k: v.to(device) for k, v in self.tokenize(texts).items()}
         hidden = soft_masked_forward(
             self.backbone, batch["input_ids"], batch["attention_mask"], alpha, variant
         )
@@ -154,7 +157,7 @@ class LLMEmbedder(torch.nn.Module):
             for i in range(0, len(texts), batch_size)
         ]
         self.train(was_training)
-        return torch.cat(out).numpy()
+        return torch.cat(out).float().cpu().numpy()
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
@@ -217,109 +220,157 @@ def apply_lora(embedder: LLMEmbedder, settings: LoraSettings) -> LLMEmbedder:
     return embedder
 
 
-def train_weak_stage(config: WeakStageConfig, *, show_progress: bool = True) -> dict[str, Any]:
-    """Stage 3: in-batch InfoNCE on SFT pairs under the soft-mask schedule; exports the model."""
-    from conan_embedding.training.trainer import plot_losses
+class SoftMaskWeakProgram:
+    """Stage 3's step: in-batch InfoNCE on pairs, attention under the soft mask at ``alpha(t)``.
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    Every rank draws the same global batch (a seeded :class:`TaskStream`), encodes its own
+    shard of it under a dropout seed of its own, and gathers the positives with gradient, so
+    each rank's queries meet the whole batch's positives as negatives.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        embedder: LLMEmbedder,
+        pairs: list[tuple[str, str]],
+        config: WeakStageConfig,
+        dims: list[int],
+    ):
+        from conan_embedding.data.sampler import TaskStream
+
+        self.engine, self.embedder, self.pairs = engine, embedder, pairs
+        self.config, self.dims = config, dims
+        self.schedule = SoftMaskSchedule(config.schedule, config.steps, config.variant)
+        self.stream = TaskStream("weak", len(pairs), config.seed)
+        self.batch_size = min(config.batch_size, len(pairs))
+        if self.batch_size % engine.world_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split over {engine.world_size} processes"
+            )
+        self.forward_model = engine.prepare(embedder)
+        self.losses: list[float] = []
+
+    def step(self, step: int) -> dict[str, float]:
+        from conan_embedding.training.collectives import all_gather_with_grad
+
+        engine = self.engine
+        rows = self.stream.next_indices(self.batch_size)
+        share = len(rows) // engine.world_size
+        mine = [self.pairs[i] for i in rows[engine.rank * share : (engine.rank + 1) * share]]
+        alpha = self.schedule.alpha(step)
+        variant = self.config.variant
+        with engine.seeded(step, engine.rank, 0):
+            queries = self.forward_model([q for q, _ in mine], alpha, variant).float()
+        with engine.seeded(step, engine.rank, 1):
+            positives = self.forward_model([p for _, p in mine], alpha, variant).float()
+        positives = torch.cat(all_gather_with_grad(positives))
+        offset = engine.rank * share
+
+        def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            return info_nce_loss(q, p, temperature=self.config.temperature, query_offset=offset)
+
+        loss = matryoshka_loss(loss_fn, [queries, positives], self.dims)
+        engine.check_finite(loss, "the weak stage", step)
+        engine.backward(loss)
+        value = float(engine.mean_over_ranks(torch.tensor([loss.item()]))[0])
+        self.losses.append(value)
+        return {"loss": value, "alpha": alpha}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream.state_dict(), "losses": self.losses}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.losses = list(state["losses"])
+
+    def finish(self, engine: Engine, result: Any) -> None:
+        from conan_embedding.training.trainer import plot_losses
+
+        if engine.sharded_state:
+            full = engine.full_state_dict()
+            if engine.is_main:
+                self.embedder.load_state_dict(full)
+        if not engine.is_main:
+            return
+        out = engine.output_dir
+        config = self.config
+        plot_losses(out / "train_log.jsonl", out / "loss.png")
+        params = [p for p in self.embedder.parameters() if p.requires_grad]
+        self.summary = {
+            "stage": "weak",
+            "schedule": config.schedule,
+            "variant": config.variant,
+            "pooling": config.pooling,
+            "lora": config.lora.model_dump() if config.lora else None,
+            "steps": config.steps,
+            "pairs": len(self.pairs),
+            "teacher_filter": getattr(self, "teacher_report", None),
+            "first_loss": self.losses[0],
+            "final_loss_mean_last_10": float(np.mean(self.losses[-10:])),
+            "seconds": round(result.seconds, 2),
+            "loadavg": list(os.getloadavg()),
+            "processes": engine.world_size,
+            "trainable_parameters": sum(p.numel() for p in params),
+        }
+        export_sentence_transformer(
+            self.embedder,
+            out / "model",
+            bidirectional=self.schedule.ends_bidirectional,
+            matryoshka_dims=self.dims or None,
+            extra_meta=self.summary,
+        )
+        (out / "summary.json").write_text(json.dumps(self.summary, indent=2), encoding="utf-8")
+
+
+def train_weak_stage(
+    config: WeakStageConfig, *, show_progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
+    """Stage 3: in-batch InfoNCE on SFT pairs under the soft-mask schedule; exports the model."""
+    from conan_embedding.config import OptimConfig
+    from conan_embedding.training.engine import LoopSettings
+
+    engine_config = config.engine
+    if config.threads and not engine_config.threads:
+        engine_config = engine_config.model_copy(update={"threads": config.threads})
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
+    engine = Engine(
+        engine_config,
+        LoopSettings(
+            output_dir=out,
+            steps=config.steps,
+            optim=OptimConfig(
+                lr=config.lr,
+                warmup_ratio=config.warmup_ratio,
+                weight_decay=config.weight_decay,
+                max_steps=config.steps,
+                grad_clip=1.0,
+            ),
+            seed=config.seed,
+            checkpoint_every=config.checkpoint_every,
+            description=f"weak stage ({config.schedule})",
+        ),
+    )
     pairs = weak_pairs(config.data, config.max_rows, config.seed)
     teacher_report = None
     if config.teacher:
+        out.mkdir(parents=True, exist_ok=True)
         pairs, teacher_report = teacher_filtered(pairs, config, out)
     embedder = LLMEmbedder.from_llm(config.llm, config.pooling, config.max_len)
     if config.lora is not None:
         apply_lora(embedder, config.lora)
-    schedule = SoftMaskSchedule(config.schedule, config.steps, config.variant)
-    params = [p for p in embedder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-    )
-    warmup = max(1, round(config.warmup_ratio * config.steps))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (config.steps - step) / max(1, config.steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     dims = (
         [d for d in config.matryoshka_dims if d < embedder.width] + [embedder.width]
         if config.matryoshka_dims
         else []
     )
-
-    def loss_fn(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return info_nce_loss(q, p, temperature=config.temperature)
-
-    log_path = out / "train_log.jsonl"
-    log_path.unlink(missing_ok=True)
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    began = time.perf_counter()
-    embedder.train()
-    losses: list[float] = []
-    for step in tqdm(
-        range(config.steps), desc=f"weak stage ({config.schedule})", disable=not show_progress
-    ):
-        if len(order) < config.batch_size:
-            fresh = list(range(len(pairs)))
-            rng.shuffle(fresh)
-            order.extend(fresh)
-        batch = [pairs[order.pop()] for _ in range(min(config.batch_size, len(pairs)))]
-        alpha = schedule.alpha(step)
-        queries = embedder([q for q, _ in batch], alpha, config.variant)
-        positives = embedder([p for _, p in batch], alpha, config.variant)
-        loss = matryoshka_loss(loss_fn, [queries, positives], dims)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"weak stage diverged at step {step} (loss {loss.item()})")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        with open(log_path, "a", encoding="utf-8") as handle:
-            row = {
-                "step": step + 1,
-                "loss": loss.item(),
-                "alpha": alpha,
-                "lr": scheduler.get_last_lr()[0],
-            }
-            handle.write(json.dumps(row) + "\n")
-    seconds = time.perf_counter() - began
-    plot_losses(log_path, out / "loss.png")
-    summary = {
-        "stage": "weak",
-        "schedule": config.schedule,
-        "variant": config.variant,
-        "pooling": config.pooling,
-        "lora": config.lora.model_dump() if config.lora else None,
-        "steps": config.steps,
-        "pairs": len(pairs),
-        "teacher_filter": teacher_report,
-        "first_loss": losses[0],
-        "final_loss_mean_last_10": float(np.mean(losses[-10:])),
-        "seconds": round(seconds, 2),
-        "loadavg": list(os.getloadavg()),
-        "trainable_parameters": sum(p.numel() for p in params),
-    }
-    export_sentence_transformer(
-        embedder,
-        out / "model",
-        bidirectional=schedule.ends_bidirectional,
-        matryoshka_dims=dims or None,
-        extra_meta=summary,
-    )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return summary
+    program = SoftMaskWeakProgram(engine, embedder, pairs, config, dims)
+    program.teacher_report = teacher_report
+    engine.run(program, resume=resume, show_progress=show_progress)
+    return engine.broadcast_object(getattr(program, "summary", None))
 
 
 def teacher_filtered(

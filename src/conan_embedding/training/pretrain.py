@@ -27,13 +27,10 @@ import json
 import math
 import os
 import random
-import shutil
 import tempfile
-import time
 import unicodedata
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
+from conan_embedding.config import EngineConfig, OptimConfig
 from conan_embedding.data.records import (
     iter_json_objects,
     text_field,
@@ -57,6 +55,7 @@ from conan_embedding.modeling.llm import (
     save_tokenizer,
     train_tokenizer,
 )
+from conan_embedding.training.engine import Engine, LoopSettings, RunResult
 
 IGNORE_INDEX = -100
 
@@ -98,6 +97,9 @@ class PretrainConfig(BaseModel):
     seed: int = 0
     # CPU threads for torch; 1 is fastest when other jobs share the cores (None = torch default)
     threads: int | None = None
+    micro_batch_size: int | None = None
+    """Rows per forward/backward; the step's batch is accumulated over micro-batches."""
+    engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
 class SFTConfig(BaseModel):
@@ -118,6 +120,15 @@ class SFTConfig(BaseModel):
     keep_checkpoints: int = 2
     seed: int = 0
     threads: int | None = None
+    micro_batch_size: int | None = None
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+def _engine(config: PretrainConfig | SFTConfig) -> EngineConfig:
+    """The config's engine settings, with the older top-level ``threads`` folded in."""
+    if config.threads and not config.engine.threads:
+        return config.engine.model_copy(update={"threads": config.threads})
+    return config.engine
 
 
 # ---------------------------------------------------------------- reading data
@@ -206,46 +217,13 @@ def pack_blocks(
     return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
 
 
-# ---------------------------------------------------------------- optimizer state (no pickle)
-
-
-def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().clone()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    meta = {"param_groups": state["param_groups"], "scalars": scalars}
-    (folder / "optimizer.json").write_text(json.dumps(meta), encoding="utf-8")
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    meta = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-# ---------------------------------------------------------------- the shared loop
+# ---------------------------------------------------------------- the step program
 
 
 @dataclass
-class LoopSettings:
-    output_dir: Path
+class CausalLMSettings:
+    """What the LM stages add to the engine's loop: evaluation cadence and micro-batches."""
+
     steps: int
     lr: float
     warmup_ratio: float
@@ -256,15 +234,107 @@ class LoopSettings:
     keep_checkpoints: int
     seed: int
     description: str
-    threads: int | None = None
+    micro_batch_size: int | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-def _latest_checkpoint(output_dir: Path) -> Path | None:
-    folders = sorted(
-        (p for p in (output_dir / "checkpoints").glob("step-*") if p.is_dir()),
-        key=lambda p: int(p.name.split("-")[1]),
-    )
-    return folders[-1] if folders else None
+class CausalLMProgram:
+    """One LM step: ``next_batch(step)`` rows, this rank's share, cut into micro-batches.
+
+    Rank ``r`` of ``W`` takes rows ``r*B/W .. (r+1)*B/W - 1`` of the step's batch; each
+    micro-batch's mean token loss is weighted by its share of the rank's rows, so the rank's
+    gradient is that of the mean over its rows, and DDP's average over ranks that of the
+    whole batch (exact for packed pretraining blocks, where every row has the same tokens).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
+        evaluate: Callable[[torch.nn.Module], float],
+        settings: CausalLMSettings,
+        extra_meta: dict[str, Any],
+    ):
+        self.engine, self.model, self.tokenizer = engine, model, tokenizer
+        self.next_batch, self.evaluate, self.settings = next_batch, evaluate, settings
+        self.extra_meta = extra_meta
+        self.forward_model = engine.prepare(
+            model, decay_filter=lambda name, p: p.ndim >= 2 and "norm" not in name
+        )
+        self.evals: list[dict[str, Any]] = []
+
+    def _eval_entry(self, step: int) -> dict[str, float]:
+        was_training = self.model.training
+        val = self.evaluate(self.engine.unwrap())
+        self.model.train(was_training)
+        entry = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        self.evals.append(entry)
+        return {"val_loss": val, "val_ppl": entry["val_ppl"]}
+
+    def step(self, step: int) -> dict[str, Any]:
+        if step == 0 and not self.evals:
+            self._eval_entry(0)
+        input_ids, labels, info = self.next_batch(step)
+        engine = self.engine
+        rows = input_ids.shape[0]
+        if rows % engine.world_size:
+            raise ValueError(
+                f"batch_size {rows} does not split over {engine.world_size} processes"
+            )
+        share = rows // engine.world_size
+        mine = slice(engine.rank * share, (engine.rank + 1) * share)
+        input_ids, labels = input_ids[mine], labels[mine]
+        size = self.settings.micro_batch_size or share
+        starts = list(range(0, share, size))
+        total = 0.0
+        for number, start in enumerate(starts):
+            ids = input_ids[start : start + size].to(engine.device)
+            target = labels[start : start + size].to(engine.device)
+            with engine.sync(last=number == len(starts) - 1):
+                loss = self.forward_model(input_ids=ids, labels=target).loss
+                engine.check_finite(loss, self.settings.description, step)
+                engine.backward(loss * ids.shape[0] / share)
+            total += loss.item() * ids.shape[0] / share
+        mean = float(engine.mean_over_ranks(torch.tensor([total]))[0])
+        return {"loss": mean, "kind": "train", **info}
+
+    def after_step(self, step: int) -> dict[str, Any]:
+        if step % self.settings.eval_every == 0 or step == self.settings.steps:
+            return self._eval_entry(step)
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"evals": self.evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.evals = list(state["evals"])
+
+    def finish(self, engine: Engine, result: RunResult) -> None:
+        if engine.sharded_state:
+            full = engine.full_state_dict()
+            if engine.is_main:
+                self.model.load_state_dict(full, strict=False)
+        if not engine.is_main:
+            return
+        out = engine.output_dir
+        self.model.eval()
+        train = [h for h in _read_jsonl(out / "log.jsonl") if "loss" in h]
+        self.summary = {
+            "steps": self.settings.steps,
+            "resumed_from": result.start_step,
+            "seconds_this_run": round(result.seconds, 2),
+            "first_val_ppl": self.evals[0]["val_ppl"],
+            "final_val_ppl": self.evals[-1]["val_ppl"],
+            "final_train_loss": train[-1]["loss"] if train else float("nan"),
+            "loadavg": list(os.getloadavg()),
+            "processes": engine.world_size,
+            **self.extra_meta,
+        }
+        save_llm(self.model, self.tokenizer, out / "model", extra=self.summary)
+        _write_json(out / "summary.json", self.summary)
+        plot_curve(train, self.evals, out / "curve.png", title=self.settings.description)
 
 
 def train_causal_lm(
@@ -272,119 +342,43 @@ def train_causal_lm(
     tokenizer: Any,
     next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
     evaluate: Callable[[torch.nn.Module], float],
-    settings: LoopSettings,
+    settings: CausalLMSettings,
+    output_dir: Path,
     *,
     resume: bool = True,
     extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """AdamW + warmup/decay over ``next_batch(step) -> (input_ids, labels, info)``.
-
-    Logs to ``log.jsonl``, checkpoints to ``checkpoints/step-N``, saves the final model to
-    ``output_dir/model`` and a curve to ``curve.png``; returns the summary.
-    """
-    from transformers import get_scheduler
-
-    out = settings.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    finished = _finished_summary(out, settings.steps) if resume else None
-    if finished is not None:  # a completed run is not redone (resume=False retrains)
+    """Run an LM stage on the engine; logs ``log.jsonl``, checkpoints, saves ``model/``,
+    ``summary.json`` and ``curve.png``; returns the summary. A finished run is not redone."""
+    finished = _finished_summary(output_dir, settings.steps) if resume else None
+    if finished is not None:
         return finished
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": settings.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=settings.lr,
+    engine = Engine(
+        settings.engine,
+        LoopSettings(
+            output_dir=output_dir,
+            steps=settings.steps,
+            optim=OptimConfig(
+                lr=settings.lr,
+                warmup_ratio=settings.warmup_ratio,
+                weight_decay=settings.weight_decay,
+                max_steps=settings.steps,
+                grad_clip=1.0,
+                scheduler=settings.scheduler,
+            ),
+            seed=settings.seed,
+            checkpoint_every=settings.save_every,
+            keep_checkpoints=settings.keep_checkpoints,
+            description=settings.description,
+            log_name="log.jsonl",
+        ),
     )
-    scheduler = get_scheduler(
-        settings.scheduler,
-        optimizer,
-        num_warmup_steps=max(1, round(settings.warmup_ratio * settings.steps)),
-        num_training_steps=settings.steps,
+    program = CausalLMProgram(
+        engine, model, tokenizer, next_batch, evaluate, settings, extra_meta or {}
     )
-    start, history = 0, []
-    checkpoint = _latest_checkpoint(out) if resume else None
-    if checkpoint is not None:
-        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
-        model.tie_weights()
-        load_optimizer(optimizer, checkpoint)
-        start, history = state["step"], state["history"]
-        with warnings.catch_warnings():  # replaying the schedule, not skipping a step
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start):
-                scheduler.step()
-    log_path = out / "log.jsonl"
-    if start == 0:
-        log_path.unlink(missing_ok=True)
-        history = []
-        first = {"step": 0, "val_loss": evaluate(model), "kind": "eval"}
-        first["val_ppl"] = math.exp(min(first["val_loss"], 50.0))
-        history.append(first)
-        _append_log(log_path, first)
-
-    began = time.perf_counter()
-    model.train()
-    progress = tqdm(
-        range(start, settings.steps), desc=settings.description, initial=start, total=settings.steps
-    )
-    for step in progress:
-        input_ids, labels, info = next_batch(step)
-        loss = model(input_ids=input_ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        entry = {
-            "step": done,
-            "loss": loss.item(),
-            "lr": scheduler.get_last_lr()[0],
-            "kind": "train",
-            **info,
-        }
-        history.append(entry)
-        _append_log(log_path, entry)
-        progress.set_postfix(loss=f"{entry['loss']:.3f}")
-        if done % settings.eval_every == 0 or done == settings.steps:
-            val = evaluate(model)
-            model.train()
-            entry = {
-                "step": done,
-                "val_loss": val,
-                "val_ppl": math.exp(min(val, 50.0)),
-                "kind": "eval",
-            }
-            history.append(entry)
-            _append_log(log_path, entry)
-        if done % settings.save_every == 0 and done < settings.steps:
-            _save_checkpoint(model, optimizer, out, done, history, settings.keep_checkpoints)
-    seconds = time.perf_counter() - began
-    model.eval()
-    evals = [h for h in history if h["kind"] == "eval"]
-    summary = {
-        "steps": settings.steps,
-        "resumed_from": start,
-        "seconds_this_run": round(seconds, 2),
-        "first_val_ppl": evals[0]["val_ppl"],
-        "final_val_ppl": evals[-1]["val_ppl"],
-        "final_train_loss": next(h["loss"] for h in reversed(history) if h["kind"] == "train"),
-        "loadavg": list(os.getloadavg()),
-        **(extra_meta or {}),
-    }
-    save_llm(model, tokenizer, out / "model", extra=summary)
-    _write_json(out / "summary.json", summary)
-    plot_curve(history, out / "curve.png", title=settings.description)
-    return summary
+    engine.run(program, resume=resume)
+    return engine.broadcast_object(getattr(program, "summary", None))
 
 
 def _finished_summary(out: Path, steps: int) -> dict[str, Any] | None:
@@ -395,37 +389,10 @@ def _finished_summary(out: Path, steps: int) -> dict[str, Any] | None:
     return summary if summary.get("steps") == steps else None
 
 
-def _save_checkpoint(model, optimizer, out: Path, step: int, history, keep: int) -> None:
-    from safetensors.torch import save_file
-
-    final = out / "checkpoints" / f"step-{step}"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".step-{step}.tmp"))
-    try:
-        # tied weights share storage: store each tensor once, re-tie on load
-        seen: set[int] = set()
-        tensors = {}
-        for name, tensor in model.state_dict().items():
-            if tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())
-            tensors[name] = tensor.detach().contiguous().clone()
-        save_file(tensors, str(tmp / "model.safetensors"))
-        save_optimizer(optimizer, tmp)
-        _write_json(tmp / "trainer_state.json", {"step": step, "history": history})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    folders = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in folders[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _append_log(path: Path, entry: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -435,15 +402,15 @@ def _write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def plot_curve(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+def plot_curve(
+    train: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], path: Path, title: str = ""
+) -> None:
     """Training loss and held-out perplexity against the step, as a PNG (written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [h for h in history if h["kind"] == "train"]
-    evals = [h for h in history if h["kind"] == "eval"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot([h["step"] for h in train], [h["loss"] for h in train], lw=0.8)
     left.set(xlabel="step", ylabel="train loss", title=f"{title} loss")
@@ -543,8 +510,7 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = True) -> dict[str,
         ids, drawn = batcher.batch(step)
         return ids, ids, {f"tokens_{k}": v for k, v in drawn.items()}
 
-    settings = LoopSettings(
-        output_dir=out,
+    settings = CausalLMSettings(
         steps=config.steps,
         lr=config.lr,
         warmup_ratio=config.warmup_ratio,
@@ -555,7 +521,8 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = True) -> dict[str,
         keep_checkpoints=config.keep_checkpoints,
         seed=config.seed,
         description="pretrain",
-        threads=config.threads,
+        micro_batch_size=config.micro_batch_size,
+        engine=_engine(config),
     )
     meta = {
         "stage": "pretrain",
@@ -572,6 +539,7 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = True) -> dict[str,
         next_batch,
         lambda m: _held_out_loss(m, held_blocks),
         settings,
+        out,
         resume=resume,
         extra_meta=meta,
     )
@@ -627,8 +595,7 @@ def run_sft(config: SFTConfig, *, resume: bool = True) -> dict[str, Any]:
         ids, attention, labels = encode_sft(batch, tokenizer, config.max_len)
         return ids, labels, {"output_tokens": int((labels != IGNORE_INDEX).sum())}
 
-    settings = LoopSettings(
-        output_dir=Path(config.output_dir),
+    settings = CausalLMSettings(
         steps=config.steps,
         lr=config.lr,
         warmup_ratio=config.warmup_ratio,
@@ -639,7 +606,8 @@ def run_sft(config: SFTConfig, *, resume: bool = True) -> dict[str, Any]:
         keep_checkpoints=config.keep_checkpoints,
         seed=config.seed,
         description="sft",
-        threads=config.threads,
+        micro_batch_size=config.micro_batch_size,
+        engine=_engine(config),
     )
     meta = {
         "stage": "sft",
@@ -653,6 +621,7 @@ def run_sft(config: SFTConfig, *, resume: bool = True) -> dict[str, Any]:
         next_batch,
         lambda m: _held_out_loss(m, held_ids, held_labels),
         settings,
+        Path(config.output_dir),
         resume=resume,
         extra_meta=meta,
     )
