@@ -31,14 +31,14 @@ def classification_as_retrieval_loss(
     """``text``/``same_label`` ``[B, d]``, ``other_labels`` ``[B, n, d]``, ``labels`` ``[B]``,
     ``other_label_ids`` ``[B, n]``; with ``query_offset`` the texts are rows
     ``query_offset ..`` of a batch gathered from every rank (see ``info_nce_loss``)."""
-    labels = labels.to(text.device)
-    if other_label_ids is not None:
-        other_label_ids = other_label_ids.to(text.device)
     if other_labels is not None and other_label_ids is not None:
         mine = slice(query_offset, query_offset + text.shape[0])
         own = labels[mine].unsqueeze(1) == other_label_ids[mine]
         if own.any():
             raise ValueError("a hard negative carries the query's own label")
+    labels = labels.to(text.device)
+    if other_label_ids is not None:
+        other_label_ids = other_label_ids.to(text.device)
     return info_nce_loss(
         text,
         same_label,

@@ -206,6 +206,12 @@ class Engine:
                 raise FileNotFoundError(f"engine.deepspeed: no such file {config.deepspeed}")
             deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=str(config.deepspeed))
         trackers = _trackers(config.trackers)
+        # one process may run several stages (the v2 demo: pretrain, SFT, weak, supervised),
+        # each with its own precision: accelerate keeps that choice in a process-wide
+        # singleton, so forget it (the process group, PartialState, is kept)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
         # cpu=True is what makes torchrun on a CPU machine a MULTI_CPU (gloo, DDP) run
         # instead of N processes that each train alone
         self.accelerator = Accelerator(
@@ -533,7 +539,9 @@ class Engine:
         else:
             from safetensors.torch import load_model
 
-            load_model(self.unwrap(), str(path / "model.safetensors"), device=str(self.device))
+            # safetensors names the CPU "cpu" (accelerate's MULTI_CPU device is "cpu:0")
+            device = "cpu" if self.device.type == "cpu" else str(self.device)
+            load_model(self.unwrap(), str(path / "model.safetensors"), device=device)
             meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
             optimizer_from_flat(
                 self.optimizer, load_file(str(path / "optimizer.safetensors")), meta

@@ -166,7 +166,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -
     if pooling == "mean":
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
     last = attention_mask.sum(1) - 1
-    return hidden[torch.arange(hidden.shape[0]), last]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def with_eos_appended(tokenizer: Any) -> Any:

@@ -288,10 +288,11 @@ class CausalLMProgram:
         input_ids, labels = input_ids[mine], labels[mine]
         size = self.settings.micro_batch_size or share
         starts = list(range(0, share, size))
+        device = next(self.model.parameters()).device
         total = 0.0
         for number, start in enumerate(starts):
-            ids = input_ids[start : start + size].to(engine.device)
-            target = labels[start : start + size].to(engine.device)
+            ids = input_ids[start : start + size].to(device)
+            target = labels[start : start + size].to(device)
             with engine.sync(last=number == len(starts) - 1):
                 loss = self.forward_model(input_ids=ids, labels=target).loss
                 engine.check_finite(loss, self.settings.description, step)
