@@ -580,7 +580,7 @@ def run_arm(
     record = _base_record(arm, seed, str(config_path))
     started = time.perf_counter()
     if config.cbb is not None:
-        trainer: Trainer = CBBTrainer(config, distributed=False)
+        trainer: Trainer = CBBTrainer(config)
     else:
         trainer = Trainer(config)
     result = trainer.train(show_progress=settings.show_progress)

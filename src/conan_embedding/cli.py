@@ -296,11 +296,22 @@ def pretrain_command(
     output_dir: str | None = typer.Option(None, help="Override output_dir."),
     steps: int | None = typer.Option(None, help="Override steps."),
     resume: bool = typer.Option(True, help="Continue from the newest checkpoint."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda (engine.device)."),
+    mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
 ) -> None:
     """Causal-LM pretraining with per-source mixing weights, packing and a perplexity curve."""
     from conan_embedding.training.pretrain import PretrainConfig, load_stage_config, run_pretraining
 
-    cfg = load_stage_config(config, PretrainConfig, {"output_dir": output_dir, "steps": steps})
+    cfg = load_stage_config(
+        config,
+        PretrainConfig,
+        {
+            "output_dir": output_dir,
+            "steps": steps,
+            "engine.device": device,
+            "engine.mixed_precision": mixed_precision,
+        },
+    )
     summary = run_pretraining(cfg, resume=resume)
     typer.echo(
         f"perplexity {summary['first_val_ppl']:.1f} -> {summary['final_val_ppl']:.1f}; model in {cfg.output_dir}/model"
@@ -313,11 +324,22 @@ def sft_command(
     output_dir: str | None = typer.Option(None, help="Override output_dir."),
     steps: int | None = typer.Option(None, help="Override steps."),
     resume: bool = typer.Option(True, help="Continue from the newest checkpoint."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda (engine.device)."),
+    mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
 ) -> None:
     """Supervised fine-tuning on (instruction, input, output) rows, loss on the output only."""
     from conan_embedding.training.pretrain import SFTConfig, load_stage_config, run_sft
 
-    cfg = load_stage_config(config, SFTConfig, {"output_dir": output_dir, "steps": steps})
+    cfg = load_stage_config(
+        config,
+        SFTConfig,
+        {
+            "output_dir": output_dir,
+            "steps": steps,
+            "engine.device": device,
+            "engine.mixed_precision": mixed_precision,
+        },
+    )
     summary = run_sft(cfg, resume=resume)
     typer.echo(
         f"held-out output perplexity {summary['first_val_ppl']:.1f} -> {summary['final_val_ppl']:.1f}; model in {cfg.output_dir}/model"
@@ -571,6 +593,8 @@ def train_cbb_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
     output_dir: str | None = typer.Option(None, help="Override the config's output_dir."),
     max_steps: int | None = typer.Option(None, help="Override optim.max_steps."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda (engine.device)."),
+    mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train with CBB: virtual devices in one process (under torchrun: one device per process)."""
@@ -579,7 +603,12 @@ def train_cbb_command(
     from conan_embedding.training.distributed import run_cbb
     from conan_embedding.training.trainer import TrainingDivergedError
 
-    overrides = {"output_dir": output_dir, "optim.max_steps": max_steps}
+    overrides = {
+        "output_dir": output_dir,
+        "optim.max_steps": max_steps,
+        "engine.device": device,
+        "engine.mixed_precision": mixed_precision,
+    }
     try:
         result = run_cbb(config, overrides=overrides, resume=resume, show_progress=progress)
     except (ConfigError, RecordError, TrainingDivergedError, ValueError, FileNotFoundError) as err:

@@ -332,10 +332,32 @@ class Engine:
         self.accelerator.backward(loss)
 
     def sync(self, last: bool) -> contextlib.AbstractContextManager:
-        """Around a forward + backward: gradients are reduced across ranks only when ``last``."""
-        if last or not self.distributed or self.sharded_state:
+        """Around a forward + backward: gradients are reduced across ranks only when ``last``.
+
+        DDP skips its all-reduce inside ``no_sync``; DeepSpeed is told the backward is not a
+        gradient-accumulation boundary (else accelerate would step its optimizer after every
+        backward of a step).
+        """
+        if last or not self.distributed:
+            return contextlib.nullcontext()
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return self._deepspeed_accumulating()
+        if self.sharded_state:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.forward_model)
+
+    @contextlib.contextmanager
+    def _deepspeed_accumulating(self) -> Iterator[None]:
+        state = self.accelerator.gradient_state
+        state._set_sync_gradients(False)
+        self.forward_model.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.forward_model.set_gradient_accumulation_boundary(True)
+            state._set_sync_gradients(True)
 
     @contextlib.contextmanager
     def seeded(self, *keys: int) -> Iterator[None]:

@@ -797,7 +797,14 @@ def load_stage_config(
         raise ValueError(f"{path}: invalid YAML ({err})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
     try:
         return model.model_validate(raw)
     except ValidationError as err:
