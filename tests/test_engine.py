@@ -17,7 +17,6 @@ import yaml
 from tests.device_guard import DeviceGuard, DeviceMixError
 from tests.test_distributed import assert_same_weights, write_cbb_config
 from tests.test_llm_embedding import _config as weak_config
-from tests.test_llm_embedding import tiny_llm  # noqa: F401  (fixture)
 from tests.test_trainer import write_config
 
 from conan_embedding.config import load_config
@@ -224,7 +223,7 @@ def test_every_stage_builds_its_helper_tensors_on_the_model_device(
     tmp_path,
     tiny_bert,
     tiny_llm,
-    stage,  # noqa: F811
+    stage,
 ):
     """One step of each stage with the model on ``meta``: no label, group, gold-score or mask
     tensor may stay on the CPU (the bug a CUDA run would hit at its first step)."""

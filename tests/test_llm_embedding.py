@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
+from tests.conftest import LLM_WORDS
 
 from conan_embedding.modeling.embedder import load_embedder, matryoshka_dims
-from conan_embedding.modeling.llm import build_causal_lm, llm_config, save_llm, train_tokenizer
 from conan_embedding.training.llm_embedding import (
     LLMEmbedder,
     LoraSettings,
@@ -21,36 +21,7 @@ from conan_embedding.training.llm_embedding import (
     weak_pairs,
 )
 
-WORDS = ["apple", "river", "mountain", "苹果", "河流", "高山", "green", "绿色", "music", "音乐"]
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llm")
-    rows = []
-    for k in range(60):
-        a, b = WORDS[k % 10], WORDS[(k * 3 + 1) % 10]
-        rows.append(
-            {"instruction": "Translate.", "input": f"{a} {b} {k}", "output": f"{b} {a} {k}"}
-        )
-    data = folder / "sft.jsonl"
-    data.write_text(
-        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8"
-    )
-    tokenizer = train_tokenizer(
-        [f"{r['input']} {r['output']}" for r in rows] * 3, 300, show_progress=False
-    )
-    config = llm_config(
-        "tiny",
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-    )
-    save_llm(build_causal_lm(config, seed=0), tokenizer, folder / "model")
-    return folder
+WORDS = LLM_WORDS
 
 
 def _config(tiny_llm, tmp_path, **extra) -> WeakStageConfig:
