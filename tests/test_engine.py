@@ -235,3 +235,17 @@ def test_every_stage_builds_its_helper_tensors_on_the_model_device(
         _weak_llm_step_on_meta(tmp_path, tiny_llm)
     else:
         _causal_lm_step_on_meta(tmp_path, tiny_llm)
+
+
+def test_training_writes_tensorboard_events_and_no_carriage_returns(tmp_path, tiny_bert):
+    """A run logged to a pipe stays readable (no progress-bar redraws); TensorBoard gets the
+    losses when it is installed (the engine's `trackers: [auto]`)."""
+    pytest.importorskip("tensorboard")
+    config = _engine_config(tmp_path, tiny_bert, steps=3, log_every=1)
+    done = _run(
+        [sys.executable, "-m", "conan_embedding.cli", "train", str(config)],
+        tmp_path,
+    )
+    assert "\r" not in done.stderr and "step 3/3" in done.stderr
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -20,6 +20,26 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 
 
+@app.callback()
+def _console() -> None:
+    """Progress lines on stderr; on a file or pipe, no progress-bar redraws ('\\r')."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    package = logging.getLogger("conan_embedding")
+    package.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) for h in package.handlers):
+        package.addHandler(handler)
+    if not sys.stderr.isatty():
+        import os
+
+        # Hugging Face's own bars (weights loading, shard writing) redraw with carriage returns
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""
