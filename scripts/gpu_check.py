@@ -163,7 +163,7 @@ def check_1_4b(work: Path, llm: Path, device: str, steps: int) -> None:
     run_pretraining(
         PretrainConfig(
             output_dir=str(work / "pretrain-1.4b"),
-            preset="1.4b",
+            preset="conan-v2-1.4b",
             sources=[{"name": "toy", "path": str(llm.parent / "docs.txt")}],
             tokenizer=str(llm),
             seq_len=512,

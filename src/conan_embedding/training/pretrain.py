@@ -12,10 +12,12 @@ How:
   padding). Because a batch depends only on ``(seed, step)``, resuming replays the exact data.
 - Loss: next-token cross-entropy ``L = -1/N sum_t log p(x_{t+1} | x_<=t)``; perplexity is
   ``exp(L)`` on held-out documents of every source (every ``holdout_every``-th document).
-- AdamW, linear warmup over ``warmup_ratio`` of the steps then cosine (or linear) decay.
-- Checkpoints are folders ``checkpoints/step-N`` holding the model (safetensors), the optimizer
-  state (safetensors tensors + JSON, never a pickle) and ``trainer_state.json``; ``resume``
-  continues from the newest one. A JSONL log and a loss / perplexity PNG are written beside.
+- The loop is the training engine's (``training.engine``): AdamW with warmup then cosine or
+  linear decay, bf16, DDP/FSDP/DeepSpeed, checkpoints (safetensors + JSON, every rank resumes
+  at the same step), ``log.jsonl``. :class:`CausalLMProgram` says what a step is: this rank's
+  rows of the batch, cut into ``micro_batch_size`` micro-batches whose gradients accumulate,
+  and the held-out perplexity every ``eval_every`` steps; ``curve.png`` and ``summary.json``
+  are written at the end, and a finished run is not redone.
 - SFT rows are ``{"instruction", "input", "output"}``; the model sees
   ``instruction \\n input \\n output <eos>`` and the loss covers the output tokens only
   (prompt and padding labels are ``-100``).
