@@ -229,6 +229,7 @@ def _spawned_rank(rank: int, world: int, port: int, config_path: str, out: str) 
         tensors = _grads(trainer.model)
         tensors["__total__"] = torch.tensor([record["loss"]], dtype=torch.float64)
         save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out}/rank{rank}.safetensors")
+        trainer.engine.release()  # as a finished run does: barrier, then DDP is dropped
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -458,9 +457,9 @@ class Engine:
             )
             self.wait()
             program.finish(self, result)
-            self.wait()
             if self.trackers:
                 self.accelerator.end_training()
+            self.release()
             return result
         finally:
             if handler is not None:
@@ -476,6 +475,20 @@ class Engine:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(handler)
         return handler
+
+    def release(self) -> None:
+        """Drop the DDP/FSDP wrapper once training is over (the model itself stays usable).
+
+        The barrier first lets every rank's last collective finish: destroying DDP's reducer
+        while gloo's worker thread still releases a finished all-reduce deadlocks on the GIL.
+        """
+        import gc
+
+        self.wait()
+        if self.forward_model is not None:
+            self.forward_model = self.unwrap()
+        self.accelerator.free_memory()
+        gc.collect()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on every rank's CPU (gathered under FSDP/DeepSpeed)."""
@@ -615,8 +628,3 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
             "gradient_checkpointing: the model holds no Hugging Face model that supports it"
         )
     return count
-
-
-def finite_mean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")

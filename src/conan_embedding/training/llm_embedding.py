@@ -247,8 +247,13 @@ class SoftMaskWeakProgram:
             raise ValueError(
                 f"batch_size {self.batch_size} does not split over {engine.world_size} processes"
             )
-        self.forward_model = engine.prepare(embedder)
+        engine.prepare(embedder)
         self.losses: list[float] = []
+
+    @property
+    def forward_model(self) -> torch.nn.Module:
+        """The module to call for forward passes (the engine's DDP/FSDP wrapper while training)."""
+        return self.engine.forward_model
 
     def step(self, step: int) -> dict[str, float]:
         from conan_embedding.training.collectives import all_gather_with_grad

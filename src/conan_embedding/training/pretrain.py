@@ -262,10 +262,15 @@ class CausalLMProgram:
         self.engine, self.model, self.tokenizer = engine, model, tokenizer
         self.next_batch, self.evaluate, self.settings = next_batch, evaluate, settings
         self.extra_meta = extra_meta
-        self.forward_model = engine.prepare(
+        engine.prepare(
             model, decay_filter=lambda name, p: p.ndim >= 2 and "norm" not in name
         )
         self.evals: list[dict[str, Any]] = []
+
+    @property
+    def forward_model(self) -> torch.nn.Module:
+        """The module to call for forward passes (the engine's DDP/FSDP wrapper while training)."""
+        return self.engine.forward_model
 
     def _eval_entry(self, step: int) -> dict[str, float]:
         was_training = self.model.training

@@ -192,12 +192,16 @@ class Trainer:
             [t.weight for t in config.tasks],
             config.seed,
         )
-        self.recent_losses: list[float] = []
         self._setup_shards()
-        self.forward_model = self.engine.prepare(self.model)
+        self.engine.prepare(self.model)
 
     def _handles_cbb(self) -> bool:
         return False
+
+    @property
+    def forward_model(self) -> torch.nn.Module:
+        """The module to call for forward passes (the engine's DDP/FSDP wrapper while training)."""
+        return self.engine.forward_model
 
     # ----------------------------------------------------------------- setup helpers
     def _setup_shards(self) -> None:
@@ -502,7 +506,6 @@ class Trainer:
                 # so float noise between devices can never split the ranks' negatives
                 provider.load_state_dict(self.engine.broadcast_object(provider.state_dict()))
             record.update({f"{name}/{key}": value for key, value in stats.items()})
-        self.recent_losses = (self.recent_losses + [record.get("loss", math.nan)])[-100:]
         if self.on_step:
             self.on_step(step, record)
         return record
