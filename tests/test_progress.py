@@ -44,8 +44,7 @@ def _run(mode: str | None) -> str:
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         check=True,
         timeout=120,
     )
