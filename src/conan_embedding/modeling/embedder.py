@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -29,6 +29,9 @@ from sentence_transformers.sentence_transformer.modules import (
 )
 
 from conan_embedding.atomic import atomic_dir
+
+if TYPE_CHECKING:
+    from conan_embedding.modeling.card import CardInfo
 
 PoolingMode = Literal["cls", "mean", "lasttoken"]
 CONAN_META_FILE = "conan_embedding.json"
@@ -196,13 +199,25 @@ def save_embedder(
     model: SentenceTransformer,
     path: str | os.PathLike[str],
     extra_meta: dict[str, Any] | None = None,
+    card: CardInfo | None = None,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save in sentence-transformers layout (safetensors), atomically: a temp folder, then rename."""
+    """Save in sentence-transformers layout (safetensors), atomically: a temp folder, then rename.
+
+    With ``card`` (:func:`~conan_embedding.modeling.card.card_info_from_config`) the folder's
+    ``README.md`` is Conan's model card (:mod:`conan_embedding.modeling.card`), with the
+    ``evaluation`` table when given, instead of sentence-transformers' generic one.
+    """
 
     def write(folder: Path) -> None:
-        model.save(str(folder), safe_serialization=True)
+        model.save(str(folder), safe_serialization=True, create_model_card=card is None)
         meta = {**getattr(model, "conan_meta", {}), **(extra_meta or {})}
         (folder / CONAN_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if card is not None:
+            from conan_embedding.modeling.card import write_model_card
+
+            named = card if card.title else card.model_copy(update={"title": Path(path).name})
+            write_model_card(folder, named, evaluation)
 
     return atomic_dir(path, write)
 
