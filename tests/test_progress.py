@@ -114,3 +114,33 @@ def test_unknown_total_and_initial(monkeypatch):
     bar.close()
     assert out.getvalue().splitlines()[0].startswith("resumed:  40%")
     assert out.getvalue().splitlines()[-1].startswith("resumed: 100%")
+
+
+LIBRARY_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from conan_embedding.progress import quiet_library_progress
+    quiet_library_progress()
+    from transformers import BertModel
+    model = BertModel.from_pretrained(sys.argv[1])
+    model.save_pretrained(sys.argv[2])
+    """
+)
+
+
+@pytest.mark.parametrize("mode", [None, "bar"])
+def test_library_bars_are_off_when_piped(tmp_path, tiny_bert, mode):
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for name in ("CONAN_PROGRESS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(name, None)
+    if mode is not None:
+        env["CONAN_PROGRESS"] = mode
+    done = subprocess.run(
+        [sys.executable, "-c", LIBRARY_SCRIPT, str(tiny_bert), str(tmp_path / "saved")],
+        env=env,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    # transformers draws "Loading weights" / "Writing model shards" unless told not to
+    assert (b"\r" in done.stderr) == (mode == "bar"), done.stderr[-500:]

@@ -20,6 +20,15 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 
 
+@app.callback()
+def _main() -> None:
+    """Train, mine, evaluate and serve text embedding models with the Conan recipe."""
+    from conan_embedding.progress import quiet_library_progress
+
+    # logs written to a file or a pipe: no carriage-return bars from the libraries underneath
+    quiet_library_progress()
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""

@@ -16,6 +16,11 @@ How: :class:`LineProgress` is a :class:`tqdm.std.tqdm` whose ``display`` writes 
 when the next threshold is crossed and whose clearing (``clear``, the ``\\r`` of ``close``)
 is a no-op; counting, rates and ``set_postfix`` are tqdm's own. ``CONAN_PROGRESS`` overrides
 the choice: ``bar`` (always tqdm's bar), ``lines`` (always lines) or ``off``.
+
+The libraries underneath draw bars of their own (transformers' "Loading weights" and
+"Writing model shards" on every load and checkpoint, huggingface_hub, datasets);
+:func:`quiet_library_progress`, called by the ``conan-embed`` command line, turns those off
+when the output is not a terminal.
 """
 
 from __future__ import annotations
@@ -140,3 +145,33 @@ def progress(
         every_seconds=every_seconds,
         **kwargs,
     )
+
+
+_LIBRARY_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+
+def quiet_library_progress(file: IO[str] | None = None) -> bool:
+    """Turn off transformers', huggingface_hub's and datasets' own bars unless progress goes
+    to a terminal (:func:`progress_mode` is ``bar``); returns True when it did.
+
+    Sets their environment switches (respecting a value the user set) and, for libraries
+    already imported, calls their ``disable_progress_bar(s)``.
+    """
+    if progress_mode(file) == "bar":
+        return False
+    for name in _LIBRARY_SWITCHES:
+        os.environ.setdefault(name, "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils.logging import disable_progress_bar
+
+            disable_progress_bar()
+    if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1" and "datasets" in sys.modules:
+        from datasets.utils.logging import disable_progress_bar as disable_datasets_bar
+
+        disable_datasets_bar()
+    return True
