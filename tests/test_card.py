@@ -160,3 +160,11 @@ def test_without_a_card_the_folder_keeps_sentence_transformers_card(tmp_path, ti
     folder = save_embedder(build_embedder(str(tiny_bert)), tmp_path / "plain")
     assert not (folder / "conan_card.json").exists()
     assert "Conan mechanisms" not in (folder / "README.md").read_text(encoding="utf-8")
+
+
+def test_task_rows_in_files_counts_lines_up_to_max_rows(tmp_path):
+    from conan_embedding.modeling.card import task_rows_in_files
+
+    config = _config(tmp_path)
+    (tmp_path / "sts.jsonl").write_text("{}\n\n" * 600, encoding="utf-8")  # blanks not counted
+    assert task_rows_in_files(config) == {"stsb": 500}  # capped; the absent file left out

@@ -643,7 +643,7 @@ def run_arm(
     # checkpoints only serve --resume, which an arm run never uses; each is ~0.6 GB for me5
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
 
-    return _evaluate_and_save(
+    record = _evaluate_and_save(
         record,
         result.model_dir,
         eval_tasks,
@@ -652,6 +652,20 @@ def run_arm(
         settings,
         result_path,
     )
+    _write_arm_card(config, Path(result.model_dir), f"{arm}-s{seed}", record["scores"])
+    return record
+
+
+def _write_arm_card(config: Any, model_dir: Path, name: str, scores: dict[str, float]) -> None:
+    """The arm's model card, now with its evaluation table (scores in points)."""
+    from conan_embedding.modeling.card import (
+        card_info_from_config,
+        task_rows_in_files,
+        write_model_card,
+    )
+
+    info = card_info_from_config(config, task_rows_in_files(config), title=name)
+    write_model_card(model_dir, info, scores)
 
 
 def evaluate_base(

@@ -179,6 +179,21 @@ def _cbb_devices(config: Any) -> dict[str, list[int]]:
     }
 
 
+def task_rows_in_files(config: Any) -> dict[str, int]:
+    """Rows each task's file holds (non-blank lines), capped at its ``max_rows``: the rows a
+    run used when no teacher filter dropped any. For callers that do not have the trainer's
+    own counts; missing files are left out."""
+    rows: dict[str, int] = {}
+    for task in config.tasks:
+        path = Path(task.path)
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8-sig") as handle:
+            count = sum(1 for line in handle if line.strip())
+        rows[task.name] = min(count, task.max_rows) if task.max_rows else count
+    return rows
+
+
 def card_info_from_config(
     config: Any,
     task_rows: Mapping[str, int] | None = None,
