@@ -85,3 +85,26 @@ def test_recipe_run_before_prepare_is_a_clear_cli_error(tmp_path, monkeypatch):
     assert "runs/models/me5-small: no such base model folder" in output
     assert "conan-embed recipe prepare --work-dir work" in output
     assert "repo id" not in output.lower()
+
+
+def test_any_command_ends_a_missing_model_in_one_error_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    (tmp_path / "texts.txt").write_text("a cat\n", encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "conan_embedding.cli", "encode", "runs/nope", "texts.txt", "o.npy"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: runs/nope: no such model folder ({tmp_path / 'runs' / 'nope'})"
+    )
+    assert "Traceback" not in done.stderr

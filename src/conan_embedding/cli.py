@@ -8,7 +8,23 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(
+
+class _App(typer.Typer):
+    """The command line; a missing file or folder ends as ``error: <message>`` (exit 2).
+
+    Every missing-input error of the package names the path (and, where one exists, the
+    command that makes it), so a traceback adds nothing for the user.
+    """
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except FileNotFoundError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise SystemExit(2) from None
+
+
+app = _App(
     name="conan-embed",
     help="Train, mine, evaluate and serve text embedding models with the Conan recipe.",
     no_args_is_help=True,
