@@ -240,6 +240,10 @@ def test_run_arm_end_to_end_writes_the_result_json(tiny_model, tmp_path, data_di
     assert seen["cnsd-sts"]["examples"] == 2 * 12 and seen["clr"]["examples"] == 2 * 8
     assert not (tmp_path / "work" / "arms" / "full-s3" / "checkpoints").exists()
     assert (tmp_path / "work" / "arms" / "full-s3" / "model" / "modules.json").is_file()
+    card = (tmp_path / "work" / "arms" / "full-s3" / "model" / "README.md").read_text("utf-8")
+    assert card.startswith("---\n") and "# full-s3" in card  # Conan's card, with the scores
+    assert f"| STSBenchmark | {record['scores']['STSBenchmark']:.4g} |" in card
+    assert "**Dynamic hard negative mining (DHNM)** on `bge`: rule v2" in card
     for key in ("train_seconds", "eval_seconds", "loadavg_before", "loadavg_after", "machine"):
         assert key in record
     # a second call finds the JSON and trains nothing

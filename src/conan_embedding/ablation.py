@@ -363,6 +363,52 @@ def resolve_arm(arm: str) -> tuple[str, Path]:
     return arm, candidate
 
 
+PREPARE_COMMAND = "conan-embed recipe prepare"
+
+
+def _prepare_command(work_dir: str | os.PathLike[str]) -> str:
+    """The ``recipe prepare`` call that writes ``work_dir``'s inputs."""
+    if Path(work_dir) == Path(DEFAULT_WORK_DIR):
+        return PREPARE_COMMAND
+    return f"{PREPARE_COMMAND} --work-dir {work_dir}"
+
+
+def check_recipe_inputs(
+    config: Any,
+    work_dir: str | os.PathLike[str] = DEFAULT_WORK_DIR,
+    model_dir: str | os.PathLike[str] | None = None,
+) -> None:
+    """Fail before any work when an input of ``recipe prepare`` is missing.
+
+    Checks the base model folder and, for a training config, every task file and the pool
+    file each DHNM task reads. The :class:`FileNotFoundError` names the first missing path,
+    how many others are missing, and the ``conan-embed recipe prepare`` call that makes them
+    (without this the trainer would end in the hub's error about repo ids).
+    """
+    from conan_embedding.modeling.embedder import looks_like_local_path, missing_path_message
+
+    missing: list[tuple[str, str]] = []
+    model = str(model_dir or (config.model.name if config is not None else DEFAULT_MODEL_DIR))
+    if looks_like_local_path(model) and not (Path(model) / "modules.json").is_file():
+        missing.append((model, "base model folder"))
+    for task in config.tasks if config is not None else []:
+        if not Path(task.path).is_file():
+            missing.append((task.path, f"data file (task '{task.name}')"))
+        elif task.kind == "retrieval" and task.dynamic_negatives.rule != "none":
+            from conan_embedding.mining.offline import default_pool_path
+
+            pool = task.dynamic_negatives.pool_path or str(default_pool_path(task.path))
+            if not Path(pool).is_file():
+                missing.append((pool, f"negative pool file (task '{task.name}')"))
+    if missing:
+        path, what = missing[0]
+        message = missing_path_message(path, what, _prepare_command(work_dir))
+        if len(missing) > 1:
+            others = ", ".join(p for p, _ in missing[1:])
+            message += f" (also missing: {others})"
+        raise FileNotFoundError(message)
+
+
 def git_commit() -> str | None:
     """The checkout's HEAD, with ``+dirty`` when tracked files differ from it."""
     root = Path(__file__).resolve().parents[2]
@@ -576,6 +622,7 @@ def run_arm(
     if steps is not None:
         values["optim.max_steps"] = steps
     config = load_config(config_path, values)
+    check_recipe_inputs(config, work_dir)
 
     record = _base_record(arm, seed, str(config_path))
     started = time.perf_counter()
@@ -596,7 +643,7 @@ def run_arm(
     # checkpoints only serve --resume, which an arm run never uses; each is ~0.6 GB for me5
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
 
-    return _evaluate_and_save(
+    record = _evaluate_and_save(
         record,
         result.model_dir,
         eval_tasks,
@@ -605,6 +652,20 @@ def run_arm(
         settings,
         result_path,
     )
+    _write_arm_card(config, Path(result.model_dir), f"{arm}-s{seed}", record["scores"])
+    return record
+
+
+def _write_arm_card(config: Any, model_dir: Path, name: str, scores: dict[str, float]) -> None:
+    """The arm's model card, now with its evaluation table (scores in points)."""
+    from conan_embedding.modeling.card import (
+        card_info_from_config,
+        task_rows_in_files,
+        write_model_card,
+    )
+
+    info = card_info_from_config(config, task_rows_in_files(config), title=name)
+    write_model_card(model_dir, info, scores)
 
 
 def evaluate_base(
@@ -624,6 +685,7 @@ def evaluate_base(
         return json.loads(result_path.read_text(encoding="utf-8"))
     if threads:
         torch.set_num_threads(threads)
+    check_recipe_inputs(None, work_dir, model_dir or DEFAULT_MODEL_DIR)
     record = _base_record("base", None, None)
     record.update({"steps": 0, "train_seconds": 0.0, "examples_seen": {}})
     return _evaluate_and_save(
@@ -674,6 +736,15 @@ def evaluate_dims(
     if model_dir is None:
         arm_dir = Path(record.get("output_dir") or Path(work_dir) / "arms" / result_name)
         model_dir = DEFAULT_MODEL_DIR if record.get("arm") == "base" else arm_dir / "model"
+    if not (Path(model_dir) / "modules.json").is_file():
+        from conan_embedding.modeling.embedder import missing_path_message
+
+        made_by = (
+            _prepare_command(work_dir)
+            if record.get("arm") == "base"
+            else f"conan-embed recipe run {record.get('arm')} --seed {record.get('seed')}"
+        )
+        raise FileNotFoundError(missing_path_message(model_dir, "model folder", made_by))
     if threads:
         torch.set_num_threads(threads)
     by_dim = record.setdefault("scores_by_dim", {})

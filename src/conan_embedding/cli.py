@@ -8,7 +8,23 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(
+
+class _App(typer.Typer):
+    """The command line; a missing file or folder ends as ``error: <message>`` (exit 2).
+
+    Every missing-input error of the package names the path (and, where one exists, the
+    command that makes it), so a traceback adds nothing for the user.
+    """
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except FileNotFoundError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise SystemExit(2) from None
+
+
+app = _App(
     name="conan-embed",
     help="Train, mine, evaluate and serve text embedding models with the Conan recipe.",
     no_args_is_help=True,
@@ -21,23 +37,22 @@ app.add_typer(data_app, name="data")
 
 
 @app.callback()
-def _console() -> None:
-    """Progress lines on stderr; on a file or pipe, no progress-bar redraws ('\\r')."""
+def _main() -> None:
+    """Train, mine, evaluate and serve text embedding models with the Conan recipe."""
     import logging
     import sys
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    from conan_embedding.progress import quiet_library_progress
+
+    # the engine's progress lines (one every log_every steps) go to stderr
     package = logging.getLogger("conan_embedding")
     package.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) for h in package.handlers):
+    if not package.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         package.addHandler(handler)
-    if not sys.stderr.isatty():
-        import os
-
-        # Hugging Face's own bars (weights loading, shard writing) redraw with carriage returns
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TQDM_DISABLE", "1")
+    # logs written to a file or a pipe: no carriage-return bars from the libraries underneath
+    quiet_library_progress()
 
 
 @app.command()

@@ -41,7 +41,8 @@ import torch
 from mteb.models import ModelMeta
 from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
 from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
+
+from conan_embedding.progress import progress
 
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata
@@ -242,7 +243,7 @@ class CachedEncoder(AbsEncoder):
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         chunks: list[np.ndarray] = []
         starts: Iterable[int] = range(0, len(order), batch_size)
-        bar = tqdm(
+        bar = progress(
             starts,
             total=(len(order) + batch_size - 1) // batch_size,
             desc=f"{desc}: encoding {len(texts)} texts",

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mteb
-from tqdm.auto import tqdm
 
 from conan_embedding.atomic import atomic_open
 from conan_embedding.evaluation.encoder import CachedEncoder
 from conan_embedding.evaluation.tasks import TASKS, build_task, expand_task_names
+from conan_embedding.progress import progress
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -134,7 +134,7 @@ def evaluate(
 
     scores: dict[str, float] = {}
     task_info: dict[str, Any] = {}
-    for task_name in tqdm(
+    for task_name in progress(
         names, desc=f"evaluating {name}", disable=not show_progress or len(names) < 2
     ):
         task = build_task(task_name, data_dir=data_dir, max_corpus=max_corpus)

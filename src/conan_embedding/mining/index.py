@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from conan_embedding.atomic import save_npy_atomic
+from conan_embedding.progress import progress
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -249,7 +249,7 @@ class TextEncoder:
             return np.zeros((0, self.dimension()), np.float32)
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out: np.ndarray | None = None
-        bar = tqdm(total=len(texts), desc=desc, disable=not self.show_progress, unit="text")
+        bar = progress(total=len(texts), desc=desc, disable=not self.show_progress, unit="text")
         for start in range(0, len(texts), self.chunk_size):
             rows = order[start : start + self.chunk_size]
             chunk = [(prompt or "") + texts[i] for i in rows]
@@ -324,7 +324,7 @@ def search(
     scores = np.full((len(queries), k), -np.inf, np.float32)
     ids = np.full((len(queries), k), -1, np.int64)
     starts = range(0, len(queries), query_chunk)
-    for start in tqdm(starts, desc="searching", disable=not show_progress or len(starts) < 2):
+    for start in progress(starts, desc="searching", disable=not show_progress or len(starts) < 2):
         s, i = index.search(queries[start : start + query_chunk], k_eff)
         scores[start : start + len(s), :k_eff] = s
         ids[start : start + len(s), :k_eff] = i

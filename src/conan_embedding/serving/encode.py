@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from conan_embedding.atomic import save_npy_atomic
 from conan_embedding.data.records import RecordError, iter_json_objects
+from conan_embedding.progress import progress as progress_bar
 from conan_embedding.serving.engine import EmbeddingEngine
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -240,7 +240,7 @@ def encode_file(
     done_rows = sum(
         min(chunk_rows, rows - i * chunk_rows) for i, p in enumerate(parts) if p.is_file()
     )
-    bar = tqdm(
+    bar = progress_bar(
         total=rows,
         initial=done_rows,
         unit="text",

@@ -29,9 +29,9 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from conan_embedding.data.builders.cache import CompletionCache
+from conan_embedding.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,9 @@ class OpenAIChatBackend:
     def _run_pool(
         self, bodies: list[dict[str, Any]], todo: list[int], results: list[str | None]
     ) -> None:
-        progress = tqdm(total=len(todo), desc=f"{self.name}", disable=not self.show_progress)
+        progress = progress_bar(
+            total=len(todo), desc=f"{self.name}", disable=not self.show_progress
+        )
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = {pool.submit(self._complete_one, bodies[i]): i for i in todo}
             try:
@@ -269,7 +271,9 @@ class HFChatBackend:
             else:
                 results[i] = cached
         starts = range(0, len(todo), self.batch_size)
-        for start in tqdm(starts, desc=self.name, disable=not self.show_progress or not todo):
+        for start in progress_bar(
+            starts, desc=self.name, disable=not self.show_progress or not todo
+        ):
             batch = todo[start : start + self.batch_size]
             prompts = [self.prompt_text(conversations[i]) for i in batch]
             encoded = self.tokenizer(

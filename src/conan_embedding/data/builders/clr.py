@@ -32,7 +32,6 @@ from typing import Literal
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from tqdm.auto import tqdm
 
 from conan_embedding.data.builders.backends import BackendConfig, make_backend
 from conan_embedding.data.builders.dedup import (
@@ -52,6 +51,7 @@ from conan_embedding.data.builders.translators import (
 )
 from conan_embedding.data.records import RetrievalRecord, iter_records, write_records
 from conan_embedding.data.sources import resolve_data_dir
+from conan_embedding.progress import progress
 
 # Target-language weights. "conan-v2" holds the shares the v2 paper states for its 26-language
 # MS MARCO translation; the paper's other 20 languages (38 % of the mix) are not in the sources
@@ -220,7 +220,7 @@ def build_clr(
         indices = by_target[target]
         stats.requested[direction] += len(indices)
         starts = range(0, len(indices), batch_size)
-        for start in tqdm(starts, desc=f"translate {direction}", disable=not show_progress):
+        for start in progress(starts, desc=f"translate {direction}", disable=not show_progress):
             chunk = indices[start : start + batch_size]
             outputs = translator.translate([records[i].query for i in chunk], source_lang, target)
             for i, translated in zip(chunk, outputs, strict=True):
