@@ -98,6 +98,8 @@ def test_training_writes_model_log_plot_and_checkpoints(tmp_path, tiny_bert):
     ckpts = sorted(p.name for p in (result.output_dir / "checkpoints").iterdir())
     assert ckpts == ["step-000008", "step-000012"]  # keep_checkpoints=2
     assert all(np.isfinite(r["loss"]) for r in rows)
+    card = (result.model_dir / "README.md").read_text()  # Conan's card, not the generic one
+    assert "| ret | retrieval | `retrieval.jsonl` | 40 |" in card and "Conan mechanisms" in card
 
 
 def test_loss_goes_down_on_a_learnable_task(tmp_path, tiny_bert):

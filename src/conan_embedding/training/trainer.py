@@ -543,10 +543,18 @@ class Trainer:
                 self.model.load_state_dict(full)
         if not engine.is_main:
             return
+        from conan_embedding.modeling.card import card_info_from_config
+
+        rows = {name: len(records) for name, records in self.records.items()}
         self.model_dir = save_embedder(
             self.model,
             self.output_dir / "model",
-            extra_meta={"stage": self.config.stage, "steps": self.config.optim.max_steps},
+            extra_meta={
+                "stage": self.config.stage,
+                "steps": self.config.optim.max_steps,
+                "processes": engine.world_size,
+            },
+            card=card_info_from_config(self.config, rows),
         )
         plot_losses(self.output_dir / "train_log.jsonl", self.output_dir / "loss.png")
         logger.info("saved the model to %s after %.1f s", self.model_dir, result.seconds)
