@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from conan_embedding.atomic import write_text_atomic
 from conan_embedding.data.records import (
     RecordError,
     RetrievalRecord,
@@ -60,7 +61,6 @@ from conan_embedding.data.records import (
     validated,
     write_records,
 )
-from conan_embedding.atomic import write_text_atomic
 from conan_embedding.mining.index import (
     Backend,
     IndexKind,
