@@ -67,12 +67,14 @@ def test_dhnm_state_survives_trainer_resume(tmp_path, tiny_bert):
     first.train(show_progress=False)
     resumed = Trainer(_config(tmp_path / "b", str(tiny_bert), train, "v2", 8, v2_never_hard=0.99))
     resumed.train(resume=True, show_progress=False)
-    a, b = straight.providers["ret"].state_dict(), resumed.providers["ret"].state_dict()
-    assert sum(a["replacements"]) > 0
-    assert a["assigned"] == b["assigned"] and a["replacements"] == b["replacements"]
-    np.testing.assert_allclose(
-        np.array(a["s0"], dtype=float), np.array(b["s0"], dtype=float), atol=1e-4
-    )
+    a, b = straight.providers["ret"].state_tensors(), resumed.providers["ret"].state_tensors()
+    assert a["replacements"].sum() > 0
+    assert a["assigned"].tolist() == b["assigned"].tolist()
+    assert a["replacements"].tolist() == b["replacements"].tolist()
+    # S_0 is scored at assignment by the model of that step; the 4-step run's learning rate
+    # decays to 0 at step 4, the straight run's does not, so the weights differ a little
+    np.testing.assert_array_equal(np.isnan(a["s0"].numpy()), np.isnan(b["s0"].numpy()))
+    np.testing.assert_allclose(a["s0"].numpy(), b["s0"].numpy(), atol=1e-2)
     log = read_log(tmp_path / "a" / "train_log.jsonl")
     assert all("ret/dhnm/replaced" in row and "ret/dhnm/pool_exhausted" in row for row in log)
 
