@@ -34,7 +34,7 @@ from conan_embedding.mining.offline import (
 )
 
 META = PoolMeta(
-    model="m|128|1.0|10", query_prompt="query: ", passage_prompt=None, max_seq_length=128
+    model="m", probe=[0.6, 0.8], query_prompt="query: ", passage_prompt=None, max_seq_length=128
 )
 
 
@@ -136,10 +136,17 @@ def test_auto_takes_pool_scores_only_when_the_meta_matches(tmp_path):
     section = DHNMConfig(rule="v2")
     same = build_dynamic_negatives(records, 2, section, train, trained_with=META)
     assert same.use_pool_scores and same.s0[0].tolist() == pytest.approx([0.9, 0.89])
-    longer = META.model_copy(update={"max_seq_length": 256})
-    assert not build_dynamic_negatives(
-        records, 2, section, train, trained_with=longer
-    ).use_pool_scores
+    for other in (
+        META.model_copy(update={"max_seq_length": 256}),
+        META.model_copy(update={"passage_prompt": "passage: "}),
+        META.model_copy(update={"probe": [0.8, 0.6]}),  # another model: cosine 0.96
+    ):
+        assert not build_dynamic_negatives(
+            records, 2, section, train, trained_with=other
+        ).use_pool_scores
+    # the same model loaded another way (name, float noise) still matches
+    twin = META.model_copy(update={"model": "/elsewhere/m", "probe": [0.6001, 0.7999]})
+    assert build_dynamic_negatives(records, 2, section, train, trained_with=twin).use_pool_scores
     assert not build_dynamic_negatives(records, 2, section, train).use_pool_scores
     forced = DHNMConfig(rule="v2", initial_score="assignment")
     assert not build_dynamic_negatives(records, 2, forced, train, trained_with=META).use_pool_scores
@@ -150,7 +157,7 @@ def test_auto_takes_pool_scores_only_when_the_meta_matches(tmp_path):
     with pytest.raises(RecordError, match="train.pool.meta.json"):
         read_pool_meta(tmp_path / "train.pool.jsonl")
     pool_meta_path(tmp_path / "train.pool.jsonl").write_text('{"model": "m"}')
-    with pytest.raises(RecordError, match="query_prompt"):
+    with pytest.raises(RecordError, match="meta.json:1: field 'probe'"):
         read_pool_meta(tmp_path / "train.pool.jsonl")
 
 

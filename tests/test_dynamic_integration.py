@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conan_embedding.config import TrainConfig
-from conan_embedding.data.records import RetrievalRecord, write_records
+from conan_embedding.data.records import RetrievalRecord, read_records, write_records
 from conan_embedding.mining.offline import PoolCandidate, PoolEntry, write_pools
 from conan_embedding.training.trainer import Trainer, read_log
 from conftest import WORDS
@@ -56,6 +57,32 @@ def _toy_pools(folder: Path) -> Path:
     write_records(train, records)
     write_pools(folder / "train.pool.jsonl", pools)
     return train
+
+
+def test_pool_meta_of_the_mining_model_matches_the_training_model(tmp_path, tiny_bert):
+    """Mined with the model as loaded for mining, checked against the trainer's build of it."""
+    from conan_embedding.mining.offline import MiningConfig, PoolMeta, mine
+    from conan_embedding.modeling.embedder import load_embedder
+
+    train = _toy_pools(tmp_path)
+    records = read_records(train, "retrieval")
+    miner = load_embedder(tiny_bert)
+    miner.max_seq_length = 32
+    config = MiningConfig(range_min=0, range_max=12, num_negatives=2, query_prompt="q: ")
+    _, _, stats = mine(records, miner, [f"doc {w}" for w in WORDS], config, show_progress=False)
+    mined = PoolMeta.model_validate(stats.pool_meta)
+    trainer = Trainer(_config(tmp_path / "t", str(tiny_bert), train, "v2", 1))
+    assert mined.max_seq_length == 32 and mined.query_prompt == "q: "
+    assert mined.matches(PoolMeta.of(trainer.model, "q: ", None))
+    assert not mined.matches(PoolMeta.of(trainer.model, None, None))
+    trainer.model.train()
+    assert mined.matches(PoolMeta.of(trainer.model, "q: ", None))  # dropout off for the probe
+    assert trainer.model.training
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for param in trainer.model.parameters():  # another model
+            param.add_(0.2 * torch.randn_like(param))
+    assert not mined.matches(PoolMeta.of(trainer.model, "q: ", None))
 
 
 def test_dhnm_state_survives_trainer_resume(tmp_path, tiny_bert):

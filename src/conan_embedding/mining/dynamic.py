@@ -27,8 +27,8 @@ negatives) or is the last score the loss computed (``"observed"``: free, possibl
   query forward) and one no-grad forward of the new negative in :meth:`on_step_end`. A record's
   initial negatives, assigned before training, take their first observed score.
 - ``auto`` (default): ``pool`` when the pool's :class:`~conan_embedding.mining.offline.PoolMeta`
-  (mining model identity, prompts, max length) equals the training model's, else
-  ``assignment``: mined scores of another model are on another scale.
+  matches the training model's (same prompts and max length, and the two models embed a probe
+  text at cosine >= 0.999), else ``assignment``: another model's scores are on another scale.
 
 Thresholds (``thresholds``): ``absolute`` compares cosines with the numbers above. Their scale
 is the papers' models'; me5-small puts its pool at about 0.89, where ``1.2 * S < S_0`` and
@@ -226,7 +226,7 @@ class DynamicNegatives:
         choice = self.config.initial_score
         if choice != "auto":
             return choice == "pool"
-        if pool is not None and trained is not None and pool == trained:
+        if pool is not None and trained is not None and pool.matches(trained):
             return True
         reason = (
             "the pool file has no meta (mined before metas were written)"
@@ -234,7 +234,9 @@ class DynamicNegatives:
             else "the training model is not known"
             if trained is None
             else "the pool was mined with another model, prompt or max length "
-            f"({pool.model_dump()} vs {trained.model_dump()})"
+            f"({pool.model} {pool.query_prompt!r} {pool.passage_prompt!r} {pool.max_seq_length}"
+            f" vs {trained.model} {trained.query_prompt!r} {trained.passage_prompt!r} "
+            f"{trained.max_seq_length})"
         )
         logger.info("DHNM: S_0 scored at assignment, not taken from the pool: %s", reason)
         return False

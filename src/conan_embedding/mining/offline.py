@@ -65,7 +65,6 @@ from conan_embedding.mining.index import (
     Backend,
     IndexKind,
     TextEncoder,
-    _model_identity,
     build_index,
     search,
 )
@@ -118,12 +117,20 @@ class PoolEntry(BaseModel):
     candidates: list[PoolCandidate]
 
 
+PROBE_TEXT = "Conan pool probe: 检索 hard negatives, 2026."
+"""Encoded by :meth:`PoolMeta.of`: equal probe vectors mean the same model, whatever its
+module list (a trailing ``Normalize``) or the path it was loaded from."""
+
+
 class PoolMeta(BaseModel):
-    """What the pool's scores were computed with; equal metas mean scores on the same scale."""
+    """What the pool's scores were computed with: scores are on the training model's scale
+    when :meth:`matches` holds (same prompts and max length, the same probe embedding)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     model: str
-    """The model's identity (module types, max length, a probe of the weights, size)."""
+    """The model's name or path (informative)."""
+    probe: list[float]
+    """The model's normalised embedding of :data:`PROBE_TEXT`."""
     query_prompt: str | None
     passage_prompt: str | None
     max_seq_length: int | None
@@ -133,12 +140,34 @@ class PoolMeta(BaseModel):
         cls, model: SentenceTransformer, query_prompt: str | None, passage_prompt: str | None
     ) -> PoolMeta:
         """The meta of ``model`` encoding with these prompt *texts* (not prompt names)."""
+        import torch
+
+        first = model[0]
+        config = getattr(getattr(first, "auto_model", None), "config", None)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            probe = model.encode([PROBE_TEXT], normalize_embeddings=True, convert_to_numpy=True)
+        model.train(was_training)
         return cls(
-            model=_model_identity(model),
+            model=str(getattr(config, "name_or_path", "") or type(first).__name__),
+            probe=[round(float(x), 6) for x in np.asarray(probe, np.float64).ravel()],
             query_prompt=query_prompt or None,
             passage_prompt=passage_prompt or None,
             max_seq_length=model.max_seq_length,
         )
+
+    def matches(self, other: PoolMeta, min_cosine: float = 0.999) -> bool:
+        """Same prompts and max length, and probe embeddings at cosine >= ``min_cosine``."""
+        if (self.query_prompt, self.passage_prompt, self.max_seq_length) != (
+            other.query_prompt,
+            other.passage_prompt,
+            other.max_seq_length,
+        ):
+            return False
+        if len(self.probe) != len(other.probe):
+            return False
+        return float(np.dot(self.probe, other.probe)) >= min_cosine
 
 
 @dataclass
