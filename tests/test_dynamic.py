@@ -363,6 +363,9 @@ def test_remine_rebuilds_pools_with_the_current_model():
 
     provider.on_step_end(5, encode)
     assert provider.pools_remined and provider.use_pool_scores
+    # the held negatives' S_0 is their score under the current model: cos(q0, orig-0-k)
+    held = encode(["q0", "orig-0-0"])
+    assert provider.s0[0].tolist() == pytest.approx([float(held[0] @ held[1])] * 2)
     assert provider.corpus[provider.pool(0)[0]] == "c0-21"
     assert provider.corpus[provider.pool(1)[0]] == "c1-15"
     assert provider.pool_scores[0] == pytest.approx(1.0)

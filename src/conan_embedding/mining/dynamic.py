@@ -42,7 +42,10 @@ quantile in the reference distribution ``P``::
 so "never hard" is the pool's easiest 40% and "no longer hard" a fall from quantile ``u`` below
 ``u / 1.2`` and below the 70% quantile. ``P`` is every pool candidate's mined score when those
 are on the model's scale (``pool``), else the first ``calibration_size`` values of ``S_0``;
-until ``P`` is known no negative is replaced.
+until ``P`` is known no negative is replaced. ``P`` is fixed, so like the absolute rule this
+reads a global fall of the model's scores (fine-tuning me5-small at tau 0.05 spreads its scale,
+``docs/ablations.md``) as negatives no longer hard; with ``remine_every`` each re-mining puts
+``S_0``, the pools and ``P`` back on the current model's scale.
 
 State (:meth:`state_tensors`): per sample ``assigned [S, n]`` corpus ids, ``s0``, ``current``,
 ``replacements``, ``pointer`` (next pool position), ``pending`` (v1); the quantile grid; the
@@ -670,7 +673,8 @@ class DynamicNegatives:
         """Rebuild every pool with the current model; pointers restart at the new pools' head.
 
         Texts are encoded in ``encode_batch`` chunks and searched with FAISS in query chunks;
-        the new pools' scores become the source of ``S_0`` (they are the current model's).
+        the new pools' scores become the source of ``S_0`` (they are the current model's), the
+        held negatives' ``S_0`` becomes their current score, and ``pool_quantile`` re-fits ``F``.
         """
         self._role = _accepts_role(encode)
         lengths = np.diff(self.pool_offsets)
@@ -706,6 +710,10 @@ class DynamicNegatives:
         scores = np.asarray([s for w in windows for _, s, _ in w], np.float32)
         offsets = np.concatenate([[0], np.cumsum([len(w) for w in windows])]).astype(np.int64)
         self._set_pools(ids, offsets, scores)
+        # the held negatives are re-assigned on the new scale: S_0 = their score now
+        held = corpus_vecs[self.assigned.numpy()]  # [S, n, dim]
+        self.s0 = torch.from_numpy(np.einsum("sd,snd->sn", query_vecs, held)).float()
+        self.current.fill_(math.nan)
         self.pointer.zero_()
         self.pools_remined = True
         self.use_pool_scores = True
