@@ -14,12 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conan_embedding.data.records import RecordError, RetrievalRecord
-from conan_embedding.mining.base import NegativeProvider
+from conan_embedding.mining.base import NegativeProvider, StaticNegatives
 from conan_embedding.mining.dynamic import (
     DHNMConfig,
     DynamicNegatives,
     build_dynamic_negatives,
     quantile_grid,
+    restore_provider_states,
+    split_provider_states,
     to_quantile,
     v1_should_replace,
     v2_should_replace,
@@ -308,6 +310,31 @@ def test_state_survives_a_checkpoint_as_json_or_safetensors(tmp_path, rule, init
         DynamicNegatives(other, 2, pools[:2], config).load_state_dict(meta)
     with pytest.raises(ValueError, match="version"):
         DynamicNegatives(records, 2, pools, config).load_state_dict({**meta, "version": 1})
+
+
+def test_checkpoint_helpers_put_arrays_in_safetensors_and_the_rest_in_json(tmp_path):
+    records, pools = _data(pool_size=40)
+    config = DHNMConfig(rule="v2", initial_score="assignment")
+    providers = {
+        "bge": DynamicNegatives(records, 2, pools, config),
+        "plain": StaticNegatives(records, 2),
+    }
+    _run(providers["bge"], 6)
+    states, tensors = split_provider_states(providers)
+    assert set(tensors) >= {"bge/assigned", "bge/s0", "bge/pointer"}
+    text = json.dumps(states, allow_nan=False)
+    assert len(text) < 400  # no lists, no base64 blob
+    save_file(tensors, tmp_path / "providers.safetensors")
+    fresh = {
+        "bge": DynamicNegatives(records, 2, pools, config),
+        "plain": StaticNegatives(records, 2),
+    }
+    restore_provider_states(fresh, json.loads(text), load_file(tmp_path / "providers.safetensors"))
+    for key, value in providers["bge"].state_tensors().items():
+        got = fresh["bge"].state_tensors()[key]
+        torch.testing.assert_close(got, value, rtol=0, atol=0, equal_nan=True, msg=key)
+    with pytest.raises(ValueError, match="unknown task 'bge'"):
+        restore_provider_states({"plain": fresh["plain"]}, states, tensors)
 
 
 def test_build_from_training_config_and_pool_file(tmp_path):

@@ -75,7 +75,7 @@ import base64
 import inspect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ from safetensors.torch import save as save_tensors
 
 from conan_embedding.config import DynamicNegativesConfig
 from conan_embedding.data.records import RetrievalRecord
-from conan_embedding.mining.base import EncodeFn
+from conan_embedding.mining.base import EncodeFn, NegativeProvider
 from conan_embedding.mining.index import build_index, search, texts_fingerprint
 from conan_embedding.mining.offline import (
     MiningConfig,
@@ -339,7 +339,7 @@ class DynamicNegatives:
             logger.warning(
                 "DHNM state saved under rule %s, resuming under %s", state["rule"], self.config.rule
             )
-        if tensors is None:
+        if tensors is None or not tensors:
             if "arrays" not in state:
                 raise ValueError("DHNM state without arrays: pass the tensors saved beside it")
             tensors = load_tensors(base64.b64decode(state["arrays"]))
@@ -721,6 +721,44 @@ class DynamicNegatives:
             self._grid = quantile_grid(scores)
             self._calibration = []
         self._full_sync = True
+
+
+def split_provider_states(
+    providers: Mapping[str, NegativeProvider],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """For a checkpoint: ``(states, tensors)``; ``states`` (JSON) go into ``state.json``,
+    ``tensors`` (keyed ``<task>/<array>``) into a ``.safetensors`` file beside it."""
+    states: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, provider in providers.items():
+        if isinstance(provider, DynamicNegatives):
+            states[name] = provider.state_dict(arrays=False)
+            tensors.update({f"{name}/{k}": v for k, v in provider.state_tensors().items()})
+        else:
+            states[name] = provider.state_dict()
+    return states, tensors
+
+
+def restore_provider_states(
+    providers: Mapping[str, NegativeProvider],
+    states: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Inverse of :func:`split_provider_states` (``tensors`` as loaded from the file)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in (tensors or {}).items():
+        name, array = key.rsplit("/", 1)
+        grouped.setdefault(name, {})[array] = value
+    for name, state in states.items():
+        if name not in providers:
+            raise ValueError(
+                f"the checkpoint holds negative-provider state for unknown task {name!r}"
+            )
+        provider = providers[name]
+        if isinstance(provider, DynamicNegatives):
+            provider.load_state_dict(state, grouped.get(name))
+        else:
+            provider.load_state_dict(state)
 
 
 def build_dynamic_negatives(
