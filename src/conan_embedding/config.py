@@ -56,10 +56,11 @@ class DynamicNegativesConfig(_Strict):
     """v1's "current" score: re-encode the sample's negatives at the check (the paper), or
     reuse the last scores the loss computed (free, possibly stale)."""
     v2_never_hard: float = 0.4
-    """v2: a negative whose first score ``S_0`` is below this was never hard. The paper's 0.4
-    assumes its model's score scale: set it under the pool's typical scores (``conan-embed
-    mine`` reports them), else every candidate counts as never hard and v2 walks down the pool
-    to easier ones (measured with MiniLM on STS-B, see tests/test_dynamic_integration.py)."""
+    """v2: a negative whose score at assignment ``S_0`` is below this was never hard. The
+    paper's 0.4 assumes its model's score scale: set it under the pool's typical scores
+    (``conan-embed mine`` reports them) or use ``thresholds: pool_quantile``, else every
+    candidate counts as never hard and v2 walks down the pool to easier ones (measured with
+    MiniLM on STS-B, see tests/test_dynamic_integration.py)."""
     v2_decay: float = 1.2
     v2_abs_cap: float = 0.7
     thresholds: Literal["absolute", "pool_quantile"] = "absolute"
