@@ -1,38 +1,68 @@
-"""Dynamic hard negative mining: the v1/v2 rules on hand-made score sequences, the pool
-walk, exhaustion, checkpoint round-trip (resume gives the same trajectory), agreement across
-two gloo ranks, and ANCE-style re-mining."""
+"""Dynamic hard negative mining: the v1/v2 rules on hand-made score sequences, S_0 at
+assignment (pool score or scored with the step's query row), quantile thresholds, the pool walk,
+exhaustion, the state as safetensors arrays (resume gives the same trajectory), rank 0 deciding
+for two gloo ranks, and ANCE-style re-mining."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from conan_embedding.data.records import RetrievalRecord
-from conan_embedding.mining.base import NegativeProvider
+from conan_embedding.data.records import RecordError, RetrievalRecord
+from conan_embedding.mining.base import NegativeProvider, StaticNegatives
 from conan_embedding.mining.dynamic import (
     DHNMConfig,
     DynamicNegatives,
     build_dynamic_negatives,
+    quantile_grid,
+    restore_provider_states,
+    split_provider_states,
+    to_quantile,
     v1_should_replace,
     v2_should_replace,
 )
-from conan_embedding.mining.offline import PoolCandidate, PoolEntry, write_pools
+from conan_embedding.mining.offline import (
+    PoolCandidate,
+    PoolEntry,
+    PoolMeta,
+    pool_meta_path,
+    read_pool_meta,
+    write_pools,
+)
+
+META = PoolMeta(
+    model="m", probe=[0.6, 0.8], query_prompt="query: ", passage_prompt=None, max_seq_length=128
+)
 
 
-def _data(samples: int = 3, pool_size: int = 12, with_neg: bool = True):
+def _data(samples: int = 3, pool_size: int = 12, with_neg: bool = True, top: float = 0.9):
+    """Pool ``s`` holds ``c{s}-{r}`` at ranks 10.., scored ``top - 0.01 * (r - 10)``."""
     records, pools = [], []
     for s in range(samples):
         neg = [f"orig-{s}-{k}" for k in range(2)] if with_neg else []
         records.append(RetrievalRecord(query=f"q{s}", pos=[f"p{s}"], neg=neg))
         cands = [
-            PoolCandidate(text=f"c{s}-{r}", score=0.9 - 0.01 * r, rank=r)
+            PoolCandidate(text=f"c{s}-{r}", score=top - 0.01 * (r - 10), rank=r)
             for r in range(10, 10 + pool_size)
         ]
         pools.append(PoolEntry(index=s, query=f"q{s}", positive_score=0.95, candidates=cands))
     return records, pools
+
+
+def _one_hot_encoder(calls: list | None = None):
+    """q{s} -> e_0; every other text -> e_1 (orthogonal to every query), recording calls."""
+
+    def encode(texts, role=None):
+        if calls is not None:
+            calls.append((role, list(texts)))
+        return torch.tensor([[1.0, 0.0] if t.startswith("q") else [0.0, 1.0] for t in texts])
+
+    return encode
 
 
 def test_rules_on_hand_made_values():
@@ -52,90 +82,167 @@ def test_rules_on_hand_made_values():
     assert not v2_should_replace(t([0.39]), t([0.39]), never_hard=0.3).item()
 
 
-def test_v2_replaces_single_negatives_from_the_pool_in_rank_order():
-    records, pools = _data()
-    provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v2"))
+def test_pool_score_is_s0_so_a_negative_is_judged_at_its_first_draw():
+    """The issue's test: with pool scores, a negative failing the v2 rule at its query's first
+    draw is replaced, and the replacement is used at the query's second draw."""
+    records, pools = _data(with_neg=False)
+    provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v2", initial_score="pool"))
     assert isinstance(provider, NegativeProvider)
-    assert provider.negatives([0]) == [["orig-0-0", "orig-0-1"]]
-    # step 0: S0 = (0.6, 0.8); nothing to replace
-    provider.observe(0, [0, 1], torch.tensor([[0.6, 0.8], [0.5, 0.5]]))
-    assert provider.negatives([0]) == [["orig-0-0", "orig-0-1"]]
-    # step 1: slot 0 drops to 0.45 (1.2*0.45 = 0.54 < 0.6, < 0.7) -> replaced by rank 10
-    provider.observe(1, [0], torch.tensor([[0.45, 0.79]]))
-    assert provider.negatives([0]) == [["c0-10", "orig-0-1"]]
-    log = provider.on_step_end(2, encode=lambda texts: torch.zeros(len(texts), 4))
-    assert log["dhnm/replaced"] == 1 and log["dhnm/replacements_total"] == 1
-    assert math.isclose(
-        log["dhnm/neg_score"], (0.6 + 0.8 + 0.5 + 0.5 + 0.45 + 0.79) / 6, rel_tol=1e-6
-    )
-    # the new negative's S0 is its first score: 0.3 < 0.4 means never hard -> next candidate
-    provider.observe(2, [0], torch.tensor([[0.3, 0.79]]))
-    assert provider.negatives([0]) == [["c0-11", "orig-0-1"]]
-    provider.observe(3, [0], torch.tensor([[0.5, 0.79]]))
-    assert provider.negatives([0]) == [["c0-11", "orig-0-1"]]
-    assert provider.replacements.tolist() == [2, 0, 0]
+    # the initial negatives are the pool's head, their S_0 the mined scores 0.90 and 0.89
+    assert provider.negatives([0]) == [["c0-10", "c0-11"]]
+    assert provider.s0[0].tolist() == pytest.approx([0.90, 0.89])
+    # first draw of q0: c0-10 scores 0.60 (1.2*0.60 = 0.72 < 0.90, 0.60 < 0.7) -> replaced
+    provider.observe(0, [0], torch.tensor([[0.60, 0.85]]))
+    log = provider.on_step_end(1, _one_hot_encoder())
+    assert log["dhnm/replaced"] == 1
+    # second draw of q0 already holds the replacement (next pool candidate, its S_0 mined)
+    assert provider.negatives([0]) == [["c0-12", "c0-11"]]
+    assert provider.s0[0].tolist() == pytest.approx([0.88, 0.89])
+    provider.observe(1, [0], torch.tensor([[0.80, 0.85]]))
+    assert provider.negatives([0]) == [["c0-12", "c0-11"]]
+    assert provider.replacements.tolist() == [1, 0, 0]
 
 
-def test_v1_ith_replacement_takes_ranks_i_minus_1_n_plus_10(tmp_path):
-    records, pools = _data(samples=1, pool_size=6)
-    config = DHNMConfig(rule="v1", check_every=5, v1_current="observed")
+def test_first_observed_fallback_for_negatives_outside_the_pool():
+    records, pools = _data()  # records' own "orig" negatives have no mined score
+    provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v2", initial_score="pool"))
+    assert torch.isnan(provider.s0).all()
+    provider.observe(0, [0], torch.tensor([[0.6, 0.3]]))  # S_0 = (0.6, 0.3): 0.3 never hard
+    assert provider.negatives([0]) == [["orig-0-0", "c0-10"]]
+    assert provider.s0[0].tolist() == pytest.approx([0.6, 0.9])
+
+
+def test_without_pool_scores_s0_is_scored_at_assignment_with_the_steps_query_row():
+    records, pools = _data(with_neg=False)
+    provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v2"))  # auto, no meta
+    assert not provider.use_pool_scores and torch.isnan(provider.s0).all()
+    # first draw: S_0 = first observed; 0.3 < 0.4 was never hard -> replaced by c0-12
+    query = torch.tensor([[0.6, 0.8]])
+    provider.observe(0, [0], torch.tensor([[0.5, 0.3]]), query_embeddings=query)
+    assert provider.negatives([0]) == [["c0-10", "c0-12"]]
+    calls: list = []
+    provider.on_step_end(1, _one_hot_encoder(calls))
+    # only the new negative was encoded (as a passage); the query row came from the step
+    assert calls == [("passage", ["c0-12"])]
+    assert provider.s0[0].tolist() == pytest.approx([0.5, 0.8])  # cos((.6,.8), (0,1)) = 0.8
+    # the replacement is judged at the query's next draw against that S_0
+    provider.observe(1, [0], torch.tensor([[0.5, 0.6]]), query_embeddings=query)
+    assert provider.negatives([0]) == [["c0-10", "c0-13"]]  # 1.2*0.6 < 0.8, 0.6 < 0.7
+
+
+def test_auto_takes_pool_scores_only_when_the_meta_matches(tmp_path):
+    records, pools = _data(with_neg=False)
+    train = tmp_path / "train.jsonl"
+    write_pools(tmp_path / "train.pool.jsonl", pools, META)
+    assert read_pool_meta(tmp_path / "train.pool.jsonl") == META
+    section = DHNMConfig(rule="v2")
+    same = build_dynamic_negatives(records, 2, section, train, trained_with=META)
+    assert same.use_pool_scores and same.s0[0].tolist() == pytest.approx([0.9, 0.89])
+    for other in (
+        META.model_copy(update={"max_seq_length": 256}),
+        META.model_copy(update={"passage_prompt": "passage: "}),
+        META.model_copy(update={"probe": [0.8, 0.6]}),  # another model: cosine 0.96
+    ):
+        assert not build_dynamic_negatives(
+            records, 2, section, train, trained_with=other
+        ).use_pool_scores
+    # the same model loaded another way (name, float noise) still matches
+    twin = META.model_copy(update={"model": "/elsewhere/m", "probe": [0.6001, 0.7999]})
+    assert build_dynamic_negatives(records, 2, section, train, trained_with=twin).use_pool_scores
+    assert not build_dynamic_negatives(records, 2, section, train).use_pool_scores
+    forced = DHNMConfig(rule="v2", initial_score="assignment")
+    assert not build_dynamic_negatives(records, 2, forced, train, trained_with=META).use_pool_scores
+    # a pool rewritten without a meta loses the stale one; a broken meta names its file
+    write_pools(tmp_path / "train.pool.jsonl", pools)
+    assert read_pool_meta(tmp_path / "train.pool.jsonl") is None
+    pool_meta_path(tmp_path / "train.pool.jsonl").write_text("{not json")
+    with pytest.raises(RecordError, match="train.pool.meta.json"):
+        read_pool_meta(tmp_path / "train.pool.jsonl")
+    pool_meta_path(tmp_path / "train.pool.jsonl").write_text('{"model": "m"}')
+    with pytest.raises(RecordError, match="meta.json:1: field 'probe'"):
+        read_pool_meta(tmp_path / "train.pool.jsonl")
+
+
+def test_quantile_mapping():
+    grid = quantile_grid(np.linspace(0.80, 0.90, 11))
+    assert len(grid) == 1001
+    got = to_quantile(torch.tensor([0.79, 0.80, 0.85, 0.88, 0.95, math.nan]), grid)
+    assert got[:5].tolist() == pytest.approx([0.0, 0.0, 0.5, 0.8, 1.0], abs=1e-4)
+    assert math.isnan(got[5])
+
+
+def test_pool_quantile_thresholds_act_on_a_narrow_score_band():
+    """me5-small-like pools (scores 0.80..0.91): the absolute rule never fires, the quantile
+    rule replaces a negative that fell from the pool's top to its bottom decile."""
+    records, pools = _data(samples=1, pool_size=12, with_neg=False, top=0.91)
+    scores = torch.tensor([[0.905, 0.80]])  # c0-10 at ~its mined 0.91, c0-11 fell to 0.80
+    absolute = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v2", initial_score="pool"))
+    absolute.observe(0, [0], scores)
+    assert absolute.replacements.tolist() == [0]
+    config = DHNMConfig(rule="v2", initial_score="pool", thresholds="pool_quantile")
+    quantile = DynamicNegatives(records, 2, pools, config)
+    # F(S_0): c0-10 = 1.0 and c0-11 = 0.909; F(0.905) = 0.95, F(0.80) = 0 -> only slot 1 fell
+    quantile.observe(0, [0], scores)
+    assert quantile.negatives([0]) == [["c0-10", "c0-12"]]
+    # "never hard": the pool's easiest 40% (here ranks 17..21) are replaced at first sight
+    assert to_quantile(torch.tensor([0.84]), quantile._grid).item() < 0.4
+    assert quantile.on_step_end(1, _one_hot_encoder())["dhnm/calibrated"] == 1.0
+
+
+def test_pool_quantile_without_pool_scores_calibrates_on_the_first_s0():
+    records, pools = _data(samples=4, with_neg=False)
+    config = DHNMConfig(rule="v2", thresholds="pool_quantile", calibration_size=6)
     provider = DynamicNegatives(records, 2, pools, config)
-    noop = lambda texts: torch.zeros(len(texts), 4)  # noqa: E731
-    provider.observe(0, [0], torch.tensor([[0.7, 0.7]]))  # initial mean 0.7
-    provider.observe(1, [0], torch.tensor([[0.6, 0.6]]))  # 0.69 < 0.7 but not a check step
+    provider.observe(0, [0, 1], torch.tensor([[0.1, 0.2], [0.3, 0.4]]))  # 4 S_0: not yet
+    assert provider.replacements.sum() == 0 and len(provider._grid) == 0
+    assert provider.on_step_end(1, _one_hot_encoder())["dhnm/calibrated"] == 0.0
+    provider.observe(1, [2, 3], torch.tensor([[0.5, 0.6], [0.7, 0.8]]))  # 8 >= 6: fitted
+    assert len(provider._grid) == 1001
+    # F on S_0 = 0.1..0.6: sample 2's 0.5 (F = 0.8) stays, 3's 0.7 and 0.8 are above the grid
+    provider.observe(2, [0], torch.tensor([[0.1, 0.6]]))  # F(0.1) = 0 < 0.4: never hard
+    assert provider.negatives([0])[0][0] != "c0-10"
+
+
+def test_v1_ith_replacement_takes_ranks_i_minus_1_n_plus_10():
+    records, pools = _data(samples=1, pool_size=6, with_neg=False)
+    config = DHNMConfig(rule="v1", check_every=5, v1_current="observed", initial_score="pool")
+    provider = DynamicNegatives(records, 2, pools, config)
+    noop = _one_hot_encoder()
+    assert provider.negatives([0]) == [["c0-10", "c0-11"]]  # initial mean S_0 0.895
+    provider.observe(1, [0], torch.tensor([[0.6, 0.6]]))  # 0.69 < 0.895 but not a check step
     assert provider.on_step_end(2, noop)["dhnm/replaced"] == 0
     provider.observe(4, [0], torch.tensor([[0.6, 0.6]]))
     assert provider.on_step_end(5, noop)["dhnm/replaced"] == 2
-    assert provider.negatives([0]) == [["c0-10", "c0-11"]]  # 1st: ranks 10..11
-    provider.observe(5, [0], torch.tensor([[0.5, 0.5]]))
-    provider.observe(9, [0], torch.tensor([[0.2, 0.3]]))  # 0.25*1.15 < 0.5
+    assert provider.negatives([0]) == [["c0-12", "c0-13"]]  # 1st: ranks 12..13
+    assert provider.s0[0].tolist() == pytest.approx([0.88, 0.87])
+    provider.observe(9, [0], torch.tensor([[0.8, 0.8]]))  # 0.92 >= 0.875: still hard
     provider.on_step_end(10, noop)
-    assert provider.negatives([0]) == [["c0-12", "c0-13"]]  # 2nd: ranks 12..13
-    provider.observe(10, [0], torch.tensor([[0.5, 0.5]]))
-    provider.observe(14, [0], torch.tensor([[0.52, 0.5]]))  # 0.51*1.15 >= 0.5: still hard
-    provider.on_step_end(15, noop)
     assert provider.negatives([0]) == [["c0-12", "c0-13"]]
-    # pool has two more; a third and fourth replacement exhaust it
-    provider.observe(15, [0], torch.tensor([[0.1, 0.1]]))
-    provider.on_step_end(20, noop)
-    assert provider.negatives([0]) == [["c0-14", "c0-15"]]
-    provider.observe(20, [0], torch.tensor([[0.5, 0.5]]))
-    provider.observe(21, [0], torch.tensor([[0.1, 0.1]]))
-    log = provider.on_step_end(25, noop)
+    provider.observe(14, [0], torch.tensor([[0.1, 0.1]]))
+    provider.on_step_end(15, noop)
+    assert provider.negatives([0]) == [["c0-14", "c0-15"]]  # 2nd: ranks 14..15
+    provider.observe(19, [0], torch.tensor([[0.1, 0.1]]))
+    log = provider.on_step_end(20, noop)
     assert log["dhnm/blocked"] == 1 and log["dhnm/pool_exhausted"] == 1.0
     assert provider.negatives([0]) == [["c0-14", "c0-15"]]
 
 
-def test_v1_encode_rescoring_uses_the_current_model():
+def test_v1_encode_rescoring_uses_the_current_model_and_scores_replacements():
     records, pools = _data(samples=2)
     provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v1", check_every=1))
 
-    # an "encoder" where sample 0's negatives now sit orthogonal to its query, sample 1's do not
-    def encode(texts):
-        rows = []
-        for t in texts:
-            if t.startswith("q") or t.startswith("orig-1"):
-                rows.append([1.0, 0.0])
-            else:
-                rows.append([0.0, 1.0])
-        return torch.tensor(rows)
+    # sample 0's negatives now sit orthogonal to its query, sample 1's do not
+    def encode(texts, role=None):
+        return torch.tensor(
+            [[1.0, 0.0] if t.startswith(("q", "orig-1", "c0-11")) else [0.0, 1.0] for t in texts]
+        )
 
     provider.observe(0, [0, 1], torch.tensor([[0.6, 0.6], [0.6, 0.6]]))
     provider.on_step_end(1, encode)
     assert provider.negatives([0, 1]) == [["c0-10", "c0-11"], ["orig-1-0", "orig-1-1"]]
     assert provider.current[1].tolist() == [1.0, 1.0]
-
-
-def test_records_without_negatives_start_from_the_pool_head():
-    records, pools = _data(samples=1, with_neg=False)
-    provider = DynamicNegatives(
-        records, 3, pools, DHNMConfig(rule="v1", v1_current="observed", check_every=1)
-    )
-    assert provider.negatives([0]) == [["c0-10", "c0-11", "c0-12"]]
-    provider.observe(0, [0], torch.tensor([[0.5, 0.5, 0.5]]))
-    provider.observe(1, [0], torch.tensor([[0.1, 0.1, 0.1]]))
-    provider.on_step_end(1, lambda texts: torch.zeros(len(texts), 2))
-    assert provider.negatives([0]) == [["c0-13", "c0-14", "c0-15"]]
+    # the replacements were scored at assignment with the re-scored query rows
+    assert provider.s0[0].tolist() == [0.0, 1.0]
 
 
 def test_pool_offset_skips_low_ranks_and_mismatched_pools_fail():
@@ -149,32 +256,85 @@ def test_pool_offset_skips_low_ranks_and_mismatched_pools_fail():
         DynamicNegatives(records, 2, bad)
 
 
+def _scores(step: int, ids: list[int], rank: int = 0) -> torch.Tensor:
+    """A deterministic pseudo-training: scores fall with the step, per sample and slot."""
+    return torch.tensor(
+        [[0.9 - 0.05 * ((step + s + k) % 9) + 1e-4 * rank for k in range(2)] for s in ids]
+    )
+
+
 def _run(provider, steps, start=0):
-    """A deterministic pseudo-training: scores decay with the step, per sample and slot."""
     for step in range(start, steps):
         ids = [step % 3, (step + 1) % 3]
-        base = torch.tensor([[0.8 - 0.05 * ((step + s + k) % 9) for k in range(2)] for s in ids])
-        provider.observe(step, ids, base)
-        provider.on_step_end(step + 1, lambda texts: torch.ones(len(texts), 2) / math.sqrt(2))
+        queries = torch.tensor([[1.0, 0.1 * s] for s in ids])
+        provider.observe(step, ids, _scores(step, ids), query_embeddings=queries)
+        provider.on_step_end(step + 1, _one_hot_encoder())
 
 
-@pytest.mark.parametrize("rule", ["v1", "v2"])
-def test_state_survives_a_json_checkpoint(rule):
+@pytest.mark.parametrize(
+    ("rule", "initial", "thresholds"),
+    [("v1", "pool", "absolute"), ("v2", "assignment", "absolute"), ("v2", "pool", "pool_quantile")],
+)
+def test_state_survives_a_checkpoint_as_json_or_safetensors(tmp_path, rule, initial, thresholds):
     records, pools = _data(pool_size=40)
-    config = DHNMConfig(rule=rule, check_every=3, v1_current="observed")
+    config = DHNMConfig(
+        rule=rule,
+        check_every=3,
+        v1_current="observed",
+        initial_score=initial,
+        thresholds=thresholds,
+        calibration_size=8,
+    )
     straight = DynamicNegatives(records, 2, pools, config)
     _run(straight, 20)
     first = DynamicNegatives(records, 2, pools, config)
     _run(first, 10)
+    # (a) everything in the JSON state (arrays as one safetensors blob)
     saved = json.loads(json.dumps(first.state_dict(), allow_nan=False))
-    resumed = DynamicNegatives(records, 2, pools, config)
-    resumed.load_state_dict(saved)
-    _run(resumed, 20, start=10)
+    # (b) the JSON without arrays, the arrays in a .safetensors file
+    save_file(first.state_tensors(), tmp_path / "dhnm.safetensors")
+    meta = json.loads(json.dumps(first.state_dict(arrays=False)))
+    assert "arrays" not in meta
+    from_json = DynamicNegatives(records, 2, pools, config)
+    from_json.load_state_dict(saved)
+    from_file = DynamicNegatives(records, 2, pools, config)
+    from_file.load_state_dict(meta, load_file(tmp_path / "dhnm.safetensors"))
     assert straight.replacements.sum() > 0
-    assert resumed.state_dict() == straight.state_dict()
+    for resumed in (from_json, from_file):
+        _run(resumed, 20, start=10)
+        for key, value in straight.state_tensors().items():
+            got = resumed.state_tensors()[key]
+            torch.testing.assert_close(got, value, rtol=0, atol=0, equal_nan=True, msg=key)
     other, _ = _data(samples=2)
     with pytest.raises(ValueError, match="other records"):
-        DynamicNegatives(other, 2, pools[:2], config).load_state_dict(saved)
+        DynamicNegatives(other, 2, pools[:2], config).load_state_dict(meta)
+    with pytest.raises(ValueError, match="version"):
+        DynamicNegatives(records, 2, pools, config).load_state_dict({**meta, "version": 1})
+
+
+def test_checkpoint_helpers_put_arrays_in_safetensors_and_the_rest_in_json(tmp_path):
+    records, pools = _data(pool_size=40)
+    config = DHNMConfig(rule="v2", initial_score="assignment")
+    providers = {
+        "bge": DynamicNegatives(records, 2, pools, config),
+        "plain": StaticNegatives(records, 2),
+    }
+    _run(providers["bge"], 6)
+    states, tensors = split_provider_states(providers)
+    assert set(tensors) >= {"bge/assigned", "bge/s0", "bge/pointer"}
+    text = json.dumps(states, allow_nan=False)
+    assert len(text) < 400  # no lists, no base64 blob
+    save_file(tensors, tmp_path / "providers.safetensors")
+    fresh = {
+        "bge": DynamicNegatives(records, 2, pools, config),
+        "plain": StaticNegatives(records, 2),
+    }
+    restore_provider_states(fresh, json.loads(text), load_file(tmp_path / "providers.safetensors"))
+    for key, value in providers["bge"].state_tensors().items():
+        got = fresh["bge"].state_tensors()[key]
+        torch.testing.assert_close(got, value, rtol=0, atol=0, equal_nan=True, msg=key)
+    with pytest.raises(ValueError, match="unknown task 'bge'"):
+        restore_provider_states({"plain": fresh["plain"]}, states, tensors)
 
 
 def test_build_from_training_config_and_pool_file(tmp_path):
@@ -188,7 +348,7 @@ def test_build_from_training_config_and_pool_file(tmp_path):
         build_dynamic_negatives(records, 2, section, tmp_path / "missing.jsonl")
     # a task's max_rows keeps a subset of the rows: each finds its own pool by query
     subset = build_dynamic_negatives([records[2], records[0]], 2, section, train)
-    assert subset.pools[0] != subset.pools[1]
+    assert subset.pool(0) != subset.pool(1)
     assert subset.negatives([0]) == [records[2].neg] and subset.negatives([1]) == [records[0].neg]
     # with the rows' file positions, repeated queries are no obstacle
     twins, twin_pools = _data(4)
@@ -199,7 +359,7 @@ def test_build_from_training_config_and_pool_file(tmp_path):
         [twins[1], twins[3]], 2, section, tmp_path / "twins.jsonl", rows=[1, 3]
     )
     assert kept.negatives([0, 1]) == [twins[1].neg, twins[3].neg]
-    assert kept.pools[0] != kept.pools[1]  # each row got its own pool, not the first "q1"
+    assert kept.pool(0) != kept.pool(1)  # each row got its own pool, not the first "q1"
     with pytest.raises(ValueError, match="repeated queries"):
         build_dynamic_negatives([twins[1], twins[3]], 2, section, tmp_path / "twins.jsonl")
     stranger = RetrievalRecord(query="never mined", pos=["p"], neg=["n"])
@@ -229,10 +389,18 @@ def test_remine_rebuilds_pools_with_the_current_model():
         return torch.nn.functional.normalize(torch.tensor(out), dim=-1)
 
     provider.on_step_end(5, encode)
-    assert provider.pools_remined
-    assert provider.corpus[provider.pools[0][0]] == "c0-21"
-    assert provider.corpus[provider.pools[1][0]] == "c1-15"
-    assert provider.state_dict()["pools"] == provider.pools
+    assert provider.pools_remined and provider.use_pool_scores
+    # the held negatives' S_0 is their score under the current model: cos(q0, orig-0-k)
+    held = encode(["q0", "orig-0-0"])
+    assert provider.s0[0].tolist() == pytest.approx([float(held[0] @ held[1])] * 2)
+    assert provider.corpus[provider.pool(0)[0]] == "c0-21"
+    assert provider.corpus[provider.pool(1)[0]] == "c1-15"
+    assert provider.pool_scores[0] == pytest.approx(1.0)
+    tensors = provider.state_tensors()
+    assert tensors["pool_ids"].tolist() == provider.pool_ids.tolist()
+    fresh = DynamicNegatives(records, 2, pools, provider.config)
+    fresh.load_state_dict(provider.state_dict())
+    assert fresh.pool(0) == provider.pool(0) and fresh.pools_remined
 
 
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -243,33 +411,33 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     try:
         records, pools = _data(pool_size=40)
-        for rule in ("v1", "v2", "cbb"):
-            # data parallel: each rank trains on different samples and syncs over the group;
-            # "cbb": both ranks see the same rows and scores and need no collective at all
-            shared = rule == "cbb"
-            provider = DynamicNegatives(
-                records,
-                2,
-                pools,
-                DHNMConfig(rule="v2" if shared else rule, check_every=2),
-                group=None if shared else dist.group.WORLD,
-            )
-            for step in range(8):
-                ids = [(step + (0 if shared else rank)) % 3]
-                scores = torch.tensor([[0.8 - 0.07 * ((step + ids[0] + k) % 7) for k in range(2)]])
-                provider.observe(step, ids, scores)
-                provider.on_step_end(
-                    step + 1,
-                    # the "current model" puts every negative orthogonal to its query
-                    lambda t: torch.tensor([[1.0, 0.0] if x[0] == "q" else [0.0, 1.0] for x in t]),
-                )
-            with open(f"{out_dir}/{rule}-{rank}.json", "w") as handle:
-                json.dump(provider.state_dict(), handle)
+        cases = {
+            "v1": DHNMConfig(rule="v1", check_every=2, v1_current="observed", initial_score="pool"),
+            "v2-assignment": DHNMConfig(rule="v2", initial_score="assignment"),
+            "v2-quantile": DHNMConfig(rule="v2", thresholds="pool_quantile", calibration_size=4),
+            "v2-remine": DHNMConfig(rule="v2", initial_score="pool", remine_every=5),
+        }
+        for name, config in cases.items():
+            provider = DynamicNegatives(records, 2, pools, config)
+            provider.sync_from(0)
+            calls: list = []
+            for step in range(10):
+                # both ranks train on the same rows (CBB) but see scores that differ slightly:
+                # on their own they would disagree where a score sits at a threshold
+                ids = [step % 3, (step + 1) % 3]
+                scores = _scores(step, ids, rank) + (0.3 if rank and step == 3 else 0.0)
+                queries = torch.tensor([[1.0, 0.1 * s + rank] for s in ids])
+                provider.observe(step, ids, scores, query_embeddings=queries)
+                provider.on_step_end(step + 1, _one_hot_encoder(calls))
+            tensors = {k: v.tolist() for k, v in provider.state_tensors().items()}
+            out = {"state": tensors, "encoded": len(calls), "negatives": provider.negatives([0])}
+            with open(f"{out_dir}/{name}-{rank}.json", "w") as handle:
+                json.dump(out, handle)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_keep_identical_state(tmp_path):
+def test_rank_zero_decides_for_every_rank(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -278,8 +446,11 @@ def test_two_gloo_ranks_keep_identical_state(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    for rule in ("v1", "v2", "cbb"):
-        rank0 = json.loads((tmp_path / f"{rule}-0.json").read_text())
-        rank1 = json.loads((tmp_path / f"{rule}-1.json").read_text())
-        assert rank0 == rank1
-        assert sum(rank0["replacements"]) > 0
+    for name in ("v1", "v2-assignment", "v2-quantile", "v2-remine"):
+        rank0 = json.loads((tmp_path / f"{name}-0.json").read_text())
+        rank1 = json.loads((tmp_path / f"{name}-1.json").read_text())
+        assert rank0["state"] == rank1["state"], name
+        assert rank0["negatives"] == rank1["negatives"]
+        assert sum(rank0["state"]["replacements"]) > 0, name
+        assert rank1["encoded"] == 0  # the follower neither decides nor encodes
+    assert "pool_ids" in json.loads((tmp_path / "v2-remine-1.json").read_text())["state"]

@@ -84,12 +84,22 @@ class DynamicNegativesConfig(_Strict):
     """v1's "current" score: re-encode the sample's negatives at the check (the paper), or
     reuse the last scores the loss computed (free, possibly stale)."""
     v2_never_hard: float = 0.4
-    """v2: a negative whose first score ``S_0`` is below this was never hard. The paper's 0.4
-    assumes its model's score scale: set it under the pool's typical scores (``conan-embed
-    mine`` reports them), else every candidate counts as never hard and v2 walks down the pool
-    to easier ones (measured with MiniLM on STS-B, see tests/test_dynamic_integration.py)."""
+    """v2: a negative whose score at assignment ``S_0`` is below this was never hard. The
+    paper's 0.4 assumes its model's score scale: set it under the pool's typical scores
+    (``conan-embed mine`` reports them) or use ``thresholds: pool_quantile``, else every
+    candidate counts as never hard and v2 walks down the pool to easier ones (measured with
+    MiniLM on STS-B, see tests/test_dynamic_integration.py)."""
     v2_decay: float = 1.2
     v2_abs_cap: float = 0.7
+    thresholds: Literal["absolute", "pool_quantile"] = "absolute"
+    """``absolute``: the numbers above are cosine scores (the papers'). ``pool_quantile``: the
+    same numbers are applied to each score's quantile ``F(s)`` in the pool's score distribution,
+    so the rule works on a model whose scores sit in a narrow band (e.g. me5-small, ~0.89)."""
+    initial_score: Literal["auto", "pool", "assignment"] = "auto"
+    """``S_0``: the pool's mined score (``pool``), the current model's score at assignment
+    (``assignment``), or ``auto``: the pool's when its meta matches the training model's."""
+    calibration_size: int = Field(1024, gt=0)
+    """``pool_quantile`` without pool scores on the model's scale: fit ``F`` on this many S_0."""
     pool_offset: int = Field(10, ge=0)
     remine_every: int = Field(0, ge=0)
     """Beyond the paper: re-mine the pools with the current model every N steps (0 = off)."""

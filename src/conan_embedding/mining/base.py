@@ -16,8 +16,11 @@ import torch
 
 from conan_embedding.data.records import RetrievalRecord
 
-EncodeFn = Callable[[Sequence[str]], torch.Tensor]
-"""Encodes texts with the current model (no grad) into L2-normalised rows."""
+EncodeFn = Callable[..., torch.Tensor]
+"""``encode(texts)`` or ``encode(texts, role=...)``: the current model's L2-normalised rows,
+no grad. A hook with a ``role`` keyword (``"query"`` or ``"passage"``) is told which side the
+texts are, so it can put the training prompts before them (DHNM compares its scores with the
+loss's, which were computed with the prompts)."""
 
 
 @runtime_checkable
@@ -25,16 +28,25 @@ class NegativeProvider(Protocol):
     def negatives(self, sample_ids: Sequence[int]) -> list[list[str]]:
         """The current hard negatives of each sample (the same count for every sample)."""
 
-    def observe(self, step: int, sample_ids: Sequence[int], neg_scores: torch.Tensor) -> None:
+    def observe(
+        self,
+        step: int,
+        sample_ids: Sequence[int],
+        neg_scores: torch.Tensor,
+        query_embeddings: torch.Tensor | None = None,
+    ) -> None:
         """Scores ``cos(query, negative)`` of the batch, shape ``[batch, n]``, detached.
 
+        ``query_embeddings`` (``[batch, dim]``, detached) are the step's query rows: a provider
+        that must score a new negative at assignment uses them instead of encoding the query.
         Called once per training step for the batch that was just trained on.
         """
 
     def on_step_end(self, step: int, encode: EncodeFn) -> dict[str, float]:
         """Hook after the optimizer step; returns numbers to log (may be empty)."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (large arrays inside it as safetensors bytes, base64)."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -56,7 +68,13 @@ class StaticNegatives:
             out.append([neg[k % len(neg)] for k in range(self.n)] if self.n else [])
         return out
 
-    def observe(self, step: int, sample_ids: Sequence[int], neg_scores: torch.Tensor) -> None:
+    def observe(
+        self,
+        step: int,
+        sample_ids: Sequence[int],
+        neg_scores: torch.Tensor,
+        query_embeddings: torch.Tensor | None = None,
+    ) -> None:
         return None
 
     def on_step_end(self, step: int, encode: EncodeFn) -> dict[str, float]:

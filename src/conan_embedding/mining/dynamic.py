@@ -5,84 +5,106 @@ separates them easily and their gradient fades. Conan keeps, per sample, the sco
 negative had when it was assigned (``S_0``) and replaces negatives whose score has fallen,
 taking the next candidates of the sample's offline-mined pool (``mining.offline``).
 
-The two published rules (thresholds are configurable; defaults are the papers'):
+The two published rules (thresholds are configurable; defaults are the papers')::
 
-- **v1** (Conan-embedding v1), checked every ``check_every`` steps (paper: 100; the v2 paper
-  says 1k) on the sample's *mean* negative score::
+    v1, every check_every steps, on the mean over the sample's n negatives:
+        replace all n   if  current * 1.15 < initial  and  |current| < 0.8
+    v2, every step, per negative j, from the scores the loss already computed:
+        replace j       if  S_0 < 0.4 (never hard)  or  (1.2 * S_j < S_0  and  S_j < 0.7)
 
-      replace all n negatives  if  current * 1.15 < initial  and  |current| < 0.8
+v1's i-th replacement takes pool ranks ``(i-1)*n + 10 .. i*n + 10``; the samples checked are
+those trained on since the last check, and ``current`` is re-scored through the ``encode``
+hook (``v1_current="encode"``: one no-grad forward of each checked sample's query and
+negatives) or is the last score the loss computed (``"observed"``: free, possibly stale).
 
-  and the i-th replacement takes pool ranks ``(i-1)*n + 10 .. i*n + 10``. The samples
-  checked are those trained on since the last check. ``current`` is re-scored with the
-  current model through the ``encode`` hook (``v1_current="encode"``, the default: one
-  no-grad forward of each checked sample's query and negatives, roughly a third of what
-  training on it cost) or taken from the last scores the loss computed (``"observed"``:
-  free, but up to ``check_every`` steps old).
-- **v2** (Conan-embedding v2), at every step, per negative, from the scores the loss
-  already computed (no extra encoding)::
+``S_0``, the score at assignment (``initial_score``; v1's ``initial`` is its mean):
 
-      replace negative j  if  S_0 < 0.4  (never hard)  or  (1.2 * S_j < S_0 and S_j < 0.7)
+- ``pool``: the candidate's mined score (``PoolCandidate.score``), for the initial negatives
+  too (a record's ``neg`` found in its pool). So a negative is judged at its query's *first*
+  draw and a replacement is used at the next one.
+- ``assignment``: a new negative is scored when it is assigned, ``cos(q, e(neg))``, with the
+  query row ``q`` of the step that replaced it (``observe(..., query_embeddings=q)``, no
+  query forward) and one no-grad forward of the new negative in :meth:`on_step_end`. A record's
+  initial negatives, assigned before training, take their first observed score.
+- ``auto`` (default): ``pool`` when the pool's :class:`~conan_embedding.mining.offline.PoolMeta`
+  matches the training model's (same prompts and max length, and the two models embed a probe
+  text at cosine >= 0.999), else ``assignment``: another model's scores are on another scale.
 
-  The new negative is used from the next step; its ``S_0`` is its first observed score.
+Thresholds (``thresholds``): ``absolute`` compares cosines with the numbers above. Their scale
+is the papers' models'; me5-small puts its pool at about 0.89, where ``1.2 * S < S_0`` and
+``S < 0.7`` never hold. ``pool_quantile`` applies the same rule and numbers to each score's
+quantile in the reference distribution ``P``::
 
-How it is kept: per-sample state of ``n`` slots (assigned candidate, ``S_0``, current
-score), a replacement count and a pool pointer; a replacement draws the next pool
-candidates at the pointer, skipping ones the sample holds already. When a pool runs out the
-sample keeps its negatives and counts as *exhausted*. Initial negatives are the record's own
-``neg`` (cycled, like :class:`~conan_embedding.mining.base.StaticNegatives`), or the head of
-the pool when the record has none; so with ``neg`` from elsewhere the i-th v1 replacement is
-exactly pool ranks ``(i-1)*n+10 .. i*n+10``. Pool candidates ranked below ``pool_offset``
-are never used (the paper's ``+10``; mined pools already start there).
+    F(s) = P(score <= s),  estimated on a grid of 1001 quantiles of P (linear in between)
+    v2: replace j  if  F(S_0) < 0.4  or  (1.2 * F(S_j) < F(S_0)  and  F(S_j) < 0.7)
+    v1: replace    if  mean_j F(S_j) * 1.15 < mean_j F(S_0,j)  and  mean_j F(S_j) < 0.8
 
-The state is plain JSON (lists; NaN written as ``null``) so the trainer stores it in its
-checkpoint's ``state.json`` and :meth:`DynamicNegatives.load_state_dict` restores it on resume.
+so "never hard" is the pool's easiest 40% and "no longer hard" a fall from quantile ``u`` below
+``u / 1.2`` and below the 70% quantile. ``P`` is every pool candidate's mined score when those
+are on the model's scale (``pool``), else the first ``calibration_size`` values of ``S_0``;
+until ``P`` is known no negative is replaced. ``P`` is fixed, so like the absolute rule this
+reads a global fall of the model's scores (fine-tuning me5-small at tau 0.05 spreads its scale,
+``docs/ablations.md``) as negatives no longer hard; with ``remine_every`` each re-mining puts
+``S_0``, the pools and ``P`` back on the current model's scale.
 
-Under ``torch.distributed`` every rank keeps the full state, and decisions must come from
-identical inputs on every rank. Two set-ups:
+State (:meth:`state_tensors`): per sample ``assigned [S, n]`` corpus ids, ``s0``, ``current``,
+``replacements``, ``pointer`` (next pool position), ``pending`` (v1); the quantile grid; the
+pools (CSR: ``pool_ids``, ``pool_offsets``, ``pool_scores``) once re-mined. A replacement draws
+the next pool candidates at the pointer, skipping ones the sample holds; when a pool runs out
+the sample keeps its negatives and counts as *exhausted*. Pool candidates ranked below
+``pool_offset`` are never used (the paper's ``+10``; mined pools already start there).
+:meth:`state_dict` is JSON whose arrays are one safetensors blob (base64); a checkpoint that
+stores tensors itself calls ``state_dict(arrays=False)`` and :meth:`state_tensors`, and
+restores with ``load_state_dict(state, tensors)``.
 
-- ranks that train on *different* samples (data parallel): pass ``group`` (e.g.
-  ``torch.distributed.group.WORLD``); :meth:`observe` all-gathers every rank's (sample id,
-  scores) and every rank applies the same updates in the same order (a sample seen on two
-  ranks in one step gets its scores averaged), the v1 re-scoring shards the samples over the
-  group and all-gathers the scores, and re-mining runs on the group's first rank and is
-  broadcast. Every rank of the group must then call ``observe``/``on_step_end`` each step.
-- ranks that already see the *same* rows and scores (Conan's cross-GPU batch balance: the
-  ranks of a retrieval task share queries and merge their negatives' scores before
-  ``observe``): leave ``group=None``; each rank computes the same updates on its own, and no
-  collective is issued, so ranks running other tasks are never waited for.
+Several ranks (cross-GPU batch balance: the ranks of a retrieval task share its rows and merge
+their negatives' scores): their scores may differ in the last bits, so their decisions could
+too. After :meth:`sync_from` the source rank alone decides (and encodes); at the end of each
+:meth:`on_step_end` it broadcasts the rows it changed (one safetensors payload) and every other
+rank of the group overwrites its own with them.
 
 Beyond the papers: ``remine_every > 0`` re-mines every pool with the current model
-(ANCE-style: corpus and queries re-encoded, same filters and window); off by default.
+(ANCE-style): corpus and queries re-encoded in ``encode_batch`` chunks and searched with FAISS
+(:mod:`conan_embedding.mining.index`, queries in chunks: no queries x corpus matrix), same
+false-negative filters and window; the new pools' scores are then ``S_0``'s source.
 """
 
 from __future__ import annotations
 
+import base64
+import inspect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from conan_embedding.config import DynamicNegativesConfig
 from conan_embedding.data.records import RetrievalRecord
-from conan_embedding.mining.base import EncodeFn
-from conan_embedding.mining.index import texts_fingerprint
+from conan_embedding.mining.base import EncodeFn, NegativeProvider
+from conan_embedding.mining.index import build_index, search, texts_fingerprint
 from conan_embedding.mining.offline import (
     MiningConfig,
     PoolEntry,
+    PoolMeta,
     default_pool_path,
+    read_pool_meta,
     read_pools,
     select_candidates,
 )
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-
+STATE_VERSION = 2
+QUANTILE_GRID = 1001
+_PER_SAMPLE = ("assigned", "s0", "current", "replacements", "pointer", "pending")
 
 DHNMConfig = DynamicNegativesConfig
 """The rules' thresholds and schedule: the training config's ``dynamic_negatives`` section
@@ -107,57 +129,48 @@ def v2_should_replace(
     return (initial < never_hard) | ((decay * current < initial) & (current < abs_cap))
 
 
-def _synced(group: Any) -> bool:
-    return (
-        group is not None
-        and dist.is_available()
-        and dist.is_initialized()
-        and dist.get_world_size(group) > 1
-    )
+def quantile_grid(scores: np.ndarray | torch.Tensor, size: int = QUANTILE_GRID) -> torch.Tensor:
+    """``size`` evenly spaced quantiles of the finite ``scores`` (empty if there are none)."""
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return torch.zeros(0)
+    return torch.from_numpy(np.quantile(values, np.linspace(0.0, 1.0, size))).float()
 
 
-def _all_gather_rows(
-    ids: torch.Tensor, rows: torch.Tensor, group: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate every rank's ``ids [b]`` and ``rows [b, n]`` in rank order (b may differ)."""
-    if not _synced(group):
-        return ids, rows
-    world = dist.get_world_size(group)
-    size = torch.tensor([ids.numel()], dtype=torch.int64)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    longest = int(max(s.item() for s in sizes))
-    width = rows.shape[1] if rows.dim() == 2 else 0
-    padded_ids = torch.full((longest,), -1, dtype=torch.int64)
-    padded_ids[: ids.numel()] = ids
-    padded_rows = torch.zeros((longest, width), dtype=torch.float32)
-    padded_rows[: ids.numel()] = rows.float()
-    all_ids = [torch.empty_like(padded_ids) for _ in range(world)]
-    all_rows = [torch.empty_like(padded_rows) for _ in range(world)]
-    dist.all_gather(all_ids, padded_ids, group=group)
-    dist.all_gather(all_rows, padded_rows, group=group)
-    keep = [int(s.item()) for s in sizes]
-    return (
-        torch.cat([t[:k] for t, k in zip(all_ids, keep, strict=True)]),
-        torch.cat([t[:k] for t, k in zip(all_rows, keep, strict=True)]),
-    )
+def to_quantile(scores: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``F(s)``: the quantile of each score on ``grid`` (linear between grid points; NaN kept)."""
+    levels = np.linspace(0.0, 1.0, len(grid))
+    values = scores.detach().cpu().numpy().astype(np.float64)
+    out = np.interp(values, grid.numpy().astype(np.float64), levels)
+    out[np.isnan(values)] = np.nan
+    return torch.from_numpy(out).float()
 
 
-def _nan_to_none(values: torch.Tensor) -> list:
-    return [[None if math.isnan(x) else x for x in row] for row in values.tolist()]
+def _accepts_role(encode: EncodeFn) -> bool:
+    try:
+        params = inspect.signature(encode).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "role" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def _none_to_nan(values: list) -> torch.Tensor:
-    return torch.tensor(
-        [[math.nan if x is None else float(x) for x in row] for row in values], dtype=torch.float32
-    )
+def _to_b64(tensors: dict[str, torch.Tensor]) -> str:
+    return base64.b64encode(save_tensors(_contiguous(tensors))).decode("ascii")
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 class DynamicNegatives:
     """A :class:`~conan_embedding.mining.base.NegativeProvider` that applies the v1/v2 rule.
 
     ``pools[i]`` is sample ``i``'s ranked candidate list (``PoolEntry`` from
-    :func:`~conan_embedding.mining.offline.read_pools`); ``group``: see the module docstring.
+    :func:`~conan_embedding.mining.offline.read_pools`); ``pool_meta`` is the pool file's meta
+    and ``trained_with`` the training model's (``PoolMeta.of(model, query_prompt,
+    passage_prompt)``): with ``initial_score: auto`` the pool's scores are ``S_0`` only when
+    the two are equal.
     """
 
     def __init__(
@@ -166,7 +179,9 @@ class DynamicNegatives:
         n: int,
         pools: Sequence[PoolEntry],
         config: DHNMConfig | None = None,
-        group: Any = None,
+        *,
+        pool_meta: PoolMeta | None = None,
+        trained_with: PoolMeta | None = None,
     ):
         config = config if config is not None else DHNMConfig(rule="v2")
         if config.rule == "none":
@@ -177,79 +192,144 @@ class DynamicNegatives:
             raise ValueError(f"{len(pools)} pools for {len(records)} records: mine them together")
         self.records, self.n = list(records), n
         self.config = config
-        self.group = group
+        self.use_pool_scores = self._resolve_initial_score(pool_meta, trained_with)
         # Every text a sample can hold gets a corpus id; state refers to ids, not texts.
         texts: dict[str, int] = {}
         for record in records:
             for text in record.neg:
                 texts.setdefault(text, len(texts))
-        pool_ids = []
+        ids, scores, offsets = [], [], [0]
+        self._initial_scores: list[dict[int, float]] = []
         for i, (record, pool) in enumerate(zip(records, pools, strict=True)):
             if pool.query != record.query:
                 raise ValueError(
                     f"pool {i} is for query {pool.query[:60]!r}, record {i} is "
                     f"{record.query[:60]!r}: the pool file does not match the records"
                 )
-            ids = []
+            mined: dict[int, float] = {}
             for cand in pool.candidates:
-                if cand.rank >= self.config.pool_offset:
-                    ids.append(texts.setdefault(cand.text, len(texts)))
-            pool_ids.append(ids)
+                cid = texts.setdefault(cand.text, len(texts))
+                mined.setdefault(cid, cand.score)
+                if cand.rank >= config.pool_offset:
+                    ids.append(cid)
+                    scores.append(cand.score)
+            offsets.append(len(ids))
+            self._initial_scores.append(mined)
         self.corpus = list(texts)
-        self._set_pools(pool_ids)
+        self._set_pools(
+            np.asarray(ids, np.int64), np.asarray(offsets, np.int64), np.asarray(scores, np.float32)
+        )
         self.fingerprint = texts_fingerprint(self.corpus)
+        self._role = False
+        self._sync: tuple[int, Any, torch.device] | None = None
         self._reset_state()
+        del self._initial_scores
+
+    def _resolve_initial_score(self, pool: PoolMeta | None, trained: PoolMeta | None) -> bool:
+        choice = self.config.initial_score
+        if choice != "auto":
+            return choice == "pool"
+        if pool is not None and trained is not None and pool.matches(trained):
+            return True
+        reason = (
+            "the pool file has no meta (mined before metas were written)"
+            if pool is None
+            else "the training model is not known"
+            if trained is None
+            else "the pool was mined with another model, prompt or max length "
+            f"({pool.model} {pool.query_prompt!r} {pool.passage_prompt!r} {pool.max_seq_length}"
+            f" vs {trained.model} {trained.query_prompt!r} {trained.passage_prompt!r} "
+            f"{trained.max_seq_length})"
+        )
+        logger.info("DHNM: S_0 scored at assignment, not taken from the pool: %s", reason)
+        return False
 
     # ----------------------------------------------------------------- state
-    def _set_pools(self, pools: list[list[int]]) -> None:
-        self.pools = pools
-        self._pool_lengths = torch.tensor([len(p) for p in pools], dtype=torch.int64)
+    def _set_pools(self, ids: np.ndarray, offsets: np.ndarray, scores: np.ndarray) -> None:
+        self.pool_ids, self.pool_offsets, self.pool_scores = ids, offsets, scores
+        self._pool_lengths = torch.from_numpy(np.diff(offsets))
+
+    def pool(self, sid: int) -> list[int]:
+        """Sample ``sid``'s pool as corpus ids, best rank first."""
+        return self.pool_ids[self.pool_offsets[sid] : self.pool_offsets[sid + 1]].tolist()
 
     def _reset_state(self) -> None:
         size, n = len(self.records), self.n
-        self.assigned = torch.full((size, n), -1, dtype=torch.int64)
         self.s0 = torch.full((size, n), math.nan)
         self.current = torch.full((size, n), math.nan)
         self.replacements = torch.zeros(size, dtype=torch.int64)
-        self.pointer = torch.zeros(size, dtype=torch.int64)
+        self.pending = torch.zeros(size, dtype=torch.bool)
         self.pools_remined = False
-        self._pending: set[int] = set()
-        self._since_log = {"replaced": 0, "blocked": 0, "score_sum": 0.0, "score_count": 0}
+        self._grid = torch.zeros(0)
+        self._calibration: list[float] = []
+        self._to_score: dict[tuple[int, int], torch.Tensor | None] = {}
+        self._pending_q: dict[int, torch.Tensor] = {}
+        self._dirty: set[int] = set()
+        self._full_sync = False
+        self._since_log = self._empty_log()
         lookup = {t: i for i, t in enumerate(self.corpus)}
         assigned, pointer = [], [0] * size
         for sid, record in enumerate(self.records):
             if record.neg:
                 assigned.append([lookup[record.neg[k % len(record.neg)]] for k in range(n)])
                 continue
-            drawn, pointer[sid] = self._next_candidates(self.pools[sid], 0, set(), n)
+            drawn, pointer[sid] = self._next_candidates(sid, 0, set(), n)
             if len(drawn) < n:
                 raise ValueError(
                     f"sample {sid} has no negatives and its pool holds fewer than {n} "
                     "candidates; mine a wider window or drop it"
                 )
-            assigned.append(drawn)
+            assigned.append([cid for cid, _ in drawn])
         self.assigned = torch.tensor(assigned, dtype=torch.int64).reshape(size, n)
         self.pointer = torch.tensor(pointer, dtype=torch.int64)
+        if self.use_pool_scores:
+            for sid, row in enumerate(self.assigned.tolist()):
+                mined = self._initial_scores[sid]
+                self.s0[sid] = torch.tensor([mined.get(cid, math.nan) for cid in row])
+            if self.config.thresholds == "pool_quantile":
+                self._grid = quantile_grid(self.pool_scores)
 
-    def state_dict(self) -> dict[str, Any]:
-        state = {
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every array of the state (CPU tensors), for a safetensors file."""
+        tensors = {
+            "assigned": self.assigned,
+            "s0": self.s0,
+            "current": self.current,
+            "replacements": self.replacements,
+            "pointer": self.pointer,
+            "pending": self.pending,
+            "quantile_grid": self._grid,
+            "calibration": torch.tensor(self._calibration, dtype=torch.float32),
+        }
+        if self.pools_remined:
+            tensors["pool_ids"] = torch.from_numpy(self.pool_ids)
+            tensors["pool_offsets"] = torch.from_numpy(self.pool_offsets)
+            tensors["pool_scores"] = torch.from_numpy(self.pool_scores)
+        return _contiguous(tensors)
+
+    def state_dict(self, *, arrays: bool = True) -> dict[str, Any]:
+        """JSON-serialisable state; ``arrays=False`` leaves out :meth:`state_tensors`."""
+        state: dict[str, Any] = {
             "version": STATE_VERSION,
             "rule": self.config.rule,
             "n": self.n,
             "corpus_fingerprint": self.fingerprint,
-            "assigned": self.assigned.tolist(),
-            "s0": _nan_to_none(self.s0),
-            "current": _nan_to_none(self.current),
-            "replacements": self.replacements.tolist(),
-            "pointer": self.pointer.tolist(),
-            "pending": sorted(self._pending),
-            "pools": self.pools if self.pools_remined else None,
+            "use_pool_scores": self.use_pool_scores,
+            "pools_remined": self.pools_remined,
         }
+        if arrays:
+            state["arrays"] = _to_b64(self.state_tensors())
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(
+        self, state: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Restore from :meth:`state_dict` (with its arrays, or ``tensors`` from a file)."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"DHNM state version {state.get('version')} != {STATE_VERSION}")
+            raise ValueError(
+                f"DHNM state version {state.get('version')} != {STATE_VERSION}: a checkpoint "
+                "from before S_0 at assignment; restart the run"
+            )
         if state["corpus_fingerprint"] != self.fingerprint or state["n"] != self.n:
             raise ValueError(
                 "the DHNM state was saved for other records/pools or another n; resume with "
@@ -259,136 +339,250 @@ class DynamicNegatives:
             logger.warning(
                 "DHNM state saved under rule %s, resuming under %s", state["rule"], self.config.rule
             )
-        self.assigned = torch.tensor(state["assigned"], dtype=torch.int64)
-        self.s0 = _none_to_nan(state["s0"])
-        self.current = _none_to_nan(state["current"])
-        self.replacements = torch.tensor(state["replacements"], dtype=torch.int64)
-        self.pointer = torch.tensor(state["pointer"], dtype=torch.int64)
-        self._pending = set(state["pending"])
-        if state.get("pools") is not None:
-            self._set_pools([list(p) for p in state["pools"]])
+        if tensors is None or not tensors:
+            if "arrays" not in state:
+                raise ValueError("DHNM state without arrays: pass the tensors saved beside it")
+            tensors = load_tensors(base64.b64decode(state["arrays"]))
+        self.use_pool_scores = bool(state["use_pool_scores"])
+        self.load_state_tensors(tensors)
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore the arrays of :meth:`state_tensors` (shapes are checked)."""
+        size, n = len(self.records), self.n
+        expected = {"assigned": (size, n), "s0": (size, n), "current": (size, n)}
+        expected.update({k: (size,) for k in ("replacements", "pointer", "pending")})
+        for key, shape in expected.items():
+            if key not in tensors or tuple(tensors[key].shape) != shape:
+                got = tuple(tensors[key].shape) if key in tensors else "missing"
+                raise ValueError(f"DHNM state array '{key}': {got}, expected {shape}")
+        self.assigned = tensors["assigned"].to(torch.int64).clone()
+        self.s0 = tensors["s0"].float().clone()
+        self.current = tensors["current"].float().clone()
+        self.replacements = tensors["replacements"].to(torch.int64).clone()
+        self.pointer = tensors["pointer"].to(torch.int64).clone()
+        self.pending = tensors["pending"].bool().clone()
+        self._grid = tensors["quantile_grid"].float().clone()
+        self._calibration = tensors["calibration"].tolist()
+        if "pool_ids" in tensors:
+            self._set_pools(
+                tensors["pool_ids"].numpy().astype(np.int64),
+                tensors["pool_offsets"].numpy().astype(np.int64),
+                tensors["pool_scores"].numpy().astype(np.float32),
+            )
             self.pools_remined = True
 
     # ----------------------------------------------------------------- contract
     def negatives(self, sample_ids: Sequence[int]) -> list[list[str]]:
         return [[self.corpus[i] for i in self.assigned[sid].tolist()] for sid in sample_ids]
 
-    def observe(self, step: int, sample_ids: Sequence[int], neg_scores: torch.Tensor) -> None:
+    def observe(
+        self,
+        step: int,
+        sample_ids: Sequence[int],
+        neg_scores: torch.Tensor,
+        query_embeddings: torch.Tensor | None = None,
+    ) -> None:
         ids = torch.as_tensor(list(sample_ids), dtype=torch.int64)
         scores = neg_scores.detach().float().cpu()
         if scores.shape != (len(ids), self.n):
             raise ValueError(
                 f"neg_scores has shape {tuple(scores.shape)}, expected {(len(ids), self.n)}"
             )
-        ids, scores = _all_gather_rows(ids, scores, self.group)
-        ids, scores = self._merge_duplicates(ids, scores)
+        queries = None
+        if query_embeddings is not None:
+            queries = F.normalize(query_embeddings.detach().float().cpu(), dim=-1)
+            if queries.dim() != 2 or len(queries) != len(ids):
+                raise ValueError(
+                    f"query_embeddings has shape {tuple(queries.shape)}, expected ({len(ids)}, dim)"
+                )
+        if self._follower():
+            return  # the source rank decides; on_step_end receives its rows
+        ids, scores, queries = self._merge_duplicates(ids, scores, queries)
         self._since_log["score_sum"] += float(scores.sum())
         self._since_log["score_count"] += scores.numel()
+        self._dirty.update(ids.tolist())
         self.current[ids] = scores
         fresh = torch.isnan(self.s0[ids])
         self.s0[ids] = torch.where(fresh, scores, self.s0[ids])
+        self._calibrate(scores[fresh])
         if self.config.rule == "v2":
-            replace = v2_should_replace(
-                self.s0[ids],
-                scores,
-                self.config.v2_never_hard,
-                self.config.v2_decay,
-                self.config.v2_abs_cap,
-            )
+            replace = self._v2(self.s0[ids], scores)
             for row, slot in replace.nonzero().tolist():
-                self._replace_slots(int(ids[row]), [slot])
+                query = queries[row] if queries is not None else None
+                self._replace_slots(int(ids[row]), [slot], query)
         else:
-            self._pending.update(ids.tolist())
+            self.pending[ids] = True
+            if queries is not None:
+                self._pending_q.update(zip(ids.tolist(), queries, strict=True))
 
     def on_step_end(self, step: int, encode: EncodeFn) -> dict[str, float]:
+        self._role = _accepts_role(encode)
+        if self._follower():
+            self._receive()
+            return self._log()
         config = self.config
-        if config.rule == "v1" and step % config.check_every == 0 and self._pending:
+        if config.rule == "v1" and step % config.check_every == 0 and bool(self.pending.any()):
             self._v1_check(encode)
+        self._score_assigned(encode)
         if config.remine_every and step % config.remine_every == 0:
             self.remine(encode)
+        if self._sync is not None:
+            self._broadcast()
         return self._log()
 
     # ----------------------------------------------------------------- rules
+    def _thresholds_ready(self) -> bool:
+        return self.config.thresholds == "absolute" or len(self._grid) > 0
+
+    def _scale(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.config.thresholds == "absolute":
+            return scores
+        return to_quantile(scores, self._grid)
+
+    def _v2(self, s0: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        if not self._thresholds_ready():
+            return torch.zeros_like(current, dtype=torch.bool)
+        c = self.config
+        return v2_should_replace(
+            self._scale(s0), self._scale(current), c.v2_never_hard, c.v2_decay, c.v2_abs_cap
+        )
+
+    def _v1(self, s0: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        if not self._thresholds_ready():
+            return torch.zeros(len(current), dtype=torch.bool)
+        initial = self._scale(s0).mean(dim=1)
+        now = self._scale(current).mean(dim=1)
+        return v1_should_replace(initial, now, self.config.v1_decay, self.config.v1_abs_cap)
+
+    def _calibrate(self, s0_values: torch.Tensor) -> None:
+        """Without pool scores on the model's scale, ``F`` is fitted on the first S_0 values."""
+        if self.config.thresholds != "pool_quantile" or len(self._grid):
+            return
+        values = s0_values[torch.isfinite(s0_values)].tolist()
+        self._calibration.extend(values[: self.config.calibration_size - len(self._calibration)])
+        if len(self._calibration) >= self.config.calibration_size:
+            self._grid = quantile_grid(np.asarray(self._calibration))
+            self._calibration = []
+
     def _v1_check(self, encode: EncodeFn) -> None:
-        ids = torch.tensor(sorted(self._pending), dtype=torch.int64)
-        self._pending.clear()
+        ids = torch.nonzero(self.pending).flatten()
+        self.pending[ids] = False
+        queries: torch.Tensor | None = None
         if self.config.v1_current == "encode":
-            current = self._rescore(ids, encode)
+            current, queries = self._rescore(ids, encode)
             self.current[ids] = current
         else:
             current = self.current[ids]
-        initial = self.s0[ids].mean(dim=1)
-        replace = v1_should_replace(
-            initial, current.mean(dim=1), self.config.v1_decay, self.config.v1_abs_cap
-        )
-        for sid in ids[replace].tolist():
-            self._replace_slots(sid, list(range(self.n)))
+        self._dirty.update(ids.tolist())
+        replace = self._v1(self.s0[ids], current)
+        for row in replace.nonzero().flatten().tolist():
+            sid = int(ids[row])
+            query = queries[row] if queries is not None else self._pending_q.get(sid)
+            self._replace_slots(sid, list(range(self.n)), query)
+        self._pending_q.clear()
 
-    def _rescore(self, ids: torch.Tensor, encode: EncodeFn) -> torch.Tensor:
-        """``cos(query, negative)`` of ``ids`` with the current model, sharded over ranks."""
-        synced = _synced(self.group)
-        rank, world = (
-            (dist.get_rank(self.group), dist.get_world_size(self.group)) if synced else (0, 1)
-        )
-        mine = ids[rank::world]
-        rows = torch.zeros((len(mine), self.n))
-        batch = max(1, self.config.encode_batch // (self.n + 1))
-        for start in range(0, len(mine), batch):
-            part = mine[start : start + batch].tolist()
-            queries = encode([self.records[s].query for s in part]).float().cpu()
-            negs = encode([t for s in part for t in self.negatives([s])[0]]).float().cpu()
-            negs = negs.reshape(len(part), self.n, -1)
-            rows[start : start + len(part)] = torch.einsum("bd,bnd->bn", queries, negs)
-        gathered_ids, gathered = _all_gather_rows(mine, rows, self.group)
-        order = {int(s): i for i, s in enumerate(gathered_ids.tolist())}
-        return gathered[[order[int(s)] for s in ids.tolist()]]
+    def _encode(self, encode: EncodeFn, texts: Sequence[str], role: str) -> torch.Tensor:
+        batch = self.config.encode_batch
+        parts = []
+        for start in range(0, len(texts), batch):
+            chunk = list(texts[start : start + batch])
+            out = encode(chunk, role=role) if self._role else encode(chunk)
+            parts.append(F.normalize(torch.as_tensor(out).detach().float().cpu(), dim=-1))
+        return torch.cat(parts) if parts else torch.zeros((0, 1))
 
-    def _replace_slots(self, sid: int, slots: list[int]) -> bool:
+    def _rescore(self, ids: torch.Tensor, encode: EncodeFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos(query, negative)`` of ``ids`` with the current model, and the query rows."""
+        part = ids.tolist()
+        queries = self._encode(encode, [self.records[s].query for s in part], "query")
+        negs = self._encode(encode, [t for s in part for t in self.negatives([s])[0]], "passage")
+        negs = negs.reshape(len(part), self.n, -1)
+        return torch.einsum("bd,bnd->bn", queries, negs), queries
+
+    def _score_assigned(self, encode: EncodeFn) -> None:
+        """``S_0`` of the negatives assigned this step: ``cos(q, e(neg))`` with the step's q."""
+        if not self._to_score:
+            return
+        keys = list(self._to_score)
+        missing = [sid for (sid, _), q in self._to_score.items() if q is None]
+        if missing:  # no query row from the step (e.g. after a resume): encode the query
+            unique = sorted(set(missing))
+            rows = self._encode(encode, [self.records[s].query for s in unique], "query")
+            found = dict(zip(unique, rows, strict=True))
+            for key, q in self._to_score.items():
+                if q is None:
+                    self._to_score[key] = found[key[0]]
+        queries = torch.stack([self._to_score[key] for key in keys])
+        texts = [self.corpus[int(self.assigned[sid, slot])] for sid, slot in keys]
+        negs = self._encode(encode, texts, "passage")
+        scores = (queries * negs).sum(dim=-1)
+        sids = torch.tensor([k[0] for k in keys])
+        slots = torch.tensor([k[1] for k in keys])
+        self.s0[sids, slots] = scores
+        self._calibrate(scores)
+        self._dirty.update(sids.tolist())
+        self._to_score.clear()
+
+    def _replace_slots(self, sid: int, slots: list[int], query: torch.Tensor | None) -> bool:
         drawn = self._draw(sid, len(slots))
         if drawn is None:
             self._since_log["blocked"] += 1
             return False
-        for slot, cand in zip(slots, drawn, strict=True):
+        for slot, (cand, score) in zip(slots, drawn, strict=True):
             self.assigned[sid, slot] = cand
-            self.s0[sid, slot] = math.nan
             self.current[sid, slot] = math.nan
+            if self.use_pool_scores:
+                self.s0[sid, slot] = score
+            else:
+                self.s0[sid, slot] = math.nan
+                self._to_score[(sid, slot)] = query
         self.replacements[sid] += 1
         self._since_log["replaced"] += len(slots)
+        self._dirty.add(sid)
         return True
 
-    def _draw(self, sid: int, count: int) -> list[int] | None:
+    def _draw(self, sid: int, count: int) -> list[tuple[int, float]] | None:
         """The next ``count`` pool candidates the sample does not hold; None if too few."""
         held = set(self.assigned[sid].tolist())
-        drawn, position = self._next_candidates(
-            self.pools[sid], int(self.pointer[sid]), held, count
-        )
+        drawn, position = self._next_candidates(sid, int(self.pointer[sid]), held, count)
         if len(drawn) < count:
             return None
         self.pointer[sid] = position
         return drawn
 
-    @staticmethod
     def _next_candidates(
-        pool: list[int], position: int, held: set[int], count: int
-    ) -> tuple[list[int], int]:
-        drawn: list[int] = []
-        while position < len(pool) and len(drawn) < count:
-            cand = pool[position]
+        self, sid: int, position: int, held: set[int], count: int
+    ) -> tuple[list[tuple[int, float]], int]:
+        start, stop = int(self.pool_offsets[sid]), int(self.pool_offsets[sid + 1])
+        drawn: list[tuple[int, float]] = []
+        taken: set[int] = set()
+        while start + position < stop and len(drawn) < count:
+            cand = int(self.pool_ids[start + position])
+            score = float(self.pool_scores[start + position])
             position += 1
-            if cand not in held and cand not in drawn:
-                drawn.append(cand)
+            if cand not in held and cand not in taken:
+                drawn.append((cand, score))
+                taken.add(cand)
         return drawn, position
 
     @staticmethod
     def _merge_duplicates(
-        ids: torch.Tensor, scores: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids: torch.Tensor, scores: torch.Tensor, queries: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A sample drawn twice in one batch: its scores averaged, its first query row kept."""
         unique, inverse = torch.unique(ids, return_inverse=True)
         if len(unique) == len(ids):
-            return ids, scores
+            return ids, scores, queries
         sums = torch.zeros((len(unique), scores.shape[1])).index_add_(0, inverse, scores)
         counts = torch.zeros(len(unique)).index_add_(0, inverse, torch.ones(len(ids)))
-        return unique, sums / counts[:, None]
+        if queries is not None:
+            first = torch.full((len(unique),), len(ids), dtype=torch.int64)
+            first = first.scatter_reduce(0, inverse, torch.arange(len(ids)), reduce="amin")
+            queries = queries[first]
+        return unique, sums / counts[:, None], queries
+
+    @staticmethod
+    def _empty_log() -> dict[str, float]:
+        return {"replaced": 0.0, "blocked": 0.0, "score_sum": 0.0, "score_count": 0.0}
 
     def _log(self) -> dict[str, float]:
         since = self._since_log
@@ -399,19 +593,92 @@ class DynamicNegatives:
             "dhnm/pool_exhausted": exhausted / max(1, len(self.records)),
             "dhnm/replacements_total": float(self.replacements.sum()),
         }
+        if self.config.thresholds == "pool_quantile":
+            out["dhnm/calibrated"] = float(len(self._grid) > 0)
         if since["score_count"]:
             out["dhnm/neg_score"] = since["score_sum"] / since["score_count"]
-        self._since_log = {"replaced": 0, "blocked": 0, "score_sum": 0.0, "score_count": 0}
+        self._since_log = self._empty_log()
         return out
+
+    # ----------------------------------------------------------------- several ranks
+    def sync_from(
+        self, src: int = 0, group: Any = None, device: torch.device | str | None = None
+    ) -> None:
+        """From now on rank ``src`` (a global rank in ``group``) decides for every rank.
+
+        Call once on every rank of ``group`` (``None``: the default group), after building the
+        provider; ``device`` holds the broadcast buffer (a CUDA device under NCCL, default CPU).
+        This call copies ``src``'s whole state to the others. Then, each step, the others skip
+        the rules and the encoding, and at the end of :meth:`on_step_end` ``src`` broadcasts
+        the rows it changed, which they take over. A no-op without ``torch.distributed`` or on
+        a group of one; ranks outside ``group`` are left alone.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size(group) <= 1 or dist.get_rank(group) < 0:
+            return
+        self._sync = (src, group, torch.device(device or "cpu"))
+        if dist.get_rank() == src:
+            self._full_sync = True
+            self._broadcast()
+        else:
+            self._receive()
+
+    def _follower(self) -> bool:
+        return self._sync is not None and dist.get_rank() != self._sync[0]
+
+    def _broadcast(self) -> None:
+        assert self._sync is not None
+        src, group, device = self._sync
+        if self._full_sync:
+            payload = self.state_tensors()
+            payload["full"] = torch.ones(1, dtype=torch.uint8)
+        else:
+            rows = torch.tensor(sorted(self._dirty), dtype=torch.int64)
+            payload = {key: getattr(self, key)[rows] for key in _PER_SAMPLE}
+            payload["rows"] = rows
+            payload["quantile_grid"] = self._grid
+            payload["calibration"] = torch.tensor(self._calibration, dtype=torch.float32)
+        payload["flags"] = torch.tensor([self.use_pool_scores], dtype=torch.uint8)
+        payload["log"] = torch.tensor([self._since_log[k] for k in self._empty_log()])
+        buffer = torch.frombuffer(bytearray(save_tensors(_contiguous(payload))), dtype=torch.uint8)
+        size = torch.tensor([buffer.numel()], dtype=torch.int64, device=device)
+        dist.broadcast(size, src=src, group=group)
+        dist.broadcast(buffer.to(device), src=src, group=group)
+        self._dirty.clear()
+        self._full_sync = False
+
+    def _receive(self) -> None:
+        assert self._sync is not None
+        src, group, device = self._sync
+        size = torch.zeros(1, dtype=torch.int64, device=device)
+        dist.broadcast(size, src=src, group=group)
+        buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+        dist.broadcast(buffer, src=src, group=group)
+        payload = load_tensors(buffer.cpu().numpy().tobytes())
+        self.use_pool_scores = bool(payload["flags"][0])
+        if "full" in payload:
+            self.load_state_tensors(payload)
+        else:
+            rows = payload["rows"]
+            for key in _PER_SAMPLE:
+                getattr(self, key)[rows] = payload[key]
+            self._grid = payload["quantile_grid"].clone()
+            self._calibration = payload["calibration"].tolist()
+        for key, value in zip(self._empty_log(), payload["log"].tolist(), strict=True):
+            self._since_log[key] = value
 
     # ----------------------------------------------------------------- ANCE-style re-mining
     def remine(self, encode: EncodeFn, window: tuple[int, int] | None = None) -> None:
         """Rebuild every pool with the current model; pointers restart at the new pools' head.
 
-        With a ``group``, its first rank computes the pools and broadcasts them.
+        Texts are encoded in ``encode_batch`` chunks and searched with FAISS in query chunks;
+        the new pools' scores become the source of ``S_0`` (they are the current model's), the
+        held negatives' ``S_0`` becomes their current score, and ``pool_quantile`` re-fits ``F``.
         """
-        lengths = [len(p) for p in self.pools]
-        size = max(lengths) if lengths else 0
+        self._role = _accepts_role(encode)
+        lengths = np.diff(self.pool_offsets)
+        size = int(lengths.max()) if len(lengths) else 0
         start, stop = window or (self.config.pool_offset, self.config.pool_offset + size)
         config = MiningConfig(
             range_min=start,
@@ -419,40 +686,79 @@ class DynamicNegatives:
             num_negatives=1,
             relative_margin=self.config.remine_relative_margin,
         )
-        ids_out = torch.full((len(self.records), stop - start), -1, dtype=torch.int64)
-        synced = _synced(self.group)
-        if not synced or dist.get_rank(self.group) == 0:
-            corpus_vecs = self._encode_all(encode, self.corpus)
-            query_vecs = self._encode_all(encode, [r.query for r in self.records])
-            scores = query_vecs @ corpus_vecs.T
-            lookup = {t: i for i, t in enumerate(self.corpus)}
-            k = min(len(self.corpus), stop + 1)
-            top_scores, top_ids = torch.topk(scores, k=k, dim=1)
-            excluded, positive_scores = [], np.empty(len(self.records), np.float32)
-            for sid, record in enumerate(self.records):
-                banned = {lookup[t] for t in (*record.pos, record.query) if t in lookup}
-                excluded.append(banned)
-                pos = self._encode_all(encode, record.pos)
-                positive_scores[sid] = float((pos @ query_vecs[sid]).min())
-            windows = select_candidates(
-                top_scores.numpy(), top_ids.numpy(), excluded, positive_scores, config
-            )
-            for sid, window in enumerate(windows):
-                ids_out[sid, : len(window)] = torch.tensor(
-                    [c for c, _, _ in window], dtype=torch.int64
-                )
-        if synced:
-            dist.broadcast(ids_out, src=dist.get_global_rank(self.group, 0), group=self.group)
-        self._set_pools([[c for c in row if c >= 0] for row in ids_out.tolist()])
+        corpus_vecs = self._encode(encode, self.corpus, "passage").numpy()
+        query_vecs = self._encode(encode, [r.query for r in self.records], "query").numpy()
+        lookup = {t: i for i, t in enumerate(self.corpus)}
+        excluded = [
+            {lookup[t] for t in (*record.pos, record.query) if t in lookup}
+            for record in self.records
+        ]
+        positives = [p for record in self.records for p in record.pos]
+        pos_vecs = self._encode(encode, positives, "passage").numpy()
+        positive_scores = np.empty(len(self.records), np.float32)
+        at = 0
+        for sid, record in enumerate(self.records):
+            span = pos_vecs[at : at + len(record.pos)]
+            positive_scores[sid] = float((span @ query_vecs[sid]).min())
+            at += len(record.pos)
+        index = build_index(corpus_vecs, "auto")
+        k = min(len(self.corpus), stop + max((len(b) for b in excluded), default=0))
+        top_scores, top_ids = search(index, query_vecs, k, show_progress=False)
+        del index
+        windows = select_candidates(top_scores, top_ids, excluded, positive_scores, config)
+        ids = np.asarray([c for w in windows for c, _, _ in w], np.int64)
+        scores = np.asarray([s for w in windows for _, s, _ in w], np.float32)
+        offsets = np.concatenate([[0], np.cumsum([len(w) for w in windows])]).astype(np.int64)
+        self._set_pools(ids, offsets, scores)
+        # the held negatives are re-assigned on the new scale: S_0 = their score now
+        held = corpus_vecs[self.assigned.numpy()]  # [S, n, dim]
+        self.s0 = torch.from_numpy(np.einsum("sd,snd->sn", query_vecs, held)).float()
+        self.current.fill_(math.nan)
         self.pointer.zero_()
         self.pools_remined = True
+        self.use_pool_scores = True
+        if self.config.thresholds == "pool_quantile":
+            self._grid = quantile_grid(scores)
+            self._calibration = []
+        self._full_sync = True
 
-    def _encode_all(self, encode: EncodeFn, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.config.encode_batch
-        parts = [
-            encode(list(texts[i : i + batch])).float().cpu() for i in range(0, len(texts), batch)
-        ]
-        return torch.cat(parts) if parts else torch.zeros((0, 1))
+
+def split_provider_states(
+    providers: Mapping[str, NegativeProvider],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """For a checkpoint: ``(states, tensors)``; ``states`` (JSON) go into ``state.json``,
+    ``tensors`` (keyed ``<task>/<array>``) into a ``.safetensors`` file beside it."""
+    states: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, provider in providers.items():
+        if isinstance(provider, DynamicNegatives):
+            states[name] = provider.state_dict(arrays=False)
+            tensors.update({f"{name}/{k}": v for k, v in provider.state_tensors().items()})
+        else:
+            states[name] = provider.state_dict()
+    return states, tensors
+
+
+def restore_provider_states(
+    providers: Mapping[str, NegativeProvider],
+    states: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Inverse of :func:`split_provider_states` (``tensors`` as loaded from the file)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in (tensors or {}).items():
+        name, array = key.rsplit("/", 1)
+        grouped.setdefault(name, {})[array] = value
+    for name, state in states.items():
+        if name not in providers:
+            raise ValueError(
+                f"the checkpoint holds negative-provider state for unknown task {name!r}"
+            )
+        provider = providers[name]
+        if isinstance(provider, DynamicNegatives):
+            provider.load_state_dict(state, grouped.get(name))
+        else:
+            provider.load_state_dict(state)
 
 
 def build_dynamic_negatives(
@@ -462,15 +768,17 @@ def build_dynamic_negatives(
     records_path: str | Path | None = None,
     *,
     rows: Sequence[int] | None = None,
+    trained_with: PoolMeta | None = None,
 ) -> DynamicNegatives:
     """The trainer's factory: the pool file is ``config.pool_path`` or ``<records>.pool.jsonl``.
     When the task kept a subset of the file's records (``max_rows``), ``rows`` are their
     positions in the file, which pick their pools; without them each row's pool is found by its
     query (unambiguous only when no query repeats).
 
-    ``config`` is the training config's ``dynamic_negatives`` section.
+    ``config`` is the training config's ``dynamic_negatives`` section; ``trained_with`` is
+    ``PoolMeta.of(model, query_prompt, passage_prompt)`` of the model being trained, compared
+    with the pool file's meta (``initial_score: auto``).
     """
-    dhnm = config
     pool_path = config.pool_path
     if pool_path is None:
         if records_path is None:
@@ -497,4 +805,6 @@ def build_dynamic_negatives(
         if missing:
             raise ValueError(f"{pool_path}: no pool for query {missing[0][:60]!r}")
         pools = [by_query[r.query] for r in records]
-    return DynamicNegatives(records, n, pools, dhnm)
+    return DynamicNegatives(
+        records, n, pools, config, pool_meta=read_pool_meta(pool_path), trained_with=trained_with
+    )

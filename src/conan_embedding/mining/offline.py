@@ -32,11 +32,15 @@ Outputs, written atomically:
 
   ``rank`` is the 0-based position among the filtered candidates; candidates are sorted by
   rank. :func:`read_pools` validates it and names file, line and field on bad input.
+- the pool's metadata (``<pool stem>.meta.json``, :class:`PoolMeta`): the mining model's
+  identity, prompts and max length. DHNM takes the mined ``score`` as a negative's initial
+  score ``S_0`` only when they match the training model's (``mining.dynamic``).
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -47,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from conan_embedding.atomic import write_text_atomic
 from conan_embedding.data.records import (
     RecordError,
     RetrievalRecord,
@@ -56,7 +61,13 @@ from conan_embedding.data.records import (
     validated,
     write_records,
 )
-from conan_embedding.mining.index import Backend, IndexKind, TextEncoder, build_index, search
+from conan_embedding.mining.index import (
+    Backend,
+    IndexKind,
+    TextEncoder,
+    build_index,
+    search,
+)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -106,6 +117,59 @@ class PoolEntry(BaseModel):
     candidates: list[PoolCandidate]
 
 
+PROBE_TEXT = "Conan pool probe: 检索 hard negatives, 2026."
+"""Encoded by :meth:`PoolMeta.of`: equal probe vectors mean the same model, whatever its
+module list (a trailing ``Normalize``) or the path it was loaded from."""
+
+
+class PoolMeta(BaseModel):
+    """What the pool's scores were computed with: scores are on the training model's scale
+    when :meth:`matches` holds (same prompts and max length, the same probe embedding)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    """The model's name or path (informative)."""
+    probe: list[float]
+    """The model's normalised embedding of :data:`PROBE_TEXT`."""
+    query_prompt: str | None
+    passage_prompt: str | None
+    max_seq_length: int | None
+
+    @classmethod
+    def of(
+        cls, model: SentenceTransformer, query_prompt: str | None, passage_prompt: str | None
+    ) -> PoolMeta:
+        """The meta of ``model`` encoding with these prompt *texts* (not prompt names)."""
+        import torch
+
+        first = model[0]
+        config = getattr(getattr(first, "auto_model", None), "config", None)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            probe = model.encode([PROBE_TEXT], normalize_embeddings=True, convert_to_numpy=True)
+        model.train(was_training)
+        return cls(
+            model=str(getattr(config, "name_or_path", "") or type(first).__name__),
+            probe=[round(float(x), 6) for x in np.asarray(probe, np.float64).ravel()],
+            query_prompt=query_prompt or None,
+            passage_prompt=passage_prompt or None,
+            max_seq_length=model.max_seq_length,
+        )
+
+    def matches(self, other: PoolMeta, min_cosine: float = 0.999) -> bool:
+        """Same prompts and max length, and probe embeddings at cosine >= ``min_cosine``."""
+        if (self.query_prompt, self.passage_prompt, self.max_seq_length) != (
+            other.query_prompt,
+            other.passage_prompt,
+            other.max_seq_length,
+        ):
+            return False
+        if len(self.probe) != len(other.probe):
+            return False
+        return float(np.dot(self.probe, other.probe)) >= min_cosine
+
+
 @dataclass
 class MiningStats:
     queries: int = 0
@@ -117,6 +181,8 @@ class MiningStats:
     mean_negative_score: float = 0.0
     mean_positive_score: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
+    pool_meta: dict[str, Any] = field(default_factory=dict)
+    """:class:`PoolMeta` of the run (pass it to :func:`write_pools`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -195,6 +261,7 @@ def mine(
     if not records:
         raise ValueError("no retrieval records to mine for")
     stats = MiningStats(queries=len(records))
+    stats.pool_meta = PoolMeta.of(model, config.query_prompt, config.passage_prompt).model_dump()
     started = time.perf_counter()
     positives = [p for r in records for p in r.pos]
     base = list(corpus) if corpus is not None else [n for r in records for n in r.neg]
@@ -263,8 +330,41 @@ def default_pool_path(records_path: str | os.PathLike[str]) -> Path:
     return path.with_name(f"{stem}.pool.jsonl")
 
 
-def write_pools(path: str | os.PathLike[str], pools: Sequence[PoolEntry]) -> int:
-    return write_records(path, pools)
+def pool_meta_path(pool_path: str | os.PathLike[str]) -> Path:
+    """``train.pool.jsonl`` -> ``train.pool.meta.json``."""
+    path = Path(pool_path)
+    stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.stem
+    return path.with_name(f"{stem}.meta.json")
+
+
+def write_pools(
+    path: str | os.PathLike[str],
+    pools: Sequence[PoolEntry],
+    meta: PoolMeta | dict[str, Any] | None = None,
+) -> int:
+    """Write the pool sidecar and its meta (a stale meta of an earlier pool is removed)."""
+    count = write_records(path, pools)
+    meta_path = pool_meta_path(path)
+    if meta is None:
+        meta_path.unlink(missing_ok=True)
+    else:
+        meta = meta if isinstance(meta, PoolMeta) else PoolMeta.model_validate(meta)
+        write_text_atomic(meta_path, meta.model_dump_json(indent=1) + "\n")
+    return count
+
+
+def read_pool_meta(pool_path: str | os.PathLike[str]) -> PoolMeta | None:
+    """The pool's :class:`PoolMeta`, or None for a pool written without one."""
+    meta_path = pool_meta_path(pool_path)
+    if not meta_path.is_file():
+        return None
+    try:
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RecordError(meta_path, err.lineno, "<file>", f"not JSON: {err.msg}") from None
+    if not isinstance(raw, dict):
+        raise RecordError(meta_path, 1, "<file>", "expected a JSON object")
+    return validated(PoolMeta, raw, meta_path, 1)
 
 
 def read_pools(path: str | os.PathLike[str]) -> list[PoolEntry]:
@@ -320,5 +420,5 @@ def mine_file(
         records, model, corpus, config, cache_dir=cache_dir, show_progress=show_progress
     )
     write_records(output_path, mined)
-    write_pools(pool_path or default_pool_path(output_path), pools)
+    write_pools(pool_path or default_pool_path(output_path), pools, stats.pool_meta)
     return stats
