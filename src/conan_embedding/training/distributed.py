@@ -62,6 +62,7 @@ from conan_embedding.losses.cosent import cosent_loss
 from conan_embedding.losses.infonce import info_nce_loss, own_negative_scores
 from conan_embedding.losses.matryoshka import matryoshka_loss
 from conan_embedding.mining.base import NegativeProvider
+from conan_embedding.modeling.embedder import embedding_width
 from conan_embedding.training.collectives import all_gather_no_grad, all_gather_with_grad
 from conan_embedding.training.trainer import (
     Trainer,
@@ -374,11 +375,12 @@ class CBBTrainer(Trainer):
                 if n
                 else []
             )
-            draw["scores"] = self._scores(q, per_rank)
+            draw["scores"], draw["queries"] = self._scores(q, per_rank), q.detach().cpu()
             return self._backward(task, loss_of([q, p, *per_rank]), step)
         if not self.config.cbb.grad_cache:  # one pass: every device's activations at once
             embeddings = shaped([self._encode_seeded(t, pr, seed) for t, pr, seed in chunks])
             draw["scores"] = self._scores(embeddings[0], embeddings[2:])
+            draw["queries"] = embeddings[0].detach().cpu()
             return self._backward(task, loss_of(embeddings), step)
         # pass 1: embeddings without a graph; pass 2 replays each chunk's dropout seed
         with torch.no_grad():
@@ -389,6 +391,7 @@ class CBBTrainer(Trainer):
         for (texts, prompt, seed), leaf in zip(chunks, leaves, strict=True):
             self._encode_seeded(texts, prompt, seed).backward(leaf.grad)
         draw["scores"] = self._scores(embeddings[0], embeddings[2:])
+        draw["queries"] = embeddings[0].detach().cpu()
         return value
 
     def _encode_seeded(self, texts: list[str], prompt: str | None, seed: tuple[int, ...]):
@@ -403,21 +406,25 @@ class CBBTrainer(Trainer):
         return own_negative_scores(q.detach(), merged).cpu()
 
     def _observe(self, task: TaskConfig, step: int, draw: dict[str, Any]) -> dict[str, float]:
-        """Every rank observes every group's scores, in group order (identical DHNM state)."""
+        """Every rank observes every group's scores and query rows, in group order, so every
+        rank's DHNM state sees the same inputs (and rank 0 decides, see ``sync_from``)."""
         if not task.negatives:
             return {}
         if self.virtual:
-            scores = draw["scores"]
+            scores, queries = draw["scores"], draw["queries"]
         else:
             n_total = task.negatives * len(self.layout.task_ranks[task.name])
-            mine = draw.get("scores")
-            if mine is None:
-                mine = torch.zeros(len(draw["group_rows"]), n_total)
+            rows = len(draw["group_rows"])
+            if "scores" in draw:
+                mine = torch.cat([draw["scores"], draw["queries"]], dim=1)
+            else:  # a rank without this task sends a placeholder of the same shape
+                mine = torch.zeros(rows, n_total + embedding_width(self.model))
             everyone = all_gather_no_grad(mine.to(self.engine.device, torch.float32))
             first = self.layout.task_ranks[task.name][0]
             size = self.layout.world_size
-            scores = torch.cat([everyone[g * size + first] for g in range(self.replicas)]).cpu()
-        self.providers[task.name].observe(step, draw["rows"], scores)
+            merged = torch.cat([everyone[g * size + first] for g in range(self.replicas)]).cpu()
+            scores, queries = merged[:, :n_total], merged[:, n_total:]
+        self.providers[task.name].observe(step, draw["rows"], scores, queries)
         return {f"{task.name}/neg_score": float(scores.mean())}
 
 

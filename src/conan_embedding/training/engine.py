@@ -457,9 +457,11 @@ class Engine:
             )
             self.wait()
             program.finish(self, result)
-            if self.trackers:
-                self.accelerator.end_training()
             self.release()
+            if self.trackers:
+                # flushes the trackers; accelerate also ends the process group here, so last
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
             return result
         finally:
             if handler is not None:

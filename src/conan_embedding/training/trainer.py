@@ -194,9 +194,21 @@ class Trainer:
         )
         self._setup_shards()
         self.engine.prepare(self.model)
+        self._decide_negatives_on_rank_0()
 
     def _handles_cbb(self) -> bool:
         return False
+
+    def _decide_negatives_on_rank_0(self) -> None:
+        """Several processes: DHNM's rules (and any re-encoding) run on rank 0, which
+        broadcasts the rows it changed; every rank then draws the same negatives."""
+        from conan_embedding.mining.dynamic import DynamicNegatives
+
+        if not self.engine.distributed:
+            return
+        for provider in self.providers.values():
+            if isinstance(provider, DynamicNegatives):
+                provider.sync_from(0, device=self.engine.device)
 
     @property
     def forward_model(self) -> torch.nn.Module:
@@ -395,7 +407,8 @@ class Trainer:
                 own = n[offset : offset + q.shape[0]]
                 scores = own_negative_scores(q.detach(), own.detach())
                 scores = torch.cat(all_gather_no_grad(scores)).cpu()
-                self.providers[task.name].observe(step, rows, scores)
+                queries_now = torch.cat(all_gather_no_grad(q.detach())).cpu()
+                self.providers[task.name].observe(step, rows, scores, queries_now)
                 stats[f"{task.name}/neg_score"] = float(scores.mean())
             return loss, stats
 
@@ -501,21 +514,20 @@ class Trainer:
         for name, provider in self.providers.items():
             # per task ("bge/dhnm/replaced"): two DHNM tasks must not overwrite each other
             stats = provider.on_step_end(step, self._encode_no_grad)
-            if stats and self.engine.distributed:
-                # re-scoring ran on every rank with the same weights; rank 0's result is kept
-                # so float noise between devices can never split the ranks' negatives
-                provider.load_state_dict(self.engine.broadcast_object(provider.state_dict()))
             record.update({f"{name}/{key}": value for key, value in stats.items()})
         if self.on_step:
             self.on_step(step, record)
         return record
 
-    def _encode_no_grad(self, texts: Sequence[str]) -> torch.Tensor:
+    def _encode_no_grad(self, texts: Sequence[str], role: str | None = None) -> torch.Tensor:
+        """The current model's normalised rows, with the training prompt of ``role``
+        (``query`` / ``passage``) so DHNM's re-scores compare with the loss's scores."""
+        prompt = {"query": self.query_prompt, "passage": self.passage_prompt}.get(role or "")
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
             out = self.model.encode(
-                list(texts),
+                [prompt + t for t in texts] if prompt else list(texts),
                 convert_to_tensor=True,
                 normalize_embeddings=True,
                 show_progress_bar=False,
@@ -525,16 +537,22 @@ class Trainer:
         return out.float().cpu()
 
     def state_dict(self) -> dict[str, Any]:
+        """Sampler cursors and negative-provider state (DHNM arrays go to safetensors)."""
+        from conan_embedding.mining.dynamic import split_provider_states
+
+        states, arrays = split_provider_states(self.providers)
         return {
             "streams": {k: s.state_dict() for k, s in self.streams.items()},
-            "providers": {k: p.state_dict() for k, p in self.providers.items()},
+            "providers": states,
+            "provider_arrays": arrays,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from conan_embedding.mining.dynamic import restore_provider_states
+
         for name, stream_state in state["streams"].items():
             self.streams[name].load_state_dict(stream_state)
-        for name, provider_state in state["providers"].items():
-            self.providers[name].load_state_dict(provider_state)
+        restore_provider_states(self.providers, state["providers"], state.get("provider_arrays"))
 
     def finish(self, engine: Engine, result: RunResult) -> None:
         if engine.sharded_state:
