@@ -249,3 +249,28 @@ def test_training_writes_tensorboard_events_and_no_carriage_returns(tmp_path, ti
     assert "\r" not in done.stderr and "step 3/3" in done.stderr
     events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_dhnm_state_is_identical_on_every_rank_with_dropout_on(tmp_path, tiny_bert):
+    """2 processes, DHNM v2 with thresholds that replace often: rank 0 decides and broadcasts,
+    and every rank observes the gathered scores, so the arrays checkpointed by both ranks are
+    the same after the run, and negatives were really replaced."""
+    from safetensors.torch import load_file
+    from tests.test_dynamic_integration import _config as dhnm_config
+    from tests.test_dynamic_integration import _toy_pools
+
+    train = _toy_pools(tmp_path)
+    config = dhnm_config(tmp_path / "run", str(tiny_bert), train, "v2", 8, v2_never_hard=0.99)
+    path = tmp_path / "dhnm.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    _run(
+        [*TORCHRUN, "2", "-m", "conan_embedding.cli", "train", str(path), "--no-progress"], tmp_path
+    )
+    newest = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    ranks = [load_file(newest / f"rank-{r:05d}.safetensors") for r in range(2)]
+    arrays = [k for k in ranks[0] if "provider_arrays" in k]
+    assert any(k.endswith("assigned") for k in arrays)
+    for key in arrays:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0, equal_nan=True)
+    replaced = next(k for k in arrays if k.endswith("replacements"))
+    assert int(ranks[0][replaced].sum()) > 0
