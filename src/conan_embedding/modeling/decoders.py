@@ -263,6 +263,23 @@ def prepare_tokenizer(
     return prepared
 
 
+def check_tokenizer_round_trip(tokenizer: Any, folder: str | os.PathLike[str]) -> None:
+    """That ``AutoTokenizer`` reads back from ``folder`` (model config beside it) the very
+    ids ``tokenizer`` produces. transformers 5 rebuilds some families' pipelines from their
+    class on load (Qwen2 is forced to ``Qwen2Tokenizer``); a mismatch would make the saved
+    model tokenize differently from the one that was trained."""
+    from transformers import AutoTokenizer
+
+    probe = ["Hello, world!", "a  b\tc", "naïve café 東京 123"]
+    reloaded = AutoTokenizer.from_pretrained(str(folder))
+    ours, theirs = tokenizer(probe)["input_ids"], reloaded(probe)["input_ids"]
+    if ours != theirs:
+        raise ValueError(
+            f"{folder}: the saved tokenizer reloads as {type(reloaded).__name__} and tokenizes "
+            f"{probe[0]!r} as {theirs[0]} instead of {ours[0]}"
+        )
+
+
 def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The special-token ids the tokenizer adds before and after a text."""
     probe = "hello"

@@ -45,6 +45,7 @@ from conan_embedding.modeling.decoders import (
     PaddingSide,
     Pooling,
     check_config_flag,
+    check_tokenizer_round_trip,
     load_backbone,
     load_decoder_tokenizer,
     pool,
@@ -401,6 +402,7 @@ def export_sentence_transformer(
             tokenizer = copy.deepcopy(tokenizer)
             tokenizer.padding_side = "right"
         tokenizer.save_pretrained(tmp)
+        check_tokenizer_round_trip(tokenizer, tmp)
         transformer = Transformer(tmp, max_seq_length=embedder.max_len)
         pooling = Pooling(embedder.width, pooling_mode=embedder.pooling)
         model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu")
