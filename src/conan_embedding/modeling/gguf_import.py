@@ -117,13 +117,25 @@ def import_gguf(
     source: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: str = "float32"
 ) -> Path:
     """Write ``source`` (short name or ``.gguf`` path) as a Hugging Face folder at ``out``."""
-    import gguf
-    import transformers
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = resolve_gguf(source)
     model, tokenizer = load_gguf(path, DTYPES[dtype])
+    return write_import(model, tokenizer, out, source=str(source), gguf_file=path)
+
+
+def write_import(
+    model: Any,
+    tokenizer: Any,
+    out: str | os.PathLike[str],
+    *,
+    source: str,
+    gguf_file: Path,
+) -> Path:
+    """Save a GGUF-loaded model and tokenizer as a plain float folder, atomically."""
+    import gguf
+    import transformers
+
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and tokenizer.model_max_length > positions:
         tokenizer.model_max_length = int(positions)  # GGUF metadata leaves it unset
@@ -131,13 +143,13 @@ def import_gguf(
     model.hf_quantizer = None
     model.is_quantized = False
     meta = {
-        "source": str(source),
-        "gguf_file": str(path),
-        "gguf_sha256": _sha256(path),
+        "source": source,
+        "gguf_file": str(gguf_file),
+        "gguf_sha256": _sha256(gguf_file),
         "architecture": type(model).__name__,
         "model_type": model.config.model_type,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": dtype,
+        "dtype": str(model.dtype).removeprefix("torch."),
         "transformers": transformers.__version__,
         "gguf": getattr(gguf, "__version__", None) or _package_version("gguf"),
     }

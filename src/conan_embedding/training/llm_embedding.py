@@ -9,13 +9,15 @@ supervised multi-task stage of the foundation trainer, run on the exported model
     L_weak = InfoNCE(q, p) with in-batch negatives, optionally averaged over MRL dims
     attention under  M_ij(t),  alpha(t) from the schedule, t = 0 .. T-1
 
-How: :class:`LLMEmbedder` runs the Llama backbone (``LlamaModel``, no LM head) with the
-additive ``log M`` mask and pools the last hidden states (``mean`` over real tokens, or the
-``lasttoken``: the ``<|endoftext|>`` appended to every text). Variants for the paper's
+How: :class:`LLMEmbedder` runs the decoder of any causal LM (``AutoModel``, no LM head,
+loaded strictly by ``modeling.decoders.load_backbone``: Llama, Qwen2/3, Mistral, Gemma 3,
+GPT-2, ...) with the additive ``log M`` mask (only the padding mask and ``is_causal`` at
+``alpha = 0`` and ``1``) and pools the last hidden states (``mean`` over real tokens, or the
+``lasttoken``: the tokenizer's EOS appended to every text, BOS kept). Variants for the paper's
 ablation are schedules of the same loop: ``linear`` / ``accelerating`` / ``decelerating``
 (soft mask), ``hard`` (bidirectional from step 0), ``causal`` (never opened), and LoRA
 adapters (peft) instead of full fine-tuning. :func:`export_sentence_transformer` merges any
-adapter and saves a stock sentence-transformers folder whose Llama config says
+adapter and saves a stock sentence-transformers folder whose model config says
 ``is_causal: false`` when the schedule ended bidirectional, so ``SentenceTransformer(path)``,
 mteb and the serving code run the very attention the model was trained to end with.
 """
