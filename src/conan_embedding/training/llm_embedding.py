@@ -9,13 +9,15 @@ supervised multi-task stage of the foundation trainer, run on the exported model
     L_weak = InfoNCE(q, p) with in-batch negatives, optionally averaged over MRL dims
     attention under  M_ij(t),  alpha(t) from the schedule, t = 0 .. T-1
 
-How: :class:`LLMEmbedder` runs the Llama backbone (``LlamaModel``, no LM head) with the
-additive ``log M`` mask and pools the last hidden states (``mean`` over real tokens, or the
-``lasttoken``: the ``<|endoftext|>`` appended to every text). Variants for the paper's
+How: :class:`LLMEmbedder` runs the decoder of any causal LM (``AutoModel``, no LM head,
+loaded strictly by ``modeling.decoders.load_backbone``: Llama, Qwen2/3, Mistral, Gemma 3,
+GPT-2, ...) with the additive ``log M`` mask (only the padding mask and ``is_causal`` at
+``alpha = 0`` and ``1``) and pools the last hidden states (``mean`` over real tokens, or the
+``lasttoken``: the tokenizer's EOS appended to every text, BOS kept). Variants for the paper's
 ablation are schedules of the same loop: ``linear`` / ``accelerating`` / ``decelerating``
 (soft mask), ``hard`` (bidirectional from step 0), ``causal`` (never opened), and LoRA
 adapters (peft) instead of full fine-tuning. :func:`export_sentence_transformer` merges any
-adapter and saves a stock sentence-transformers folder whose Llama config says
+adapter and saves a stock sentence-transformers folder whose model config says
 ``is_causal: false`` when the schedule ended bidirectional, so ``SentenceTransformer(path)``,
 mteb and the serving code run the very attention the model was trained to end with.
 """
@@ -30,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +42,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from conan_embedding.config import EngineConfig
 from conan_embedding.losses.infonce import info_nce_loss
 from conan_embedding.losses.matryoshka import matryoshka_loss
+from conan_embedding.modeling.decoders import (
+    PaddingSide,
+    Pooling,
+    check_config_flag,
+    check_tokenizer_round_trip,
+    load_backbone,
+    load_decoder_tokenizer,
+    pool,
+    prepare_tokenizer,
+)
 from conan_embedding.modeling.soft_mask import (
     Schedule,
     SoftMaskSchedule,
@@ -48,7 +60,18 @@ from conan_embedding.modeling.soft_mask import (
 )
 from conan_embedding.training.engine import Engine
 
-Pooling = Literal["mean", "lasttoken"]
+__all__ = [
+    "LLMEmbedder",
+    "LoraSettings",
+    "WeakStageConfig",
+    "export_sentence_transformer",
+    "load_backbone",
+    "pool",
+    "prepare_tokenizer",
+    "train_weak_stage",
+    "weak_pairs",
+    "with_eos_appended",
+]
 
 
 class LoraSettings(BaseModel):
@@ -101,7 +124,7 @@ class WeakStageConfig(BaseModel):
 
 
 class LLMEmbedder(torch.nn.Module):
-    """A Llama backbone + pooling, run under the soft mask at a given ``alpha``."""
+    """A causal-LM backbone (any ``AutoModel`` decoder) + pooling, run under the soft mask."""
 
     def __init__(
         self,
@@ -109,24 +132,28 @@ class LLMEmbedder(torch.nn.Module):
         tokenizer: Any,
         pooling: Pooling = "mean",
         max_len: int = 64,
+        padding_side: PaddingSide = "right",
     ):
         super().__init__()
         if pooling not in ("mean", "lasttoken"):
             raise ValueError(f"pooling must be 'mean' or 'lasttoken', got {pooling!r}")
         self.backbone = backbone
-        self.tokenizer = with_eos_appended(tokenizer)
+        self.tokenizer = prepare_tokenizer(tokenizer, pooling, padding_side=padding_side)
         self.pooling, self.max_len = pooling, max_len
 
     @classmethod
     def from_llm(
-        cls, path: str | os.PathLike[str], pooling: Pooling = "mean", max_len: int = 64
+        cls,
+        path: str | os.PathLike[str],
+        pooling: Pooling = "mean",
+        max_len: int = 64,
+        *,
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
     ) -> LLMEmbedder:
-        from transformers import LlamaModel
-
-        from conan_embedding.modeling.llm import load_tokenizer
-
-        backbone = LlamaModel.from_pretrained(str(path), use_safetensors=True)
-        return cls(backbone, load_tokenizer(path), pooling, max_len)
+        """Any causal-LM folder (model + tokenizer), loaded strictly by ``load_backbone``."""
+        backbone = load_backbone(path, dtype=dtype, attn_implementation=attn_implementation)
+        return cls(backbone, load_decoder_tokenizer(path), pooling, max_len)
 
     @property
     def width(self) -> int:
@@ -160,29 +187,10 @@ class LLMEmbedder(torch.nn.Module):
         return torch.cat(out).float().cpu().numpy()
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """Mean over real tokens, or the last real token (right padding)."""
-    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    if pooling == "mean":
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    last = attention_mask.sum(1) - 1
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
 def with_eos_appended(tokenizer: Any) -> Any:
-    """A copy of the tokenizer that ends every text with ``<|endoftext|>`` (the last-token
-    pooling target); saved in tokenizer.json so sentence-transformers tokenizes identically."""
-    from tokenizers import processors
-
-    tokenizer = copy.deepcopy(tokenizer)
-    eos = tokenizer.eos_token
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"$A {eos}",
-        pair=f"$A {eos} $B {eos}",
-        special_tokens=[(eos, tokenizer.eos_token_id)],
-    )
-    tokenizer.padding_side = "right"
-    return tokenizer
+    """A copy of the tokenizer that ends every text with its EOS (the last-token pooling
+    target), BOS and padding kept right (``modeling.decoders.prepare_tokenizer``)."""
+    return prepare_tokenizer(tokenizer, "lasttoken")
 
 
 # ---------------------------------------------------------------- data
@@ -424,8 +432,12 @@ def export_sentence_transformer(
 ) -> Path:
     """Save as a stock sentence-transformers folder (Transformer -> Pooling -> Normalize).
 
-    ``bidirectional`` writes ``is_causal: false`` into the Llama config, which transformers
-    turns into full attention (equal to the soft mask at ``alpha = 1``, the schedule's end).
+    ``bidirectional`` writes ``is_causal: false`` into the model's config, which transformers
+    (5.x, ``merge_with_config_defaults``) turns into full attention for every decoder it
+    builds masks for (equal to the soft mask at ``alpha = 1``, the schedule's end);
+    :func:`check_config_flag` proves that on the live model before saving. The tokenizer is
+    saved with right padding: sentence-transformers passes no ``position_ids``, and right
+    padding gives the real tokens positions ``0 .. L-1`` (GPT-2's positions are absolute).
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
@@ -435,6 +447,7 @@ def export_sentence_transformer(
     backbone = embedder.backbone
     if hasattr(backbone, "merge_and_unload"):  # a peft model: fold the adapters in
         backbone = copy.deepcopy(backbone).merge_and_unload()
+    check_config_flag(backbone, bidirectional)
     with tempfile.TemporaryDirectory() as tmp:
         was_causal = getattr(backbone.config, "is_causal", True)
         backbone.config.is_causal = not bidirectional
@@ -442,7 +455,12 @@ def export_sentence_transformer(
             backbone.save_pretrained(tmp, safe_serialization=True)
         finally:
             backbone.config.is_causal = was_causal  # the live model keeps taking explicit masks
-        embedder.tokenizer.save_pretrained(tmp)
+        tokenizer = embedder.tokenizer
+        if tokenizer.padding_side != "right":
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.padding_side = "right"
+        tokenizer.save_pretrained(tmp)
+        check_tokenizer_round_trip(tokenizer, tmp)
         transformer = Transformer(tmp, max_seq_length=embedder.max_len)
         pooling = Pooling(embedder.width, pooling_mode=embedder.pooling)
         model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device="cpu")
