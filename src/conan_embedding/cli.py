@@ -55,6 +55,15 @@ def _main() -> None:
     quiet_library_progress()
 
 
+def _report_training(result) -> None:
+    """The run's outcome, once (rank 0 under torchrun / accelerate launch)."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"final loss {result.final_loss:.4f} after {result.steps} steps")
+        typer.echo(f"model saved to {result.model_dir}")
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""
@@ -96,8 +105,7 @@ def train(
     except (ConfigError, RecordError, TrainingDivergedError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"final loss {result.final_loss:.4f} after {result.steps} steps")
-    typer.echo(f"model saved to {result.model_dir}")
+    _report_training(result)
 
 
 @app.command()
@@ -669,8 +677,7 @@ def train_cbb_command(
     except (ConfigError, RecordError, TrainingDivergedError, ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"final loss {result.final_loss:.4f} after {result.steps} steps")
-    typer.echo(f"model saved to {result.model_dir}")
+    _report_training(result)
 
 
 # --- recipe: the whole recipe end to end and its ablation (conan_embedding.ablation, issue #9) ---
