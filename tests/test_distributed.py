@@ -335,3 +335,34 @@ def test_the_plain_trainer_refuses_a_cbb_config(tmp_path, tiny_bert):
 
     with pytest.raises(ValueError, match="train-cbb"):
         Trainer(load_config(write_cbb_config(tmp_path, tiny_bert)))
+
+
+def test_four_processes_run_two_cbb_groups_on_their_own_rows(tmp_path):
+    """cbb.world_size 2 on 4 processes: 2 groups of 2 devices (64 GPUs = 8 groups of 8). Each
+    group trains on its own slice of the step's rows, so the logged losses (the mean over
+    groups) differ from one group's, and every rank checkpoints the same sampler state."""
+    model = tiny_bert_without_dropout(tmp_path / "bert", dropout=0.2)
+    config_path = write_cbb_config(tmp_path, model, steps=2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    for procs, out in ((4, "groups"), (2, "one-group")):
+        _run(
+            [
+                *torchrun,
+                "--nproc_per_node",
+                str(procs),
+                "-m",
+                "conan_embedding.training.distributed",
+                str(config_path),
+                "--output-dir",
+                str(tmp_path / out),
+                "--no-progress",
+            ],
+            tmp_path,
+        )
+    groups = read_log(tmp_path / "groups" / "train_log.jsonl")
+    single = read_log(tmp_path / "one-group" / "train_log.jsonl")
+    assert all(np.isfinite(r["loss"]) for r in groups)
+    assert groups[0]["loss/ret"] != pytest.approx(single[0]["loss/ret"], abs=1e-4)
+    checkpoint = tmp_path / "groups" / "checkpoints" / "step-000002"
+    states = [json.loads((checkpoint / f"rank-{r:05d}.json").read_text()) for r in range(4)]
+    assert all(s["program"]["streams"] == states[0]["program"]["streams"] for s in states)
