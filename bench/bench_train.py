@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -412,6 +413,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")
+    if args.work_dir is None:  # the temp folder holds a saved model per contender
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -168,3 +168,26 @@ def test_task_rows_in_files_counts_lines_up_to_max_rows(tmp_path):
     config = _config(tmp_path)
     (tmp_path / "sts.jsonl").write_text("{}\n\n" * 600, encoding="utf-8")  # blanks not counted
     assert task_rows_in_files(config) == {"stsb": 500}  # capped; the absent file left out
+
+
+def test_weak_stage_card_shows_the_soft_mask_and_lora(tmp_path):
+    from conan_embedding.modeling.card import card_info_from_weak_stage
+    from conan_embedding.training.llm_embedding import LoraSettings, WeakStageConfig
+
+    config = WeakStageConfig(
+        output_dir=str(tmp_path / "out"),
+        llm=str(tmp_path / "sft"),
+        data=str(tmp_path / "sft.jsonl"),
+        schedule="accelerating",
+        lora=LoraSettings(r=8),
+        matryoshka_dims=[16],
+        steps=50,
+    )
+    card = render_model_card(card_info_from_weak_stage(config, rows=1234))
+    assert "- Stages: pretrain → sft → weak (LLM, soft mask)" in card
+    assert "schedule `accelerating`, variant `L_over_i`, over 50 steps" in card
+    assert "LoRA r 8, alpha 32" in card
+    assert "| weak-pairs | pairs | `sft.jsonl` | 1,234 | 64 |" in card
+    assert "gradient clip 1.0" in card
+    block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert WeakStageConfig.model_validate(yaml.safe_load(block)) == config

@@ -98,6 +98,8 @@ class CardInfo(_Strict):
     cbb: CBBCard | None = None
     teacher_filter: dict[str, Any] | None = None
     soft_mask: SoftMaskCard | None = None
+    notes: list[str] = Field(default_factory=list)
+    """Further facts of the run, one bullet each under Training (e.g. LoRA settings)."""
     config_yaml: str | None = None
     """The training config, to retrain the model."""
 
@@ -277,6 +279,72 @@ def card_info_from_config(
     )
 
 
+def card_info_from_weak_stage(
+    config: Any,
+    rows: int | None = None,
+    *,
+    title: str | None = None,
+    stages: list[str] | None = None,
+) -> CardInfo:
+    """A :class:`CardInfo` for Conan-v2's LLM weak stage (``training.llm_embedding``'s
+    ``WeakStageConfig``): in-batch InfoNCE on (instruction + input, output) pairs while the
+    soft mask opens the causal attention. ``rows`` are the pairs the run used."""
+    notes = []
+    if config.lora is not None:
+        notes.append(
+            f"LoRA r {config.lora.r}, alpha {config.lora.alpha}, dropout {config.lora.dropout}, "
+            f"on {', '.join(config.lora.target_modules)} (merged into the saved weights)"
+        )
+    if config.teacher:
+        notes.append(
+            f"Teacher filter: pairs scored below {config.teacher_threshold} by "
+            f"`{config.teacher}` dropped"
+        )
+    task = TaskCard(
+        name="weak-pairs",
+        kind="pairs",
+        data=config.data,
+        rows=rows,
+        max_rows=config.max_rows,
+        batch_size=config.batch_size,
+        loss=f"InfoNCE (τ = {config.temperature:g}, in-batch negatives)",
+    )
+    return CardInfo(
+        title=title,
+        base_model=config.llm,
+        stage="weak (LLM, soft mask)",
+        stages=list(stages if stages is not None else ["pretrain", "sft"]),
+        steps=config.steps,
+        seed=config.seed,
+        temperature=config.temperature,
+        task_schedule="one task",
+        optim={
+            "lr": config.lr,
+            "warmup_ratio": config.warmup_ratio,
+            "weight_decay": config.weight_decay,
+            "max_steps": config.steps,
+            "grad_clip": 1.0,  # train_weak_stage clips at 1.0
+        },
+        model={
+            "pooling": config.pooling,
+            "normalize": True,
+            "max_seq_length": config.max_len,
+            "prompts": {},
+        },
+        matryoshka_dims=sorted(config.matryoshka_dims),
+        tasks=[task],
+        soft_mask=SoftMaskCard(
+            schedule=config.schedule, variant=config.variant, steps=config.steps
+        ),
+        notes=notes,
+        config_yaml=yaml.safe_dump(
+            config.model_dump(mode="json", exclude_defaults=True),
+            sort_keys=False,
+            allow_unicode=True,
+        ),
+    )
+
+
 # --------------------------------------------------------------------------- rendering
 def _read_json(path: Path) -> Any:
     try:
@@ -441,7 +509,8 @@ def render_model_card(
     o = info.optim
     lines.append(
         f"- {info.steps} steps, AdamW lr {o.get('lr')}, warmup {o.get('warmup_ratio')} then linear "
-        f"decay, weight decay {o.get('weight_decay')}, gradient clip {o.get('grad_clip')}"
+        f"decay, weight decay {o.get('weight_decay')}, "
+        + (f"gradient clip {o['grad_clip']}" if o.get("grad_clip") else "no gradient clipping")
     )
     lines.append(
         f"- Temperature τ = {info.temperature:g}; task schedule `{info.task_schedule}`; seed {info.seed}"
@@ -451,6 +520,7 @@ def render_model_card(
         lines.append(
             f"- Teacher filter: pairs scored below {tf.get('threshold')} by `{tf.get('model')}` dropped"
         )
+    lines += [f"- {note}" for note in info.notes]
     lines.append("")
 
     lines += ["### Data and losses", ""]
@@ -556,7 +626,8 @@ def render_model_card(
         lines += [
             "## Training config",
             "",
-            "<details><summary>YAML (<code>conan-embed train</code> reads it)</summary>",
+            "<details><summary>The run's config as YAML (settings left at their defaults are "
+            "omitted)</summary>",
             "",
             "```yaml",
             info.config_yaml.rstrip(),
