@@ -204,7 +204,7 @@ def make_trainer(config):
     if config.cbb is not None:
         from conan_embedding.training.distributed import CBBTrainer
 
-        return CBBTrainer(config, distributed=False)
+        return CBBTrainer(config)
     from conan_embedding.training.trainer import Trainer
 
     return Trainer(config)
