@@ -90,6 +90,43 @@ class LoopSettings:
     log_name: str = "train_log.jsonl"
 
 
+def stage_engine(
+    config: EngineConfig,
+    output_dir: Path,
+    *,
+    steps: int,
+    lr: float,
+    warmup_ratio: float,
+    weight_decay: float,
+    seed: int,
+    description: str,
+    scheduler: str = "linear",
+    checkpoint_every: int = 1000,
+    keep_checkpoints: int = 2,
+    log_name: str = "train_log.jsonl",
+) -> Engine:
+    """An engine for a stage whose config spells its optimiser out flat (the LLM stages)."""
+    optim = OptimConfig(
+        lr=lr,
+        warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay,
+        max_steps=steps,
+        grad_clip=1.0,
+        scheduler=scheduler,
+    )
+    settings = LoopSettings(
+        output_dir=output_dir,
+        steps=steps,
+        optim=optim,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        description=description,
+        log_name=log_name,
+    )
+    return Engine(config, settings)
+
+
 @dataclass
 class RunResult:
     steps: int

@@ -342,30 +342,23 @@ def train_weak_stage(
     config: WeakStageConfig, *, show_progress: bool = True, resume: bool = False
 ) -> dict[str, Any]:
     """Stage 3: in-batch InfoNCE on SFT pairs under the soft-mask schedule; exports the model."""
-    from conan_embedding.config import OptimConfig
-    from conan_embedding.training.engine import LoopSettings
+    from conan_embedding.training.engine import stage_engine
 
     engine_config = config.engine
     if config.threads and not engine_config.threads:
         engine_config = engine_config.model_copy(update={"threads": config.threads})
     out = Path(config.output_dir)
     torch.manual_seed(config.seed)
-    engine = Engine(
+    engine = stage_engine(
         engine_config,
-        LoopSettings(
-            output_dir=out,
-            steps=config.steps,
-            optim=OptimConfig(
-                lr=config.lr,
-                warmup_ratio=config.warmup_ratio,
-                weight_decay=config.weight_decay,
-                max_steps=config.steps,
-                grad_clip=1.0,
-            ),
-            seed=config.seed,
-            checkpoint_every=config.checkpoint_every,
-            description=f"weak stage ({config.schedule})",
-        ),
+        out,
+        steps=config.steps,
+        lr=config.lr,
+        warmup_ratio=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        description=f"weak stage ({config.schedule})",
+        checkpoint_every=config.checkpoint_every,
     )
     pairs = weak_pairs(config.data, config.max_rows, config.seed)
     teacher_report = None

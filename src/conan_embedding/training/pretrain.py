@@ -41,7 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
-from conan_embedding.config import EngineConfig, OptimConfig
+from conan_embedding.config import EngineConfig
 from conan_embedding.data.records import (
     iter_json_objects,
     text_field,
@@ -57,7 +57,7 @@ from conan_embedding.modeling.llm import (
     save_tokenizer,
     train_tokenizer,
 )
-from conan_embedding.training.engine import Engine, LoopSettings, RunResult
+from conan_embedding.training.engine import Engine, RunResult, stage_engine
 
 IGNORE_INDEX = -100
 
@@ -262,9 +262,7 @@ class CausalLMProgram:
         self.engine, self.model, self.tokenizer = engine, model, tokenizer
         self.next_batch, self.evaluate, self.settings = next_batch, evaluate, settings
         self.extra_meta = extra_meta
-        engine.prepare(
-            model, decay_filter=lambda name, p: p.ndim >= 2 and "norm" not in name
-        )
+        engine.prepare(model, decay_filter=lambda name, p: p.ndim >= 2 and "norm" not in name)
         self.evals: list[dict[str, Any]] = []
 
     @property
@@ -287,9 +285,7 @@ class CausalLMProgram:
         engine = self.engine
         rows = input_ids.shape[0]
         if rows % engine.world_size:
-            raise ValueError(
-                f"batch_size {rows} does not split over {engine.world_size} processes"
-            )
+            raise ValueError(f"batch_size {rows} does not split over {engine.world_size} processes")
         share = rows // engine.world_size
         mine = slice(engine.rank * share, (engine.rank + 1) * share)
         input_ids, labels = input_ids[mine], labels[mine]
@@ -362,25 +358,19 @@ def train_causal_lm(
     if finished is not None:
         return finished
     torch.manual_seed(settings.seed)
-    engine = Engine(
+    engine = stage_engine(
         settings.engine,
-        LoopSettings(
-            output_dir=output_dir,
-            steps=settings.steps,
-            optim=OptimConfig(
-                lr=settings.lr,
-                warmup_ratio=settings.warmup_ratio,
-                weight_decay=settings.weight_decay,
-                max_steps=settings.steps,
-                grad_clip=1.0,
-                scheduler=settings.scheduler,
-            ),
-            seed=settings.seed,
-            checkpoint_every=settings.save_every,
-            keep_checkpoints=settings.keep_checkpoints,
-            description=settings.description,
-            log_name="log.jsonl",
-        ),
+        output_dir,
+        steps=settings.steps,
+        lr=settings.lr,
+        warmup_ratio=settings.warmup_ratio,
+        weight_decay=settings.weight_decay,
+        seed=settings.seed,
+        description=settings.description,
+        scheduler=settings.scheduler,
+        checkpoint_every=settings.save_every,
+        keep_checkpoints=settings.keep_checkpoints,
+        log_name="log.jsonl",
     )
     program = CausalLMProgram(
         engine, model, tokenizer, next_batch, evaluate, settings, extra_meta or {}

@@ -322,6 +322,22 @@ class Trainer:
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         return torch.cat(all_gather_with_grad(local))
 
+    def _gathered_documents(
+        self, local: torch.Tensor, batch: int, n_neg: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every rank's positives ``[B, d]`` and negatives ``[B, n, d]``, in batch order.
+
+        Each shard was encoded as [its positives, its negatives]; they are split back per
+        shard before the gather, so positives come first in the candidate layout.
+        """
+        per = batch // self.shards
+        chunks = local.split(per * (1 + n_neg))
+        positives = self._gather(torch.cat([c[:per] for c in chunks]))
+        if not n_neg:
+            return positives, None
+        negatives = torch.cat([c[per:].reshape(per, n_neg, -1) for c in chunks])
+        return positives, self._gather(negatives)
+
     def _query_offset(self, batch: int) -> int:
         return self.my_shards.start * (batch // self.shards)
 
@@ -377,15 +393,7 @@ class Trainer:
             d = self._encode_shards(
                 task, step, _DOCUMENTS, documents, size, self.passage_prompt, seed_key=seed_key
             )
-            # each shard encoded [its positives, its negatives]: split them back per shard
-            per = size // self.shards
-            chunks = d.split(per * (1 + n_neg))
-            p = self._gather(torch.cat([c[:per] for c in chunks]))
-            n = (
-                self._gather(torch.cat([c[per:].reshape(per, n_neg, -1) for c in chunks]))
-                if n_neg
-                else None
-            )
+            p, n = self._gathered_documents(d, size, n_neg)
             ids = _stable_text_ids(positives + [t for negs in negatives for t in negs[:n_neg]])
             groups = ids[:size]
             neg_groups = ids[size:].reshape(size, n_neg) if n_neg else None
@@ -466,14 +474,7 @@ class Trainer:
         d = self._encode_shards(
             task, step, _DOCUMENTS, others, size, self.query_prompt, seed_key=seed_key
         )
-        per = size // self.shards
-        chunks = d.split(per * (1 + n_neg))
-        p = self._gather(torch.cat([c[:per] for c in chunks]))
-        n = (
-            self._gather(torch.cat([c[per:].reshape(per, n_neg, -1) for c in chunks]))
-            if n_neg
-            else None
-        )
+        p, n = self._gathered_documents(d, size, n_neg)
         labels = torch.as_tensor(index.ids[rows])
         neg_labels = torch.as_tensor(index.ids[np.asarray(negatives)]) if negatives else None
         loss = matryoshka_loss(
