@@ -433,6 +433,13 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             out = {"state": tensors, "encoded": len(calls), "negatives": provider.negatives([0])}
             with open(f"{out_dir}/{name}-{rank}.json", "w") as handle:
                 json.dump(out, handle)
+        # a task that runs on rank 0 only: on rank 1 its provider is inert (no re-mining)
+        alone = dist.new_group([0])
+        provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v2", remine_every=1))
+        provider.sync_from(0, alone)
+        calls = []
+        log = provider.on_step_end(1, _one_hot_encoder(calls))
+        assert (log == {} and not calls) if rank == 1 else (log and calls)
     finally:
         dist.destroy_process_group()
 

@@ -222,6 +222,7 @@ class DynamicNegatives:
         self.fingerprint = texts_fingerprint(self.corpus)
         self._role = False
         self._sync: tuple[int, Any, torch.device] | None = None
+        self._inert = False
         self._reset_state()
         del self._initial_scores
 
@@ -416,6 +417,8 @@ class DynamicNegatives:
                 self._pending_q.update(zip(ids.tolist(), queries, strict=True))
 
     def on_step_end(self, step: int, encode: EncodeFn) -> dict[str, float]:
+        if self._inert:
+            return {}
         self._role = _accepts_role(encode)
         if self._follower():
             self._receive()
@@ -611,11 +614,15 @@ class DynamicNegatives:
         This call copies ``src``'s whole state to the others. Then, each step, the others skip
         the rules and the encoding, and at the end of :meth:`on_step_end` ``src`` broadcasts
         the rows it changed, which they take over. A no-op without ``torch.distributed`` or on
-        a group of one; ranks outside ``group`` are left alone.
+        a group of one. On a rank outside ``group`` (it may be called there too) the provider
+        turns inert: :meth:`on_step_end` does nothing (no v1 check, no re-mining).
         """
         if not (dist.is_available() and dist.is_initialized()):
             return
-        if dist.get_world_size(group) <= 1 or dist.get_rank(group) < 0:
+        if dist.get_rank(group) < 0:  # this rank does not run the task
+            self._inert = True
+            return
+        if dist.get_world_size(group) <= 1:
             return
         self._sync = (src, group, torch.device(device or "cpu"))
         if dist.get_rank() == src:
