@@ -286,13 +286,17 @@ class Trainer:
         if task.dynamic_negatives.rule == "none":
             return StaticNegatives(records, task.negatives)
         from conan_embedding.mining.dynamic import build_dynamic_negatives
+        from conan_embedding.mining.offline import PoolMeta
 
+        if not hasattr(self, "_trained_with"):  # the pool's scores count as S_0 if they match
+            self._trained_with = PoolMeta.of(self.model, self.query_prompt, self.passage_prompt)
         return build_dynamic_negatives(
             records,
             task.negatives,
             task.dynamic_negatives,
             task.path,
             rows=self.source_rows.get(task.name),
+            trained_with=self._trained_with,
         )
 
     # ----------------------------------------------------------------- sharded encoding
