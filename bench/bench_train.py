@@ -177,6 +177,8 @@ def our_config(name: str, files: dict[str, str], steps: int, out: Path):
         "temperature": TEMPERATURE,
         "checkpoint_every": steps + 1,  # no checkpoint inside the timed run
         "log_every": 10,
+        # the same work as the peer's report_to="none": no TensorBoard writer
+        "engine": {"trackers": []},
     }
     if name == "ours":
         task = {"name": "pairs", "kind": "pairs", "path": files["pairs"], "batch_size": BATCH}

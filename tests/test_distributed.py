@@ -65,7 +65,7 @@ def write_cbb_config(folder: Path, model: Path, steps: int = 3, **cbb) -> Path:
         "seed": 5,
         "model": {"name": str(model), "dense_dim": 16, "max_seq_length": 24},
         "optim": {"lr": 1e-3, "max_steps": steps, "warmup_ratio": 0.0},
-        "checkpoint_every": 100,
+        "checkpoint_every": 1,
         "tasks": [
             {
                 "name": "ret",
@@ -308,7 +308,7 @@ def test_torchrun_two_processes_trains_like_virtual_devices(tmp_path):
             assert a[key] == pytest.approx(b[key], abs=1e-4), (a, b)
     # one log and one model (rank 0); each rank's own state in the checkpoint
     assert not (tmp_path / "real" / "rank-1").exists()
-    checkpoint = tmp_path / "real" / "checkpoints" / "step-000003"
+    checkpoint = tmp_path / "real" / "checkpoints" / "step-000002"
     assert {p.name for p in checkpoint.glob("rank-*")} == {
         "rank-00000.json",
         "rank-00000.safetensors",
@@ -363,6 +363,6 @@ def test_four_processes_run_two_cbb_groups_on_their_own_rows(tmp_path):
     single = read_log(tmp_path / "one-group" / "train_log.jsonl")
     assert all(np.isfinite(r["loss"]) for r in groups)
     assert groups[0]["loss/ret"] != pytest.approx(single[0]["loss/ret"], abs=1e-4)
-    checkpoint = tmp_path / "groups" / "checkpoints" / "step-000002"
+    checkpoint = tmp_path / "groups" / "checkpoints" / "step-000001"
     states = [json.loads((checkpoint / f"rank-{r:05d}.json").read_text()) for r in range(4)]
     assert all(s["program"]["streams"] == states[0]["program"]["streams"] for s in states)
