@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conan_embedding.data.records import RecordError
+from conan_embedding.encoding.engine import EmbeddingEngine
 from conan_embedding.modeling.embedder import build_embedder, save_embedder
 from conan_embedding.serving.encode import encode_file
-from conan_embedding.serving.engine import EmbeddingEngine
 
 WORDS = ["cat", "dog", "bank", "river", "tea", "moon", "car", "park", "fish", "tree", "the", "on"]
 

@@ -20,6 +20,11 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 
 
+DEVICE_HELP = (
+    "Where to encode: auto (cuda:LOCAL_RANK if CUDA is available, else cpu) | cpu | cuda:N."
+)
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""
@@ -206,6 +211,7 @@ def data_filter(
     passage_prompt: str = typer.Option("", help="e.g. 'passage: ' for e5 teachers."),
     batch_size: int = typer.Option(64),
     max_seq_length: int | None = typer.Option(None),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Score pairs with a teacher embedder and drop those below the threshold."""
     from conan_embedding.data.builders.filter import run_filter
@@ -225,6 +231,7 @@ def data_filter(
             query_prompt=query_prompt,
             passage_prompt=passage_prompt,
             max_seq_length=max_seq_length,
+            device=device,
         )
     except (RecordError, ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
@@ -361,9 +368,10 @@ def serve_command(
     query_prompt: str | None = typer.Option(None, help="Prompt for input_type=query."),
     passage_prompt: str | None = typer.Option(None, help="Prompt for input_type=passage."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """OpenAI-compatible embedding server: POST /v1/embeddings, GET /v1/models, GET /health."""
-    from conan_embedding.serving.engine import EmbeddingEngine
+    from conan_embedding.encoding.engine import EmbeddingEngine
     from conan_embedding.serving.server import ServerSettings, serve
 
     engine = EmbeddingEngine.from_path(
@@ -372,6 +380,7 @@ def serve_command(
         onnx_dir=onnx_dir,
         batch_size=batch_size,
         threads=threads,
+        device=device,
         **({"name": name} if name else {}),
     )
     prompts = {
@@ -403,14 +412,16 @@ def encode_command(
     chunk_rows: int = typer.Option(4096, help="Rows per resumable chunk."),
     restart: bool = typer.Option(False, help="Discard a partial run instead of resuming it."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Encode a file of texts, length-sorted, resumable; prints rows and throughput."""
+    from conan_embedding.encoding.engine import EmbeddingEngine
     from conan_embedding.serving.encode import encode_file
-    from conan_embedding.serving.engine import EmbeddingEngine
 
     engine = EmbeddingEngine.from_path(
-        model, backend=backend, onnx_dir=onnx_dir, batch_size=batch_size, threads=threads
-    )
+        model, backend=backend, onnx_dir=onnx_dir, batch_size=batch_size, threads=threads,
+        device=device,
+    )  # fmt: skip
     result = encode_file(
         engine,
         input_path,
@@ -435,7 +446,7 @@ def export_onnx_command(
     per_channel: bool = typer.Option(False, help="int8 scales per output channel."),
 ) -> None:
     """Export the transformer to ONNX (fp32, fused) and int8 for `--backend onnx|onnx-int8`."""
-    from conan_embedding.serving.onnx import export_onnx, read_manifest
+    from conan_embedding.encoding.onnx import export_onnx, read_manifest
 
     folder = export_onnx(model, out, int8=int8, per_channel=per_channel)
     manifest = read_manifest(folder) or {}
@@ -512,6 +523,7 @@ def eval_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     threads: int | None = typer.Option(None, help="torch threads (1 is faster on a busy CPU)."),
     list_tasks: bool = typer.Option(False, "--list", help="List tasks and suites, then exit."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Evaluate a model on local-data MTEB / C-MTEB tasks (mteb's own metric code)."""
     from conan_embedding.evaluation.tasks import SUITES, TASKS
@@ -530,7 +542,8 @@ def eval_command(
     scores = evaluate(model, names, output_dir=output_dir, data_dir=data_dir, max_corpus=max_corpus,
                       cache_dir=False if no_cache else cache_dir, batch_size=batch_size,
                       show_progress=progress, model_name=model_name,
-                      symmetric_prompt=symmetric_prompt or None, num_threads=threads)  # fmt: skip
+                      symmetric_prompt=symmetric_prompt or None, num_threads=threads,
+                      device=device)  # fmt: skip
     for name, score in scores.items():
         typer.echo(f"{name:34s} {100 * score:6.2f}")
     table, chart = write_summary(output_dir)

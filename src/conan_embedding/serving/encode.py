@@ -4,7 +4,7 @@ Why: corpora for mining and retrieval are large; a run that dies at 90 % must no
 and a half-written output must never look finished.
 
 How: rows are read in order and cut into chunks of ``chunk_rows``. Each chunk is tokenised,
-encoded by :class:`~conan_embedding.serving.engine.EmbeddingEngine` in length-sorted batches
+encoded by :class:`~conan_embedding.encoding.engine.EmbeddingEngine` in length-sorted batches
 (longest first, so each batch pads to about its own length), and saved as
 ``<output>.partial/chunk-NNNNNN.npy`` (temp file, then rename). ``state.json`` there records the
 input's size and mtime and every setting that changes the vectors; a rerun with the same state
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from conan_embedding.atomic import save_npy_atomic
 from conan_embedding.data.records import RecordError, iter_json_objects
-from conan_embedding.serving.engine import EmbeddingEngine
+from conan_embedding.encoding.engine import EmbeddingEngine
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 OUTPUT_SUFFIXES = (".npy", ".parquet")
