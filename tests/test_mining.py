@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conan_embedding.data.records import RecordError, RetrievalRecord, read_records
-from conan_embedding.mining.index import TextEncoder, build_index, search
+from conan_embedding.encoding.texts import TextEncoder
+from conan_embedding.mining.index import build_index, search
 from conan_embedding.mining.offline import (
     MiningConfig,
     PoolCandidate,
@@ -144,7 +145,7 @@ def test_encoder_dedups_and_caches(tiny_model, tmp_path):
     again = TextEncoder(tiny_model, cache_dir=tmp_path, show_progress=False)
     np.testing.assert_array_equal(again.encode(texts), first)
     assert again.cache_hits == 1
-    assert len(list(tmp_path.glob("emb-*.npy"))) == 1
+    assert len(list(tmp_path.glob("emb-*.f32"))) == 1
     prompted = again.encode(texts, prompt="query: ")
     assert again.cache_hits == 1 and not np.allclose(prompted, first)
 
@@ -159,26 +160,18 @@ def test_onnx_backend_matches_torch(tiny_model, tmp_path):
     assert np.min(np.sum(torch_vecs * onnx_vecs, axis=1)) > 0.9999
 
 
-def test_onnx_token_batches_keep_input_order_serial_or_concurrent(tiny_model, tmp_path):
-    """Batches are formed by token count and run on worker threads; rows must come back in
-    the caller's order and equal one-text-at-a-time encoding."""
-    pytest.importorskip("onnxruntime")
-    import torch
-
-    from conan_embedding.mining.index import _OnnxTransformer
+def test_token_batches_keep_input_order(tiny_model):
+    """Batches are formed by token count (rows and a padded-token budget); rows must come back
+    in the caller's order and equal one-text-at-a-time encoding."""
+    from conan_embedding.encoding.engine import EmbeddingEngine
+    from conan_embedding.encoding.tokens import token_batches
 
     texts = _sentences(40, 9)  # 2-10 words: batches mix lengths once re-sorted
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        concurrent = _OnnxTransformer(tiny_model, tmp_path, concurrent_batches=True)
-        serial = _OnnxTransformer(tiny_model, tmp_path, concurrent_batches=False)
-    finally:
-        torch.set_num_threads(threads)
-    assert concurrent.workers == 2 and serial.workers == 1
-    one_by_one = np.concatenate([serial.encode([t], batch_size=1) for t in texts])
-    np.testing.assert_allclose(concurrent.encode(texts, batch_size=6), one_by_one, atol=1e-5)
-    np.testing.assert_allclose(serial.encode(texts, batch_size=6), one_by_one, atol=1e-5)
+    engine = EmbeddingEngine(tiny_model, device="cpu", batch_size=6, max_batch_tokens=40)
+    one_by_one = np.concatenate([engine.embed([t]) for t in texts])
+    np.testing.assert_allclose(engine.embed(texts), one_by_one, atol=1e-5)
+    batches = token_batches([3, 9, 1, 9, 4], batch_size=3, max_tokens=18)
+    assert [b.tolist() for b in batches] == [[1, 3], [4, 0, 2]]
 
 
 def test_int8_backend_is_close_to_fp32_and_cached_apart(tiny_model, tmp_path):
@@ -187,11 +180,11 @@ def test_int8_backend_is_close_to_fp32_and_cached_apart(tiny_model, tmp_path):
     fp32 = TextEncoder(tiny_model, backend="onnx", cache_dir=tmp_path, show_progress=False)
     int8 = TextEncoder(tiny_model, backend="onnx-int8", cache_dir=tmp_path, show_progress=False)
     fp32_vecs, int8_vecs = fp32.encode(texts), int8.encode(texts)
-    (quantized,) = tmp_path.glob("onnx/*-int8.onnx")
+    (quantized,) = tmp_path.glob("onnx/*/model_int8.onnx")
     onnx = pytest.importorskip("onnx")
     assert "MatMulInteger" in {node.op_type for node in onnx.load(quantized).graph.node}
     assert np.sum(fp32_vecs * int8_vecs, axis=1).min() > 0.95
-    assert len(list(tmp_path.glob("emb-*.npy"))) == 2  # never served from the fp32 cache
+    assert len(list(tmp_path.glob("emb-*.f32"))) == 2  # never served from the fp32 cache
     np.testing.assert_array_equal(int8.encode(texts), int8_vecs)
     assert int8.cache_hits == 1
 
@@ -282,7 +275,7 @@ def test_mine_command_writes_records_and_pool(tiny_model, tmp_path):
     )
     assert result.exit_code == 0, result.output
     mined = read_records(out, "retrieval")
-    pools = read_pools(tmp_path / "mined.pool.jsonl")
+    pools = read_pools(tmp_path / "mined.pool.json")
     assert len(mined) == len(pools) == 12
     assert all(
         len(r.neg) == 3 and r.neg == [c.text for c in p.candidates[:3]]

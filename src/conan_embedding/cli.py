@@ -464,7 +464,7 @@ def mine_command(
         None, help=".txt or .jsonl[.gz] corpus (default: positives + negatives)."
     ),
     pool: str | None = typer.Option(
-        None, help="Pool sidecar path (default: OUT stem + .pool.jsonl)."
+        None, help="Pool manifest path (default: OUT stem + .pool.json; ids + scores beside it)."
     ),
     range_min: int = typer.Option(10, help="First kept rank among filtered candidates."),
     range_max: int = typer.Option(200, help="Rank after the last kept candidate."),
@@ -475,22 +475,28 @@ def mine_command(
     max_score: float | None = typer.Option(None, help="Drop candidates scoring above this cap."),
     query_prompt: str | None = typer.Option(None, help="Text put before queries (e.g. 'query: ')."),
     passage_prompt: str | None = typer.Option(None, help="Text put before corpus texts."),
-    index: str = typer.Option("auto", help="auto | exact | ivf | hnsw."),
+    index: str = typer.Option("auto", help="auto | exact | ivf | hnsw | ivfpq."),
     exact_max: int = typer.Option(200_000, help="auto: exact search up to this corpus size."),
     backend: str = typer.Option(
         "torch", help="Encoder: torch | onnx | onnx-int8 (fastest; slightly different vectors)."
     ),
     batch_size: int = typer.Option(32),
-    cache_dir: str | None = typer.Option(None, help="Embedding cache folder."),
+    chunk_size: int = typer.Option(4096, help="Texts per encoded (and resumable) chunk."),
+    cache_dir: str | None = typer.Option(
+        None, help="Embedding cache folder (kept; default: a work folder removed on success)."
+    ),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
-    """Mine a ranked hard-negative pool per query, with false-negative filters."""
+    """Mine a ranked hard-negative pool per query, with false-negative filters; a killed run
+    started again resumes at the chunk it was encoding."""
     from conan_embedding.mining.offline import MiningConfig, mine_file
 
     config = MiningConfig(
         range_min=range_min, range_max=range_max, num_negatives=negatives,
         relative_margin=relative_margin if relative_margin >= 0 else None, max_score=max_score,
         query_prompt=query_prompt, passage_prompt=passage_prompt, index=index,
-        exact_max=exact_max, backend=backend, batch_size=batch_size,
+        exact_max=exact_max, backend=backend, batch_size=batch_size, chunk_size=chunk_size,
+        device=device,
     )  # fmt: skip
     stats = mine_file(records, out, model, corpus_path=corpus, pool_path=pool, config=config,
                       cache_dir=cache_dir)  # fmt: skip
