@@ -282,3 +282,109 @@ def test_mine_command_writes_records_and_pool(tiny_model, tmp_path):
         for r, p in zip(mined, pools, strict=True)
     )
     assert all(c.rank >= 2 for p in pools for c in p.candidates)
+
+
+def test_pool_arrays_are_int32_ids_into_one_corpus_file(tiny_model, tmp_path):
+    from conan_embedding.mining.pools import POOL_FORMAT, PoolFile, pool_files
+
+    records = _records(20, seed=21)
+    config = MiningConfig(range_min=1, range_max=9, num_negatives=3, relative_margin=None)
+    mined, entries, _ = mine(records, tiny_model, _sentences(150, 22), config, show_progress=False)
+    path = tmp_path / "train.pool.json"
+    write_pools(path, entries)
+    files = pool_files(path)
+    manifest = json.loads(path.read_text())
+    assert manifest["format"] == POOL_FORMAT and manifest["first_rank"] == 1
+    ids = np.load(files["ids"], allow_pickle=False)
+    scores = np.load(files["scores"], allow_pickle=False)
+    assert ids.dtype == np.int32 and scores.dtype == np.float32
+    assert ids.shape == scores.shape == (20, 8)
+    corpus = [json.loads(line) for line in files["corpus"].read_text().splitlines()]
+    assert len(corpus) == len(set(corpus)) == manifest["corpus_size"]  # one copy of each text
+    assert np.isnan(scores[ids < 0]).all() and not np.isnan(scores[ids >= 0]).any()
+    for q, entry in enumerate(entries):  # row q, column j = candidate j, left-aligned
+        n = len(entry.candidates)
+        assert [corpus[i] for i in ids[q, :n]] == [c.text for c in entry.candidates]
+        assert (ids[q, n:] == -1).all()
+        np.testing.assert_allclose(scores[q, :n], [c.score for c in entry.candidates], atol=1e-6)
+    pools = read_pools(path)
+    assert isinstance(pools, PoolFile) and len(pools) == 20
+    assert [p.model_dump() for p in pools] == [e.model_dump() for e in entries]
+    assert default_pool_path(tmp_path / "train.jsonl") == path
+    assert all(
+        r.neg == [c.text for c in e.candidates[:3]] for r, e in zip(mined, entries, strict=True)
+    )
+    gappy = entries[0].model_copy(
+        update={"candidates": [c.model_copy(update={"rank": 5}) for c in entries[0].candidates]}
+    )
+    with pytest.raises(ValueError, match="consecutive|start at ranks"):
+        write_pools(tmp_path / "bad.pool.json", [gappy, *entries[1:]])
+    files["ids"].write_bytes(files["ids"].read_bytes()[:-4])  # a truncated array is refused
+    with pytest.raises(ValueError):
+        read_pools(path)
+
+
+_MINE_SCRIPT = """
+import sys
+from conan_embedding.mining.offline import MiningConfig, mine_file
+config = MiningConfig(range_min=1, range_max=9, num_negatives=2, chunk_size=64, device="cpu")
+mine_file(sys.argv[1], sys.argv[2], sys.argv[3], corpus_path=sys.argv[4], config=config,
+          cache_dir=sys.argv[5], show_progress=False)
+"""
+
+
+def test_killed_mining_resumes_where_it_stopped(tiny_model, tmp_path):
+    """SIGKILL in mid-encode: the rerun re-encodes only what was not on disk (at most the
+    chunk in flight is lost) and writes the same negatives and pools as an unbroken run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conan_embedding.mining.offline import mine_file
+    from conan_embedding.modeling.embedder import save_embedder
+
+    model_dir = save_embedder(tiny_model, tmp_path / "model")
+    train = tmp_path / "train.jsonl"
+    train.write_text(
+        "".join(json.dumps({"query": r.query, "pos": r.pos}) + "\n" for r in _records(30))
+    )
+    corpus = tmp_path / "corpus.txt"
+    rng = random.Random(5)
+    corpus.write_text(  # distinct texts, so the corpus is long enough to be killed inside
+        "\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + f" {i}" for i in range(40_000))
+    )
+    cache = tmp_path / "cache"
+    args = [str(train), str(tmp_path / "killed.jsonl"), str(model_dir), str(corpus), str(cache)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", _MINE_SCRIPT, *args], env=env)
+    width = tiny_model.get_embedding_dimension()
+    seen_rows, deadline = 0, time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        files = list(cache.glob("emb-*.f32"))
+        seen_rows = max((f.stat().st_size // (4 * width) for f in files), default=0)
+        if seen_rows >= 3 * 64:
+            break
+        time.sleep(0.01)
+    assert child.poll() is None, "the child finished before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    (vectors,) = cache.glob("emb-*.f32")
+    on_disk = vectors.stat().st_size // (4 * width)
+    assert on_disk >= seen_rows  # nothing that was on disk before the kill is lost
+    assert not (tmp_path / "killed.pool.json").exists()  # no half-written pool is trusted
+    config = MiningConfig(range_min=1, range_max=9, num_negatives=2, chunk_size=64, device="cpu")
+    resumed = mine_file(*args[:3], corpus_path=corpus, config=config, cache_dir=cache,
+                        show_progress=False)  # fmt: skip
+    assert resumed.rows_resumed == on_disk
+    unbroken = mine_file(str(train), str(tmp_path / "unbroken.jsonl"), str(model_dir),
+                         corpus_path=corpus, config=config, show_progress=False)  # fmt: skip
+    assert unbroken.rows_resumed == 0
+    assert read_records(tmp_path / "killed.jsonl", "retrieval") == read_records(
+        tmp_path / "unbroken.jsonl", "retrieval"
+    )
+    a, b = read_pools(tmp_path / "killed.pool.json"), read_pools(tmp_path / "unbroken.pool.json")
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    assert not (tmp_path / ".unbroken.jsonl.mining").exists()  # the default work dir is removed

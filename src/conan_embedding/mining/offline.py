@@ -144,6 +144,8 @@ class MiningStats:
     mean_pool_size: float = 0.0
     mean_negative_score: float = 0.0
     mean_positive_score: float = 0.0
+    rows_resumed: int = 0
+    """Vectors found on disk from an earlier (killed or finished) run, not encoded again."""
     seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -312,6 +314,7 @@ def mine_stream(
         for text in queries:
             writer.query_texts.write(text)
         stats.seconds["encode"] = time.perf_counter() - started
+        stats.rows_resumed = encoder.rows_resumed
 
         started = time.perf_counter()
         excluded, pos_rows, pos_query = [], [], []
