@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -95,6 +96,7 @@ class EmbeddingEngine:
         threads: int | None = None,
         name: str | None = None,
         device: str | torch.device | None = "auto",
+        concurrent_batches: bool | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
@@ -122,6 +124,15 @@ class EmbeddingEngine:
         self._left_pad = getattr(self.tokenizer, "padding_side", "right") == "left"
         self._head = list(model)[1:]  # Pooling, Dense, Normalize...: run as saved, never rebuilt
         self._onnx_runner = None
+        # ONNX on the CPU: ``threads`` batches at once on single-threaded kernels (ORT releases
+        # the GIL) instead of one batch on ``threads`` intra-op threads, which wait for each
+        # other after every small matrix product and stall whenever another process takes a core
+        self.concurrent = (
+            concurrent_batches
+            if concurrent_batches is not None
+            else backend != "torch" and self.device.type == "cpu" and self.threads > 1
+        )
+        self._workers: ThreadPoolExecutor | None = None
         if backend != "torch":
             if model_path is None and onnx_dir is None:
                 raise ValueError("an ONNX backend needs the model folder (model_path) or onnx_dir")
@@ -129,7 +140,10 @@ class EmbeddingEngine:
                 model_path, out_dir=onnx_dir, int8=backend == "onnx-int8", model=model
             )
             self._onnx_runner = OnnxTransformer(
-                folder, int8=backend == "onnx-int8", threads=self.threads, device=self.device
+                folder,
+                int8=backend == "onnx-int8",
+                threads=1 if self.concurrent else self.threads,
+                device=self.device,
             )
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads)
@@ -250,11 +264,20 @@ class EmbeddingEngine:
         lengths = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
         batches = token_batches(lengths, batch_size or self.batch_size, self.max_batch_tokens)
         out = np.empty((len(rows), self.width), dtype=np.float32)
-        for chunk in batches:
+
+        def run(chunk: np.ndarray) -> None:
             features = self._pad([rows[i] for i in chunk])
             if prompt_length is not None:
                 features["prompt_length"] = prompt_length
             out[chunk] = self._forward(features).float().cpu().numpy()
+
+        if self.concurrent and len(batches) > 1:
+            if self._workers is None:
+                self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="embed")
+            list(self._workers.map(run, batches))
+        else:
+            for chunk in batches:
+                run(chunk)
         return truncate_and_normalize(out, dimensions)
 
     def embed(
