@@ -147,6 +147,8 @@ class CachedEncoder(AbsEncoder):
             fresh = self.engine.embed(
                 [texts[i] for i in chunk], prompt=prompt, batch_size=batch_size
             )
+            if self.model.truncate_dim:  # as SentenceTransformer.encode: cut, no re-normalising
+                fresh = np.ascontiguousarray(fresh[:, : self.model.truncate_dim])
             self.encoded_texts += len(chunk)
             if self.cache is not None:
                 self.cache.add([keys[i] for i in chunk], fresh)

@@ -26,9 +26,10 @@ The survivors are ranked by score; ranks ``range_min .. range_max - 1`` of the s
 the pool (the same window semantics as sentence-transformers' ``mine_hard_negatives``, so
 ``sampling_strategy="top"`` there picks the same negatives as ``neg`` here).
 
-Memory: the FAISS index (the corpus vectors, once), one query chunk's search results, the
-records, and a hash -> row dictionary of the corpus (about 100 bytes a distinct text); the
-vector files are read in blocks, the pools go straight to memory-mapped arrays.
+Memory: the FAISS index (the corpus vectors, once), the query vectors, one query chunk's
+search results, the records, and a hash -> row dictionary of the corpus (about 100 bytes a
+distinct text); the vector files are read in blocks and the pools are written row block by row
+block, so neither stays in memory.
 
 Outputs, written atomically:
 
@@ -356,8 +357,7 @@ def mine_stream(
             windows = select_candidates(
                 scores, ids, excluded[start:stop], positive_scores[start:stop], config, stats
             )
-            for q, window in enumerate(windows, start=start):
-                writer.set_row(q, [i for i, _, _ in window], [s for _, s, _ in window])
+            writer.rows(windows)
         del index
         stats.seconds["search"] = time.perf_counter() - started
         path = writer.close()

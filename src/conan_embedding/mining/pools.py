@@ -118,10 +118,12 @@ class JsonStringWriter:
 
 
 class PoolWriter:
-    """Writes a pool in the array format: rows filled in any order, files renamed on close.
+    """Writes a pool in the array format, rows in order, files renamed on close.
 
-    Every file is written under a temporary name and renamed by :meth:`close`, the manifest
-    last, so a reader never trusts a half-written pool.
+    Rows go to the ``.npy`` files with ``os.pwrite`` (through the page cache, not a writable
+    memory map, so a 10M-query pool never sits in this process's RSS). Every file is written
+    under a temporary name and renamed by :meth:`close`, the manifest last, so a reader never
+    trusts a half-written pool.
     """
 
     def __init__(self, path: str | os.PathLike[str], queries: int, width: int, first_rank: int):
@@ -129,32 +131,53 @@ class PoolWriter:
         self.tmp = {k: p.with_name(f".{p.name}.{os.getpid()}.tmp") for k, p in self.files.items()}
         self.files["manifest"].parent.mkdir(parents=True, exist_ok=True)
         self.queries, self.width, self.first_rank = queries, width, first_rank
-        open_memmap = np.lib.format.open_memmap
-        self.ids = open_memmap(self.tmp["ids"], "w+", np.int32, (queries, width))
-        self.scores = open_memmap(self.tmp["scores"], "w+", np.float32, (queries, width))
-        self.positive_scores = open_memmap(
-            self.tmp["positive_scores"], "w+", np.float32, (queries,)
-        )
-        self.ids[:] = -1
-        self.scores[:] = np.nan
+        self.positive_scores = np.full(queries, np.nan, np.float32)
+        self._arrays = {}
+        for name, dtype in (("ids", np.int32), ("scores", np.float32)):
+            header = np.lib.format.open_memmap(self.tmp[name], "w+", dtype, (queries, width))
+            offset = header.offset
+            del header  # the file now has its header and full (sparse) size
+            self._arrays[name] = (os.open(self.tmp[name], os.O_WRONLY), offset, np.dtype(dtype))
+        self.rows_written = 0
         self.corpus = JsonStringWriter(self.tmp["corpus"])
         self.query_texts = JsonStringWriter(self.tmp["queries"])
 
-    def set_row(self, q: int, ids: Sequence[int], scores: Sequence[float]) -> None:
-        n = len(ids)
-        if n > self.width:
-            raise ValueError(f"pool {q} has {n} candidates, the file holds {self.width}")
-        self.ids[q, :n] = ids
-        self.scores[q, :n] = scores
+    def write_rows(self, ids: np.ndarray, scores: np.ndarray) -> None:
+        """The next ``len(ids)`` pools: ``ids`` int32 ``[n, width]`` (-1 = none), ``scores``."""
+        if ids.shape != scores.shape or ids.shape[1:] != (self.width,):
+            raise ValueError(f"pool rows of shape (n, {self.width}) expected, got {ids.shape}")
+        for name, block in (("ids", ids), ("scores", scores)):
+            fd, offset, dtype = self._arrays[name]
+            data = np.ascontiguousarray(block, dtype=dtype).tobytes()
+            os.pwrite(fd, data, offset + self.rows_written * self.width * dtype.itemsize)
+        self.rows_written += len(ids)
+
+    def rows(self, windows: Sequence[Sequence[tuple[int, float, int]]]) -> None:
+        """Write pools given as ``(corpus id, score, rank)`` lists (ranks implied by position)."""
+        ids = np.full((len(windows), self.width), -1, np.int32)
+        scores = np.full((len(windows), self.width), np.nan, np.float32)
+        for q, window in enumerate(windows):
+            if len(window) > self.width:
+                raise ValueError(
+                    f"a pool has {len(window)} candidates, the file holds {self.width}"
+                )
+            ids[q, : len(window)] = [c for c, _, _ in window]
+            scores[q, : len(window)] = [s for _, s, _ in window]
+        self.write_rows(ids, scores)
 
     def close(self) -> Path:
         self.corpus.close()
         self.query_texts.close()
-        if self.query_texts.count != self.queries:
-            raise ValueError(f"{self.query_texts.count} query texts for {self.queries} pools")
-        for array in (self.ids, self.scores, self.positive_scores):
-            array.flush()
-        del self.ids, self.scores, self.positive_scores
+        for fd, _, _ in self._arrays.values():
+            os.close(fd)
+        self._arrays = {}
+        if self.query_texts.count != self.queries or self.rows_written != self.queries:
+            raise ValueError(
+                f"{self.rows_written} pools and {self.query_texts.count} query texts written "
+                f"for {self.queries} queries"
+            )
+        with open(self.tmp["positive_scores"], "wb") as handle:  # np.save(path) would add .npy
+            np.save(handle, self.positive_scores, allow_pickle=False)
         for name in _FILES:
             os.replace(self.tmp[name], self.files[name])
         manifest = {
@@ -171,6 +194,9 @@ class PoolWriter:
     def abort(self) -> None:
         for handle in (self.corpus, self.query_texts):
             handle.close()
+        for fd, _, _ in self._arrays.values():
+            os.close(fd)
+        self._arrays = {}
         for path in self.tmp.values():
             path.unlink(missing_ok=True)
 
@@ -275,12 +301,12 @@ def write_pools(path: str | os.PathLike[str], pools: Sequence[PoolEntry]) -> int
                 range(first_rank, first_rank + len(pool.candidates))
             ):
                 raise ValueError(f"pool {q}: ranks are not consecutive; write it as .jsonl")
-            ids = []
+            window = []
             for cand in pool.candidates:
                 if cand.text not in corpus:
                     corpus[cand.text] = writer.corpus.write(cand.text)
-                ids.append(corpus[cand.text])
-            writer.set_row(q, ids, [c.score for c in pool.candidates])
+                window.append((corpus[cand.text], cand.score, cand.rank))
+            writer.rows([window])
             writer.positive_scores[q] = pool.positive_score
             writer.query_texts.write(pool.query)
         writer.close()
