@@ -56,7 +56,8 @@ def model_fingerprint(model: SentenceTransformer) -> str:
         digest.update(f"vocab={len(tokenizer)}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode("utf-8"))
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        # hashed through the buffer protocol: no copy of a float32 CPU weight is made
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().data)
     return digest.hexdigest()
 
 
