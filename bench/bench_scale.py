@@ -259,7 +259,8 @@ def bench_mine(args, folder: Path, model: Path) -> dict:
     text_bytes = sum(
         len(json.dumps(p.model_dump(), ensure_ascii=False)) + 1 for p in pools[:sample]
     )
-    vectors_mb = (args.corpus + args.queries) * width * 4 / 2**20
+    # the corpus (with the positives added to it) and the queries, float32
+    vectors_mb = (result["stats"]["corpus_size"] + args.queries) * width * 4 / 2**20
     result.update(
         killed=killed,
         rows_on_disk_at_kill=on_disk,
