@@ -165,9 +165,9 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from conan_embedding.data.sources import resolve_data_dir
+    from conan_embedding.encoding.engine import EmbeddingEngine
+    from conan_embedding.encoding.onnx import export_onnx
     from conan_embedding.modeling.embedder import resolve_model_path
-    from conan_embedding.serving.engine import EmbeddingEngine
-    from conan_embedding.serving.onnx import export_onnx
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

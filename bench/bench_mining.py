@@ -130,7 +130,7 @@ def worker(kind: str, inputs: Path, out: Path, cache_dir: str) -> None:
 def export_onnx_graph(cache_dir: str) -> None:
     """The one-time ONNX export and int8 quantisation of the model (reused by every later run,
     so not timed there)."""
-    from conan_embedding.mining.index import TextEncoder
+    from conan_embedding.encoding.texts import TextEncoder
     from conan_embedding.modeling.embedder import load_embedder, resolve_model_path
 
     model = load_embedder(resolve_model_path("all-MiniLM-L6-v2"))
@@ -181,7 +181,7 @@ def bench_mining(args, folder: Path) -> dict:
                 onnx_cache if kind.startswith("ours-onnx") else str(folder / f"cache-{kind}-{rep}")
             )
             # a cold embedding cache each time: drop the embeddings, keep the ONNX graph
-            for stale in Path(onnx_cache).glob("emb-*.npy"):
+            for stale in Path(onnx_cache).glob("emb-*"):
                 stale.unlink()
             runs[kind].append(run_worker(kind, inputs, folder, cache, f"{kind}-{rep}"))
     warm = run_worker("ours-torch", inputs, folder, str(folder / "cache-ours-torch-0"), "warm")

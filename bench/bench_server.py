@@ -149,8 +149,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "server.json"))
     args = parser.parse_args()
 
+    from conan_embedding.encoding.onnx import export_onnx
     from conan_embedding.modeling.embedder import resolve_model_path
-    from conan_embedding.serving.onnx import export_onnx
 
     model_path = resolve_model_path(args.model)
     texts = load_sentences(args.n)

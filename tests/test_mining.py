@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conan_embedding.data.records import RecordError, RetrievalRecord, read_records
-from conan_embedding.mining.index import TextEncoder, build_index, search
+from conan_embedding.encoding.texts import TextEncoder
+from conan_embedding.mining.index import build_index, search
 from conan_embedding.mining.offline import (
     MiningConfig,
     PoolCandidate,
@@ -144,7 +145,7 @@ def test_encoder_dedups_and_caches(tiny_model, tmp_path):
     again = TextEncoder(tiny_model, cache_dir=tmp_path, show_progress=False)
     np.testing.assert_array_equal(again.encode(texts), first)
     assert again.cache_hits == 1
-    assert len(list(tmp_path.glob("emb-*.npy"))) == 1
+    assert len(list(tmp_path.glob("emb-*.f32"))) == 1
     prompted = again.encode(texts, prompt="query: ")
     assert again.cache_hits == 1 and not np.allclose(prompted, first)
 
@@ -159,26 +160,18 @@ def test_onnx_backend_matches_torch(tiny_model, tmp_path):
     assert np.min(np.sum(torch_vecs * onnx_vecs, axis=1)) > 0.9999
 
 
-def test_onnx_token_batches_keep_input_order_serial_or_concurrent(tiny_model, tmp_path):
-    """Batches are formed by token count and run on worker threads; rows must come back in
-    the caller's order and equal one-text-at-a-time encoding."""
-    pytest.importorskip("onnxruntime")
-    import torch
-
-    from conan_embedding.mining.index import _OnnxTransformer
+def test_token_batches_keep_input_order(tiny_model):
+    """Batches are formed by token count (rows and a padded-token budget); rows must come back
+    in the caller's order and equal one-text-at-a-time encoding."""
+    from conan_embedding.encoding.engine import EmbeddingEngine
+    from conan_embedding.encoding.tokens import token_batches
 
     texts = _sentences(40, 9)  # 2-10 words: batches mix lengths once re-sorted
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        concurrent = _OnnxTransformer(tiny_model, tmp_path, concurrent_batches=True)
-        serial = _OnnxTransformer(tiny_model, tmp_path, concurrent_batches=False)
-    finally:
-        torch.set_num_threads(threads)
-    assert concurrent.workers == 2 and serial.workers == 1
-    one_by_one = np.concatenate([serial.encode([t], batch_size=1) for t in texts])
-    np.testing.assert_allclose(concurrent.encode(texts, batch_size=6), one_by_one, atol=1e-5)
-    np.testing.assert_allclose(serial.encode(texts, batch_size=6), one_by_one, atol=1e-5)
+    engine = EmbeddingEngine(tiny_model, device="cpu", batch_size=6, max_batch_tokens=40)
+    one_by_one = np.concatenate([engine.embed([t]) for t in texts])
+    np.testing.assert_allclose(engine.embed(texts), one_by_one, atol=1e-5)
+    batches = token_batches([3, 9, 1, 9, 4], batch_size=3, max_tokens=18)
+    assert [b.tolist() for b in batches] == [[1, 3], [4, 0, 2]]
 
 
 def test_int8_backend_is_close_to_fp32_and_cached_apart(tiny_model, tmp_path):
@@ -187,11 +180,11 @@ def test_int8_backend_is_close_to_fp32_and_cached_apart(tiny_model, tmp_path):
     fp32 = TextEncoder(tiny_model, backend="onnx", cache_dir=tmp_path, show_progress=False)
     int8 = TextEncoder(tiny_model, backend="onnx-int8", cache_dir=tmp_path, show_progress=False)
     fp32_vecs, int8_vecs = fp32.encode(texts), int8.encode(texts)
-    (quantized,) = tmp_path.glob("onnx/*-int8.onnx")
+    (quantized,) = tmp_path.glob("onnx/*/model_int8.onnx")
     onnx = pytest.importorskip("onnx")
     assert "MatMulInteger" in {node.op_type for node in onnx.load(quantized).graph.node}
     assert np.sum(fp32_vecs * int8_vecs, axis=1).min() > 0.95
-    assert len(list(tmp_path.glob("emb-*.npy"))) == 2  # never served from the fp32 cache
+    assert len(list(tmp_path.glob("emb-*.f32"))) == 2  # never served from the fp32 cache
     np.testing.assert_array_equal(int8.encode(texts), int8_vecs)
     assert int8.cache_hits == 1
 
@@ -282,10 +275,116 @@ def test_mine_command_writes_records_and_pool(tiny_model, tmp_path):
     )
     assert result.exit_code == 0, result.output
     mined = read_records(out, "retrieval")
-    pools = read_pools(tmp_path / "mined.pool.jsonl")
+    pools = read_pools(tmp_path / "mined.pool.json")
     assert len(mined) == len(pools) == 12
     assert all(
         len(r.neg) == 3 and r.neg == [c.text for c in p.candidates[:3]]
         for r, p in zip(mined, pools, strict=True)
     )
     assert all(c.rank >= 2 for p in pools for c in p.candidates)
+
+
+def test_pool_arrays_are_int32_ids_into_one_corpus_file(tiny_model, tmp_path):
+    from conan_embedding.mining.pools import POOL_FORMAT, PoolFile, pool_files
+
+    records = _records(20, seed=21)
+    config = MiningConfig(range_min=1, range_max=9, num_negatives=3, relative_margin=None)
+    mined, entries, _ = mine(records, tiny_model, _sentences(150, 22), config, show_progress=False)
+    path = tmp_path / "train.pool.json"
+    write_pools(path, entries)
+    files = pool_files(path)
+    manifest = json.loads(path.read_text())
+    assert manifest["format"] == POOL_FORMAT and manifest["first_rank"] == 1
+    ids = np.load(files["ids"], allow_pickle=False)
+    scores = np.load(files["scores"], allow_pickle=False)
+    assert ids.dtype == np.int32 and scores.dtype == np.float32
+    assert ids.shape == scores.shape == (20, 8)
+    corpus = [json.loads(line) for line in files["corpus"].read_text().splitlines()]
+    assert len(corpus) == len(set(corpus)) == manifest["corpus_size"]  # one copy of each text
+    assert np.isnan(scores[ids < 0]).all() and not np.isnan(scores[ids >= 0]).any()
+    for q, entry in enumerate(entries):  # row q, column j = candidate j, left-aligned
+        n = len(entry.candidates)
+        assert [corpus[i] for i in ids[q, :n]] == [c.text for c in entry.candidates]
+        assert (ids[q, n:] == -1).all()
+        np.testing.assert_allclose(scores[q, :n], [c.score for c in entry.candidates], atol=1e-6)
+    pools = read_pools(path)
+    assert isinstance(pools, PoolFile) and len(pools) == 20
+    assert [p.model_dump() for p in pools] == [e.model_dump() for e in entries]
+    assert default_pool_path(tmp_path / "train.jsonl") == path
+    assert all(
+        r.neg == [c.text for c in e.candidates[:3]] for r, e in zip(mined, entries, strict=True)
+    )
+    gappy = entries[0].model_copy(
+        update={"candidates": [c.model_copy(update={"rank": 5}) for c in entries[0].candidates]}
+    )
+    with pytest.raises(ValueError, match="consecutive|start at ranks"):
+        write_pools(tmp_path / "bad.pool.json", [gappy, *entries[1:]])
+    files["ids"].write_bytes(files["ids"].read_bytes()[:-4])  # a truncated array is refused
+    with pytest.raises(ValueError):
+        read_pools(path)
+
+
+_MINE_SCRIPT = """
+import sys
+from conan_embedding.mining.offline import MiningConfig, mine_file
+config = MiningConfig(range_min=1, range_max=9, num_negatives=2, chunk_size=64, device="cpu")
+mine_file(sys.argv[1], sys.argv[2], sys.argv[3], corpus_path=sys.argv[4], config=config,
+          cache_dir=sys.argv[5], show_progress=False)
+"""
+
+
+def test_killed_mining_resumes_where_it_stopped(tiny_model, tmp_path):
+    """SIGKILL in mid-encode: the rerun re-encodes only what was not on disk (at most the
+    chunk in flight is lost) and writes the same negatives and pools as an unbroken run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conan_embedding.mining.offline import mine_file
+    from conan_embedding.modeling.embedder import save_embedder
+
+    model_dir = save_embedder(tiny_model, tmp_path / "model")
+    train = tmp_path / "train.jsonl"
+    train.write_text(
+        "".join(json.dumps({"query": r.query, "pos": r.pos}) + "\n" for r in _records(30))
+    )
+    corpus = tmp_path / "corpus.txt"
+    rng = random.Random(5)
+    corpus.write_text(  # distinct texts, so the corpus is long enough to be killed inside
+        "\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + f" {i}" for i in range(40_000))
+    )
+    cache = tmp_path / "cache"
+    args = [str(train), str(tmp_path / "killed.jsonl"), str(model_dir), str(corpus), str(cache)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", _MINE_SCRIPT, *args], env=env)
+    width = tiny_model.get_embedding_dimension()
+    seen_rows, deadline = 0, time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        files = list(cache.glob("emb-*.f32"))
+        seen_rows = max((f.stat().st_size // (4 * width) for f in files), default=0)
+        if seen_rows >= 3 * 64:
+            break
+        time.sleep(0.01)
+    assert child.poll() is None, "the child finished before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    (vectors,) = cache.glob("emb-*.f32")
+    on_disk = vectors.stat().st_size // (4 * width)
+    assert on_disk >= seen_rows  # nothing that was on disk before the kill is lost
+    assert not (tmp_path / "killed.pool.json").exists()  # no half-written pool is trusted
+    config = MiningConfig(range_min=1, range_max=9, num_negatives=2, chunk_size=64, device="cpu")
+    resumed = mine_file(*args[:3], corpus_path=corpus, config=config, cache_dir=cache,
+                        show_progress=False)  # fmt: skip
+    assert resumed.rows_resumed == on_disk
+    unbroken = mine_file(str(train), str(tmp_path / "unbroken.jsonl"), str(model_dir),
+                         corpus_path=corpus, config=config, show_progress=False)  # fmt: skip
+    assert unbroken.rows_resumed == 0
+    assert read_records(tmp_path / "killed.jsonl", "retrieval") == read_records(
+        tmp_path / "unbroken.jsonl", "retrieval"
+    )
+    a, b = read_pools(tmp_path / "killed.pool.json"), read_pools(tmp_path / "unbroken.pool.json")
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    assert not (tmp_path / ".unbroken.jsonl.mining").exists()  # the default work dir is removed

@@ -97,3 +97,56 @@ def test_write_is_atomic_and_round_trips(tmp_path):
 def test_unknown_kind_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown task kind"):
         read_records(_write(tmp_path / "x.jsonl", ["{}"]), "qa")
+
+
+def test_lazy_records_match_the_eager_reader_and_shard(tmp_path):
+    from conan_embedding.data.records import open_records
+
+    rows = [json.dumps({"query": f"q{i}", "pos": [f"p{i}"], "neg": [f"n{i}"]}) for i in range(10)]
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(("\ufeff" + "\n".join(rows[:4] + ["", "  "] + rows[4:])).encode("utf-8"))
+    eager, lazy = read_records(path, "retrieval"), open_records(path, "retrieval")
+    assert len(lazy) == 10 and list(lazy) == eager and lazy[-1] == eager[-1]
+    assert [lazy[i] for i in range(10)] == eager and list(lazy[2:5]) == eager[2:5]
+    assert lazy.line_of(4) == 7  # blank lines are skipped but counted
+    shards = [lazy.shard(r, 3) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 3, 3]
+    assert sorted((r.query for s in shards for r in s), key=lambda q: int(q[1:])) == [
+        r.query for r in eager
+    ]
+    assert [len(lazy.shard(r, 3, even=True)) for r in range(3)] == [3, 3, 3]
+    with pytest.raises(IndexError):
+        lazy[10]
+
+
+def test_lazy_records_raise_the_same_error_only_when_the_bad_row_is_read(tmp_path):
+    from conan_embedding.data.records import open_records
+
+    good = '{"query": "ok", "pos": ["fine"]}'
+    path = _write(tmp_path / "bad.jsonl", [good, "", '{"query": "q", "pos": ["p", 3]}', good])
+    lazy = open_records(path, "retrieval")  # opening parses nothing
+    assert len(lazy) == 3 and lazy[0].query == "ok" and lazy[2].query == "ok"
+    with pytest.raises(RecordError) as info:
+        lazy[1]
+    assert str(info.value).startswith(f"{path}:3: field 'pos.1'")
+    with pytest.raises(RecordError, match=r":3: field 'pos.1'"):
+        lazy.validate()
+    cut = _write(tmp_path / "cut.jsonl", [good, '{"query": "q"'])
+    with pytest.raises(RecordError, match=r"cut.jsonl:2: field '<json>'"):
+        open_records(cut, "retrieval")[1]
+
+
+def test_lazy_records_feed_a_dataloader_with_workers(tmp_path):
+    from conan_embedding.data.records import open_records, records_loader
+
+    rows = [{"query": f"q{i}", "pos": f"p{i}"} for i in range(25)]
+    path = _write(tmp_path / "p.jsonl", [json.dumps(r) for r in rows])
+    dataset = open_records(path, "pairs")
+    dataset[0]  # an open descriptor in the parent: the workers must reopen their own
+
+    loader = records_loader(
+        dataset, 4, collate=lambda batch: [r.query for r in batch], num_workers=2, shuffle=True
+    )
+    seen = [q for batch in loader for q in batch]
+    assert sorted(seen) == sorted(r["query"] for r in rows)
+    assert seen != [r["query"] for r in rows]  # shuffled, seeded

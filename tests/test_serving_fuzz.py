@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conan_embedding.encoding.engine import EmbeddingEngine
 from conan_embedding.modeling.embedder import build_embedder, save_embedder
-from conan_embedding.serving.engine import EmbeddingEngine
 from conan_embedding.serving.server import ServerSettings, background_server
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the `dev` extra")

@@ -10,8 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
+from conan_embedding.encoding.engine import EmbeddingEngine
 from conan_embedding.modeling.embedder import build_embedder, save_embedder
-from conan_embedding.serving.engine import EmbeddingEngine
 from conan_embedding.serving.server import ServerSettings, background_server
 
 API_KEY = "test-key-123"

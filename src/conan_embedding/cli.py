@@ -64,6 +64,11 @@ def _report_training(result) -> None:
         typer.echo(f"model saved to {result.model_dir}")
 
 
+DEVICE_HELP = (
+    "Where to encode: auto (cuda:LOCAL_RANK if CUDA is available, else cpu) | cpu | cuda:N."
+)
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""
@@ -260,6 +265,7 @@ def data_filter(
     passage_prompt: str = typer.Option("", help="e.g. 'passage: ' for e5 teachers."),
     batch_size: int = typer.Option(64),
     max_seq_length: int | None = typer.Option(None),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Score pairs with a teacher embedder and drop those below the threshold."""
     from conan_embedding.data.builders.filter import run_filter
@@ -279,6 +285,7 @@ def data_filter(
             query_prompt=query_prompt,
             passage_prompt=passage_prompt,
             max_seq_length=max_seq_length,
+            device=device,
         )
     except (RecordError, ValueError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
@@ -457,9 +464,10 @@ def serve_command(
     query_prompt: str | None = typer.Option(None, help="Prompt for input_type=query."),
     passage_prompt: str | None = typer.Option(None, help="Prompt for input_type=passage."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """OpenAI-compatible embedding server: POST /v1/embeddings, GET /v1/models, GET /health."""
-    from conan_embedding.serving.engine import EmbeddingEngine
+    from conan_embedding.encoding.engine import EmbeddingEngine
     from conan_embedding.serving.server import ServerSettings, serve
 
     engine = EmbeddingEngine.from_path(
@@ -468,6 +476,7 @@ def serve_command(
         onnx_dir=onnx_dir,
         batch_size=batch_size,
         threads=threads,
+        device=device,
         **({"name": name} if name else {}),
     )
     prompts = {
@@ -499,14 +508,16 @@ def encode_command(
     chunk_rows: int = typer.Option(4096, help="Rows per resumable chunk."),
     restart: bool = typer.Option(False, help="Discard a partial run instead of resuming it."),
     threads: int | None = typer.Option(None, help="CPU threads (default: all)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Encode a file of texts, length-sorted, resumable; prints rows and throughput."""
+    from conan_embedding.encoding.engine import EmbeddingEngine
     from conan_embedding.serving.encode import encode_file
-    from conan_embedding.serving.engine import EmbeddingEngine
 
     engine = EmbeddingEngine.from_path(
-        model, backend=backend, onnx_dir=onnx_dir, batch_size=batch_size, threads=threads
-    )
+        model, backend=backend, onnx_dir=onnx_dir, batch_size=batch_size, threads=threads,
+        device=device,
+    )  # fmt: skip
     result = encode_file(
         engine,
         input_path,
@@ -531,7 +542,7 @@ def export_onnx_command(
     per_channel: bool = typer.Option(False, help="int8 scales per output channel."),
 ) -> None:
     """Export the transformer to ONNX (fp32, fused) and int8 for `--backend onnx|onnx-int8`."""
-    from conan_embedding.serving.onnx import export_onnx, read_manifest
+    from conan_embedding.encoding.onnx import export_onnx, read_manifest
 
     folder = export_onnx(model, out, int8=int8, per_channel=per_channel)
     manifest = read_manifest(folder) or {}
@@ -549,7 +560,7 @@ def mine_command(
         None, help=".txt or .jsonl[.gz] corpus (default: positives + negatives)."
     ),
     pool: str | None = typer.Option(
-        None, help="Pool sidecar path (default: OUT stem + .pool.jsonl)."
+        None, help="Pool manifest path (default: OUT stem + .pool.json; ids + scores beside it)."
     ),
     range_min: int = typer.Option(10, help="First kept rank among filtered candidates."),
     range_max: int = typer.Option(200, help="Rank after the last kept candidate."),
@@ -560,22 +571,28 @@ def mine_command(
     max_score: float | None = typer.Option(None, help="Drop candidates scoring above this cap."),
     query_prompt: str | None = typer.Option(None, help="Text put before queries (e.g. 'query: ')."),
     passage_prompt: str | None = typer.Option(None, help="Text put before corpus texts."),
-    index: str = typer.Option("auto", help="auto | exact | ivf | hnsw."),
+    index: str = typer.Option("auto", help="auto | exact | ivf | hnsw | ivfpq."),
     exact_max: int = typer.Option(200_000, help="auto: exact search up to this corpus size."),
     backend: str = typer.Option(
         "torch", help="Encoder: torch | onnx | onnx-int8 (fastest; slightly different vectors)."
     ),
     batch_size: int = typer.Option(32),
-    cache_dir: str | None = typer.Option(None, help="Embedding cache folder."),
+    chunk_size: int = typer.Option(4096, help="Texts per encoded (and resumable) chunk."),
+    cache_dir: str | None = typer.Option(
+        None, help="Embedding cache folder (kept; default: a work folder removed on success)."
+    ),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
-    """Mine a ranked hard-negative pool per query, with false-negative filters."""
+    """Mine a ranked hard-negative pool per query, with false-negative filters; a killed run
+    started again resumes at the chunk it was encoding."""
     from conan_embedding.mining.offline import MiningConfig, mine_file
 
     config = MiningConfig(
         range_min=range_min, range_max=range_max, num_negatives=negatives,
         relative_margin=relative_margin if relative_margin >= 0 else None, max_score=max_score,
         query_prompt=query_prompt, passage_prompt=passage_prompt, index=index,
-        exact_max=exact_max, backend=backend, batch_size=batch_size,
+        exact_max=exact_max, backend=backend, batch_size=batch_size, chunk_size=chunk_size,
+        device=device,
     )  # fmt: skip
     stats = mine_file(records, out, model, corpus_path=corpus, pool_path=pool, config=config,
                       cache_dir=cache_dir)  # fmt: skip
@@ -608,6 +625,7 @@ def eval_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     threads: int | None = typer.Option(None, help="torch threads (1 is faster on a busy CPU)."),
     list_tasks: bool = typer.Option(False, "--list", help="List tasks and suites, then exit."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Evaluate a model on local-data MTEB / C-MTEB tasks (mteb's own metric code)."""
     from conan_embedding.evaluation.tasks import SUITES, TASKS
@@ -626,7 +644,8 @@ def eval_command(
     scores = evaluate(model, names, output_dir=output_dir, data_dir=data_dir, max_corpus=max_corpus,
                       cache_dir=False if no_cache else cache_dir, batch_size=batch_size,
                       show_progress=progress, model_name=model_name,
-                      symmetric_prompt=symmetric_prompt or None, num_threads=threads)  # fmt: skip
+                      symmetric_prompt=symmetric_prompt or None, num_threads=threads,
+                      device=device)  # fmt: skip
     for name, score in scores.items():
         typer.echo(f"{name:34s} {100 * score:6.2f}")
     table, chart = write_summary(output_dir)

@@ -97,6 +97,7 @@ def evaluate(
     model_name: str | None = None,
     symmetric_prompt: str | None = "query",
     num_threads: int | None = None,
+    device: str | None = "auto",
 ) -> dict[str, float]:
     """Main score of each task as mteb reports it (a fraction: 0.8203 for 82.03).
 
@@ -106,7 +107,8 @@ def evaluate(
     ``False`` disables the embedding cache. ``symmetric_prompt`` is the model prompt used
     where mteb asks for none (e5's ``query: `` on both sides of STS). ``num_threads`` sets
     ``torch.set_num_threads`` for the process (on an oversubscribed CPU one thread encoded
-    twice as fast as two here, as OpenMP threads spin waiting for each other).
+    twice as fast as two here, as OpenMP threads spin waiting for each other). ``device``:
+    where the encoder runs (``"auto"``: this rank's GPU when CUDA is available, else the CPU).
     """
     if num_threads:
         import torch
@@ -126,6 +128,7 @@ def evaluate(
         cache_dir=cache_root,
         symmetric_prompt=symmetric_prompt,
         show_progress=show_progress,
+        device=device,
     )
     meta = encoder.mteb_model_meta
     folder = (

@@ -1,318 +1,148 @@
-"""Embed texts in bounded-memory chunks, cache the vectors, and search them with FAISS.
+"""FAISS search over normalised vectors: exact, IVF, HNSW or IVF-PQ, on the GPU when one is there.
 
-Why: offline mining is dominated by encoding (the corpus is embedded once; the search is a
-few matrix products), so this module makes encoding cheap and never repeated:
+Why: mining asks, for every query, for the top ``range_max + extra`` corpus rows by cosine.
+Vectors are L2-normalised, so inner product is cosine. Up to a few hundred thousand rows an exact
+``IndexFlatIP`` is both exact and fast; above that an approximate index trades a little recall
+for time and memory.
 
-- **dedup**: each distinct text is encoded once, whatever its number of occurrences;
-- **length-sorted chunks**: texts are sorted by length over the *whole* corpus and encoded in
-  chunks of ``chunk_size``, so every batch holds texts of about the same length (little
-  padding), and only one chunk's activations live in memory at a time;
-- **cache**: vectors are written to ``cache_dir`` as ``.npy`` (loaded with
-  ``allow_pickle=False``), keyed by the model, the prompt and the texts, so re-mining with
-  other margins or windows costs no encoding at all;
-- **backend**: ``"torch"`` is sentence-transformers' own ``encode``; ``"onnx"`` exports the
-  transformer once (``torch.onnx.export``) and runs it with ONNX Runtime, which fuses the
-  attention/GELU/LayerNorm kernels on CPU (onnxruntime's transformer optimizer for BERT-likes)
-  and gives the same vectors (cosine > 0.9999); it also batches by *token* count (each chunk
-  is tokenized once and padded per batch), which removes the quarter of padding that sorting
-  by characters leaves on short texts; ``"onnx-int8"`` also quantises the matrix
-  weights to int8 (:func:`conan_embedding.serving.onnx.quantize_int8`): about 1.7x faster
-  again, at a small cost in the vectors (``bench/bench_mining.py`` reports the overlap of the
-  mined negatives with sentence-transformers' fp32 ones).
+How: :func:`build_index` takes the vectors as an array or as ``(first row, block)`` pieces
+(a :meth:`~conan_embedding.encoding.cache.VectorFile.blocks` stream), so a corpus larger than
+one allocation is added block by block; the index then holds the one copy of the vectors.
 
-How the search runs: :func:`build_index` picks an exact ``IndexFlatIP`` below
-``exact_max`` vectors and an approximate index (IVF-Flat or HNSW-Flat) above it; vectors are
-L2-normalised, so inner product is cosine. :func:`search` queries in chunks with a progress bar.
+- ``exact``: ``IndexFlatIP``; ``auto`` picks it up to ``exact_max`` rows, IVF above;
+- ``ivf``: ``IndexIVFFlat`` with ``4 sqrt(n)`` lists (at least 39 training rows each), trained
+  on the first ``train_max`` rows, searched with ``nprobe`` lists;
+- ``hnsw``: ``IndexHNSWFlat`` (``M``, ``efSearch``); CPU only in FAISS;
+- ``ivfpq``: ``IndexIVFPQ``, vectors stored as ``pq_m`` bytes each (memory / ``4 dim / pq_m``);
+  its scores are PQ approximations, so margins act on approximate cosines.
+
+GPU: when the installed FAISS is a GPU build (``faiss.StandardGpuResources``) and
+``device`` is a CUDA device, exact and IVF indexes are moved to that GPU with
+``index_cpu_to_gpu``; otherwise everything runs on the CPU. :func:`search` queries in chunks.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 import torch
 
-from conan_embedding.atomic import save_npy_atomic
+# the fingerprint of an ordered text list now lives with the caches; mining.dynamic imports it here
+from conan_embedding.encoding.cache import texts_fingerprint  # noqa: F401
 from conan_embedding.progress import progress
 
-if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
+IndexKind = Literal["auto", "exact", "ivf", "hnsw", "ivfpq"]
 
 
-Backend = Literal["torch", "onnx", "onnx-int8"]
-IndexKind = Literal["auto", "exact", "ivf", "hnsw"]
+def gpu_available() -> bool:
+    """True when FAISS is a GPU build and sees at least one GPU."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def _model_identity(model: SentenceTransformer) -> str:
-    """A string that changes when the weights or the tokenisation settings change."""
-    first = next(iter(model.state_dict().values()))
-    probe = first.flatten()[:64].double().sum().item()
-    names = ",".join(type(m).__name__ for m in model)
-    return (
-        f"{names}|{model.max_seq_length}|{probe:.10e}|{sum(p.numel() for p in model.parameters())}"
-    )
-
-
-def texts_fingerprint(texts: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8"))
-        digest.update(b"\x00")
-    return digest.hexdigest()
-
-
-def _quantize_atomically(source: Path, target: Path) -> None:
-    from conan_embedding.serving.onnx import quantize_int8
-
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        quantize_int8(source, Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class _OnnxTransformer:
-    """The model's first module exported to ONNX; pooling/Dense/Normalize replayed in numpy."""
-
-    def __init__(
-        self,
-        model: SentenceTransformer,
-        export_dir: Path,
-        int8: bool = False,
-        concurrent_batches: bool = True,
-    ):
-        import onnxruntime as ort
-        from sentence_transformers.sentence_transformer.modules import (
-            Normalize,
-            Pooling,
-            Transformer,
-        )
-
-        from conan_embedding.serving.onnx import export_transformer_graph
-
-        modules = list(model)
-        if not isinstance(modules[0], Transformer) or not isinstance(modules[1], Pooling):
-            raise ValueError("the onnx backend needs a Transformer -> Pooling model; use torch")
-        pooling = modules[1]
-        modes = pooling.get_config_dict().get("pooling_mode")
-        modes = [modes] if isinstance(modes, str) else list(modes or [])
-        if modes not in (["mean"], ["cls"]) or any(
-            not isinstance(m, Normalize) for m in modules[2:]
-        ):
-            raise ValueError(
-                f"the onnx backend handles mean/cls pooling + Normalize only (got {modes} and "
-                f"{[type(m).__name__ for m in modules[2:]]}); use backend='torch'"
-            )
-        self.mode = modes[0]
-        self.normalize = len(modules) > 2
-        self.tokenizer = model.tokenizer
-        self.max_length = model.max_seq_length
-        path = (
-            export_dir / f"{hashlib.sha256(_model_identity(model).encode()).hexdigest()[:16]}.onnx"
-        )
-        if not path.is_file():
-            export_transformer_graph(model, path)
-        if int8:
-            quantized = path.with_name(path.stem + "-int8.onnx")
-            if not quantized.is_file():
-                _quantize_atomically(path, quantized)
-            path = quantized
-        threads = max(1, torch.get_num_threads())
-        self.workers = threads if concurrent_batches else 1
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1 if concurrent_batches else threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
-        """Tokenize once, batch by token count, run the batches on every worker thread.
-
-        Sorting by characters (what ``SentenceTransformer.encode`` does) leaves about a quarter
-        of a batch's tokens as padding on short texts; sorting the token ids themselves leaves
-        almost none. With several threads, each batch runs on one thread and ``workers``
-        batches run at once (ONNX Runtime releases the GIL); on 2 cores this measured the same
-        as one batch on 2 intra-op threads, and it needs no thread barrier per small matrix.
-        """
-        if not texts:
-            return np.zeros((0, 0), np.float32)
-        encoded = self.tokenizer(
-            list(texts), padding=False, truncation=True, max_length=self.max_length
-        )
-        ids = encoded["input_ids"]
-        lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(-lengths, kind="stable")
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-        def run(rows: np.ndarray) -> np.ndarray:
-            batch = self.tokenizer.pad(
-                {name: [encoded[name][i] for i in rows] for name in encoded},
-                padding=True,
-                return_tensors="np",
-            )
-            feeds = {name: batch[name].astype(np.int64) for name in self.input_names}
-            mask = batch["attention_mask"].astype(bool)
-            hidden = self.session.run(None, feeds)[0]
-            if self.mode == "cls":
-                vectors = hidden[:, 0]
-            else:
-                weights = mask[..., None].astype(np.float32)
-                vectors = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
-            if self.normalize:
-                vectors = vectors / np.maximum(
-                    np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12
-                )
-            return vectors.astype(np.float32)
-
-        if self.workers > 1:
-            with ThreadPoolExecutor(self.workers) as pool:
-                parts = list(pool.map(run, batches))
-        else:
-            parts = [run(rows) for rows in batches]
-        out = np.empty((len(texts), parts[0].shape[1]), np.float32)
-        out[order] = np.concatenate(parts)
-        return out
-
-
-class TextEncoder:
-    """Encodes texts into L2-normalised float32 rows: deduplicated, length-sorted, cached.
-
-    >>> encoder = TextEncoder(model, cache_dir="runs/cache")   # doctest: +SKIP
-    >>> vectors = encoder.encode(corpus, prompt="passage: ")  # [len(corpus), dim]
-    """
-
-    def __init__(
-        self,
-        model: SentenceTransformer,
-        *,
-        backend: Backend = "torch",
-        batch_size: int = 32,
-        chunk_size: int = 4096,
-        cache_dir: str | os.PathLike[str] | None = None,
-        show_progress: bool = True,
-    ):
-        if batch_size <= 0 or chunk_size <= 0:
-            raise ValueError("batch_size and chunk_size must be positive")
-        self.model, self.backend = model, backend
-        self.batch_size, self.chunk_size = batch_size, chunk_size
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.show_progress = show_progress
-        self._onnx: _OnnxTransformer | None = None
-        if backend in ("onnx", "onnx-int8"):
-            export_dir = self.cache_dir or Path(tempfile.gettempdir()) / "conan-embedding-onnx"
-            self._onnx = _OnnxTransformer(model, export_dir / "onnx", int8=backend == "onnx-int8")
-        elif backend != "torch":
-            raise ValueError(
-                f"unknown backend {backend!r}; expected 'torch', 'onnx' or 'onnx-int8'"
-            )
-        # int8 vectors differ from fp32 ones: they must not share cache entries
-        self._identity = _model_identity(model) + ("|int8" if backend == "onnx-int8" else "")
-        self.cache_hits = 0
-
-    def _cache_path(self, texts: Sequence[str], prompt: str | None) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        key = hashlib.sha256(
-            f"{self._identity}|{prompt or ''}|{texts_fingerprint(texts)}".encode()
-        ).hexdigest()[:32]
-        return self.cache_dir / f"emb-{key}.npy"
-
-    def encode(
-        self, texts: Sequence[str], prompt: str | None = None, desc: str = "encoding"
-    ) -> np.ndarray:
-        """One normalised row per input text (duplicates share one encoding)."""
-        unique = list(dict.fromkeys(texts))
-        position = {text: i for i, text in enumerate(unique)}
-        cache_path = self._cache_path(unique, prompt)
-        if cache_path is not None and cache_path.is_file():
-            vectors = np.load(cache_path, allow_pickle=False)
-            self.cache_hits += 1
-        else:
-            vectors = self._encode_unique(unique, prompt, desc)
-            if cache_path is not None:
-                save_npy_atomic(cache_path, vectors)
-        if len(unique) == len(texts):
-            return vectors
-        return vectors[np.fromiter((position[t] for t in texts), dtype=np.int64, count=len(texts))]
-
-    def _encode_unique(self, texts: list[str], prompt: str | None, desc: str) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dimension()), np.float32)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out: np.ndarray | None = None
-        bar = progress(total=len(texts), desc=desc, disable=not self.show_progress, unit="text")
-        for start in range(0, len(texts), self.chunk_size):
-            rows = order[start : start + self.chunk_size]
-            chunk = [(prompt or "") + texts[i] for i in rows]
-            vectors = self._encode_chunk(chunk)
-            if out is None:
-                out = np.empty((len(texts), vectors.shape[1]), np.float32)
-            out[rows] = vectors
-            bar.update(len(rows))
-        bar.close()
-        assert out is not None
-        return out
-
-    def _encode_chunk(self, texts: list[str]) -> np.ndarray:
-        if self._onnx is not None:
-            return self._onnx.encode(texts, self.batch_size)
-        with torch.inference_mode():
-            vectors = self.model.encode(
-                texts,
-                batch_size=self.batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-        return np.asarray(vectors, dtype=np.float32)
-
-    def dimension(self) -> int:
-        return int(self.model.get_embedding_dimension())
+def _pq_bytes(dim: int, wanted: int | None) -> int:
+    """Sub-quantisers for IVF-PQ: ``wanted`` if it divides ``dim``, else the largest divisor of
+    ``dim`` at most ``dim / 4`` (4 dims per byte: 16x smaller than float32)."""
+    if wanted is not None:
+        if dim % wanted:
+            raise ValueError(f"pq_m={wanted} must divide the vector width {dim}")
+        return wanted
+    return max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
 
 
 def build_index(
-    vectors: np.ndarray,
+    vectors: np.ndarray | Iterable[tuple[int, np.ndarray]],
     kind: IndexKind = "auto",
     *,
+    count: int | None = None,
     exact_max: int = 200_000,
     ivf_lists: int | None = None,
     ivf_probe: int = 16,
     hnsw_m: int = 32,
     hnsw_ef_search: int = 256,
+    pq_m: int | None = None,
+    train_max: int = 262_144,
     seed: int = 0,
+    device: str | torch.device | None = "cpu",
 ):
-    """A FAISS inner-product index over normalised ``vectors`` (``auto``: exact up to ``exact_max``)."""
+    """A FAISS inner-product index over normalised vectors (``auto``: exact up to ``exact_max``).
+
+    ``vectors`` is an array, or ``(first row, block)`` pieces with ``count`` the total rows.
+    """
     import faiss
 
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    count, dim = vectors.shape
+    from conan_embedding.encoding.device import resolve_device
+
+    if isinstance(vectors, np.ndarray):
+        array = np.ascontiguousarray(vectors, dtype=np.float32)
+        blocks: Iterable[tuple[int, np.ndarray]] = [(0, array)]
+        count = len(array)
+        first = array
+    else:
+        if count is None:
+            raise ValueError("build_index over blocks needs `count`")
+        iterator = iter(vectors)
+        _, first = next(iterator, (0, np.zeros((0, 1), np.float32)))
+        blocks = _chain_first(first, iterator)
+    dim = first.shape[1]
     if kind == "auto":
         kind = "exact" if count <= exact_max else "ivf"
     if kind == "exact":
         index = faiss.IndexFlatIP(dim)
-    elif kind == "ivf":
+    elif kind in ("ivf", "ivfpq"):
         lists = ivf_lists or max(1, min(int(4 * np.sqrt(count)), count // 39))
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+        else:
+            m = _pq_bytes(dim, pq_m)
+            index = faiss.IndexIVFPQ(quantizer, dim, lists, m, 8, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
-        index.train(vectors)
+        # the training sample: the first block(s), up to train_max rows
+        sample = first[:train_max]
+        if len(sample) < min(count, train_max):
+            sample, blocks = _training_sample(blocks, min(count, train_max))
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
         index.nprobe = min(ivf_probe, lists)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = hnsw_ef_search
     else:
-        raise ValueError(f"unknown index kind {kind!r}; expected auto, exact, ivf or hnsw")
-    index.add(vectors)
+        raise ValueError(f"unknown index kind {kind!r}; expected auto, exact, ivf, hnsw or ivfpq")
+    target = resolve_device(device)
+    if target.type == "cuda" and kind != "hnsw" and gpu_available():
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, target.index or 0, index)
+        index.referenced_resources = resources  # keep them alive as long as the index
+    for _, block in blocks:
+        index.add(np.ascontiguousarray(block, dtype=np.float32))
     return index
+
+
+def _chain_first(first: np.ndarray, rest: Iterable[tuple[int, np.ndarray]]):
+    yield 0, first
+    yield from rest
+
+
+def _chain(taken: list[tuple[int, np.ndarray]], rest: Iterable[tuple[int, np.ndarray]]):
+    yield from taken
+    yield from rest
+
+
+def _training_sample(blocks: Iterable[tuple[int, np.ndarray]], rows: int):
+    """Read blocks until ``rows`` are gathered; return the sample and the full block stream."""
+    taken, iterator = [], iter(blocks)
+    gathered = 0
+    for start, block in iterator:
+        taken.append((start, block))
+        gathered += len(block)
+        if gathered >= rows:
+            break
+    sample = np.concatenate([b for _, b in taken])[:rows]
+    return sample, _chain(taken, iterator)
 
 
 def search(

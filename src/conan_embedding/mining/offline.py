@@ -5,9 +5,14 @@ replaces a sample's negatives during training with the *next* candidates of its 
 (v1: the i-th replacement takes ranks ``(i-1)*n+10 .. i*n+10``), so mining keeps a whole
 window of ranked candidates (e.g. ranks 10-200), not only the ``n`` negatives used first.
 
-How: queries and corpus are embedded once (:class:`~conan_embedding.mining.index.TextEncoder`:
-dedup, length-sorted chunks, cache), FAISS returns the top ``range_max + extra`` corpus texts
-per query, then candidates are dropped when they are
+How: the corpus is read as a stream (:func:`iter_corpus`; a ``.txt`` or ``.jsonl[.gz]`` file
+is never held whole), deduplicated by a 64-bit hash of each text and written once to the pool's
+corpus file, and encoded chunk by chunk into a resumable vector file
+(:meth:`~conan_embedding.encoding.texts.TextEncoder.encode_stream`: a killed run resumes at the
+chunk it was on). FAISS (:mod:`conan_embedding.mining.index`; exact, IVF, HNSW or IVF-PQ, GPU when
+there is one) is filled block by block from that file and returns the top
+``range_max + extra`` corpus rows per query, searched in chunks of ``query_chunk`` queries;
+then candidates are dropped when they are
 
 - the positive itself or an exact duplicate of a positive (whitespace-normalised text),
 - the query itself,
@@ -21,29 +26,29 @@ The survivors are ranked by score; ranks ``range_min .. range_max - 1`` of the s
 the pool (the same window semantics as sentence-transformers' ``mine_hard_negatives``, so
 ``sampling_strategy="top"`` there picks the same negatives as ``neg`` here).
 
+Memory: the FAISS index (the corpus vectors, once), the query vectors, one query chunk's
+search results, the records, and a hash -> row dictionary of the corpus (about 100 bytes a
+distinct text); the vector files are read in blocks and the pools are written row block by row
+block, so neither stays in memory.
+
 Outputs, written atomically:
 
 - the retrieval JSONL: each input record with ``neg`` = the first ``num_negatives`` pool
   candidates (ids and meta kept);
-- the pool sidecar JSONL (default ``<output stem>.pool.jsonl``), line ``i`` for record ``i``::
-
-      {"index": 0, "query": "...", "positive_score": 0.71,
-       "candidates": [{"text": "...", "score": 0.62, "rank": 10}, ...]}
-
-  ``rank`` is the 0-based position among the filtered candidates; candidates are sorted by
-  rank. :func:`read_pools` validates it and names file, line and field on bad input.
-- the pool's metadata (``<pool stem>.meta.json``, :class:`PoolMeta`): the mining model's
-  identity, prompts and max length. DHNM takes the mined ``score`` as a negative's initial
-  score ``S_0`` only when they match the training model's (``mining.dynamic``).
+- the pool (default ``<output stem>.pool.json``): int32 candidate ids and float32 scores
+  beside one corpus file, see :mod:`conan_embedding.mining.pools`; :func:`read_pools` gives
+  the pools back (with texts) and names file, line and field on bad input.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
+import hashlib
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,26 +56,54 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from conan_embedding.atomic import write_text_atomic
 from conan_embedding.data.records import (
-    RecordError,
     RetrievalRecord,
     iter_json_objects,
-    read_records,
+    open_records,
     text_field,
-    validated,
     write_records,
 )
-from conan_embedding.mining.index import (
-    Backend,
-    IndexKind,
-    TextEncoder,
-    build_index,
-    search,
+from conan_embedding.encoding.cache import texts_fingerprint
+from conan_embedding.encoding.engine import Backend
+from conan_embedding.encoding.texts import TextEncoder, chunked
+from conan_embedding.mining.index import IndexKind, build_index, search
+from conan_embedding.mining.pools import (
+    PoolCandidate,
+    PoolEntry,
+    PoolFile,
+    PoolMeta,
+    PoolWriter,
+    array_pool_path,
+    default_pool_path,
+    pool_meta_path,
+    read_pool_meta,
+    read_pools,
+    write_pool_meta,
+    write_pools,
 )
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+# the pool format's names, imported from here by mining.dynamic and older callers
+__all__ = [
+    "MiningConfig",
+    "MiningStats",
+    "PoolCandidate",
+    "PoolEntry",
+    "PoolMeta",
+    "default_pool_path",
+    "pool_meta_path",
+    "read_pool_meta",
+    "iter_corpus",
+    "mine",
+    "mine_file",
+    "mine_stream",
+    "read_corpus",
+    "read_pools",
+    "select_candidates",
+    "write_pools",
+]
 
 
 class MiningConfig(BaseModel):
@@ -89,8 +122,15 @@ class MiningConfig(BaseModel):
     index: IndexKind = "auto"
     exact_max: int = Field(200_000, gt=0)
     batch_size: int = Field(32, gt=0)
+    max_batch_tokens: int | None = Field(None, gt=0)
     chunk_size: int = Field(4096, gt=0)
+    query_chunk: int = Field(4096, gt=0)
     backend: Backend = "torch"
+    device: str = "auto"
+    ivf_probe: int = Field(16, gt=0)
+    hnsw_m: int = Field(32, gt=0)
+    hnsw_ef_search: int = Field(256, gt=0)
+    pq_m: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check_window(self) -> MiningConfig:
@@ -100,74 +140,6 @@ class MiningConfig(BaseModel):
                 f"{self.num_negatives} negatives"
             )
         return self
-
-
-class PoolCandidate(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    text: str
-    score: float
-    rank: int = Field(ge=0)
-
-
-class PoolEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    index: int = Field(ge=0)
-    query: str
-    positive_score: float
-    candidates: list[PoolCandidate]
-
-
-PROBE_TEXT = "Conan pool probe: 检索 hard negatives, 2026."
-"""Encoded by :meth:`PoolMeta.of`: equal probe vectors mean the same model, whatever its
-module list (a trailing ``Normalize``) or the path it was loaded from."""
-
-
-class PoolMeta(BaseModel):
-    """What the pool's scores were computed with: scores are on the training model's scale
-    when :meth:`matches` holds (same prompts and max length, the same probe embedding)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    model: str
-    """The model's name or path (informative)."""
-    probe: list[float]
-    """The model's normalised embedding of :data:`PROBE_TEXT`."""
-    query_prompt: str | None
-    passage_prompt: str | None
-    max_seq_length: int | None
-
-    @classmethod
-    def of(
-        cls, model: SentenceTransformer, query_prompt: str | None, passage_prompt: str | None
-    ) -> PoolMeta:
-        """The meta of ``model`` encoding with these prompt *texts* (not prompt names)."""
-        import torch
-
-        first = model[0]
-        config = getattr(getattr(first, "auto_model", None), "config", None)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            probe = model.encode([PROBE_TEXT], normalize_embeddings=True, convert_to_numpy=True)
-        model.train(was_training)
-        return cls(
-            model=str(getattr(config, "name_or_path", "") or type(first).__name__),
-            probe=[round(float(x), 6) for x in np.asarray(probe, np.float64).ravel()],
-            query_prompt=query_prompt or None,
-            passage_prompt=passage_prompt or None,
-            max_seq_length=model.max_seq_length,
-        )
-
-    def matches(self, other: PoolMeta, min_cosine: float = 0.999) -> bool:
-        """Same prompts and max length, and probe embeddings at cosine >= ``min_cosine``."""
-        if (self.query_prompt, self.passage_prompt, self.max_seq_length) != (
-            other.query_prompt,
-            other.passage_prompt,
-            other.max_seq_length,
-        ):
-            return False
-        if len(self.probe) != len(other.probe):
-            return False
-        return float(np.dot(self.probe, other.probe)) >= min_cosine
 
 
 @dataclass
@@ -180,9 +152,11 @@ class MiningStats:
     mean_pool_size: float = 0.0
     mean_negative_score: float = 0.0
     mean_positive_score: float = 0.0
+    rows_resumed: int = 0
+    """Vectors found on disk from an earlier (killed or finished) run, not encoded again."""
     seconds: dict[str, float] = field(default_factory=dict)
     pool_meta: dict[str, Any] = field(default_factory=dict)
-    """:class:`PoolMeta` of the run (pass it to :func:`write_pools`)."""
+    """:class:`PoolMeta` of the run, also written beside the pool (DHNM's S_0 check)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -242,6 +216,204 @@ def select_candidates(
     return pools
 
 
+def _hash64(text: str) -> int:
+    """A 64-bit digest of a text (BLAKE2b): the corpus dedup key, 8 bytes instead of the text."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class _CorpusBuilder:
+    """Deduplicates a text stream into corpus rows; each new text is written to the pool's
+    corpus file once, and rows whose normalised text is one of ``wanted`` are remembered."""
+
+    def __init__(self, write: Any, wanted: set[int], chunk_size: int):
+        self.write, self.wanted, self.chunk_size = write, wanted, chunk_size
+        self.rows: dict[int, int] = {}
+        self.norm_rows: dict[int, list[int]] = {}
+
+    def chunks(self, texts: Iterable[str]) -> Iterator[list[str]]:
+        buffer: list[str] = []
+        for text in texts:
+            key = _hash64(text)
+            if key in self.rows:
+                continue
+            row = self.rows[key] = len(self.rows)
+            self.write(text)
+            norm = _hash64(_norm(text))
+            if norm in self.wanted:
+                self.norm_rows.setdefault(norm, []).append(row)
+            buffer.append(text)
+            if len(buffer) == self.chunk_size:
+                yield buffer
+                buffer = []
+        if buffer:
+            yield buffer
+
+
+def make_encoder(
+    model: SentenceTransformer,
+    config: MiningConfig,
+    cache_dir: str | os.PathLike[str] | None = None,
+    show_progress: bool = True,
+) -> TextEncoder:
+    """The mining encoder for ``config`` (backend, batch, chunk, device)."""
+    return TextEncoder(
+        model,
+        backend=config.backend,
+        batch_size=config.batch_size,
+        max_batch_tokens=config.max_batch_tokens,
+        chunk_size=config.chunk_size,
+        cache_dir=cache_dir,
+        show_progress=show_progress,
+        device=config.device,
+    )
+
+
+def mine_stream(
+    records: Sequence[RetrievalRecord],
+    corpus: Iterable[str] | None,
+    encoder: TextEncoder,
+    pool_path: str | os.PathLike[str],
+    config: MiningConfig,
+    *,
+    corpus_key: str,
+    work_dir: str | os.PathLike[str],
+    show_progress: bool = True,
+) -> tuple[PoolFile, MiningStats]:
+    """Mine a pool per record into the array-format pool at ``pool_path``; returns it and stats.
+
+    The corpus is ``corpus`` (streamed once) plus every positive, deduplicated; without
+    ``corpus`` it is the records' existing negatives plus positives. ``corpus_key`` names that
+    stream (a fingerprint of the texts or of the files it comes from): vectors already in
+    ``work_dir`` under the same key (a killed run, or an earlier run) are not re-encoded.
+    """
+    if not records:
+        raise ValueError("no retrieval records to mine for")
+    work = Path(work_dir)
+    stats = MiningStats(queries=len(records))
+    started = time.perf_counter()
+    wanted: set[int] = set()
+    for record in records:  # (also validates a lazy records file before any encoding)
+        wanted.update(_hash64(_norm(t)) for t in (*record.pos, record.query))
+    width = config.range_max - config.range_min
+    writer = PoolWriter(pool_path, len(records), width, config.range_min)
+    try:
+        builder = _CorpusBuilder(writer.corpus.write, wanted, config.chunk_size)
+        base = corpus if corpus is not None else (n for r in records for n in r.neg)
+        positives = (p for r in records for p in r.pos)
+        corpus_store = encoder.encode_stream(
+            builder.chunks(_chain(base, positives)),
+            work / f"emb-{encoder.key(corpus_key, config.passage_prompt)}",
+            prompt=config.passage_prompt,
+            key=corpus_key,
+            desc="encoding corpus",
+        )
+        stats.corpus_size = corpus_store.rows
+        queries = [r.query for r in records]
+        unique = list(dict.fromkeys(queries))
+        query_key = texts_fingerprint(unique)
+        query_store = encoder.encode_stream(
+            chunked(unique, config.chunk_size),
+            work / f"emb-{encoder.key(query_key, config.query_prompt)}",
+            prompt=config.query_prompt,
+            key=query_key,
+            desc="encoding queries",
+        )
+        position = {text: i for i, text in enumerate(unique)}
+        query_vectors = np.array(query_store.array())[[position[t] for t in queries]]
+        del position, unique
+        for text in queries:
+            writer.query_texts.write(text)
+        stats.seconds["encode"] = time.perf_counter() - started
+        stats.rows_resumed = encoder.rows_resumed
+
+        started = time.perf_counter()
+        excluded, pos_rows, pos_query = [], [], []
+        for q, record in enumerate(records):
+            banned = {
+                row
+                for t in (*record.pos, record.query)
+                for row in builder.norm_rows.get(_hash64(_norm(t)), ())
+            }
+            excluded.append(banned)
+            for text in record.pos:
+                pos_rows.append(builder.rows[_hash64(text)])
+                pos_query.append(q)
+        del builder
+        positive_scores = np.full(len(records), np.inf, np.float32)
+        blocks = _score_positives(
+            corpus_store.blocks(),
+            np.asarray(pos_rows, np.int64),
+            np.asarray(pos_query, np.int64),
+            query_vectors,
+            positive_scores,
+        )
+        index = build_index(
+            blocks,
+            config.index,
+            count=corpus_store.rows,
+            exact_max=config.exact_max,
+            ivf_probe=config.ivf_probe,
+            hnsw_m=config.hnsw_m,
+            hnsw_ef_search=config.hnsw_ef_search,
+            pq_m=config.pq_m,
+            device=config.device,
+        )
+        writer.positive_scores[:] = positive_scores
+        k = config.range_max + max(len(b) for b in excluded)
+        for start in range(0, len(records), config.query_chunk):
+            stop = min(start + config.query_chunk, len(records))
+            scores, ids = search(index, query_vectors[start:stop], k, show_progress=False)
+            windows = select_candidates(
+                scores, ids, excluded[start:stop], positive_scores[start:stop], config, stats
+            )
+            writer.rows(windows)
+        del index
+        stats.seconds["search"] = time.perf_counter() - started
+        path = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    pools = PoolFile(path)
+    filled = np.asarray(pools.ids >= 0)
+    sizes = filled.sum(axis=1)
+    chosen = filled[:, : config.num_negatives]
+    stats.short_pools = int((sizes < config.num_negatives).sum())
+    stats.mean_pool_size = float(sizes.mean())
+    stats.mean_negative_score = (
+        float(np.asarray(pools.scores[:, : config.num_negatives])[chosen].mean())
+        if chosen.any()
+        else 0.0
+    )
+    stats.mean_positive_score = float(positive_scores.mean())
+    return pools, stats
+
+
+def _chain(*streams: Iterable[str]) -> Iterator[str]:
+    for stream in streams:
+        yield from stream
+
+
+def _score_positives(
+    blocks: Iterable[tuple[int, np.ndarray]],
+    rows: np.ndarray,
+    owners: np.ndarray,
+    query_vectors: np.ndarray,
+    out: np.ndarray,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Pass the corpus blocks through, setting ``out[q]`` to the lowest score of query ``q``'s
+    positives (``rows`` are their corpus rows, ``owners`` their queries) on the way, so the
+    corpus is read once for the index and the positive scores together."""
+    order = np.argsort(rows, kind="stable")
+    rows, owners = rows[order], owners[order]
+    for start, block in blocks:
+        lo, hi = np.searchsorted(rows, [start, start + len(block)])
+        if hi > lo:
+            vectors = block[rows[lo:hi] - start]
+            scores = np.einsum("ij,ij->i", vectors, query_vectors[owners[lo:hi]])
+            np.minimum.at(out, owners[lo:hi], scores.astype(np.float32))
+        yield start, block
+
+
 def mine(
     records: Sequence[RetrievalRecord],
     model: SentenceTransformer,
@@ -252,151 +424,67 @@ def mine(
     show_progress: bool = True,
     encoder: TextEncoder | None = None,
 ) -> tuple[list[RetrievalRecord], list[PoolEntry], MiningStats]:
-    """Mine a pool per record; returns the records with new ``neg``, the pools and statistics.
+    """Mine a pool per record in memory; returns the records with new ``neg``, the pools and
+    statistics (:func:`mine_stream` into a temporary pool, read back with texts).
 
     The corpus is ``corpus`` plus every positive (deduplicated); without ``corpus`` it is the
-    records' positives and existing negatives.
+    records' positives and existing negatives. With ``cache_dir`` the vectors stay there as a
+    warm (and resumable) cache.
     """
     config = config or MiningConfig()
     if not records:
         raise ValueError("no retrieval records to mine for")
-    stats = MiningStats(queries=len(records))
-    stats.pool_meta = PoolMeta.of(model, config.query_prompt, config.passage_prompt).model_dump()
-    started = time.perf_counter()
-    positives = [p for r in records for p in r.pos]
+    records = list(records)
+    encoder = encoder or make_encoder(model, config, cache_dir, show_progress)
     base = list(corpus) if corpus is not None else [n for r in records for n in r.neg]
-    texts = list(dict.fromkeys([*base, *positives]))
-    stats.corpus_size = len(texts)
-    encoder = encoder or TextEncoder(
-        model,
-        backend=config.backend,
-        batch_size=config.batch_size,
-        chunk_size=config.chunk_size,
-        cache_dir=cache_dir,
-        show_progress=show_progress,
-    )
-    corpus_vectors = encoder.encode(texts, config.passage_prompt, desc="encoding corpus")
-    query_vectors = encoder.encode(
-        [r.query for r in records], config.query_prompt, desc="encoding queries"
-    )
-    stats.seconds["encode"] = time.perf_counter() - started
-
-    by_norm: dict[str, list[int]] = {}
-    for i, text in enumerate(texts):
-        by_norm.setdefault(_norm(text), []).append(i)
-    excluded: list[set[int]] = []
-    positive_scores = np.empty(len(records), np.float32)
-    for q, record in enumerate(records):
-        banned = {i for p in record.pos for i in by_norm.get(_norm(p), [])}
-        positive_ids = [i for i in banned if texts[i] in record.pos]
-        positive_scores[q] = float(np.min(corpus_vectors[positive_ids] @ query_vectors[q]))
-        banned.update(by_norm.get(_norm(record.query), []))
-        excluded.append(banned)
-
-    started = time.perf_counter()
-    index = build_index(corpus_vectors, config.index, exact_max=config.exact_max)
-    k = config.range_max + max(len(b) for b in excluded)
-    scores, ids = search(index, query_vectors, k, show_progress=show_progress)
-    del index
-    windows = select_candidates(scores, ids, excluded, positive_scores, config, stats)
-    stats.seconds["search"] = time.perf_counter() - started
-
-    mined, pools = [], []
-    negative_scores = []
-    for q, (record, window) in enumerate(zip(records, windows, strict=True)):
-        candidates = [PoolCandidate(text=texts[i], score=s, rank=r) for i, s, r in window]
-        pools.append(
-            PoolEntry(
-                index=q,
-                query=record.query,
-                positive_score=float(positive_scores[q]),
-                candidates=candidates,
-            )
+    key = texts_fingerprint(_chain(base, (p for r in records for p in r.pos)))  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix="conan-mine-") as tmp:
+        work = Path(cache_dir) if cache_dir is not None else Path(tmp)
+        pools, stats = mine_stream(
+            records,
+            base,
+            encoder,
+            Path(tmp) / "pool.json",
+            config,
+            corpus_key=key,
+            work_dir=work,
+            show_progress=show_progress,
         )
-        chosen = candidates[: config.num_negatives]
-        negative_scores.extend(c.score for c in chosen)
-        stats.short_pools += len(candidates) < config.num_negatives
-        mined.append(record.model_copy(update={"neg": [c.text for c in chosen]}))
-    stats.mean_pool_size = float(np.mean([len(p.candidates) for p in pools]))
-    stats.mean_negative_score = float(np.mean(negative_scores)) if negative_scores else 0.0
-    stats.mean_positive_score = float(positive_scores.mean())
-    return mined, pools, stats
+        entries = list(pools)
+        del pools
+    stats.pool_meta = PoolMeta.of(model, config.query_prompt, config.passage_prompt).model_dump()
+    n = config.num_negatives
+    mined = [
+        record.model_copy(update={"neg": [c.text for c in entry.candidates[:n]]})
+        for record, entry in zip(records, entries, strict=True)
+    ]
+    return mined, entries, stats
 
 
-def default_pool_path(records_path: str | os.PathLike[str]) -> Path:
-    """``train.jsonl`` -> ``train.pool.jsonl`` (beside the retrieval file)."""
-    path = Path(records_path)
-    stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.stem
-    return path.with_name(f"{stem}.pool.jsonl")
-
-
-def pool_meta_path(pool_path: str | os.PathLike[str]) -> Path:
-    """``train.pool.jsonl`` -> ``train.pool.meta.json``."""
-    path = Path(pool_path)
-    stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.stem
-    return path.with_name(f"{stem}.meta.json")
-
-
-def write_pools(
-    path: str | os.PathLike[str],
-    pools: Sequence[PoolEntry],
-    meta: PoolMeta | dict[str, Any] | None = None,
-) -> int:
-    """Write the pool sidecar and its meta (a stale meta of an earlier pool is removed)."""
-    count = write_records(path, pools)
-    meta_path = pool_meta_path(path)
-    if meta is None:
-        meta_path.unlink(missing_ok=True)
-    else:
-        meta = meta if isinstance(meta, PoolMeta) else PoolMeta.model_validate(meta)
-        write_text_atomic(meta_path, meta.model_dump_json(indent=1) + "\n")
-    return count
-
-
-def read_pool_meta(pool_path: str | os.PathLike[str]) -> PoolMeta | None:
-    """The pool's :class:`PoolMeta`, or None for a pool written without one."""
-    meta_path = pool_meta_path(pool_path)
-    if not meta_path.is_file():
-        return None
-    try:
-        raw = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise RecordError(meta_path, err.lineno, "<file>", f"not JSON: {err.msg}") from None
-    if not isinstance(raw, dict):
-        raise RecordError(meta_path, 1, "<file>", "expected a JSON object")
-    return validated(PoolMeta, raw, meta_path, 1)
-
-
-def read_pools(path: str | os.PathLike[str]) -> list[PoolEntry]:
-    """Read a pool sidecar; raises :class:`RecordError` naming file, line and field."""
-    pools: list[PoolEntry] = []
-    for line_no, raw in iter_json_objects(path):
-        entry = validated(PoolEntry, raw, path, line_no)
-        if entry.index != len(pools):
-            raise RecordError(
-                path, line_no, "index", f"expected {len(pools)} (one line per record, in order)"
-            )
-        ranks = [c.rank for c in entry.candidates]
-        if ranks != sorted(ranks):
-            raise RecordError(path, line_no, "candidates", "ranks must be ascending")
-        pools.append(entry)
-    return pools
-
-
-def read_corpus(path: str | os.PathLike[str]) -> list[str]:
-    """Corpus texts from ``.txt`` (one per line) or ``.jsonl[.gz]`` (``text``, optional ``title``)."""
+def iter_corpus(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Corpus texts, streamed, from ``.txt`` (one per line) or ``.jsonl[.gz]`` (``text``,
+    optional ``title``); a bad row raises RecordError naming file, line and field."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     is_jsonl = path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz"))
     with opener(path, "rt", encoding="utf-8-sig") as handle:
         if not is_jsonl:
-            return [line.rstrip("\r\n") for line in handle if line.strip()]
-        texts = []
+            yield from (line.rstrip("\r\n") for line in handle if line.strip())
+            return
         for line_no, row in iter_json_objects(path, handle):
             text = text_field(row, "text", path, line_no)
             title = row.get("title")
-            texts.append(f"{title} {text}" if isinstance(title, str) and title.strip() else text)
-    return texts
+            yield f"{title} {text}" if isinstance(title, str) and title.strip() else text
+
+
+def read_corpus(path: str | os.PathLike[str]) -> list[str]:
+    """All corpus texts of ``path`` (see :func:`iter_corpus`) in a list."""
+    return list(iter_corpus(path))
+
+
+def _file_key(path: str | os.PathLike[str]) -> str:
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def mine_file(
@@ -410,15 +498,44 @@ def mine_file(
     cache_dir: str | os.PathLike[str] | None = None,
     show_progress: bool = True,
 ) -> MiningStats:
-    """The ``conan-embed mine`` command: read, mine, write records + pool sidecar."""
+    """The ``conan-embed mine`` command: stream, mine, write records + pool.
+
+    Vectors go to ``cache_dir`` (kept: a warm cache) or to ``.<output>.mining/`` beside the
+    output (removed on success); either way a killed run started again with the same inputs
+    resumes at the chunk it was encoding.
+    """
     from conan_embedding.modeling.embedder import load_embedder
 
-    records = read_records(records_path, "retrieval")
-    corpus = read_corpus(corpus_path) if corpus_path is not None else None
+    config = config or MiningConfig()
+    output = Path(output_path)
+    records = open_records(records_path, "retrieval")
+    key = _file_key(records_path) + ("|" + _file_key(corpus_path) if corpus_path else "")
+    work = Path(cache_dir) if cache_dir is not None else output.with_name(f".{output.name}.mining")
     model = load_embedder(model_name_or_path)
-    mined, pools, stats = mine(
-        records, model, corpus, config, cache_dir=cache_dir, show_progress=show_progress
+    encoder = make_encoder(model, config, work, show_progress)
+    pool_target = Path(pool_path) if pool_path is not None else array_pool_path(output)
+    if pool_target.name.endswith(".jsonl"):
+        raise ValueError(f"{pool_target}: mining writes the array pool format (.pool.json)")
+    pools, stats = mine_stream(
+        records,
+        iter_corpus(corpus_path) if corpus_path is not None else None,
+        encoder,
+        pool_target,
+        config,
+        corpus_key=key,
+        work_dir=work,
+        show_progress=show_progress,
     )
-    write_records(output_path, mined)
-    write_pools(pool_path or default_pool_path(output_path), pools, stats.pool_meta)
+    stats.pool_meta = PoolMeta.of(model, config.query_prompt, config.passage_prompt).model_dump()
+    write_pool_meta(pool_target, stats.pool_meta)
+    n = config.num_negatives
+    write_records(
+        output,
+        (
+            record.model_copy(update={"neg": [pools.text(i) for i in pools.ids[q, :n] if i >= 0]})
+            for q, record in enumerate(records)
+        ),
+    )
+    if cache_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
     return stats

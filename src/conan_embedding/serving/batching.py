@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from conan_embedding.serving.engine import EmbeddingEngine
+from conan_embedding.encoding.engine import EmbeddingEngine
 
 
 @dataclass

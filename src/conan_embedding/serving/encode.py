@@ -4,12 +4,13 @@ Why: corpora for mining and retrieval are large; a run that dies at 90 % must no
 and a half-written output must never look finished.
 
 How: rows are read in order and cut into chunks of ``chunk_rows``. Each chunk is tokenised,
-encoded by :class:`~conan_embedding.serving.engine.EmbeddingEngine` in length-sorted batches
-(longest first, so each batch pads to about its own length), and saved as
-``<output>.partial/chunk-NNNNNN.npy`` (temp file, then rename). ``state.json`` there records the
-input's size and mtime and every setting that changes the vectors; a rerun with the same state
-skips the chunks already on disk, a rerun with different settings is refused. When all chunks
-exist they are assembled into the output (temp file, then rename) and the partial folder goes.
+encoded by :class:`~conan_embedding.encoding.engine.EmbeddingEngine` in token batches, and
+appended to ``<output>.partial/vectors.f32``, a
+:class:`~conan_embedding.encoding.cache.VectorFile` (flushed and fsynced per chunk; a partly
+written row is cut off on reopen). ``state.json`` there records the input's size and mtime and
+every setting that changes the vectors; a rerun with the same state skips the rows already on
+disk, a rerun with different settings is refused. When every row is there they are assembled
+into the output (temp file, then rename) and the partial folder goes.
 
 Inputs: ``.txt`` (one text per line; every line is a row, so row ``i`` is line ``i + 1``),
 ``.jsonl`` (one object per non-blank line, text under ``field``), ``.parquet`` (column ``field``).
@@ -30,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from conan_embedding.atomic import save_npy_atomic
 from conan_embedding.data.records import RecordError, iter_json_objects
-from conan_embedding.progress import progress as progress_bar
-from conan_embedding.serving.engine import EmbeddingEngine
+from conan_embedding.encoding.cache import VectorFile
+from conan_embedding.encoding.engine import EmbeddingEngine
+from conan_embedding.encoding.texts import chunked
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 OUTPUT_SUFFIXES = (".npy", ".parquet")
@@ -114,19 +115,8 @@ def iter_texts(path: str | os.PathLike[str], field: str = "text") -> Iterator[st
         yield raw[field]
 
 
-def _chunks(texts: Iterator[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for text in texts:
-        chunk.append(text)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _assemble(parts: list[Path], output: Path, rows: int, width: int) -> None:
-    """Concatenate the chunk files into ``output`` (temp file, then rename)."""
+def _assemble(store: VectorFile, output: Path, rows: int, width: int) -> None:
+    """Copy the vector file into ``output`` (temp file, then rename)."""
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -135,11 +125,8 @@ def _assemble(parts: list[Path], output: Path, rows: int, width: int) -> None:
                 np.save(handle, np.zeros((0, width), dtype=np.float32), allow_pickle=False)
         elif output.suffix.lower() == ".npy":
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, width))
-            start = 0
-            for part in parts:
-                block = np.load(part, allow_pickle=False)
+            for start, block in store.blocks():
                 out[start : start + len(block)] = block
-                start += len(block)
             out.flush()
             del out
         else:
@@ -147,10 +134,8 @@ def _assemble(parts: list[Path], output: Path, rows: int, width: int) -> None:
             import pyarrow.parquet as pq
 
             schema = pa.schema([("row", pa.int64()), ("embedding", pa.list_(pa.float32(), width))])
-            start = 0
             with pq.ParquetWriter(tmp, schema) as writer:
-                for part in parts:
-                    block = np.load(part, allow_pickle=False)
+                for start, block in store.blocks():
                     flat = pa.array(block.reshape(-1), type=pa.float32())
                     table = pa.table(
                         {
@@ -160,7 +145,6 @@ def _assemble(parts: list[Path], output: Path, rows: int, width: int) -> None:
                         schema=schema,
                     )
                     writer.write_table(table)
-                    start += len(block)
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -235,12 +219,10 @@ def encode_file(
         state_file.write_text(json.dumps(state, indent=2), encoding="utf-8")
 
     n_chunks = (rows + chunk_rows - 1) // chunk_rows
-    parts = [work / f"chunk-{i:06d}.npy" for i in range(n_chunks)]
-    resumed = sum(part.is_file() for part in parts)
-    done_rows = sum(
-        min(chunk_rows, rows - i * chunk_rows) for i, p in enumerate(parts) if p.is_file()
-    )
-    bar = progress_bar(
+    store = VectorFile(work / "vectors", key=json.dumps(state, sort_keys=True), width=width)
+    done_rows = store.rows
+    resumed = done_rows // chunk_rows
+    bar = progress(
         total=rows,
         initial=done_rows,
         unit="text",
@@ -248,15 +230,15 @@ def encode_file(
         disable=not progress,
     )
     try:
-        for index, texts in enumerate(_chunks(iter_texts(source, field), chunk_rows)):
-            if parts[index].is_file():
+        for index, texts in enumerate(chunked(iter_texts(source, field), chunk_rows)):
+            if (index + 1) * chunk_rows <= done_rows:
                 continue
+            texts = texts[max(0, done_rows - index * chunk_rows) :]
             tokens = engine.tokenize(texts, prompt, truncate=truncate)
-            vectors = engine.embed_ids(tokens.ids, tokens.prompt_length, dimensions=dimensions)
-            save_npy_atomic(parts[index], vectors)
+            store.append(engine.embed_ids(tokens.ids, tokens.prompt_length, dimensions=dimensions))
             bar.update(len(texts))
     finally:
         bar.close()
-    _assemble(parts, output, rows, width)
+    _assemble(store, output, rows, width)
     shutil.rmtree(work, ignore_errors=True)
     return EncodeResult(output, rows, width, n_chunks, resumed, time.perf_counter() - started)

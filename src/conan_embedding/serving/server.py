@@ -35,13 +35,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from conan_embedding.serving.batching import MicroBatcher
-from conan_embedding.serving.engine import (
+from conan_embedding.encoding.engine import (
     EmbeddingEngine,
     InputTooLongError,
     Tokenized,
     truncate_and_normalize,
 )
+from conan_embedding.serving.batching import MicroBatcher
 
 try:  # orjson writes numpy arrays directly: JSON encoding is most of a float response's cost
     import orjson

@@ -5,7 +5,8 @@ LLM invented that its passage does not answer. The papers score every pair with 
 embedder (the teacher) and drop pairs whose cosine similarity is below 0.4; of ~750M
 collected pairs about 400M survive in v1.
 
-How: every distinct text is embedded once by the teacher (a sentence-transformers model,
+How: every distinct text is embedded once by the teacher (a sentence-transformers model run by
+the shared :class:`~conan_embedding.encoding.engine.EmbeddingEngine` on ``device``,
 L2-normalised, optional ``query:``/``passage:`` prompts for e5-style teachers), each pair
 is scored ``s = cos(teacher(query), teacher(pos))``, and pairs with ``s < threshold`` are
 dropped. For retrieval records each positive is scored on its own; a record keeps the
@@ -26,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from conan_embedding.data.records import PairRecord, RetrievalRecord, read_records, write_records
+from conan_embedding.encoding.engine import EmbeddingEngine
 
 PAPER_THRESHOLD = 0.4
 FilterKind = Literal["pairs", "retrieval"]
@@ -40,6 +42,7 @@ def pair_scores(
     query_prompt: str = "",
     passage_prompt: str = "",
     show_progress: bool = True,
+    device: str | None = "auto",
 ) -> np.ndarray:
     """Cosine similarity of each (query, passage) under ``model``; each distinct text encoded once."""
     if len(queries) != len(passages):
@@ -48,24 +51,14 @@ def pair_scores(
         return np.zeros(0, dtype=np.float32)
     q_texts = sorted(set(queries))
     p_texts = sorted(set(passages))
-    q_emb = _encode(model, [query_prompt + t for t in q_texts], batch_size, show_progress)
-    p_emb = _encode(model, [passage_prompt + t for t in p_texts], batch_size, show_progress)
+    engine = EmbeddingEngine(model, batch_size=batch_size, device=device)
+    q_emb = engine.embed(q_texts, prompt=query_prompt, normalize=True)
+    p_emb = engine.embed(p_texts, prompt=passage_prompt, normalize=True)
     q_row = {t: i for i, t in enumerate(q_texts)}
     p_row = {t: i for i, t in enumerate(p_texts)}
     qi = np.fromiter((q_row[t] for t in queries), dtype=np.int64, count=len(queries))
     pi = np.fromiter((p_row[t] for t in passages), dtype=np.int64, count=len(passages))
     return np.einsum("ij,ij->i", q_emb[qi], p_emb[pi]).astype(np.float32)
-
-
-def _encode(model, texts: list[str], batch_size: int, show_progress: bool) -> np.ndarray:
-    emb = model.encode(
-        texts,
-        batch_size=batch_size,
-        convert_to_numpy=True,
-        normalize_embeddings=True,
-        show_progress_bar=show_progress,
-    )
-    return np.asarray(emb, dtype=np.float32)
 
 
 @dataclass
@@ -175,6 +168,7 @@ def run_filter(
     max_seq_length: int | None = None,
     show_progress: bool = True,
     model=None,
+    device: str | None = "auto",
 ) -> dict:
     """Score ``input_path`` with ``teacher``, write the kept rows, report and histogram."""
     records = read_records(input_path, kind)  # bad rows fail before the teacher is loaded
@@ -191,7 +185,7 @@ def run_filter(
         model.max_seq_length = max_seq_length
     result = filter_records(
         records, model, threshold, batch_size=batch_size, query_prompt=query_prompt,
-        passage_prompt=passage_prompt, show_progress=show_progress,
+        passage_prompt=passage_prompt, show_progress=show_progress, device=device,
     )  # fmt: skip
     output_path = Path(output_path)
     write_records(output_path, result.kept)

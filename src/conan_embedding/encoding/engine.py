@@ -1,4 +1,4 @@
-"""One inference engine for the server and the file encoder, with a swappable transformer backend.
+"""The one batch encoder: mining, teacher filtering, evaluation and serving all embed through it.
 
 Why: a served model must give the vectors the trained model gives. Conan-v1's known deployment
 bug is a server that ran only the transformer and pooling and silently dropped the Dense
@@ -9,15 +9,20 @@ backend, and then runs every remaining module of the saved sentence-transformers
 backend (torch, ONNX fp32, ONNX int8) only swaps the transformer, which is where the time goes.
 
 How: texts are tokenised once into id lists (that is also how the server counts tokens and
-enforces its length limit), then :meth:`EmbeddingEngine.embed_ids` sorts the rows by length so
-every batch pads to nearly the same length, runs the batches, and restores the caller's order.
-Matryoshka truncation is ``e[:d] / ||e[:d]||`` (truncate, then re-normalise).
+enforces its length limit), then :meth:`EmbeddingEngine.embed_ids` cuts the rows into token
+batches (:func:`~conan_embedding.encoding.tokens.token_batches`: sorted by token count, at most
+``batch_size`` rows and ``max_batch_tokens`` padded tokens each), runs them on ``device``
+(``"auto"``: this process's GPU, else the CPU; :mod:`conan_embedding.encoding.device`), and
+restores the caller's order. Matryoshka truncation is ``e[:d] / ||e[:d]||`` (truncate, then
+re-normalise). An ONNX backend needs an export: the model folder's, or (for a model that only
+lives in memory, e.g. during mining) one made once into ``onnx_dir`` keyed by its weights.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +31,9 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
+from conan_embedding.encoding.device import resolve_device
+from conan_embedding.encoding.onnx import OnnxTransformer, ensure_onnx_export
+from conan_embedding.encoding.tokens import special_token_frame, token_batches
 from conan_embedding.modeling.embedder import (
     embedding_width,
     load_embedder,
@@ -69,20 +77,6 @@ def truncate_and_normalize(embeddings: np.ndarray, dimensions: int | None) -> np
     return (head / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
-def special_token_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special ids the tokenizer puts before and after a text (e.g. ``[CLS]`` / ``[SEP]``).
-
-    Read from the tokenizer's own output on a probe word, so it holds for any template.
-    """
-    for probe in ("hello", "a", "the", "x"):
-        content = tokenizer(probe, add_special_tokens=False)["input_ids"]
-        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-        for start in range(len(full) - len(content) + 1):
-            if content and full[start : start + len(content)] == content:
-                return list(full[:start]), list(full[start + len(content) :])
-    return [], []
-
-
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
@@ -98,16 +92,23 @@ class EmbeddingEngine:
         onnx_dir: str | os.PathLike[str] | None = None,
         model_path: str | os.PathLike[str] | None = None,
         batch_size: int = 32,
+        max_batch_tokens: int | None = None,
         threads: int | None = None,
         name: str | None = None,
+        device: str | torch.device | None = "auto",
+        concurrent_batches: bool | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
+        self.device = resolve_device(device)
         self.model = model.eval()
+        if backend == "torch" and model.device != self.device:
+            self.model.to(self.device)
         self.backend: Backend = backend
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.threads = threads or default_threads()
         self.model_path = Path(model_path) if model_path is not None else None
         self.name = name or (self.model_path.name if self.model_path else "conan-embedding")
@@ -123,18 +124,29 @@ class EmbeddingEngine:
         self._left_pad = getattr(self.tokenizer, "padding_side", "right") == "left"
         self._head = list(model)[1:]  # Pooling, Dense, Normalize...: run as saved, never rebuilt
         self._onnx_runner = None
+        # ONNX on the CPU: ``threads`` batches at once on single-threaded kernels (ORT releases
+        # the GIL) instead of one batch on ``threads`` intra-op threads, which wait for each
+        # other after every small matrix product and stall whenever another process takes a core
+        self.concurrent = (
+            concurrent_batches
+            if concurrent_batches is not None
+            else backend != "torch" and self.device.type == "cpu" and self.threads > 1
+        )
+        self._workers: ThreadPoolExecutor | None = None
         if backend != "torch":
-            from conan_embedding.serving.onnx import OnnxTransformer, ensure_onnx_export
-
             if model_path is None and onnx_dir is None:
                 raise ValueError("an ONNX backend needs the model folder (model_path) or onnx_dir")
             folder = ensure_onnx_export(
                 model_path, out_dir=onnx_dir, int8=backend == "onnx-int8", model=model
             )
             self._onnx_runner = OnnxTransformer(
-                folder, int8=backend == "onnx-int8", threads=self.threads
+                folder,
+                int8=backend == "onnx-int8",
+                threads=1 if self.concurrent else self.threads,
+                device=self.device,
             )
-        torch.set_num_threads(self.threads)
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
 
     @classmethod
     def from_path(cls, model: str | os.PathLike[str], **kwargs: Any) -> EmbeddingEngine:
@@ -224,6 +236,8 @@ class EmbeddingEngine:
         features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if self._needs_token_types:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        if self._onnx_runner is None and self.device.type != "cpu":
+            features = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
         return features
 
     @torch.inference_mode()
@@ -247,16 +261,23 @@ class EmbeddingEngine:
         self.check_dimensions(dimensions)
         if not rows:
             return np.zeros((0, dimensions or self.width), dtype=np.float32)
-        size = batch_size or self.batch_size
-        # Longest first: each batch pads to about its own length, and a too-large batch fails early.
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        lengths = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+        batches = token_batches(lengths, batch_size or self.batch_size, self.max_batch_tokens)
         out = np.empty((len(rows), self.width), dtype=np.float32)
-        for start in range(0, len(order), size):
-            chunk = order[start : start + size]
+
+        def run(chunk: np.ndarray) -> None:
             features = self._pad([rows[i] for i in chunk])
             if prompt_length is not None:
                 features["prompt_length"] = prompt_length
             out[chunk] = self._forward(features).float().cpu().numpy()
+
+        if self.concurrent and len(batches) > 1:
+            if self._workers is None:
+                self._workers = ThreadPoolExecutor(self.threads, thread_name_prefix="embed")
+            list(self._workers.map(run, batches))
+        else:
+            for chunk in batches:
+                run(chunk)
         return truncate_and_normalize(out, dimensions)
 
     def embed(
@@ -267,12 +288,22 @@ class EmbeddingEngine:
         dimensions: int | None = None,
         truncate: bool = True,
         batch_size: int | None = None,
+        prompt: str | None = None,
+        normalize: bool = False,
     ) -> np.ndarray:
-        """Embeddings of texts (the convenience path; the server and encoder tokenise first)."""
-        tokens = self.tokenize(texts, self.resolve_prompt(prompt_name), truncate=truncate)
-        return self.embed_ids(
+        """Embeddings of texts; ``prompt`` (a string) overrides ``prompt_name`` (a model prompt).
+
+        ``normalize`` L2-normalises every row (for models without a Normalize module).
+        """
+        if prompt is None:
+            prompt = self.resolve_prompt(prompt_name)
+        tokens = self.tokenize(texts, prompt or None, truncate=truncate)
+        vectors = self.embed_ids(
             tokens.ids, tokens.prompt_length, dimensions=dimensions, batch_size=batch_size
         )
+        if normalize and len(vectors):
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
 
     def check_dimensions(self, dimensions: int | None) -> None:
         """``dimensions`` must be a trained Matryoshka size (or, without MRL dims, 1..width)."""

@@ -1,0 +1,178 @@
+"""Encode a stream of texts into a resumable vector file: dedup, chunks, cache (mining's encoder).
+
+Why: offline mining is dominated by encoding (the corpus is embedded once; the search is a few
+matrix products over the result), and a corpus of millions takes hours, so encoding must be
+never repeated and never restarted from zero:
+
+- **dedup**: each distinct text is encoded once, whatever its number of occurrences
+  (:meth:`TextEncoder.encode`; a streamed corpus is deduplicated by its reader);
+- **chunks**: texts are encoded ``chunk_size`` at a time by the shared
+  :class:`~conan_embedding.encoding.engine.EmbeddingEngine` (token batches inside each chunk),
+  so memory holds one chunk's activations whatever the corpus size;
+- **resume**: with a ``cache_dir`` every chunk is appended to a
+  :class:`~conan_embedding.encoding.cache.VectorFile` keyed by the model's weights, the prompt
+  and the texts (or the caller's key for a stream); a rerun skips the rows already on disk
+  (a SIGKILL loses at most the chunk being encoded) and a finished file is a warm cache
+  (re-mining with other margins or windows costs no encoding at all);
+- **backend**: ``"torch"``, ``"onnx"`` (fused fp32 graph; same vectors, cosine > 0.9999) or
+  ``"onnx-int8"`` (weights quantised: faster, slightly different vectors, never sharing a
+  cache entry with fp32); ``device`` as everywhere (``"auto"`` = this rank's GPU, else CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from conan_embedding.encoding.cache import VectorFile, model_fingerprint, texts_fingerprint
+from conan_embedding.encoding.engine import Backend, EmbeddingEngine
+from conan_embedding.progress import progress
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+
+def chunked(texts: Iterable[str], size: int) -> Iterable[list[str]]:
+    """Consecutive lists of ``size`` texts (the last may be shorter)."""
+    chunk: list[str] = []
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class TextEncoder:
+    """L2-normalised float32 rows for texts: deduplicated, chunked, cached and resumable.
+
+    >>> encoder = TextEncoder(model, cache_dir="runs/cache")   # doctest: +SKIP
+    >>> vectors = encoder.encode(corpus, prompt="passage: ")  # [len(corpus), dim]
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        *,
+        backend: Backend = "torch",
+        batch_size: int = 32,
+        chunk_size: int = 4096,
+        cache_dir: str | os.PathLike[str] | None = None,
+        show_progress: bool = True,
+        device: str | torch.device | None = "auto",
+        max_batch_tokens: int | None = None,
+    ):
+        if batch_size <= 0 or chunk_size <= 0:
+            raise ValueError("batch_size and chunk_size must be positive")
+        self.chunk_size = chunk_size
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.show_progress = show_progress
+        onnx_dir = (self.cache_dir or Path(tempfile.gettempdir()) / "conan-embedding") / "onnx"
+        self.engine = EmbeddingEngine(
+            model,
+            backend=backend,
+            onnx_dir=onnx_dir if backend != "torch" else None,
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
+            device=device,
+            threads=torch.get_num_threads(),
+        )
+        # int8 vectors differ from fp32 ones: they must not share cache entries
+        self.identity = model_fingerprint(model) + ("|int8" if backend == "onnx-int8" else "")
+        self.cache_hits = 0
+        self.rows_resumed = 0
+
+    @property
+    def width(self) -> int:
+        return self.engine.width
+
+    def encode(
+        self, texts: Sequence[str], prompt: str | None = None, desc: str = "encoding"
+    ) -> np.ndarray:
+        """One normalised row per input text (duplicates share one encoding)."""
+        unique = list(dict.fromkeys(texts))
+        if self.cache_dir is None:
+            vectors = np.empty((len(unique), self.width), np.float32)
+            done = 0
+            bar = progress(
+                total=len(unique), desc=desc, disable=not self.show_progress, unit="text"
+            )
+            for chunk in chunked(unique, self.chunk_size):
+                vectors[done : done + len(chunk)] = self._encode_chunk(chunk, prompt)
+                done += len(chunk)
+                bar.update(len(chunk))
+            bar.close()
+        else:
+            store = self.encode_stream(
+                chunked(unique, self.chunk_size),
+                self.cache_dir / f"emb-{self.key(texts_fingerprint(unique), prompt)}",
+                prompt=prompt,
+                key=texts_fingerprint(unique),
+                expected=len(unique),
+                desc=desc,
+            )
+            vectors = np.array(store.array())
+        if len(unique) == len(texts):
+            return vectors
+        position = {text: i for i, text in enumerate(unique)}
+        return vectors[np.fromiter((position[t] for t in texts), dtype=np.int64, count=len(texts))]
+
+    def key(self, stream_key: str, prompt: str | None) -> str:
+        """The cache key of a stream under this model, backend and prompt (32 hex digits)."""
+        import hashlib
+
+        payload = f"{self.identity}|{prompt or ''}|{stream_key}"
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+    def encode_stream(
+        self,
+        chunks: Iterable[Sequence[str]],
+        path: str | os.PathLike[str],
+        *,
+        prompt: str | None = None,
+        key: str,
+        expected: int | None = None,
+        desc: str = "encoding",
+    ) -> VectorFile:
+        """Encode every chunk into the vector file at ``path``, resuming what is on disk.
+
+        ``chunks`` must be the same sequence on a rerun (``key`` names it, e.g. a fingerprint of
+        the texts or of the source file): rows already on disk are skipped, not re-encoded.
+        The whole stream is still iterated, so a reader's side effects happen on every run.
+        """
+        store = VectorFile(path, key=self.key(key, prompt), width=self.width, expected=expected)
+        if store.complete:
+            self.cache_hits += 1
+            for _ in chunks:  # the caller's side effects (dedup, corpus file) still happen
+                pass
+            return store
+        on_disk, position = store.rows, 0
+        self.rows_resumed += on_disk
+        bar = progress(
+            total=expected, initial=on_disk, desc=desc, disable=not self.show_progress, unit="text"
+        )
+        for chunk in chunks:
+            end = position + len(chunk)
+            if end > on_disk:
+                fresh = list(chunk[max(0, on_disk - position) :])
+                store.append(self._encode_chunk(fresh, prompt))
+                bar.update(len(fresh))
+            position = end
+        bar.close()
+        if position < store.rows:
+            raise ValueError(f"{store.path}: holds {store.rows} rows, the stream only {position}")
+        store.finish()
+        return store
+
+    def _encode_chunk(self, texts: Sequence[str], prompt: str | None) -> np.ndarray:
+        return self.engine.embed(texts, prompt=prompt, normalize=True)
+
+    def dimension(self) -> int:
+        return int(self.width)
