@@ -75,7 +75,10 @@ def tiny_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     elif arch == "gpt2":  # offsets only, no special tokens
         core.post_processor = processors.ByteLevel(trim_offsets=True)
     names = {f"{k}_token": v for k, v in spec.items() if k in ("bos", "eos", "unk", "pad") and v}
-    return PreTrainedTokenizerFast(tokenizer_object=core, **names)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **names)
+    if arch == "llama":  # an instruct model's: sentence-transformers 6 would apply it to texts
+        tokenizer.chat_template = "{% for m in messages %}<s>[INST] {{ m['content'] }}{% endfor %}"
+    return tokenizer
 
 
 def tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast, impl: str = "sdpa"):
