@@ -75,7 +75,10 @@ def tiny_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     elif arch == "gpt2":  # offsets only, no special tokens
         core.post_processor = processors.ByteLevel(trim_offsets=True)
     names = {f"{k}_token": v for k, v in spec.items() if k in ("bos", "eos", "unk", "pad") and v}
-    return PreTrainedTokenizerFast(tokenizer_object=core, **names)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **names)
+    if arch == "llama":  # an instruct model's: sentence-transformers 6 would apply it to texts
+        tokenizer.chat_template = "{% for m in messages %}<s>[INST] {{ m['content'] }}{% endfor %}"
+    return tokenizer
 
 
 def tiny_config(arch: str, tokenizer: PreTrainedTokenizerFast, impl: str = "sdpa"):
@@ -333,6 +336,24 @@ def test_saved_model_encodes_bidirectionally_through_sentence_transformers(arch,
     np.testing.assert_allclose(bidirectional, embedder.encode(TEXTS, alpha=1.0), atol=1e-5)
     np.testing.assert_allclose(causal, embedder.encode(TEXTS, alpha=0.0), atol=1e-5)
     assert np.abs(bidirectional - causal).max() > 1e-3
+
+
+@pytest.mark.parametrize(("arch", "pooling"), [("gemma3", "mean"), ("gpt2", "lasttoken")])
+def test_server_engine_and_onnx_encode_the_saved_model_bidirectionally(arch, pooling, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the `onnx` extra")
+    from conan_embedding.serving.engine import EmbeddingEngine
+    from conan_embedding.serving.onnx import export_onnx
+
+    folder = save_tiny_lm(arch, tmp_path / "lm")
+    embedder = LLMEmbedder.from_llm(folder, pooling=pooling, max_len=16)
+    export_sentence_transformer(embedder, tmp_path / "bi", bidirectional=True)
+    expected = embedder.encode(TEXTS, alpha=1.0)
+    engine = EmbeddingEngine.from_path(tmp_path / "bi", threads=1)
+    np.testing.assert_allclose(engine.embed(TEXTS, batch_size=2), expected, atol=1e-5)
+    onnx_dir = export_onnx(tmp_path / "bi", tmp_path / "onnx", int8=False)
+    onnx = EmbeddingEngine.from_path(tmp_path / "bi", backend="onnx", onnx_dir=onnx_dir, threads=1)
+    np.testing.assert_allclose(onnx.embed(TEXTS, batch_size=2), expected, atol=1e-5)
+    assert np.abs(expected - embedder.encode(TEXTS, alpha=0.0)).max() > 1e-3
 
 
 # ---------------------------------------------------------------- GGUF import

@@ -26,7 +26,8 @@ How:
   pooling the post-processor is rebuilt from the special tokens the tokenizer really adds
   (probed on a one-word text), so ``<s> $A`` becomes ``<s> $A </s>`` and BOS is kept; the
   inputs are ``input_ids`` and ``attention_mask`` only (GPT-2 would add ``token_type_ids``
-  to its embeddings). Padding is on the right by default; either side works because
+  to its embeddings); an instruct model's chat template is left out (sentence-transformers 6
+  would wrap every text in it). Padding is on the right by default; either side works because
   positions and the last token are read off the attention mask.
 - :func:`pool`: the mean over real tokens, or the hidden state of the last real token,
   ``argmax_j(mask_j * (j + 1))``, for left and right padding alike (as sentence-transformers'
@@ -258,8 +259,8 @@ def prepare_tokenizer(
         model_input_names=list(MODEL_INPUTS),
         **specials,
     )
-    if getattr(tokenizer, "chat_template", None):
-        prepared.chat_template = tokenizer.chat_template
+    # no chat template: sentence-transformers 6 would wrap every text in it (an instruct
+    # model's system prompt and turn markers) and encode something else than we trained
     return prepared
 
 
