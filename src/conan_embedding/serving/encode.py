@@ -35,6 +35,7 @@ from conan_embedding.data.records import RecordError, iter_json_objects
 from conan_embedding.encoding.cache import VectorFile
 from conan_embedding.encoding.engine import EmbeddingEngine
 from conan_embedding.encoding.texts import chunked
+from conan_embedding.progress import progress as progress_bar
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 OUTPUT_SUFFIXES = (".npy", ".parquet")
@@ -222,7 +223,7 @@ def encode_file(
     store = VectorFile(work / "vectors", key=json.dumps(state, sort_keys=True), width=width)
     done_rows = store.rows
     resumed = done_rows // chunk_rows
-    bar = progress(
+    bar = progress_bar(
         total=rows,
         initial=done_rows,
         unit="text",
