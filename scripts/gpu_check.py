@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tiny-model builders of the test suite
 
-from tests.conftest import WORDS, build_tiny_bert  # noqa: E402
+from tests.conftest import build_tiny_bert, build_tiny_llm  # noqa: E402
 from tests.test_trainer import write_toy_tasks  # noqa: E402
 
 
@@ -56,32 +56,6 @@ def _embedding_config(work: Path, model: Path, device: str, steps: int, **extra)
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def _tiny_llm(work: Path) -> Path:
-    from conan_embedding.modeling.llm import build_causal_lm, llm_config, save_llm, train_tokenizer
-
-    rows = [
-        {"instruction": "Repeat.", "input": f"{a} {b}", "output": f"{b} {a}"}
-        for a in WORDS[:12]
-        for b in WORDS[12:24]
-    ]
-    (work / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (work / "docs.txt").write_text("\n".join(f"{r['input']} {r['output']}" for r in rows) + "\n")
-    tokenizer = train_tokenizer(
-        [f"{r['input']} {r['output']}" for r in rows], 300, show_progress=False
-    )
-    config = llm_config(
-        "tiny",
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-    )
-    save_llm(build_causal_lm(config, seed=0), tokenizer, work / "llm")
-    return work / "llm"
 
 
 def check_embedding(work: Path, model: Path, device: str, steps: int) -> None:
@@ -228,7 +202,7 @@ def main() -> int:
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     bert = build_tiny_bert(work / "tiny-bert")
-    llm = _tiny_llm(work)
+    llm = build_tiny_llm(work / "tiny-llm", hidden=64) / "model"
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     checks: list[tuple[str, Callable[[], None] | None, str]] = [
         (

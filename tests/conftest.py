@@ -132,35 +132,40 @@ LLM_WORDS = ["apple", "river", "mountain", "苹果", "河流", "高山", "green"
 """English and Chinese words for the tiny LLM's SFT rows."""
 
 
-@pytest.fixture(scope="session")
-def tiny_llm(tmp_path_factory) -> Path:
-    """A 2-layer Llama (hidden 32) with its own BPE tokenizer, and 60 SFT rows beside it."""
+def build_tiny_llm(folder: Path, hidden: int = 32) -> Path:
+    """A 2-layer Llama with its own BPE tokenizer in ``folder/model``, and beside it 60 SFT rows
+    (``sft.jsonl``) and the same texts as documents (``docs.txt``)."""
     import json
 
     from conan_embedding.modeling.llm import build_causal_lm, llm_config, save_llm, train_tokenizer
 
-    folder = tmp_path_factory.mktemp("llm")
+    folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for k in range(60):
         a, b = LLM_WORDS[k % 10], LLM_WORDS[(k * 3 + 1) % 10]
         rows.append(
             {"instruction": "Translate.", "input": f"{a} {b} {k}", "output": f"{b} {a} {k}"}
         )
-    data = folder / "sft.jsonl"
-    data.write_text(
+    (folder / "sft.jsonl").write_text(
         "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8"
     )
-    tokenizer = train_tokenizer(
-        [f"{r['input']} {r['output']}" for r in rows] * 3, 300, show_progress=False
-    )
+    texts = [f"{r['input']} {r['output']}" for r in rows]
+    (folder / "docs.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    tokenizer = train_tokenizer(texts * 3, 300, show_progress=False)
     config = llm_config(
         "tiny",
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
         num_hidden_layers=2,
     )
     save_llm(build_causal_lm(config, seed=0), tokenizer, folder / "model")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> Path:
+    """See :func:`build_tiny_llm`."""
+    return build_tiny_llm(tmp_path_factory.mktemp("llm"))
