@@ -126,13 +126,6 @@ class SFTConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
-def _engine(config: PretrainConfig | SFTConfig) -> EngineConfig:
-    """The config's engine settings, with the older top-level ``threads`` folded in."""
-    if config.threads and not config.engine.threads:
-        return config.engine.model_copy(update={"threads": config.threads})
-    return config.engine
-
-
 # ---------------------------------------------------------------- reading data
 
 
@@ -238,6 +231,27 @@ class CausalLMSettings:
     description: str
     micro_batch_size: int | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @classmethod
+    def of(cls, config: PretrainConfig | SFTConfig, description: str) -> CausalLMSettings:
+        """The loop settings of a pretraining or SFT config (the older ``threads`` folded in)."""
+        engine = config.engine
+        if config.threads and not engine.threads:
+            engine = engine.model_copy(update={"threads": config.threads})
+        return cls(
+            steps=config.steps,
+            lr=config.lr,
+            warmup_ratio=config.warmup_ratio,
+            weight_decay=config.weight_decay,
+            scheduler=config.scheduler,
+            eval_every=config.eval_every,
+            save_every=config.save_every,
+            keep_checkpoints=config.keep_checkpoints,
+            seed=config.seed,
+            description=description,
+            micro_batch_size=config.micro_batch_size,
+            engine=engine,
+        )
 
 
 class CausalLMProgram:
@@ -508,20 +522,7 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = True) -> dict[str,
         ids, drawn = batcher.batch(step)
         return ids, ids, {f"tokens_{k}": v for k, v in drawn.items()}
 
-    settings = CausalLMSettings(
-        steps=config.steps,
-        lr=config.lr,
-        warmup_ratio=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        scheduler=config.scheduler,
-        eval_every=config.eval_every,
-        save_every=config.save_every,
-        keep_checkpoints=config.keep_checkpoints,
-        seed=config.seed,
-        description="pretrain",
-        micro_batch_size=config.micro_batch_size,
-        engine=_engine(config),
-    )
+    settings = CausalLMSettings.of(config, "pretrain")
     meta = {
         "stage": "pretrain",
         "preset": config.preset,
@@ -593,20 +594,7 @@ def run_sft(config: SFTConfig, *, resume: bool = True) -> dict[str, Any]:
         ids, attention, labels = encode_sft(batch, tokenizer, config.max_len)
         return ids, labels, {"output_tokens": int((labels != IGNORE_INDEX).sum())}
 
-    settings = CausalLMSettings(
-        steps=config.steps,
-        lr=config.lr,
-        warmup_ratio=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        scheduler=config.scheduler,
-        eval_every=config.eval_every,
-        save_every=config.save_every,
-        keep_checkpoints=config.keep_checkpoints,
-        seed=config.seed,
-        description="sft",
-        micro_batch_size=config.micro_batch_size,
-        engine=_engine(config),
-    )
+    settings = CausalLMSettings.of(config, "sft")
     meta = {
         "stage": "sft",
         "base_model": config.base_model,
