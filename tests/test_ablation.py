@@ -309,7 +309,12 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
         if line.startswith("| ")
     }
     assert [a.arm for a in load_results(results)] == [
-        "base", "baseline", "full", "baseline-620", "full-620", "minus-dhnm-620",
+        "base",
+        "baseline",
+        "full",
+        "baseline-620",
+        "full-620",
+        "minus-dhnm-620",
         "dhnm-revisit-v2",
     ]  # fmt: skip  (the plain arms, then each tag's arms in the same order, then the rest)
     baseline_cells = rows["baseline"].strip("| ").split(" | ")

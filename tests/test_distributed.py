@@ -99,7 +99,9 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
         left, right = load_file(a / name), load_file(b / name)
         assert left.keys() == right.keys()
         for key in left:
-            torch.testing.assert_close(left[key], right[key], atol=atol, rtol=0, msg=f"{name}:{key}")
+            torch.testing.assert_close(
+                left[key], right[key], atol=atol, rtol=0, msg=f"{name}:{key}"
+            )
 
 
 def _free_port() -> int:
@@ -191,7 +193,9 @@ def test_virtual_devices_equal_the_joint_loss_computed_at_once(tmp_path, dropout
     assert record["loss/ret"] + 0.8 * record["loss/sts"] == pytest.approx(total, abs=TOL)
     assert sum(float(g.abs().sum()) for g in got.values()) > 0
     if dropout:  # GradCache replays each chunk's dropout seed: equal to the one-pass graph
-        other = CBBTrainer(load_config(write_cbb_config(tmp_path, model, grad_cache=not grad_cache)))
+        other = CBBTrainer(
+            load_config(write_cbb_config(tmp_path, model, grad_cache=not grad_cache))
+        )
         other.model.train()
         assert other.step(0)["loss"] == pytest.approx(total, abs=TOL)
         for name, grad in _grads(other.model).items():

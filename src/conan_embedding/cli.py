@@ -441,6 +441,34 @@ def v2_demo_command(
     typer.echo(f"total {report['total_seconds']:.0f} s; report in {cfg.output_dir}/ablation.json")
 
 
+@app.command("v2-ablation")
+def v2_ablation_command(
+    config: str = typer.Option(
+        "configs/v2-gemma-ablation.yaml", help="YAML of ConversionAblationConfig."
+    ),
+    output_dir: str | None = typer.Option(None, help="Override output_dir."),
+    runs: str | None = typer.Option(
+        None, help="Comma-separated runs for this process (<arm>-s<seed>, reference)."
+    ),
+) -> None:
+    """Convert a pretrained decoder to an embedder under each mask schedule / LoRA arm."""
+    from pathlib import Path
+
+    from conan_embedding.decoder_ablation import (
+        ConversionAblationConfig,
+        run_conversion_ablation,
+    )
+    from conan_embedding.training.pretrain import load_stage_config
+
+    overrides = {
+        "output_dir": output_dir,
+        "runs": [r.strip() for r in runs.split(",") if r.strip()] if runs else None,
+    }
+    cfg = load_stage_config(config, ConversionAblationConfig, overrides)
+    run_conversion_ablation(cfg, log=lambda line: typer.echo(line, err=True))
+    typer.echo((Path(cfg.output_dir) / "ablation.md").read_text(encoding="utf-8"))
+
+
 # --- serving: serve / encode / export-onnx (issue #8) ---
 
 

@@ -18,6 +18,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraSettings(_Strict):
+    """LoRA adapters (peft) instead of full fine-tuning; merged into the weights at save.
+
+    The default targets are the Llama-family projection names (Llama, Qwen, Mistral, Gemma);
+    GPT-2 style models name theirs ``c_attn``/``c_proj``/``c_fc``.
+    """
+
+    r: int = Field(16, gt=0)
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+
+
 class ModelConfig(_Strict):
     name: str = "all-MiniLM-L6-v2"
     pooling: Literal["cls", "mean", "lasttoken"] | None = None
@@ -29,6 +52,8 @@ class ModelConfig(_Strict):
     """Prompt name (key of ``prompts``) put before queries/first sentences; None = none."""
     passage_prompt: str | None = None
     freeze_word_embeddings: bool = False
+    lora: LoraSettings | None = None
+    """Train LoRA adapters on the backbone instead of every weight (merged when saved)."""
     model_kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
     """Passed to ``from_pretrained`` of the backbone, e.g. ``{torch_dtype: bfloat16,
     attn_implementation: sdpa}``."""

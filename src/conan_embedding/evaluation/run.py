@@ -91,6 +91,7 @@ def evaluate(
     output_dir: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     max_corpus: int | None = None,
+    max_pairs: int | None = None,
     cache_dir: str | os.PathLike[str] | bool | None = None,
     batch_size: int = 64,
     show_progress: bool = True,
@@ -103,7 +104,8 @@ def evaluate(
 
     ``tasks`` are task or suite names (``mini-mteb``, ``mini-cmteb``, ``cross-lingual``,
     ``all``, ``sts``). ``max_corpus`` caps retrieval corpora (relevant documents always kept;
-    recorded in ``run_info.json``). ``cache_dir``: ``None`` uses :func:`default_cache_dir`,
+    recorded in ``run_info.json``); ``max_pairs`` samples STS test sets longer than that (a
+    seeded sample: an estimate, marked not comparable). ``cache_dir``: ``None`` uses :func:`default_cache_dir`,
     ``False`` disables the embedding cache. ``symmetric_prompt`` is the model prompt used
     where mteb asks for none (e5's ``query: `` on both sides of STS). ``num_threads`` sets
     ``torch.set_num_threads`` for the process (on an oversubscribed CPU one thread encoded
@@ -140,7 +142,7 @@ def evaluate(
     for task_name in progress(
         names, desc=f"evaluating {name}", disable=not show_progress or len(names) < 2
     ):
-        task = build_task(task_name, data_dir=data_dir, max_corpus=max_corpus)
+        task = build_task(task_name, data_dir=data_dir, max_corpus=max_corpus, max_pairs=max_pairs)
         dataset = dict(task.metadata.dataset)
         encoded_before, started = encoder.encoded_texts, time.perf_counter()
         hits_before = encoder.cache.hits if encoder.cache else 0
@@ -158,10 +160,13 @@ def evaluate(
         task_info[task_name] = {
             "main_score": scores[task_name],
             "main_metric": task.metadata.main_score,
-            "comparable_to_mteb": TASKS[task_name].comparable and not task.corpus_capped,
+            "comparable_to_mteb": TASKS[task_name].comparable
+            and not task.corpus_capped
+            and not task.pairs_capped,
             "note": task.note,
             "corpus_sizes": task.corpus_sizes,
             "corpus_capped": task.corpus_capped,
+            "pairs_capped": task.pairs_capped,
             "texts_encoded": encoder.encoded_texts - encoded_before,
             "cache_hits": (encoder.cache.hits if encoder.cache else 0) - hits_before,
             "seconds": round(time.perf_counter() - started, 2),
@@ -183,6 +188,7 @@ def evaluate(
                 "fingerprint": encoder.fingerprint,
                 "mteb_version": mteb.__version__,
                 "max_corpus": max_corpus,
+                "max_pairs": max_pairs,
                 "symmetric_prompt": encoder.model_prompts.get(symmetric_prompt or ""),
                 "prompts": encoder.model_prompts,
                 "machine": {

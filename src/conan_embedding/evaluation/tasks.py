@@ -164,11 +164,16 @@ class LocalDataTask(ABC):
         self,
         data_dir: str | os.PathLike[str] | None = None,
         max_corpus: int | None = None,
+        max_pairs: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         self.data_dir = resolve_data_dir(data_dir)
         self.max_corpus = max_corpus
+        if max_pairs is not None and max_pairs <= 0:
+            raise ValueError(f"max_pairs must be positive, got {max_pairs}")
+        self.max_pairs = max_pairs
+        self.pairs_capped = False  # set when max_pairs sampled an STS split
         self.corpus_sizes: dict[str, int] = {}
         self.corpus_capped = False  # set by retrieval tasks when max_corpus dropped documents
         first = self.data_dir / self.data_files[0]
@@ -191,8 +196,23 @@ class LocalDataTask(ABC):
     def load_data(self, num_proc: int | None = None, *, timer: Any = None, **kwargs: Any) -> None:
         if self.data_loaded:  # type: ignore[attr-defined]
             return
-        self.dataset = self.build_dataset()
+        dataset = self.build_dataset()
+        if self.max_pairs is not None and self.metadata.type == "STS":  # type: ignore[attr-defined]
+            dataset = self._cap_pairs(dataset)
+        self.dataset = dataset
         self.data_loaded = True
+
+    def _cap_pairs(self, node: Any) -> Any:
+        """Every split longer than ``max_pairs`` replaced by a seeded sample of its pairs (kept in
+        file order). Spearman on a sample is an estimate of the full score, not MTEB's number."""
+        if isinstance(node, dict):
+            return {key: self._cap_pairs(value) for key, value in node.items()}
+        assert self.max_pairs is not None
+        if len(node) <= self.max_pairs:
+            return node
+        self.pairs_capped = True
+        keep = sorted(random.Random(SPLIT_SEED).sample(range(len(node)), self.max_pairs))
+        return node.select(keep)
 
 
 def _meta(base: type[AbsTask], **updates: Any) -> Any:
@@ -839,7 +859,13 @@ def expand_task_names(names: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def build_task(
-    name: str, *, data_dir: str | os.PathLike[str] | None = None, max_corpus: int | None = None
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    max_corpus: int | None = None,
+    max_pairs: int | None = None,
 ) -> LocalDataTask:
-    """An mteb task instance reading local data."""
-    return TASKS[expand_task_names([name])[0]].task_class(data_dir=data_dir, max_corpus=max_corpus)
+    """An mteb task instance reading local data (``max_pairs`` samples long STS test sets)."""
+    return TASKS[expand_task_names([name])[0]].task_class(
+        data_dir=data_dir, max_corpus=max_corpus, max_pairs=max_pairs
+    )

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from conan_embedding.config import EngineConfig
+from conan_embedding.config import EngineConfig, LoraSettings
 from conan_embedding.losses.infonce import info_nce_loss
 from conan_embedding.losses.matryoshka import matryoshka_loss
 from conan_embedding.modeling.decoders import (
@@ -74,35 +74,20 @@ __all__ = [
 ]
 
 
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    r: int = Field(16, gt=0)
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = Field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
-
-
 class WeakStageConfig(BaseModel):
     """Stage 3 settings; defaults follow the paper where it gives them (batch 64, InfoNCE)."""
 
     model_config = ConfigDict(extra="forbid")
     output_dir: str
-    llm: str  # a folder saved by pretrain/sft (model + tokenizer)
+    llm: str  # a causal-LM folder: saved by pretrain/sft, or `conan-embed import gguf`
     data: str  # SFT rows {"instruction", "input", "output"}
     schedule: Schedule = "linear"
     variant: Variant = "L_over_i"
     pooling: Pooling = "mean"
     lora: LoraSettings | None = None
+    # the input embedding matrix stays as loaded: most of a small multilingual decoder's
+    # weights (Gemma 3 270M: 168M of 268M) and of its optimizer state, for little gain
+    freeze_embeddings: bool = False
     matryoshka_dims: list[int] = Field(default_factory=list)
     max_len: int = 64
     batch_size: int = 64
@@ -215,16 +200,9 @@ def weak_pairs(
 
 
 def apply_lora(embedder: LLMEmbedder, settings: LoraSettings) -> LLMEmbedder:
-    from peft import LoraConfig, get_peft_model
+    from conan_embedding.modeling.lora import add_lora
 
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
-        bias="none",
-    )
-    embedder.backbone = get_peft_model(embedder.backbone, config)
+    embedder.backbone = add_lora(embedder.backbone, settings)
     return embedder
 
 
@@ -366,6 +344,8 @@ def train_weak_stage(
         out.mkdir(parents=True, exist_ok=True)
         pairs, teacher_report = teacher_filtered(pairs, config, out)
     embedder = LLMEmbedder.from_llm(config.llm, config.pooling, config.max_len)
+    if config.freeze_embeddings:
+        embedder.backbone.get_input_embeddings().weight.requires_grad_(False)
     if config.lora is not None:
         apply_lora(embedder, config.lora)
     dims = (
@@ -838,8 +818,11 @@ def run_supervised_stage(
     max_rows: int | None = None,
     matryoshka_dims: Sequence[int] | None = None,
     max_seq_length: int = 64,
+    freeze_word_embeddings: bool = False,
+    lora: LoraSettings | dict[str, Any] | None = None,
     seed: int = 0,
     threads: int | None = None,
+    show_progress: bool = True,
 ) -> Path:
     """Stage 4 with the foundation :class:`~conan_embedding.training.trainer.Trainer` on an
     exported LLM embedder: retrieval + CLR (InfoNCE, static hard negatives) and STS (CoSENT),
@@ -882,10 +865,12 @@ def run_supervised_stage(
             name=str(model_dir),
             max_seq_length=max_seq_length,
             matryoshka_dims=list(matryoshka_dims or []),
+            freeze_word_embeddings=freeze_word_embeddings,
+            lora=LoraSettings.model_validate(lora) if isinstance(lora, dict) else lora,
         ),
         optim=OptimConfig(lr=lr, max_steps=steps, warmup_ratio=0.05, weight_decay=0.001),
         task_schedule="all_tasks",
         tasks=tasks,
         checkpoint_every=max(steps, 1),
     )
-    return Trainer(config).train(show_progress=True).model_dir
+    return Trainer(config).train(show_progress=show_progress).model_dir

@@ -167,6 +167,10 @@ class Trainer:
         )
         if mc.freeze_word_embeddings:
             self.model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
+        if mc.lora is not None:
+            from conan_embedding.modeling.lora import add_lora
+
+            self.model[0].model = add_lora(self.model[0].model, mc.lora)
         self.query_prompt = self._prompt(mc.query_prompt)
         self.passage_prompt = self._prompt(mc.passage_prompt)
 
@@ -567,6 +571,9 @@ class Trainer:
         if not engine.is_main:
             return
         from conan_embedding.modeling.card import card_info_from_config
+        from conan_embedding.modeling.lora import merged
+
+        self.model[0].model = merged(self.model[0].model)
 
         rows = {name: len(records) for name, records in self.records.items()}
         self.model_dir = save_embedder(
