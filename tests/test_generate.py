@@ -55,6 +55,17 @@ def test_parse_generated_items_accepts_json_fences_objects_and_lines():
     assert parse_generated_items("") == []
 
 
+def test_parse_generated_items_survives_a_small_models_broken_format():
+    # SmolLM2-135M's answers, seen here: a preamble, a fence, a list cut off by max_tokens
+    cut = 'Here are three queries:\n```json\n["dendrite growth in Drosophila", "synaptic in'
+    assert parse_generated_items(cut) == [GeneratedItem("dendrite growth in Drosophila")]
+    lines = "Here is a JSON list of strings that this passage answers:\n```json\n{\n[\n}"
+    assert parse_generated_items(lines) == []
+    assert parse_generated_items("Sure:\nWhat does MPO do in atrial fibrillation?") == [
+        GeneratedItem("What does MPO do in atrial fibrillation?")
+    ]
+
+
 def test_templates_validate_placeholders_and_load_from_yaml(tmp_path):
     with pytest.raises(ValueError, match=r"\{passage\}"):
         PromptTemplates(query="Write {n} queries")

