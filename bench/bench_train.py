@@ -152,7 +152,7 @@ def write_inputs(data_dir: Path, work: Path, dhnm_cbb: bool, steps: int) -> dict
             kept, pools, report = mine_with_own_corpus(
                 records, model, recipe_mining_config(None), show_progress=False
             )
-            write_pools(default_pool_path(mined_path), pools)
+            write_pools(default_pool_path(mined_path), pools, report["pool_meta"])
             write_records(mined_path, kept)
             print(f"mined {report['kept']} of {report['queries']} queries for --dhnm-cbb")
         files["mined"] = str(mined_path)

@@ -179,6 +179,39 @@ def test_clr_builder_mines_both_directions_with_renumbered_pools(tiny_model, tmp
     )
 
 
+def test_prepared_recipe_pools_record_how_they_were_mined(tiny_model, tmp_path, monkeypatch):
+    """Issue #16: both mined files get a pool meta beside their pool, so DHNM's
+    ``initial_score: auto`` can take the pool's scores as S_0 for the model that mined them."""
+    from conan_embedding import ablation
+    from conan_embedding.mining.offline import PoolMeta, read_pool_meta
+
+    model, model_dir = tiny_model
+    data = tmp_path / "work" / "data"
+    sts = [
+        STSRecord(sentence1=_sentence(i), sentence2=_sentence(i, 1), score=1.0) for i in range(8)
+    ]
+    for source in ablation.PREPARE_SOURCES:  # present, so nothing is downloaded or prepared
+        write_records(data / f"{source}.jsonl", sts)
+    write_records(data / "parallel-en-zh.jsonl", _parallel(40))
+    bge = [
+        RetrievalRecord(query=_sentence(i), pos=[_sentence(i, 2)], neg=[_sentence(i + 1, 5)])
+        for i in range(30)
+    ]
+    write_records(data / "bge-finetune.jsonl", bge)
+    monkeypatch.setattr(ablation, "recipe_mining_config", lambda prompt: _tiny_mining())
+    inputs = ablation.prepare_recipe_inputs(
+        tmp_path / "work", model_dir=model_dir, clr_pairs=30, show_progress=False
+    )
+    mined_with = ablation._load_mining_model(model_dir, 64)
+    for pool in (inputs.clr_pool, inputs.bge_pool):
+        meta = read_pool_meta(pool)
+        assert meta is not None and meta.max_seq_length == 64
+        assert meta.matches(PoolMeta.of(mined_with, None, None))
+    report = json.loads((data / "recipe_mining_report.json").read_text(encoding="utf-8"))
+    assert report["clr"]["en->zh"]["kept"] > 0 and report["bge"]["kept"] > 0
+    assert "pool_meta" not in report["clr"] and "pool_meta" not in report["bge"]  # beside the pool
+
+
 def _write_tiny_work_dir(work: Path, model) -> None:
     data = work / "data"
     sts = [

@@ -191,3 +191,23 @@ def test_weak_stage_card_shows_the_soft_mask_and_lora(tmp_path):
     assert "gradient clip 1.0" in card
     block = card.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert WeakStageConfig.model_validate(yaml.safe_load(block)) == config
+
+
+def test_llm_stages_follow_the_folders_back_to_the_first_stage(tmp_path):
+    """The weak stage's card names the LLM's history as its folders record it, and nothing
+    when they record nothing (a plain Hugging Face checkpoint)."""
+    import json
+
+    from conan_embedding.modeling.card import llm_stages
+
+    pre, sft, gguf, plain = (tmp_path / n for n in ("pre", "sft", "gguf", "plain"))
+    for folder in (pre, sft, gguf, plain):
+        folder.mkdir()
+    (pre / "conan_llm.json").write_text(json.dumps({"stage": "pretrain"}), encoding="utf-8")
+    (sft / "conan_llm.json").write_text(
+        json.dumps({"stage": "sft", "base_model": str(pre)}), encoding="utf-8"
+    )
+    (gguf / "conan_import.json").write_text(json.dumps({"source": "org/x-GGUF"}), encoding="utf-8")
+    assert llm_stages(sft) == ["pretrain", "sft"]
+    assert llm_stages(gguf) == ["import (org/x-GGUF)"]
+    assert llm_stages(plain) == []

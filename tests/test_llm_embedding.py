@@ -83,6 +83,18 @@ def test_soft_mask_weak_stage_learns_and_ends_bidirectional(tiny_llm, tmp_path):
     model = load_embedder(tmp_path / "weak" / "model")
     assert matryoshka_dims(model) == [16, 32]
     assert (tmp_path / "weak" / "loss.png").is_file()
+    # Conan's card, not sentence-transformers' generic one: what was trained, on what, how
+    card = (tmp_path / "weak" / "model" / "README.md").read_text(encoding="utf-8")
+    assert f"`{tiny_llm / 'model'}`" in card and "- Stage: **weak (LLM, soft mask)**" in card
+    assert f"| weak-pairs | pairs | `sft.jsonl` | {summary['pairs']:,} | 8 |" in card
+    assert "schedule `linear`, variant `L_over_i`, over 12 steps" in card
+    assert "12 steps on 1 task, 32-dimensional normalised vectors" in card
+    assert "- 12 steps, AdamW lr 0.003" in card and "pooling" in (
+        tmp_path / "weak" / "model" / "conan_card.json"
+    ).read_text(encoding="utf-8")
+    first, last = summary["first_loss"], summary["final_loss_mean_last_10"]
+    assert f"Loss {first:.4g} at step 1, {last:.4g} mean of the last 10 steps (of 12)" in card
+    assert "**Matryoshka (MRL)**: loss summed over dims [16]" in card
 
 
 def test_lora_trains_only_adapters_and_merges_on_export(tiny_llm, tmp_path):
@@ -95,6 +107,8 @@ def test_lora_trains_only_adapters_and_merges_on_export(tiny_llm, tmp_path):
     assert not any("lora" in name for name in names)  # merged into plain Llama weights
     base = LLMEmbedder.from_llm(tiny_llm / "model").encode(["apple river"])
     assert np.abs(model.encode(["apple river"]) - base).max() > 1e-4  # the adapters did something
+    card = (tmp_path / "weak" / "model" / "README.md").read_text(encoding="utf-8")
+    assert "schedule `hard`" in card and "LoRA r 4, alpha 8" in card
 
 
 def test_causal_baseline_stays_causal(tiny_llm, tmp_path):

@@ -13,7 +13,7 @@ import yaml
 from tests.conftest import WORDS
 
 from conan_embedding.config import ConfigError, load_config
-from conan_embedding.data.records import write_records
+from conan_embedding.data.records import RecordDataset, read_records, write_records
 from conan_embedding.training.trainer import Trainer, TrainingDivergedError, read_log
 
 
@@ -251,3 +251,59 @@ def test_weak_stage_teacher_filter_drops_low_scoring_pairs(tmp_path, tiny_bert):
     assert trainer.filter_report == {"task": "pairs", "kept": 5, "total": 10}
     assert all(r.pos == r.query for r in trainer.records["pairs"])
     json.dumps(trainer.filter_report)
+
+
+class _EagerTrainer(Trainer):
+    """The trainer as it was before the lazy reader: every row validated into a list up front."""
+
+    def _open_records(self, task):
+        return read_records(task.path, task.kind)
+
+
+def test_lazy_records_train_exactly_like_the_eager_list(tmp_path, tiny_bert):
+    """Same rows, caps, label index and negatives: the loss trajectory is bit-identical."""
+    losses = {}
+    for name, cls in (("lazy", Trainer), ("eager", _EagerTrainer)):
+        (tmp_path / name).mkdir()
+        config = load_config(write_config(tmp_path / name, tiny_bert, steps=9))
+        config.tasks[0].max_rows = 30  # a capped task is a view of the file's rows
+        trainer = cls(config)
+        lazy = isinstance(trainer.records["ret"], RecordDataset)
+        assert lazy == (name == "lazy") and len(trainer.records["ret"]) == 30
+        result = trainer.train(show_progress=False)
+        losses[name] = [r["loss"] for r in read_log(result.output_dir / "train_log.jsonl")]
+    assert len(losses["lazy"]) == 9 and losses["lazy"] == losses["eager"]
+
+
+def test_a_malformed_row_deep_in_the_file_names_file_line_and_field(tmp_path, tiny_bert):
+    """Rows are validated when read: the trainer starts, and the first batch holding the bad
+    row raises RecordError ``file:line: field`` (the CLI prints it and exits 2)."""
+    from conan_embedding.config import TrainConfig
+    from conan_embedding.data.records import RecordError
+
+    rng = np.random.default_rng(0)
+    rows = [{"query": _sentence(rng), "pos": _sentence(rng)} for _ in range(40)]
+    rows[32] = {"query": "fine", "pos": 7}  # file line 33
+    write_records(tmp_path / "pairs.jsonl", rows)
+    config = TrainConfig.model_validate(
+        {
+            "stage": "weak",
+            "output_dir": str(tmp_path / "run"),
+            "model": {"name": str(tiny_bert)},
+            "optim": {"max_steps": 6},  # 5 batches of 8 cover the 40 rows
+            "tasks": [
+                {
+                    "name": "pairs",
+                    "kind": "pairs",
+                    "path": str(tmp_path / "pairs.jsonl"),
+                    "batch_size": 8,
+                }
+            ],
+        }
+    )
+    trainer = Trainer(config)
+    assert len(trainer.records["pairs"]) == 40
+    with pytest.raises(
+        RecordError, match=r"pairs\.jsonl:33: field 'pos': Input should be a valid string"
+    ):
+        trainer.train(show_progress=False)

@@ -197,7 +197,8 @@ def build_clr_records(
     The pairs are shuffled with ``seed`` and capped at ``max_pairs``; en queries retrieve zh
     positives against every zh text of the capped set, zh queries retrieve en positives against
     every en text. Each direction is mined on its own, then the two are concatenated and the
-    pools renumbered to the merged positions.
+    pools renumbered to the merged positions. ``report["pool_meta"]`` is the pools'
+    :class:`~conan_embedding.mining.offline.PoolMeta` (write it beside the pool file).
     """
     from conan_embedding.mining.offline import mine
 
@@ -231,6 +232,8 @@ def build_clr_records(
         }
         records.extend(kept)
         pools.extend(kept_pools)
+        # both directions are mined by the one model with the one config: the same meta
+        report["pool_meta"] = stats.pool_meta
     return records, _renumbered(pools), report
 
 
@@ -241,7 +244,8 @@ def mine_with_own_corpus(
     *,
     show_progress: bool = True,
 ) -> tuple[list[RetrievalRecord], list[PoolEntry], dict[str, Any]]:
-    """Re-mine a retrieval file against the corpus of all its own positives and negatives."""
+    """Re-mine a retrieval file against the corpus of all its own positives and negatives;
+    ``report["pool_meta"]`` is the pools' :class:`~conan_embedding.mining.offline.PoolMeta`."""
     from conan_embedding.mining.offline import mine
 
     corpus = list(dict.fromkeys(t for r in records for t in [*r.pos, *r.neg]))
@@ -253,17 +257,23 @@ def mine_with_own_corpus(
         "corpus": stats.corpus_size,
         "mean_negative_score": round(stats.mean_negative_score, 4),
         "mean_positive_score": round(stats.mean_positive_score, 4),
+        "pool_meta": stats.pool_meta,
     }
     return kept, _renumbered(kept_pools), report
 
 
 def _write_mined(
-    path: Path, records: Sequence[RetrievalRecord], pools: Sequence[PoolEntry]
+    path: Path,
+    records: Sequence[RetrievalRecord],
+    pools: Sequence[PoolEntry],
+    pool_meta: dict[str, Any] | None,
 ) -> None:
+    """Records, their pool and the pool's meta (model, prompts, max length, probe), so DHNM
+    with ``initial_score: auto`` can tell whether the pool's scores are its own ``S_0``."""
     from conan_embedding.mining.offline import default_pool_path, write_pools
 
     # pool first: a records file without its pool would be taken as done on the next run
-    write_pools(default_pool_path(path), pools)
+    write_pools(default_pool_path(path), pools, pool_meta or None)
     write_records(path, records)
 
 
@@ -327,13 +337,13 @@ def prepare_recipe_inputs(
         records, pools, report["clr"] = build_clr_records(
             parallel, model, config, max_pairs=clr_pairs, seed=seed, show_progress=show_progress
         )
-        _write_mined(inputs.clr, records, pools)
+        _write_mined(inputs.clr, records, pools, report["clr"].pop("pool_meta"))
     if todo_bge:
         source = read_records(out / "bge-finetune.jsonl", "retrieval")
         records, pools, report["bge"] = mine_with_own_corpus(
             source, model, config, show_progress=show_progress
         )
-        _write_mined(inputs.bge_mined, records, pools)
+        _write_mined(inputs.bge_mined, records, pools, report["bge"].pop("pool_meta"))
     _write_json(out / "recipe_mining_report.json", report)
     return inputs
 

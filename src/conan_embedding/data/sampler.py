@@ -103,9 +103,16 @@ class LabelIndex:
     """Classification-as-retrieval: same-label positives and other-label negatives."""
 
     def __init__(self, records: Sequence[ClassificationRecord]):
-        self.labels = sorted({r.label for r in records})
+        # one pass (a lazy dataset parses each row once): ids in order of first appearance,
+        # then renumbered so that label ids follow the sorted label names
+        seen: dict[str, int] = {}
+        first = np.fromiter(
+            (seen.setdefault(r.label, len(seen)) for r in records), np.int64, count=len(records)
+        )
+        self.labels = sorted(seen)
         self.label_id = {label: i for i, label in enumerate(self.labels)}
-        self.ids = np.array([self.label_id[r.label] for r in records])
+        renumber = np.array([self.label_id[label] for label in seen], dtype=np.int64)
+        self.ids = renumber[first] if len(first) else first
         self.rows_of = {i: np.flatnonzero(self.ids == i) for i in range(len(self.labels))}
         if len(self.labels) < 2:
             raise ValueError("classification needs at least two labels")
@@ -128,12 +135,13 @@ class LabelIndex:
         ]
 
 
-def cap_indices(total: int, max_rows: int | None, seed: int, name: str) -> list[int]:
-    """Positions of a seeded subset of at most ``max_rows`` of ``total`` rows, in file order."""
+def cap_indices(total: int, max_rows: int | None, seed: int, name: str) -> np.ndarray:
+    """Positions of a seeded subset of at most ``max_rows`` of ``total`` rows, in file order
+    (int64; an array, not a list, since ``total`` may be tens of millions of rows)."""
     if max_rows is None or max_rows >= total:
-        return list(range(total))
+        return np.arange(total, dtype=np.int64)
     rng = np.random.default_rng([seed, _stable_hash(name), 7])
-    return [int(i) for i in np.sort(rng.choice(total, size=max_rows, replace=False))]
+    return np.sort(rng.choice(total, size=max_rows, replace=False)).astype(np.int64)
 
 
 def cap_rows(records: Sequence[Record], max_rows: int | None, seed: int, name: str) -> list[Record]:

@@ -190,7 +190,7 @@ class DynamicNegatives:
             raise ValueError("dynamic hard negative mining needs n >= 1 negatives per sample")
         if len(pools) != len(records):
             raise ValueError(f"{len(pools)} pools for {len(records)} records: mine them together")
-        self.records, self.n = list(records), n
+        self.records, self.n = records, n  # a lazy dataset stays lazy: passes stream it
         self.config = config
         self.use_pool_scores = self._resolve_initial_score(pool_meta, trained_with)
         # Every text a sample can hold gets a corpus id; state refers to ids, not texts.
@@ -798,7 +798,7 @@ def build_dynamic_negatives(
         )
     pools = read_pools(pool_path)
     if rows is not None and len(pools) != len(records):
-        if len(rows) != len(records) or (rows and max(rows) >= len(pools)):
+        if len(rows) != len(records) or (len(rows) and int(np.max(rows)) >= len(pools)):
             raise ValueError(f"{pool_path}: rows {len(rows)} do not index {len(pools)} pools")
         pools = [pools[i] for i in rows]
     elif len(pools) != len(records):  # a subset without positions: find each row's pool

@@ -279,17 +279,42 @@ def card_info_from_config(
     )
 
 
+def llm_stages(path: str | os.PathLike[str], depth: int = 4) -> list[str]:
+    """The stages that made the causal LM in ``path``, oldest first, as its folder records
+    them: ``conan_llm.json`` (pretrain/sft, whose ``base_model`` is followed back) or
+    ``conan_import.json`` (a GGUF import). Empty when the folder records nothing, so a card
+    never claims stages it cannot show."""
+    folder = Path(path)
+    meta = _read_json(folder / "conan_llm.json")
+    if isinstance(meta, dict) and meta.get("stage"):
+        base = meta.get("base_model")
+        earlier = llm_stages(base, depth - 1) if base and depth > 1 else []
+        return [*earlier, str(meta["stage"])]
+    imported = _read_json(folder / "conan_import.json")
+    if isinstance(imported, dict):
+        return [f"import ({imported.get('source') or 'GGUF'})"]
+    return []
+
+
 def card_info_from_weak_stage(
     config: Any,
     rows: int | None = None,
     *,
     title: str | None = None,
     stages: list[str] | None = None,
+    losses: list[float] | None = None,
 ) -> CardInfo:
     """A :class:`CardInfo` for Conan-v2's LLM weak stage (``training.llm_embedding``'s
     ``WeakStageConfig``): in-batch InfoNCE on (instruction + input, output) pairs while the
-    soft mask opens the causal attention. ``rows`` are the pairs the run used."""
+    soft mask opens the causal attention. ``rows`` are the pairs the run used; ``losses``
+    the per-step losses (the card gives the first and the mean of the last 10)."""
     notes = []
+    if losses:
+        last = losses[-10:]
+        notes.append(
+            f"Loss {losses[0]:.4g} at step 1, {sum(last) / len(last):.4g} mean of the last "
+            f"{len(last)} steps (of {len(losses)})"
+        )
     if config.lora is not None:
         notes.append(
             f"LoRA r {config.lora.r}, alpha {config.lora.alpha}, dropout {config.lora.dropout}, "
@@ -371,7 +396,9 @@ def _folder_facts(model_dir: Path) -> dict[str, Any]:
             )
             mode = config.get("pooling_mode") or mode
             kind += f" ({mode})" if mode else ""
-            facts["width"] = config.get("word_embedding_dimension") or facts["width"]
+            # sentence-transformers 5.x writes embedding_dimension, older ones word_embedding_dimension
+            width = config.get("embedding_dimension") or config.get("word_embedding_dimension")
+            facts["width"] = width or facts["width"]
         elif kind == "Dense":
             kind += f" ({config.get('in_features')} -> {config.get('out_features')})"
             facts["width"] = config.get("out_features") or facts["width"]
@@ -445,13 +472,19 @@ def render_model_card(
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", ""]
 
     width = facts.get("width")
+    vectors = " ".join(
+        word
+        for word in (
+            f"{width}-dimensional" if width else "",
+            "normalised" if info.model.get("normalize") else "",
+            "vectors",
+        )
+        if word
+    )
     lines.append(
         f"A text embedding model trained with conan-embedding from "
         f"`{info.base_model}`: {info.stage} stage, {info.steps} steps on "
-        f"{len(info.tasks)} task{'s' if len(info.tasks) != 1 else ''}"
-        + (f", {width}-dimensional" if width else "")
-        + (" normalised" if info.model.get("normalize") else "")
-        + " vectors"
+        f"{len(info.tasks)} task{'s' if len(info.tasks) != 1 else ''}, {vectors}"
         + (
             f" that can be cut to {', '.join(map(str, dims))} dimensions (Matryoshka)"
             if dims

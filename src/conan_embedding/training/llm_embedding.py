@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ from conan_embedding.modeling.soft_mask import (
     soft_masked_forward,
 )
 from conan_embedding.training.engine import Engine
+
+if TYPE_CHECKING:
+    from conan_embedding.modeling.card import CardInfo
 
 __all__ = [
     "LLMEmbedder",
@@ -278,6 +281,7 @@ class SoftMaskWeakProgram:
         self.losses = list(state["losses"])
 
     def finish(self, engine: Engine, result: Any) -> None:
+        from conan_embedding.modeling.card import card_info_from_weak_stage, llm_stages
         from conan_embedding.training.trainer import plot_losses
 
         if engine.sharded_state:
@@ -312,6 +316,9 @@ class SoftMaskWeakProgram:
             bidirectional=self.schedule.ends_bidirectional,
             matryoshka_dims=self.dims or None,
             extra_meta=self.summary,
+            card=card_info_from_weak_stage(
+                config, len(self.pairs), stages=llm_stages(config.llm), losses=self.losses
+            ),
         )
         (out / "summary.json").write_text(json.dumps(self.summary, indent=2), encoding="utf-8")
 
@@ -402,8 +409,12 @@ def export_sentence_transformer(
     bidirectional: bool,
     matryoshka_dims: Sequence[int] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    card: CardInfo | None = None,
 ) -> Path:
     """Save as a stock sentence-transformers folder (Transformer -> Pooling -> Normalize).
+
+    ``card`` (:func:`~conan_embedding.modeling.card.card_info_from_weak_stage`) makes the
+    folder's ``README.md`` Conan's model card instead of sentence-transformers' generic one.
 
     ``bidirectional`` writes ``is_causal: false`` into the model's config, which transformers
     (5.x, ``merge_with_config_defaults``) turns into full attention for every decoder it
@@ -443,7 +454,7 @@ def export_sentence_transformer(
             "bidirectional": bidirectional,
             **(extra_meta or {}),
         }
-        return save_embedder(model, path, extra_meta=meta)
+        return save_embedder(model, path, extra_meta=meta, card=card)
 
 
 # ---------------------------------------------------------------- the end-to-end v2 demo

@@ -44,7 +44,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from conan_embedding.config import TaskConfig, TrainConfig
-from conan_embedding.data.records import PairRecord, read_records
+from conan_embedding.data.records import PairRecord, Record, RecordDataset, open_records
 from conan_embedding.data.sampler import LabelIndex, TaskSchedule, TaskStream, cap_indices
 from conan_embedding.losses import (
     classification_as_retrieval_loss,
@@ -114,6 +114,13 @@ def _stable_text_ids(texts: Sequence[str]) -> torch.Tensor:
     return torch.tensor([table.setdefault(t, len(table)) for t in texts])
 
 
+def _take(records: Sequence[Record], positions: np.ndarray) -> Sequence[Record]:
+    """The rows at ``positions``: a view of a lazy dataset (nothing read), a list otherwise."""
+    if isinstance(records, RecordDataset):
+        return records.select(positions)
+    return [records[int(i)] for i in positions]
+
+
 def _task_key(name: str) -> int:
     import zlib
 
@@ -174,7 +181,7 @@ class Trainer:
         self.query_prompt = self._prompt(mc.query_prompt)
         self.passage_prompt = self._prompt(mc.passage_prompt)
 
-        self.source_rows: dict[str, list[int] | None] = {}
+        self.source_rows: dict[str, np.ndarray | None] = {}
         """Per task, the file positions of the rows kept (None once a filter dropped some)."""
         self.records = {t.name: self._load_task(t) for t in config.tasks}
         self.streams = {
@@ -245,12 +252,26 @@ class Trainer:
             raise ValueError(f"prompt '{name}' is not among the model's prompts {sorted(prompts)}")
         return prompts[name]
 
-    def _load_task(self, task: TaskConfig) -> list:
-        records = read_records(task.path, task.kind)
+    def _open_records(self, task: TaskConfig) -> Sequence[Record]:
+        """The task file as a lazy :class:`~conan_embedding.data.records.RecordDataset`.
+
+        Why lazy: a weak-stage file has millions of pairs, and holding them all as pydantic
+        objects costs gigabytes per process (every rank holds the whole file, since every
+        rank draws the *global* batch by index). The byte-offset index gives each rank random
+        access for 12 bytes a row; a row is validated when it is read, so a malformed row
+        raises ``file:line: field`` when a batch (or a full pass below) reaches it. A subclass
+        may return an eager list (tests compare the two trajectories).
+        """
+        return open_records(task.path, task.kind)
+
+    def _load_task(self, task: TaskConfig) -> Sequence[Record]:
+        records = self._open_records(task)
         rows = cap_indices(len(records), task.max_rows, self.config.seed, task.name)
-        records = [records[i] for i in rows]
+        if len(rows) < len(records):
+            records = _take(records, rows)
         self.source_rows[task.name] = rows
         if task.kind == "retrieval" and task.negatives and task.dynamic_negatives.rule == "none":
+            # one streaming pass (it validates every row before the first step, too)
             short = [i for i, r in enumerate(records) if not r.neg]
             if short:
                 raise ValueError(
@@ -260,21 +281,23 @@ class Trainer:
         if self.config.teacher_filter is not None:
             records = self._teacher_filter(task, records)
             self.source_rows[task.name] = None
-        if not records:
+        if not len(records):
             raise ValueError(f"task '{task.name}' has no rows left ({task.path})")
         return records
 
-    def _teacher_filter(self, task: TaskConfig, records: list) -> list:
+    def _teacher_filter(self, task: TaskConfig, records: Sequence[Record]) -> Sequence[Record]:
         from conan_embedding.modeling.embedder import load_embedder
 
         tf = self.config.teacher_filter
         teacher = load_embedder(tf.model, device=str(self.engine.device))
-        queries = [r.query for r in records]
-        positives = [r.pos if isinstance(r, PairRecord) else r.pos[0] for r in records]
+        queries, positives = [], []
+        for r in records:  # one pass; only the texts are held, never the records
+            queries.append(r.query)
+            positives.append(r.pos if isinstance(r, PairRecord) else r.pos[0])
         q = teacher.encode(queries, batch_size=tf.batch_size, normalize_embeddings=True)
         p = teacher.encode(positives, batch_size=tf.batch_size, normalize_embeddings=True)
         scores = (q * p).sum(axis=1)
-        kept = [r for r, s in zip(records, scores, strict=True) if s >= tf.threshold]
+        kept = _take(records, np.flatnonzero(scores >= tf.threshold))
         logger.info(
             "teacher filter on '%s': kept %d of %d pairs (threshold %.2f)",
             task.name,
