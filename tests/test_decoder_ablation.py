@@ -77,6 +77,8 @@ def test_weak_stage_freeze_embeddings_keeps_the_matrix(tiny_llm, tmp_path):
         freeze_embeddings=True,
     )
     train_weak_stage(config, show_progress=False)
+    card = (tmp_path / "weak" / "model" / "README.md").read_text(encoding="utf-8")
+    assert "embedding matrix frozen" in card
     before = load_file(str(tiny_llm / "model" / "model.safetensors"))
     after = load_file(next((tmp_path / "weak" / "model").glob("**/model.safetensors")))
     name = next(k for k in before if k.endswith("embed_tokens.weight"))

@@ -320,6 +320,8 @@ def card_info_from_weak_stage(
             f"LoRA r {config.lora.r}, alpha {config.lora.alpha}, dropout {config.lora.dropout}, "
             f"on {', '.join(config.lora.target_modules)} (merged into the saved weights)"
         )
+    if getattr(config, "freeze_embeddings", False):
+        notes.append("Input embedding matrix frozen (kept as loaded)")
     if config.teacher:
         notes.append(
             f"Teacher filter: pairs scored below {config.teacher_threshold} by "
