@@ -612,7 +612,13 @@ def mine_command(
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Mine a ranked hard-negative pool per query, with false-negative filters; a killed run
-    started again resumes at the chunk it was encoding."""
+    started again resumes at the chunk it was encoding.
+
+    Several processes share the encoding (rank 0 then searches and writes):
+    `torchrun --standalone --nproc_per_node N -m conan_embedding.cli mine RECORDS OUT ...`.
+    """
+    import os
+
     from conan_embedding.mining.offline import MiningConfig, mine_file
 
     config = MiningConfig(
@@ -624,6 +630,8 @@ def mine_command(
     )  # fmt: skip
     stats = mine_file(records, out, model, corpus_path=corpus, pool_path=pool, config=config,
                       cache_dir=cache_dir)  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:  # the other ranks only encoded their share
+        return
     typer.echo(
         f"{stats.queries} queries, corpus {stats.corpus_size}, mean pool {stats.mean_pool_size:.1f}, "
         f"{stats.short_pools} short pools, skipped {stats.skipped} -> {out}"

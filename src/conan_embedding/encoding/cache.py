@@ -166,13 +166,30 @@ class VectorFile:
         self.rows = size // row_bytes
         self.complete = bool(previous and previous.get("key") == key and previous.get("complete"))
 
-    def _read_manifest(self) -> dict[str, Any] | None:
-        if not self.manifest.is_file():
+    @staticmethod
+    def finished(path: str | os.PathLike[str], *, key: str, width: int) -> bool:
+        """Whether the file at ``path`` is complete under ``key``, read without opening it for
+        writing (the constructor may reset or truncate: one process of several must not)."""
+        base = Path(path)
+        manifest = VectorFile._manifest_at(base.with_name(base.name + ".json"))
+        return bool(
+            manifest
+            and manifest.get("key") == key
+            and manifest.get("width") == int(width)
+            and manifest.get("complete")
+        )
+
+    @staticmethod
+    def _manifest_at(path: Path) -> dict[str, Any] | None:
+        if not path.is_file():
             return None
         try:
-            return json.loads(self.manifest.read_text(encoding="utf-8"))
+            return json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             return None
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        return self._manifest_at(self.manifest)
 
     def _write_manifest(self, complete: bool) -> None:
         manifest = {
@@ -209,6 +226,15 @@ class VectorFile:
         if self.rows == 0:
             return np.zeros((0, self.width), np.float32)
         return np.memmap(self.path, dtype="<f4", mode="r", shape=(self.rows, self.width))
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Rows ``start .. start + count - 1`` (a plain read, like :meth:`blocks`)."""
+        if start < 0 or start + count > self.rows:
+            raise ValueError(f"{self.path}: rows {start}..{start + count} of {self.rows} asked")
+        with open(self.path, "rb") as handle:
+            handle.seek(start * 4 * self.width)
+            block = np.fromfile(handle, dtype="<f4", count=count * self.width)
+        return block.reshape(count, self.width)
 
     def blocks(self, rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, block)`` in order, read with plain reads (no mapping stays resident)."""

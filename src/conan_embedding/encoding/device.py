@@ -1,17 +1,33 @@
-"""Where the encoder runs: ``"auto"`` is this process's GPU when CUDA is available, else the CPU.
+"""Where the encoder runs, and among which processes: ``"auto"`` is this process's GPU when
+CUDA is available, else the CPU; under a launcher, :func:`join_processes` joins the others.
 
 Why one rule: mining, teacher filtering, evaluation and serving are started by the same
 launchers as training (``torchrun`` / ``accelerate launch`` set ``LOCAL_RANK``), so each process
 must pick *its* GPU, not all of them GPU 0. ``"auto"`` resolves to ``cuda:$LOCAL_RANK`` (0 when
 unset) when ``torch.cuda.is_available()``, else ``cpu``; any other string is passed to
 ``torch.device`` as given (``"cpu"``, ``"cuda:1"``, ``"mps"``).
+
+Processes: a sharded encode (:meth:`~conan_embedding.encoding.texts.TextEncoder.encode_shards`)
+only needs this process's rank, the process count and a barrier. They come from accelerate's
+``PartialState``, the object under the training engine's ``Accelerator``, so ranks are read the
+same way (torchrun's or accelerate's environment) and the process group is the same: NCCL
+when the encoder is on a GPU, gloo on the CPU. Without a launcher (``WORLD_SIZE`` unset or 1)
+no process group is made at all: a single process behaves exactly as before.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
+
+BARRIER_TIMEOUT = timedelta(hours=24)
+"""How long a rank waits for the others at a barrier. A rank that resumes with its share
+already on disk waits for a peer still encoding its own (hours on a large corpus); a dead peer
+does not make it wait that long: the launcher stops every rank when one fails."""
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -23,3 +39,48 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     return torch.device(device)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the processes a launcher started (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    state: Any = None
+    """accelerate's ``PartialState`` when ``world > 1`` (it holds the process group)."""
+    owns_group: bool = False
+    """Whether :func:`join_processes` made the group (then :meth:`close` ends it); a group
+    that was already there (mining called inside a training run) is left to its owner."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wait(self) -> None:
+        """Barrier: return once every process got here (nothing to wait for alone)."""
+        if self.world > 1:
+            self.state.wait_for_everyone()
+
+    def close(self) -> None:
+        """Leave the process group once this rank's last barrier is behind it (a local call:
+        rank 0 may still be searching), so the process exits without the group's warning."""
+        if self.owns_group:
+            self.state.destroy_process_group()
+
+
+def join_processes(device: str | torch.device | None = "auto") -> Processes:
+    """Join the launcher's process group (NCCL when ``device`` is a GPU, else gloo), once.
+
+    Call before building the encoder: accelerate also sets this rank's CUDA device and, on the
+    CPU, a fair share of threads when ``OMP_NUM_THREADS`` is unset.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes()
+    from accelerate import PartialState
+
+    fresh = not torch.distributed.is_initialized()
+    if fresh:  # a state left by an earlier call whose group was closed would not re-join
+        PartialState._reset_state()
+    state = PartialState(cpu=resolve_device(device).type != "cuda", timeout=BARRIER_TIMEOUT)
+    return Processes(state.process_index, state.num_processes, state, owns_group=fresh)

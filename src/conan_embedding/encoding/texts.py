@@ -14,6 +14,15 @@ never repeated and never restarted from zero:
   and the texts (or the caller's key for a stream); a rerun skips the rows already on disk
   (a SIGKILL loses at most the chunk being encoded) and a finished file is a warm cache
   (re-mining with other margins or windows costs no encoding at all);
+- **shards**: under ``torchrun`` / ``accelerate launch`` (:meth:`TextEncoder.encode_shards`)
+  chunk ``c`` of the stream is encoded by rank ``c mod W`` into that rank's own resumable
+  file ``<name>.shard-RRRRR-of-WWWWW``; after a barrier rank 0 merges the shards, in stream
+  order, into the file one process would have written (then removes them), so a warm cache
+  or a killed run serves 1 or ``W`` processes alike. Chunks are dealt round-robin rather
+  than in contiguous slices because the stream's length is unknown until it is read through
+  (a ``.jsonl.gz`` corpus, deduplicated on the fly): the deal needs one pass and keeps the
+  ranks within one chunk of each other. A killed rank loses at most the chunk it was
+  encoding; the rerun must use the same process count to reuse the shards;
 - **backend**: ``"torch"``, ``"onnx"`` (fused fp32 graph; same vectors, cosine > 0.9999) or
   ``"onnx-int8"`` (weights quantised: faster, slightly different vectors, never sharing a
   cache entry with fp32); ``device`` as everywhere (``"auto"`` = this rank's GPU, else CPU).
@@ -23,7 +32,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +40,7 @@ import numpy as np
 import torch
 
 from conan_embedding.encoding.cache import VectorFile, model_fingerprint, texts_fingerprint
+from conan_embedding.encoding.device import Processes
 from conan_embedding.encoding.engine import Backend, EmbeddingEngine
 from conan_embedding.progress import progress
 
@@ -171,8 +181,97 @@ class TextEncoder:
         store.finish()
         return store
 
+    def encode_shards(
+        self,
+        chunks: Iterable[Sequence[str]],
+        path: str | os.PathLike[str],
+        processes: Processes,
+        *,
+        prompt: str | None = None,
+        key: str,
+        desc: str = "encoding",
+    ) -> VectorFile | None:
+        """:meth:`encode_stream` spread over ``processes``; every rank must call it with the
+        same ``chunks`` (each iterates the whole stream, encoding only its own chunks).
+
+        Returns the merged vector file on rank 0 and ``None`` on the others. One process:
+        exactly :meth:`encode_stream`.
+        """
+        if processes.world == 1:
+            return self.encode_stream(chunks, path, prompt=prompt, key=key, desc=desc)
+        base, rank, world = Path(path), processes.rank, processes.world
+        full_key = self.key(key, prompt)
+        # read-only: only rank 0 ever opens the merged file, after the barrier
+        done = VectorFile.finished(base, key=full_key, width=self.width)
+        sizes: list[int] = []
+
+        def own() -> Iterator[Sequence[str]]:
+            for c, chunk in enumerate(chunks):
+                sizes.append(len(chunk))
+                if c % world == rank:
+                    yield chunk
+
+        if done:
+            self.cache_hits += 1
+            for _ in chunks:  # the caller's side effects still happen
+                pass
+        else:
+            self.encode_stream(
+                own(),
+                _shard_path(base, rank, world),
+                prompt=prompt,
+                key=f"{key}|shard {rank} of {world}",
+                desc=f"{desc} (rank {rank})",
+            )
+        processes.wait()  # one barrier on every path, so ranks cannot disagree on the count
+        if not processes.is_main:
+            return None
+        if done:
+            merged = VectorFile(base, key=full_key, width=self.width)
+        else:
+            merged = self._merge(base, full_key, sizes, prompt, key, world)
+        for leftover in base.parent.glob(f"{base.name}.shard-*-of-*.*"):
+            leftover.unlink(missing_ok=True)
+        return merged
+
+    def _merge(
+        self,
+        base: Path,
+        full_key: str,
+        sizes: Sequence[int],
+        prompt: str | None,
+        key: str,
+        world: int,
+    ) -> VectorFile:
+        """Rank 0: the shards' rows in stream order into ``base`` (resumes a killed merge)."""
+        shards = [
+            VectorFile(
+                _shard_path(base, r, world),
+                key=self.key(f"{key}|shard {r} of {world}", prompt),
+                width=self.width,
+            )
+            for r in range(world)
+        ]
+        merged = VectorFile(base, key=full_key, width=self.width, expected=sum(sizes))
+        if not merged.complete:
+            position, local = 0, [0] * world
+            for c, size in enumerate(sizes):
+                owner = c % world
+                skip = max(0, merged.rows - position)
+                if skip < size:
+                    merged.append(shards[owner].read(local[owner] + skip, size - skip))
+                local[owner] += size
+                position += size
+            merged.finish()
+        return merged
+
     def _encode_chunk(self, texts: Sequence[str], prompt: str | None) -> np.ndarray:
         return self.engine.embed(texts, prompt=prompt, normalize=True)
 
     def dimension(self) -> int:
         return int(self.width)
+
+
+def _shard_path(base: Path, rank: int, world: int) -> Path:
+    """Rank ``rank``'s own vector file beside the merged file ``base``."""
+    return base.with_name(f"{base.name}.shard-{rank:05d}-of-{world:05d}")

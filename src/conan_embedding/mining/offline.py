@@ -63,7 +63,8 @@ from conan_embedding.data.records import (
     text_field,
     write_records,
 )
-from conan_embedding.encoding.cache import texts_fingerprint
+from conan_embedding.encoding.cache import VectorFile, texts_fingerprint
+from conan_embedding.encoding.device import Processes, join_processes
 from conan_embedding.encoding.engine import Backend
 from conan_embedding.encoding.texts import TextEncoder, chunked
 from conan_embedding.mining.index import IndexKind, build_index, search
@@ -278,46 +279,41 @@ def mine_stream(
     corpus_key: str,
     work_dir: str | os.PathLike[str],
     show_progress: bool = True,
-) -> tuple[PoolFile, MiningStats]:
+    processes: Processes | None = None,
+) -> tuple[PoolFile | None, MiningStats]:
     """Mine a pool per record into the array-format pool at ``pool_path``; returns it and stats.
 
     The corpus is ``corpus`` (streamed once) plus every positive, deduplicated; without
     ``corpus`` it is the records' existing negatives plus positives. ``corpus_key`` names that
     stream (a fingerprint of the texts or of the files it comes from): vectors already in
     ``work_dir`` under the same key (a killed run, or an earlier run) are not re-encoded.
+
+    With ``processes`` (:func:`~conan_embedding.encoding.device.join_processes` under
+    ``torchrun``) every rank streams the same inputs and encodes its share of the chunks
+    (:meth:`~conan_embedding.encoding.texts.TextEncoder.encode_shards`); rank 0 alone writes
+    the pool and returns it, the other ranks return ``(None, stats)`` once the queries are
+    encoded. ``work_dir`` must be a folder every rank sees.
     """
     if not records:
         raise ValueError("no retrieval records to mine for")
+    processes = processes or Processes()
     work = Path(work_dir)
     stats = MiningStats(queries=len(records))
     started = time.perf_counter()
-    wanted: set[int] = set()
-    for record in records:  # (also validates a lazy records file before any encoding)
-        wanted.update(_hash64(_norm(t)) for t in (*record.pos, record.query))
     width = config.range_max - config.range_min
+    if not processes.is_main:  # its share of the vectors goes to disk; rank 0 does the rest
+        _encode_inputs(records, corpus, encoder, config, corpus_key, work, processes, _discard)
+        stats.seconds["encode"] = time.perf_counter() - started
+        stats.rows_resumed = encoder.rows_resumed
+        return None, stats
     writer = PoolWriter(pool_path, len(records), width, config.range_min)
     try:
-        builder = _CorpusBuilder(writer.corpus.write, wanted, config.chunk_size)
-        base = corpus if corpus is not None else (n for r in records for n in r.neg)
-        positives = (p for r in records for p in r.pos)
-        corpus_store = encoder.encode_stream(
-            builder.chunks(_chain(base, positives)),
-            work / f"emb-{encoder.key(corpus_key, config.passage_prompt)}",
-            prompt=config.passage_prompt,
-            key=corpus_key,
-            desc="encoding corpus",
+        builder, corpus_store, query_store, unique = _encode_inputs(
+            records, corpus, encoder, config, corpus_key, work, processes, writer.corpus.write
         )
+        assert corpus_store is not None and query_store is not None  # rank 0 gets both
         stats.corpus_size = corpus_store.rows
         queries = [r.query for r in records]
-        unique = list(dict.fromkeys(queries))
-        query_key = texts_fingerprint(unique)
-        query_store = encoder.encode_stream(
-            chunked(unique, config.chunk_size),
-            work / f"emb-{encoder.key(query_key, config.query_prompt)}",
-            prompt=config.query_prompt,
-            key=query_key,
-            desc="encoding queries",
-        )
         position = {text: i for i, text in enumerate(unique)}
         query_vectors = np.array(query_store.array())[[position[t] for t in queries]]
         del position, unique
@@ -388,6 +384,49 @@ def mine_stream(
     return pools, stats
 
 
+def _encode_inputs(
+    records: Sequence[RetrievalRecord],
+    corpus: Iterable[str] | None,
+    encoder: TextEncoder,
+    config: MiningConfig,
+    corpus_key: str,
+    work: Path,
+    processes: Processes,
+    write_corpus: Any,
+) -> tuple[_CorpusBuilder, VectorFile | None, VectorFile | None, list[str]]:
+    """Encode the deduplicated corpus (each new text also goes to ``write_corpus``) and the
+    distinct queries; every rank runs this on the same inputs, rank 0 gets the vector files."""
+    wanted: set[int] = set()
+    for record in records:  # (also validates a lazy records file before any encoding)
+        wanted.update(_hash64(_norm(t)) for t in (*record.pos, record.query))
+    builder = _CorpusBuilder(write_corpus, wanted, config.chunk_size)
+    base = corpus if corpus is not None else (n for r in records for n in r.neg)
+    positives = (p for r in records for p in r.pos)
+    corpus_store = encoder.encode_shards(
+        builder.chunks(_chain(base, positives)),
+        work / f"emb-{encoder.key(corpus_key, config.passage_prompt)}",
+        processes,
+        prompt=config.passage_prompt,
+        key=corpus_key,
+        desc="encoding corpus",
+    )
+    unique = list(dict.fromkeys(r.query for r in records))
+    query_key = texts_fingerprint(unique)
+    query_store = encoder.encode_shards(
+        chunked(unique, config.chunk_size),
+        work / f"emb-{encoder.key(query_key, config.query_prompt)}",
+        processes,
+        prompt=config.query_prompt,
+        key=query_key,
+        desc="encoding queries",
+    )
+    return builder, corpus_store, query_store, unique
+
+
+def _discard(text: str) -> None:
+    """The corpus writer of ranks other than 0 (rank 0 alone writes the pool's corpus)."""
+
+
 def _chain(*streams: Iterable[str]) -> Iterator[str]:
     for stream in streams:
         yield from stream
@@ -450,6 +489,7 @@ def mine(
             work_dir=work,
             show_progress=show_progress,
         )
+        assert pools is not None  # one process: rank 0
         entries = list(pools)
         del pools
     stats.pool_meta = PoolMeta.of(model, config.query_prompt, config.passage_prompt).model_dump()
@@ -502,17 +542,20 @@ def mine_file(
 
     Vectors go to ``cache_dir`` (kept: a warm cache) or to ``.<output>.mining/`` beside the
     output (removed on success); either way a killed run started again with the same inputs
-    resumes at the chunk it was encoding.
+    resumes at the chunk it was encoding. Under ``torchrun`` / ``accelerate launch`` the
+    encoding is shared by the processes (see the module docstring); rank 0 writes the outputs
+    and returns the full statistics, the other ranks return once their share is encoded.
     """
     from conan_embedding.modeling.embedder import load_embedder
 
     config = config or MiningConfig()
+    processes = join_processes(config.device)
     output = Path(output_path)
     records = open_records(records_path, "retrieval")
     key = _file_key(records_path) + ("|" + _file_key(corpus_path) if corpus_path else "")
     work = Path(cache_dir) if cache_dir is not None else output.with_name(f".{output.name}.mining")
     model = load_embedder(model_name_or_path)
-    encoder = make_encoder(model, config, work, show_progress)
+    encoder = make_encoder(model, config, work, show_progress and processes.is_main)
     pool_target = Path(pool_path) if pool_path is not None else array_pool_path(output)
     if pool_target.name.endswith(".jsonl"):
         raise ValueError(f"{pool_target}: mining writes the array pool format (.pool.json)")
@@ -525,7 +568,11 @@ def mine_file(
         corpus_key=key,
         work_dir=work,
         show_progress=show_progress,
+        processes=processes,
     )
+    processes.close()
+    if pools is None:  # not rank 0
+        return stats
     stats.pool_meta = PoolMeta.of(model, config.query_prompt, config.passage_prompt).model_dump()
     write_pool_meta(pool_target, stats.pool_meta)
     n = config.num_negatives
