@@ -26,6 +26,21 @@ The survivors are ranked by score; ranks ``range_min .. range_max - 1`` of the s
 the pool (the same window semantics as sentence-transformers' ``mine_hard_negatives``, so
 ``sampling_strategy="top"`` there picks the same negatives as ``neg`` here).
 
+Several processes (one per GPU, or CPU processes): the same command under a launcher,
+
+    torchrun --standalone --nproc_per_node 8 -m conan_embedding.cli mine IN.jsonl OUT.jsonl ...
+
+(with the options of one process; or ``accelerate launch -m conan_embedding.cli mine ...``).
+Every rank reads the same inputs and encodes every ``W``-th chunk of the corpus and of the
+queries on its own device (``--device auto`` = ``cuda:LOCAL_RANK``) into its own resumable
+shard file (:meth:`~conan_embedding.encoding.texts.TextEncoder.encode_shards`); after a
+barrier (NCCL on GPUs, gloo on CPUs) rank 0 merges the shards into the vector file one process
+writes, builds the index, searches and writes the pool, while the other ranks leave. The
+pools are those of one process (ids equal, scores to 1e-5). Killed, the command started again
+with the same process count re-encodes at most the chunk each rank was on. The cache/work
+folder must be one every rank sees (any folder on one machine; a shared file system across
+machines). Only the encoding is shared: the search runs on rank 0's device.
+
 Memory: the FAISS index (the corpus vectors, once), the query vectors, one query chunk's
 search results, the records, and a hash -> row dictionary of the corpus (about 100 bytes a
 distinct text); the vector files are read in blocks and the pools are written row block by row
