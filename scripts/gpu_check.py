@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tiny-model builders of the test suite
 
-from tests.conftest import build_tiny_bert, build_tiny_llm  # noqa: E402
+from tests.conftest import WORDS, build_tiny_bert, build_tiny_llm  # noqa: E402
 from tests.test_trainer import write_toy_tasks  # noqa: E402
 
 
@@ -173,6 +173,49 @@ def _torchrun(args: list[str], work: Path) -> None:
         raise RuntimeError(done.stderr[-2000:])
 
 
+def check_sharded_mining(work: Path, bert: Path) -> None:
+    """``conan-embed mine`` on 2 GPUs (NCCL barrier, each rank on cuda:LOCAL_RANK) writes the
+    pools of one GPU: the same scores column by column (1e-4) and >= 99% of the same ids
+    (the GPU may order near-ties differently)."""
+    import random
+
+    import numpy as np
+
+    from conan_embedding.mining.pools import read_pools
+    from conan_embedding.modeling.embedder import build_embedder, save_embedder
+
+    work.mkdir(parents=True, exist_ok=True)
+    model = save_embedder(build_embedder(str(bert)), work / "model")
+    rng = random.Random(0)
+
+    def sentence() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+
+    rows = [json.dumps({"query": sentence(), "pos": [sentence()]}) for _ in range(500)]
+    (work / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (work / "corpus.txt").write_text("\n".join(sentence() for _ in range(20_000)) + "\n")
+    options = ["--model", str(model), "--corpus", str(work / "corpus.txt"), "--chunk-size", "512"]
+    options += ["--range-min", "1", "--range-max", "21", "--relative-margin", "-1"]
+    mine = ["-m", "conan_embedding.cli", "mine", str(work / "train.jsonl")]
+    one = subprocess.run(
+        [sys.executable, *mine, str(work / "one.jsonl"), *options, "--cache-dir", "one-cache"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if one.returncode:
+        raise RuntimeError(one.stderr[-2000:])
+    _torchrun([*mine, str(work / "two.jsonl"), *options, "--cache-dir", "two-cache"], work)
+    a, b = read_pools(work / "one.pool.json"), read_pools(work / "two.pool.json")
+    same = float((np.asarray(a.ids) == np.asarray(b.ids)).mean())
+    gap = float(np.nanmax(np.abs(np.asarray(a.scores) - np.asarray(b.scores))))
+    if same < 0.99 or gap > 1e-4:
+        raise RuntimeError(f"2 GPUs differ from 1: {same:.4f} of ids equal, max score gap {gap}")
+    if list((work / "two-cache").glob("*.shard-*")):
+        raise RuntimeError("rank 0 left shard files behind after merging them")
+
+
 def _accelerate(config: str, args: list[str], work: Path) -> None:
     cmd = [
         sys.executable,
@@ -259,6 +302,13 @@ def main() -> int:
             )
             if gpus >= 2
             else None,
+            "needs 2 GPUs",
+        )
+    )
+    checks.append(
+        (
+            "mining encoded on 2 GPUs",
+            (lambda: check_sharded_mining(work / "mine", bert)) if gpus >= 2 else None,
             "needs 2 GPUs",
         )
     )

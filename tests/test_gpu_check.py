@@ -35,3 +35,4 @@ def test_gpu_check_runs_every_single_device_stage_on_the_cpu(tmp_path):
     ran = [name for name, row in rows.items() if row["result"] == "pass"]
     assert len(ran) == 5 and "v2 weak stage, soft mask" in ran
     assert rows["DDP, 2 GPUs"]["result"] == "skipped"  # no GPU result is ever claimed here
+    assert rows["mining encoded on 2 GPUs"]["result"] == "skipped"
