@@ -163,3 +163,66 @@ def test_a_rank_killed_mid_encode_resumes_and_loses_at_most_a_chunk(inputs):
         assert after == inputs["shares"][rank] - on_disk[rank]  # nothing on disk re-encoded
         assert before - on_disk[rank] <= CHUNK  # at most one chunk lost per rank
     _same_as_one_process(inputs, out, cache)
+
+
+class _NoBarrier:
+    """The ranks of the in-process tests below run one after the other: rank 1 first, so
+    its shard is on disk when rank 0 passes the barrier and merges."""
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _sharded(encoder, chunks: list[list[str]], path: Path):
+    from conan_embedding.encoding.device import Processes
+
+    results = [
+        encoder.encode_shards(iter(chunks), path, Processes(rank, 2, _NoBarrier()), key="k")
+        for rank in (1, 0)
+    ]
+    assert results[0] is None  # rank 1 gets nothing back: rank 0 alone goes on
+    return results[1]
+
+
+def test_the_merge_is_the_one_process_file_and_resumes(tmp_path, tiny_bert):
+    """In process: rank 0's merge equals what one process writes, also when a rank's share
+    is empty or when the merged file was left half written (a killed merge, or a killed
+    one-process run); a merged file is a warm cache that no rank re-encodes."""
+    from conan_embedding.encoding.texts import TextEncoder, chunked
+    from conan_embedding.modeling.embedder import build_embedder
+
+    encoder = TextEncoder(build_embedder(str(tiny_bert)), chunk_size=8, show_progress=False)
+    encoded: list[int] = []
+    real_encode = encoder._encode_chunk
+
+    def counted_encode(texts, prompt):
+        encoded.append(len(texts))
+        return real_encode(texts, prompt)
+
+    encoder._encode_chunk = counted_encode
+    texts = list(dict.fromkeys(_sentences(60, 9)))
+    chunks = list(chunked(texts, 8))
+    one = encoder.encode_stream(iter(chunks), tmp_path / "one" / "emb", key="k")
+    reference = np.array(one.array())
+
+    encoded.clear()
+    merged = _sharded(encoder, chunks, tmp_path / "two" / "emb")
+    np.testing.assert_array_equal(np.asarray(merged.array()), reference)
+    assert sum(encoded) == len(texts) and merged.complete  # every chunk once, by some rank
+    assert not list((tmp_path / "two").glob("*.shard-*"))
+
+    encoded.clear()  # warm: nobody encodes, rank 0 gets the finished file back
+    again = _sharded(encoder, chunks, tmp_path / "two" / "emb")
+    assert encoded == [] and again.rows == len(texts)
+
+    one_chunk = _sharded(encoder, chunks[:1], tmp_path / "short" / "emb")  # rank 1: no chunk
+    np.testing.assert_array_equal(np.asarray(one_chunk.array()), reference[:8])
+
+    def killed_after(count: int):
+        yield from chunks[:count]
+        raise KeyboardInterrupt  # the merged file stays incomplete, its rows on disk
+
+    with pytest.raises(KeyboardInterrupt):
+        encoder.encode_stream(killed_after(3), tmp_path / "half" / "emb", key="k")
+    resumed = _sharded(encoder, chunks, tmp_path / "half" / "emb")
+    np.testing.assert_array_equal(np.asarray(resumed.array()), reference)
