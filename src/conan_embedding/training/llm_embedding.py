@@ -831,6 +831,7 @@ def run_supervised_stage(
     max_seq_length: int = 64,
     freeze_word_embeddings: bool = False,
     lora: LoraSettings | dict[str, Any] | None = None,
+    prompt: str | None = None,
     seed: int = 0,
     threads: int | None = None,
     show_progress: bool = True,
@@ -878,6 +879,9 @@ def run_supervised_stage(
             matryoshka_dims=list(matryoshka_dims or []),
             freeze_word_embeddings=freeze_word_embeddings,
             lora=LoraSettings.model_validate(lora) if isinstance(lora, dict) else lora,
+            # a model saved with prompts (e5: ``query: ``) trains with the one it is scored with
+            query_prompt=prompt,
+            passage_prompt=prompt,
         ),
         optim=OptimConfig(lr=lr, max_steps=steps, warmup_ratio=0.05, weight_decay=0.001),
         task_schedule="all_tasks",
