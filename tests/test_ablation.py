@@ -78,6 +78,14 @@ def test_minus_dhnm_differs_only_in_the_rule():
     assert {t.dynamic_negatives.rule for t in _load("minus-dhnm").tasks} == {"none"}
 
 
+def test_vanilla_is_minus_cbb_with_static_negatives():
+    minus_cbb, vanilla = _load("minus-cbb"), _load("vanilla")
+    assert {t.dynamic_negatives.rule for t in vanilla.tasks} == {"none"}
+    assert vanilla.cbb is None and vanilla.task_schedule == minus_cbb.task_schedule
+    for before, after in zip(minus_cbb.tasks, vanilla.tasks, strict=True):
+        assert after.model_copy(update={"dynamic_negatives": before.dynamic_negatives}) == before
+
+
 def test_full_dhnm_v1_differs_only_in_the_rule_and_its_check():
     diff = _differences("full-dhnm-v1")
     assert {k.split(".", 2)[2] for k in diff} == {
@@ -367,6 +375,27 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
     # regenerating keeps the (now only) analysis section verbatim
     write_results(results, page)
     assert page.read_text(encoding="utf-8") == text
+
+
+def test_the_paper_shape_table_puts_each_tag_s_four_arms_beside_the_paper(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for name, record in {
+        "vanilla-620-s42.json": _fake_result("vanilla-620", 42, 60.0),
+        "vanilla-620-s43.json": _fake_result("vanilla-620", 43, 61.0),
+        "full-620-s42.json": _fake_result("full-620", 42, 62.0),
+        "minus-cbb-620-s42.json": _fake_result("minus-cbb-620", 42, 59.0),
+        "full-s42.json": _fake_result("full", 42, 70.0),  # untagged: a table of its own
+    }.items():
+        (results / name).write_text(json.dumps(record), encoding="utf-8")
+    text = write_results(results, tmp_path / "results.md").read_text(encoding="utf-8")
+    section = text.split("## The v1 paper's ablation shape", 1)[1].split("\n## ", 1)[0]
+    untagged, tagged = section.split("Runs `untagged`:", 1)[1].split("Runs `620`:")
+    assert "| full (CBB + DHNM) | full | 42 | 73.00 |  | 72.62 | +3.82 |" in untagged
+    assert "| vanilla | vanilla-620 | 42, 43 | 63.50 ± 0.50 | +0.00 | 68.80 | +0.00 |" in tagged
+    assert "| +CBB | minus-dhnm-620 | not run |  |  | 70.40 | +1.60 |" in tagged
+    assert "| +DHNM | minus-cbb-620 | 42 | 62.00 | -1.50 | 71.20 | +2.40 |" in tagged
+    assert "| full (CBB + DHNM) | full-620 | 42 | 65.00 | +1.50 | 72.62 | +3.82 |" in tagged
 
 
 def test_negative_stats_read_each_dhnm_task_and_the_page_shows_them(tmp_path):

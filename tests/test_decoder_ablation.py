@@ -129,7 +129,12 @@ def test_ablation_runs_every_arm_resumes_and_writes_the_table(tiny_llm, tiny_ber
             "negatives": 1,
         },
         arms=[
-            AblationArm(name="causal", schedule="causal", seeds=[0]),
+            AblationArm(
+                name="causal",
+                schedule="causal",
+                seeds=[0],
+                weak={"pooling": "lasttoken"},  # an arm's own settings override the table's
+            ),
             AblationArm(
                 name="lora-soft",
                 schedule="linear",
@@ -149,13 +154,15 @@ def test_ablation_runs_every_arm_resumes_and_writes_the_table(tiny_llm, tiny_ber
         assert -1.0 < runs[name]["scores"]["STSBenchmark"] < 1.0
         assert runs[name]["cost"]["weak"]["cpu_s"] > 0
     assert runs["lora-soft-s1"]["weak"]["lora"]["r"] == 2
+    assert runs["causal-s0"]["weak"]["pooling"] == "lasttoken"
+    assert runs["lora-soft-s1"]["weak"]["pooling"] == "mean"
     causal = tmp_path / "ablation" / "runs" / "causal-s0" / "supervised" / "model"
     assert json.loads((causal / "config.json").read_text())["is_causal"]
     soft = tmp_path / "ablation" / "runs" / "lora-soft-s1" / "supervised" / "model"
     assert json.loads((soft / "config.json").read_text())["is_causal"] is False
     assert runs["reference"]["scores_base"] and runs["reference"]["scores"]
     table = (tmp_path / "ablation" / "ablation.md").read_text(encoding="utf-8")
-    assert "| causal | full, causal | 1 |" in table
+    assert "| causal | full, causal; stage 3 pooling lasttoken | 1 |" in table
     assert "| lora-soft | LoRA r2, linear | 1 |" in table
 
     stamp = (causal / "model.safetensors").stat().st_mtime_ns

@@ -89,6 +89,7 @@ EVAL_MAX_SEQ_LENGTH = 256
 ARM_ORDER = (
     "base",
     "baseline",
+    "vanilla",
     "full",
     "full-dhnm-v1",
     "minus-dhnm",
@@ -913,6 +914,52 @@ def _table(arms: list[ArmSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PAPER_SHAPE = (
+    ("vanilla", "vanilla", 68.8),
+    ("+CBB", "minus-dhnm", 70.4),
+    ("+DHNM", "minus-cbb", 71.2),
+    ("full (CBB + DHNM)", "full", 72.62),
+)
+"""The v1 paper's ablation (C-MTEB average): its row, our arm that trains that way, its score."""
+
+
+def _paper_shape_table(arms: list[ArmSummary]) -> str:
+    """The four rows of the v1 paper's ablation, one table per tag that has any of them.
+
+    Each row is our arm with the same mechanisms (``+CBB`` is full without DHNM, ``+DHNM``
+    full without CBB), its seven-row average and its gain over vanilla beside the paper's.
+    """
+    by_name = {s.arm: s for s in arms}
+    tags = sorted({tag for name in by_name for arm, tag in [_split_tag(name)] if arm})
+    blocks = []
+    for tag in ["", *tags]:
+        names = [
+            (label, arm + (f"-{tag}" if tag else ""), paper) for label, arm, paper in PAPER_SHAPE
+        ]
+        if not any(name in by_name for _, name, _ in names):
+            continue
+        vanilla = by_name.get(names[0][1])
+        base = vanilla.average() if vanilla else None
+        lines = [
+            f"Runs `{tag or 'untagged'}`:",
+            "",
+            "| paper row | our arm | seeds | seven-row average | vs vanilla | paper (C-MTEB) "
+            "| paper vs vanilla |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, name, paper in names:
+            found = by_name.get(name)
+            average = found.average() if found else None
+            seeds = ", ".join(str(x) for x in found.seeds) if found else "not run"
+            lines.append(
+                f"| {label} | {name} | {seeds} | "
+                f"{_cell(average, found.average_half_range() if found else None)} | "
+                f"{_delta(average, base)} | {paper:.2f} | {paper - PAPER_SHAPE[0][2]:+.2f} |"
+            )
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks) if blocks else "_None of the four arms has been run yet._\n"
+
+
 def _full_baseline_pairs(by_name: dict[str, ArmSummary]) -> list[tuple[str, str]]:
     """(``full``, ``baseline``) and each tagged pair run the same way (``full-620``,
     ``baseline-620``): the rows that get a difference line in the table."""
@@ -1089,6 +1136,14 @@ BGEHeldoutRerankingLocal is extra and not in it. Rows in *italics* are quoted fr
 {_table(arms)}
 ![scores of every arm evaluated on all seven rows](./{chart.name})
 
+## The v1 paper's ablation shape: vanilla, +CBB, +DHNM, full
+
+The paper adds each mechanism to a vanilla multi-task fine-tune (C-MTEB: 68.8, 70.4, 71.2,
+72.62). Ours: `vanilla` (one task per step, static mined negatives), `minus-dhnm` (= +CBB),
+`minus-cbb` (= +DHNM), `full`; same data, steps and examples seen
+(`conan-embed recipe ablation --arms vanilla,minus-dhnm,minus-cbb,full --steps 620 --tag 620`).
+
+{_paper_shape_table(arms)}
 ## Matryoshka: the same models with embeddings cut short
 
 Scores of each arm's model with its embedding truncated to the first `dims` values

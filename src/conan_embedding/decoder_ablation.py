@@ -68,6 +68,16 @@ class AblationArm(BaseModel):
     schedule: Schedule = "linear"
     lora: LoraSettings | None = None
     seeds: list[int] = Field(default_factory=lambda: [0])
+    weak: dict[str, Any] = Field(default_factory=dict)
+    """Stage-3 settings this arm changes from the table's (``{lr: 5.0e-4}``, ``{pooling: last}``)."""
+    supervised: dict[str, Any] = Field(default_factory=dict)
+    """Stage-4 settings this arm changes from the table's."""
+
+    def changes(self) -> str:
+        """The arm's departures from the table's settings, for its row (empty when none)."""
+        parts = [f"stage 3 {k} {v}" for k, v in self.weak.items()]
+        parts += [f"stage 4 {k} {v}" for k, v in self.supervised.items()]
+        return ", ".join(parts)
 
 
 class ConversionAblationConfig(BaseModel):
@@ -176,7 +186,7 @@ def _run_arm(
             lora=arm.lora,
             seed=seed,
             threads=config.threads,
-            **config.weak,
+            **{**config.weak, **arm.weak},
         )
         with _Timer(cost, "weak"):
             train_weak_stage(weak, show_progress=False)
@@ -193,7 +203,7 @@ def _run_arm(
                 threads=config.threads,
                 lora=arm.lora,
                 show_progress=False,
-                **config.supervised,
+                **{**config.supervised, **arm.supervised},
             )
         _write_json(folder / "cost.json", cost)
         log(f"[{folder.name}] supervised stage {cost['supervised']['cpu_s']:.0f} CPU s")
@@ -373,7 +383,9 @@ def ablation_table(report: dict[str, Any]) -> str:
         ]
         lora = f"LoRA r{arm.lora.r}, " if arm.lora else "full, "
         key = ("lora-" if arm.lora else "") + arm.schedule
-        row(arm.name, lora + arm.schedule, found, PAPER_MTEB_EN.get(key, ""))
+        detail = lora + arm.schedule + (f"; {arm.changes()}" if arm.changes() else "")
+        paper = "" if arm.changes() else PAPER_MTEB_EN.get(key, "")
+        row(arm.name, detail, found, paper)
     reference = runs.get("reference")
     if reference:
         name = Path(config.reference or "").name
