@@ -86,6 +86,19 @@ def test_vanilla_is_minus_cbb_with_static_negatives():
         assert after.model_copy(update={"dynamic_negatives": before.dynamic_negatives}) == before
 
 
+def test_dhnm_revisit_quantile_differs_from_revisit_v2_only_in_the_thresholds():
+    absolute, quantile = _load("dhnm-revisit-v2"), _load("dhnm-revisit-v2-quantile")
+    retrieval = [t for t in quantile.tasks if t.kind == "retrieval"]
+    assert retrieval and {t.dynamic_negatives.thresholds for t in retrieval} == {"pool_quantile"}
+    for before, after in zip(absolute.tasks, quantile.tasks, strict=True):
+        thresholds = {"thresholds": before.dynamic_negatives.thresholds}
+        restored = after.dynamic_negatives.model_copy(update=thresholds)
+        assert after.model_copy(update={"dynamic_negatives": restored}) == before
+    assert quantile.model_copy(update={"tasks": absolute.tasks, "output_dir": ""}) == (
+        absolute.model_copy(update={"output_dir": ""})
+    )
+
+
 def test_full_dhnm_v1_differs_only_in_the_rule_and_its_check():
     diff = _differences("full-dhnm-v1")
     assert {k.split(".", 2)[2] for k in diff} == {
