@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The Conan-v2 CPU demo in one command (about 30 min on 2 cores; add --quick for the CI form).
+# The Conan-v2 CPU demo in one command (5.5 min on an idle 2-core machine, one torch thread;
+# add --quick for the CI form).
 #   bash scripts/v2_demo.sh            # full: configs/v2-demo.yaml -> runs/v2-demo/ablation.md
 #   bash scripts/v2_demo.sh --quick    # a few steps per stage, same code path
 set -euo pipefail
