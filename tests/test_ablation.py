@@ -399,12 +399,16 @@ def test_the_paper_shape_table_puts_each_tag_s_four_arms_beside_the_paper(tmp_pa
         "full-620-s42.json": _fake_result("full-620", 42, 62.0),
         "minus-cbb-620-s42.json": _fake_result("minus-cbb-620", 42, 59.0),
         "full-s42.json": _fake_result("full", 42, 70.0),  # untagged: a table of its own
+        "minus-dhnm-s42.json": _fake_result("minus-dhnm", 42, 69.0),
+        "full-bq-s42.json": _fake_result("full-bq", 42, 70.0),  # one arm: no table
     }.items():
         (results / name).write_text(json.dumps(record), encoding="utf-8")
     text = write_results(results, tmp_path / "results.md").read_text(encoding="utf-8")
     section = text.split("## The v1 paper's ablation shape", 1)[1].split("\n## ", 1)[0]
+    assert "Runs `bq`" not in section
     untagged, tagged = section.split("Runs `untagged`:", 1)[1].split("Runs `620`:")
     assert "| full (CBB + DHNM) | full | 42 | 73.00 |  | 72.62 | +3.82 |" in untagged
+    assert "| +CBB | minus-dhnm | 42 | 72.00 |  | 70.40 | +1.60 |" in untagged
     assert "| vanilla | vanilla-620 | 42, 43 | 63.50 ± 0.50 | +0.00 | 68.80 | +0.00 |" in tagged
     assert "| +CBB | minus-dhnm-620 | not run |  |  | 70.40 | +1.60 |" in tagged
     assert "| +DHNM | minus-cbb-620 | 42 | 62.00 | -1.50 | 71.20 | +2.40 |" in tagged

@@ -928,6 +928,7 @@ def _paper_shape_table(arms: list[ArmSummary]) -> str:
 
     Each row is our arm with the same mechanisms (``+CBB`` is full without DHNM, ``+DHNM``
     full without CBB), its seven-row average and its gain over vanilla beside the paper's.
+    A tag gets a table once two of its four arms have results.
     """
     by_name = {s.arm: s for s in arms}
     tags = sorted({tag for name in by_name for arm, tag in [_split_tag(name)] if arm})
@@ -936,8 +937,8 @@ def _paper_shape_table(arms: list[ArmSummary]) -> str:
         names = [
             (label, arm + (f"-{tag}" if tag else ""), paper) for label, arm, paper in PAPER_SHAPE
         ]
-        if not any(name in by_name for _, name, _ in names):
-            continue
+        if sum(name in by_name for _, name, _ in names) < 2:
+            continue  # one arm is no ablation (and ``full-bq`` is a config, not a tag of full)
         vanilla = by_name.get(names[0][1])
         base = vanilla.average() if vanilla else None
         lines = [
@@ -1142,6 +1143,8 @@ The paper adds each mechanism to a vanilla multi-task fine-tune (C-MTEB: 68.8, 7
 72.62). Ours: `vanilla` (one task per step, static mined negatives), `minus-dhnm` (= +CBB),
 `minus-cbb` (= +DHNM), `full`; same data, steps and examples seen
 (`conan-embed recipe ablation --arms vanilla,minus-dhnm,minus-cbb,full --steps 620 --tag 620`).
+Runs made before DHNM took S_0 at assignment (issue #16) show their commit in the Runs table;
+in those, DHNM could not act in full-data runs (full-620 and minus-dhnm-620 are one model).
 
 {_paper_shape_table(arms)}
 ## Matryoshka: the same models with embeddings cut short
