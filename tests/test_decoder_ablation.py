@@ -15,6 +15,7 @@ from conan_embedding.data.sources import local_data_available
 from conan_embedding.decoder_ablation import (
     AblationArm,
     ConversionAblationConfig,
+    check_stage_settings,
     run_conversion_ablation,
 )
 from conan_embedding.training.llm_embedding import WeakStageConfig, train_weak_stage
@@ -105,6 +106,25 @@ def test_max_pairs_samples_long_sts_sets_the_same_way_every_time():
     tatoeba = build_task("Tatoeba", max_pairs=10)  # bitext mining is not sampled
     tatoeba.load_data()
     assert len(tatoeba.dataset["cmn-eng"]["test"]) == 1000 and not tatoeba.pairs_capped
+
+
+def test_bad_arm_settings_fail_before_any_run(tmp_path):
+    def config(**arm: object) -> ConversionAblationConfig:
+        return ConversionAblationConfig(
+            output_dir=str(tmp_path / "ablation"),
+            base_llm=str(tmp_path / "no-such-llm"),
+            weak={"steps": 2},
+            arms=[AblationArm(name="ok"), AblationArm(name="odd", **arm)],
+        )
+
+    with pytest.raises(ValueError, match="arm 'odd': stage-3 settings.*pooling"):
+        run_conversion_ablation(config(weak={"pooling": "last"}), log=lambda line: None)
+    with pytest.raises(ValueError, match="arm 'odd': stage-3 settings.*stepz"):
+        run_conversion_ablation(config(weak={"stepz": 3}), log=lambda line: None)
+    with pytest.raises(ValueError, match=r"arm 'odd': stage-4 settings \['learning_rate'\]"):
+        run_conversion_ablation(config(supervised={"learning_rate": 1e-4}), log=lambda line: None)
+    assert not (tmp_path / "ablation").exists()  # nothing started
+    check_stage_settings(config(weak={"pooling": "lasttoken"}, supervised={"lr": 5e-4}))
 
 
 @needs_data

@@ -924,7 +924,7 @@ PAPER_SHAPE = (
 
 
 def _paper_shape_table(arms: list[ArmSummary]) -> str:
-    """The four rows of the v1 paper's ablation, one table per tag that has any of them.
+    """The four rows of the v1 paper's ablation: one table for the untagged runs and one per tag.
 
     Each row is our arm with the same mechanisms (``+CBB`` is full without DHNM, ``+DHNM``
     full without CBB), its seven-row average and its gain over vanilla beside the paper's.

@@ -45,6 +45,7 @@ __all__ = [
     "AblationArm",
     "ConversionAblationConfig",
     "ablation_table",
+    "check_stage_settings",
     "run_conversion_ablation",
 ]
 
@@ -69,9 +70,10 @@ class AblationArm(BaseModel):
     lora: LoraSettings | None = None
     seeds: list[int] = Field(default_factory=lambda: [0])
     weak: dict[str, Any] = Field(default_factory=dict)
-    """Stage-3 settings this arm changes from the table's (``{lr: 5.0e-4}``, ``{pooling: last}``)."""
+    """Stage-3 settings this arm changes from the table's (``{lr: 5.0e-4}``,
+    ``{pooling: lasttoken}``): ``WeakStageConfig`` fields, checked before any run starts."""
     supervised: dict[str, Any] = Field(default_factory=dict)
-    """Stage-4 settings this arm changes from the table's."""
+    """Stage-4 settings this arm changes from the table's (``run_supervised_stage`` keywords)."""
 
     def changes(self) -> str:
         """The arm's departures from the table's settings, for its row (empty when none)."""
@@ -125,6 +127,7 @@ def run_conversion_ablation(
     """Run (or resume) the ablation; returns the report also written to ``ablation.json``."""
     from conan_embedding.training.llm_embedding import build_supervised_records
 
+    check_stage_settings(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     wanted = set(config.runs) if config.runs is not None else set(run_ids(config))
@@ -154,6 +157,29 @@ def run_conversion_ablation(
             arm, seed = arms[run]
             _run_arm(config, arm, seed, out / "runs" / run, corpus["sft"], records, log)
     return write_report(config)
+
+
+def check_stage_settings(config: ConversionAblationConfig) -> None:
+    """Fail before any run when an arm's stage settings (the table's merged with its own) are
+    not what stage 3 or stage 4 accept: a typo would otherwise surface hours into the table."""
+    import inspect
+
+    from conan_embedding.training.llm_embedding import WeakStageConfig, run_supervised_stage
+
+    set_per_run = {"model_dir", "records", "output_dir", "seed", "threads", "lora", "show_progress"}
+    accepted = set(inspect.signature(run_supervised_stage).parameters) - set_per_run
+    for arm in config.arms:
+        weak = {**config.weak, **arm.weak}
+        try:
+            WeakStageConfig.model_validate({"output_dir": "-", "llm": "-", "data": "-", **weak})
+        except ValueError as err:
+            raise ValueError(f"arm {arm.name!r}: stage-3 settings {weak}: {err}") from None
+        unknown = sorted((set(config.supervised) | set(arm.supervised)) - accepted)
+        if unknown:
+            raise ValueError(
+                f"arm {arm.name!r}: stage-4 settings {unknown} are not run_supervised_stage "
+                f"options ({sorted(accepted)})"
+            )
 
 
 # ------------------------------------------------------------------ one run
