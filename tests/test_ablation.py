@@ -6,6 +6,7 @@ evaluation reads ``../shared/data`` (one STS task), and that test skips when it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,27 @@ def test_run_arm_end_to_end_writes_the_result_json(tiny_model, tmp_path, data_di
     page = write_results(results, tmp_path / "results.md").read_text(encoding="utf-8")
     row = f"| full | 3 | 8 |  | {cut['scores_by_dim']['8']['STSBenchmark']:.2f} |"
     assert row in page
+
+    # --mixed-precision bf16: the arm trains and is evaluated under bf16 autocast, and says so
+    bf16 = run_arm(
+        "full",
+        seed=3,
+        work_dir=tmp_path / "work",
+        steps=1,
+        threads=1,
+        eval_tasks=["STSBenchmark"],
+        model_dir=model_dir,
+        overrides={"model.matryoshka_dims": [8, 16, 32], "model.max_seq_length": 32},
+        settings=dataclasses.replace(settings, mixed_precision="bf16"),
+        tag="bf16",
+    )
+    torch.set_num_threads(threads)
+    assert record["mixed_precision"] == "no" and record["eval_mixed_precision"] == "no"
+    assert bf16["mixed_precision"] == "bf16" and bf16["eval_mixed_precision"] == "bf16"
+    trained = json.loads(
+        (tmp_path / "work" / "arms" / "full-bf16-s3" / "config.json").read_text(encoding="utf-8")
+    )
+    assert trained["engine"]["mixed_precision"] == "bf16"
 
 
 def _fake_result(arm: str, seed: int | None, base: float) -> dict[str, Any]:

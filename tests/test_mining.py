@@ -189,6 +189,51 @@ def test_int8_backend_is_close_to_fp32_and_cached_apart(tiny_model, tmp_path):
     assert int8.cache_hits == 1
 
 
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("no", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")]
+)
+def test_autocast_for_sets_the_matmul_precision(precision, dtype):
+    import torch
+
+    from conan_embedding.encoding.device import autocast_for
+
+    layer = torch.nn.Linear(4, 3)
+    with autocast_for("cpu", precision):
+        out = layer(torch.ones(2, 4))
+    assert out.dtype == getattr(torch, dtype)
+    assert layer(torch.ones(2, 4)).dtype == torch.float32  # nothing leaks out of the context
+    with pytest.raises(ValueError, match="one of no, bf16, fp16; got 'int4'"):
+        autocast_for("cpu", "int4")
+
+
+def test_bf16_backend_runs_the_matmuls_in_bf16_close_to_fp32_and_cached_apart(
+    tiny_model, tmp_path
+):
+    import torch
+
+    texts = _sentences(25, 5)
+    fp32 = TextEncoder(tiny_model, cache_dir=tmp_path, show_progress=False)
+    bf16 = TextEncoder(tiny_model, backend="torch-bf16", cache_dir=tmp_path, show_progress=False)
+    fp32_vecs = fp32.encode(texts)
+    linear = next(m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear))
+    dtypes: list[torch.dtype] = []
+    hook = linear.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    try:
+        bf16_vecs = bf16.encode(texts)
+    finally:
+        hook.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert bf16_vecs.dtype == np.float32
+    cosine = np.sum(fp32_vecs * bf16_vecs, axis=1)
+    assert cosine.min() > 0.99 and not np.array_equal(fp32_vecs, bf16_vecs)
+    assert len(list(tmp_path.glob("emb-*.f32"))) == 2  # never served from the fp32 cache
+    np.testing.assert_array_equal(bf16.encode(texts), bf16_vecs)
+    assert bf16.cache_hits == 1
+    # the fp32 path after it is untouched by the autocast (no leaked state)
+    np.testing.assert_array_equal(TextEncoder(tiny_model, show_progress=False).encode(texts),
+                                  fp32_vecs)  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_indexes_find_the_exact_neighbours(kind):
     rng = np.random.default_rng(0)

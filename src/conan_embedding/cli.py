@@ -477,7 +477,7 @@ def serve_command(
     model: str = typer.Argument(..., help="A sentence-transformers folder (or a PyPI model name)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="TCP port."),
-    backend: str = typer.Option("torch", help="torch | onnx | onnx-int8"),
+    backend: str = typer.Option("torch", help="torch | torch-bf16 | onnx | onnx-int8"),
     onnx_dir: str | None = typer.Option(None, help="Folder of an `export-onnx` run."),
     name: str | None = typer.Option(None, help="Model id clients send (default: folder name)."),
     api_key: str | None = typer.Option(
@@ -530,7 +530,7 @@ def encode_command(
     field: str = typer.Option("text", help="The text field (jsonl) or column (parquet)."),
     prompt_name: str | None = typer.Option(None, help="One of the model's prompts, e.g. query."),
     dimensions: int | None = typer.Option(None, help="Matryoshka size (truncate + re-normalise)."),
-    backend: str = typer.Option("torch", help="torch | onnx | onnx-int8"),
+    backend: str = typer.Option("torch", help="torch | torch-bf16 | onnx | onnx-int8"),
     onnx_dir: str | None = typer.Option(None, help="Folder of an `export-onnx` run."),
     batch_size: int = typer.Option(32, help="Rows per forward pass."),
     chunk_rows: int = typer.Option(4096, help="Rows per resumable chunk."),
@@ -602,7 +602,8 @@ def mine_command(
     index: str = typer.Option("auto", help="auto | exact | ivf | hnsw | ivfpq."),
     exact_max: int = typer.Option(200_000, help="auto: exact search up to this corpus size."),
     backend: str = typer.Option(
-        "torch", help="Encoder: torch | onnx | onnx-int8 (fastest; slightly different vectors)."
+        "torch",
+        help="Encoder: torch | torch-bf16 | onnx | onnx-int8 (fastest; slightly different vectors).",
     ),
     batch_size: int = typer.Option(32),
     chunk_size: int = typer.Option(4096, help="Texts per encoded (and resumable) chunk."),

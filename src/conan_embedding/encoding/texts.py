@@ -23,9 +23,11 @@ never repeated and never restarted from zero:
   (a ``.jsonl.gz`` corpus, deduplicated on the fly): the deal needs one pass and keeps the
   ranks within one chunk of each other. A killed rank loses at most the chunk it was
   encoding; the rerun must use the same process count to reuse the shards;
-- **backend**: ``"torch"``, ``"onnx"`` (fused fp32 graph; same vectors, cosine > 0.9999) or
-  ``"onnx-int8"`` (weights quantised: faster, slightly different vectors, never sharing a
-  cache entry with fp32); ``device`` as everywhere (``"auto"`` = this rank's GPU, else CPU).
+- **backend**: ``"torch"``, ``"torch-bf16"`` (bf16 autocast: on a GPU, or a CPU with
+  AVX512-BF16, faster; cosine ~0.9999), ``"onnx"`` (fused fp32 graph; same vectors, cosine >
+  0.9999) or ``"onnx-int8"`` (weights quantised: faster, slightly different vectors); vectors
+  of another precision never share a cache entry with fp32 ones; ``device`` as everywhere
+  (``"auto"`` = this rank's GPU, else CPU).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 
 from conan_embedding.encoding.cache import VectorFile, model_fingerprint, texts_fingerprint
 from conan_embedding.encoding.device import Processes
-from conan_embedding.encoding.engine import Backend, EmbeddingEngine
+from conan_embedding.encoding.engine import TORCH_BACKENDS, Backend, EmbeddingEngine
 from conan_embedding.progress import progress
 
 if TYPE_CHECKING:
@@ -88,14 +90,15 @@ class TextEncoder:
         self.engine = EmbeddingEngine(
             model,
             backend=backend,
-            onnx_dir=onnx_dir if backend != "torch" else None,
+            onnx_dir=onnx_dir if backend not in TORCH_BACKENDS else None,
             batch_size=batch_size,
             max_batch_tokens=max_batch_tokens,
             device=device,
             threads=torch.get_num_threads(),
         )
-        # int8 vectors differ from fp32 ones: they must not share cache entries
-        self.identity = model_fingerprint(model) + ("|int8" if backend == "onnx-int8" else "")
+        # int8 and bf16 vectors differ from fp32 ones: they must not share cache entries
+        precision = {"onnx-int8": "|int8", "torch-bf16": "|bf16"}.get(backend, "")
+        self.identity = model_fingerprint(model) + precision
         self.cache_hits = 0
         self.rows_resumed = 0
 
