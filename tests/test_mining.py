@@ -206,9 +206,7 @@ def test_autocast_for_sets_the_matmul_precision(precision, dtype):
         autocast_for("cpu", "int4")
 
 
-def test_bf16_backend_runs_the_matmuls_in_bf16_close_to_fp32_and_cached_apart(
-    tiny_model, tmp_path
-):
+def test_bf16_backend_multiplies_in_bf16_and_is_cached_apart(tiny_model, tmp_path):
     import torch
 
     texts = _sentences(25, 5)
