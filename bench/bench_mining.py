@@ -11,7 +11,10 @@ What it measures, on the same inputs and interleaved (the CPU may be shared):
    ``sentence_transformers.util.mine_hard_negatives`` (FAISS, ranks 10-50, 7 negatives,
    relative margin 0.05, ``sampling_strategy="top"``) and of ``conan_embedding.mining.offline``
    with the same model, window and margin (cold embedding cache), plus a warm-cache re-run;
-   the overlap of the chosen negatives (|ours ∩ theirs| / 7 per query, averaged).
+   the overlap of the chosen negatives (|ours ∩ theirs| / 7 per query, averaged) with ST's in
+   float32. Kinds: ``st`` (float32, ST's default), ``st-bf16`` (the peer's own bf16 option:
+   the model cast to bfloat16), ``ours-torch``, ``ours-torch-bf16`` (bf16 autocast),
+   ``ours-onnx``, ``ours-onnx-int8``; ``--kinds`` picks some (``st`` always runs).
 2. Training step time with DHNM off (static negatives) vs v2 vs v1 (re-scoring through the
    model every ``check_every`` steps) vs v1 on the scores the loss last computed
    (``v1_current="observed"``), with the real trainer on the mined data.
@@ -39,6 +42,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+KINDS = ("st", "st-bf16", "ours-torch", "ours-torch-bf16", "ours-onnx", "ours-onnx-int8")
 WINDOW = {"range_min": 10, "range_max": 50, "num_negatives": 7, "relative_margin": 0.05}
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,9 +82,11 @@ def worker(kind: str, inputs: Path, out: Path, cache_dir: str) -> None:
     data = json.loads(inputs.read_text(encoding="utf-8"))
     pairs, corpus = data["pairs"], data["corpus"]
     model = load_embedder(resolve_model_path("all-MiniLM-L6-v2"))
+    if kind == "st-bf16":
+        model = model.to(torch.bfloat16)
     rss_after_load = peak_rss_mb()
     started = time.perf_counter()
-    if kind == "st":
+    if kind.startswith("st"):
         from datasets import Dataset
         from sentence_transformers.util import mine_hard_negatives
 
@@ -105,7 +111,7 @@ def worker(kind: str, inputs: Path, out: Path, cache_dir: str) -> None:
         from conan_embedding.data.records import RetrievalRecord
         from conan_embedding.mining.offline import MiningConfig, mine
 
-        backend = {"ours-onnx": "onnx", "ours-onnx-int8": "onnx-int8"}.get(kind, "torch")
+        backend = kind.removeprefix("ours-")
         config = MiningConfig(**WINDOW, backend=backend, batch_size=64)
         records = [RetrievalRecord(query=a, pos=[b]) for a, b in pairs]
         mined, _, _ = mine(records, model, corpus, config, cache_dir=cache_dir, show_progress=False)
@@ -170,10 +176,14 @@ def bench_mining(args, folder: Path) -> dict:
     # The ONNX export is made once per model and reused (like the embedding cache would be
     # not): do it before timing, and time it on its own.
     onnx_cache = str(folder / "onnx-export")
+    kinds = ("st", *[kind for kind in args.kinds if kind != "st"])
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise SystemExit(f"unknown --kinds {unknown}; choose among {','.join(KINDS)}")
     started = time.perf_counter()
-    export_onnx_graph(onnx_cache)
+    if any(kind.startswith("ours-onnx") for kind in kinds):
+        export_onnx_graph(onnx_cache)
     export_seconds = time.perf_counter() - started
-    kinds = ("st", "ours-onnx", "ours-onnx-int8", "ours-torch")
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for rep in range(args.repeats):
         for kind in kinds:
@@ -184,14 +194,19 @@ def bench_mining(args, folder: Path) -> dict:
             for stale in Path(onnx_cache).glob("emb-*"):
                 stale.unlink()
             runs[kind].append(run_worker(kind, inputs, folder, cache, f"{kind}-{rep}"))
-    warm = run_worker("ours-torch", inputs, folder, str(folder / "cache-ours-torch-0"), "warm")
+    # a re-run on the first torch kind's finished cache: no encoding left to do
+    warm_kind = next((kind for kind in kinds if kind.startswith("ours-torch")), None)
+    warm = None
+    if warm_kind is not None:
+        cache = str(folder / f"cache-{warm_kind}-0")
+        warm = run_worker(warm_kind, inputs, folder, cache, "warm")
     st_time = statistics.median(r["seconds"] for r in runs["st"])
     result = {
         "queries": len(pairs),
         "corpus": len(corpus),
         "window": WINDOW,
         "onnx_export_seconds": export_seconds,
-        "warm_cache_seconds": warm["seconds"],
+        "warm_cache_seconds": warm["seconds"] if warm else None,
     }
     for kind, rows in runs.items():
         result[kind] = {
@@ -200,12 +215,17 @@ def bench_mining(args, folder: Path) -> dict:
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
             "loadavg": [r["loadavg_before"] for r in rows],
         }
-        if kind != "st":
+        if kind != "st":  # every kind against ST in float32, the vectors a user gets by default
             ov, count = overlap(rows[0]["negatives"], runs["st"][0]["negatives"])
             result[kind]["overlap_with_st"] = ov
             result[kind]["overlap_queries"] = count
             result[kind]["speedup_vs_st"] = st_time / result[kind]["median_seconds"]
-    result["warm_speedup_vs_st"] = st_time / warm["seconds"]
+    result["warm_speedup_vs_st"] = st_time / warm["seconds"] if warm else None
+    if "st-bf16" in runs:  # against the peer in its own bf16 too
+        st_bf16 = result["st-bf16"]["median_seconds"]
+        for kind in runs:
+            if kind.startswith("ours-"):
+                result[kind]["speedup_vs_st_bf16"] = st_bf16 / result[kind]["median_seconds"]
     return result
 
 
@@ -321,6 +341,12 @@ def main() -> None:
     parser.add_argument("--corpus", type=int, default=10000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument(
+        "--kinds",
+        type=lambda text: [k for k in text.split(",") if k],
+        default=list(KINDS),
+        help=f"comma-separated mining runs among {','.join(KINDS)} (st always runs)",
+    )
     parser.add_argument("--skip-steps", action="store_true", help="only the mining part")
     parser.add_argument("--only-steps", action="store_true", help="only the DHNM step part")
     parser.add_argument("--data-dir", type=Path, default=None)
@@ -351,16 +377,23 @@ def main() -> None:
     if "mining" in result:
         mining = result["mining"]
         print(f"\nST mine_hard_negatives: {mining['st']['median_seconds']:.1f} s")
-        for kind in ("ours-onnx", "ours-onnx-int8", "ours-torch"):
+        for kind in [k for k in KINDS if k in mining and k != "st"]:
             row = mining[kind]
-            print(
-                f"{kind}: {row['median_seconds']:.1f} s -> {row['speedup_vs_st']:.2f}x vs ST, "
-                f"overlap {row['overlap_with_st']:.3f}, peak RSS {row['peak_rss_mb']:.0f} MB "
-                f"(ST {mining['st']['peak_rss_mb']:.0f} MB)"
+            versus_bf16 = (
+                f", {row['speedup_vs_st_bf16']:.2f}x vs ST bf16"
+                if "speedup_vs_st_bf16" in row
+                else ""
             )
-        print(
-            f"warm cache: {mining['warm_cache_seconds']:.1f} s ({mining['warm_speedup_vs_st']:.1f}x)"
-        )
+            print(
+                f"{kind}: {row['median_seconds']:.1f} s -> {row['speedup_vs_st']:.2f}x vs ST"
+                f"{versus_bf16}, overlap with ST fp32 {row['overlap_with_st']:.3f}, "
+                f"peak RSS {row['peak_rss_mb']:.0f} MB (ST {mining['st']['peak_rss_mb']:.0f} MB)"
+            )
+        if mining["warm_cache_seconds"] is not None:
+            print(
+                f"warm cache: {mining['warm_cache_seconds']:.1f} s "
+                f"({mining['warm_speedup_vs_st']:.1f}x)"
+            )
     if "dhnm_steps" in result:
         for name in ("v2", "v1", "v1-observed"):
             row = result["dhnm_steps"][name]
