@@ -20,6 +20,12 @@ not the model. Every measured step runs in its own process; peak RSS is that pro
    resumed run's peak RSS against the size of the vectors (corpus + queries, float32), the pool
    files' size on disk, and what the same pools would take as the older text JSONL (measured
    on the first 1,000 pools and scaled).
+3. **sentence-transformers at the largest size it fits in the same RAM**: ST's
+   ``mine_hard_negatives`` (FAISS, same encoder, window 10-200, 7 negatives, no margin) on the
+   first ``n`` texts of the same corpus and the first ``n / 10`` queries, ``n`` doubling from
+   ``--st-start`` up to ``--corpus``, each in its own process; the ladder stops at the first
+   size whose peak RSS exceeds ours (part 2's resumed run at the full size) or that fails.
+   Reported: peak RSS and time per size, and the largest size within our peak RSS.
 
 Writes ``bench/results/scale.json``.
 """
@@ -187,6 +193,41 @@ def child_mine(records: str, corpus: str, model: str, cache: str, out: str, chun
     Path(out).write_text(json.dumps(result), encoding="utf-8")
 
 
+def child_st(records: str, corpus: str, model: str, out: str, size: int, queries: int) -> None:
+    """sentence-transformers' ``mine_hard_negatives`` on the first ``size`` texts / ``queries``
+    queries (what a user would run instead, holding texts and vectors in memory)."""
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    from conan_embedding.modeling.embedder import load_embedder
+
+    st_model = load_embedder(model)
+    baseline = peak_rss_mb()
+    started = time.perf_counter()
+    with open(corpus, encoding="utf-8") as handle:
+        texts = [line.rstrip("\n") for _, line in zip(range(size), handle, strict=False)]
+    pairs = {"query": [], "pos": []}
+    with open(records, encoding="utf-8") as handle:
+        for _, line in zip(range(queries), handle, strict=False):
+            row = json.loads(line)
+            pairs["query"].append(row["query"])
+            pairs["pos"].append(row["pos"][0])
+    mined = mine_hard_negatives(
+        Dataset.from_dict(pairs), st_model, corpus=texts, range_min=10, range_max=200,
+        num_negatives=7, sampling_strategy="top", output_format="n-tuple", use_faiss=True,
+        batch_size=256, verbose=False,
+    )  # fmt: skip
+    result = {
+        "corpus": len(texts),
+        "queries": len(pairs["query"]),
+        "rows_out": len(mined),
+        "seconds": time.perf_counter() - started,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_after_imports_and_model_mb": baseline,
+    }
+    Path(out).write_text(json.dumps(result), encoding="utf-8")
+
+
 # --- parent ----------------------------------------------------------------------------------
 
 
@@ -283,6 +324,47 @@ def bench_mine(args, folder: Path, model: Path) -> dict:
     return result
 
 
+def bench_st(args, folder: Path, model: Path, budget_mb: float | None) -> dict:
+    """ST's ``mine_hard_negatives`` on doubling sizes of part 2's corpus until it exceeds
+    ``budget_mb`` (our peak RSS at the full size) or fails."""
+    records, corpus = folder / "queries.jsonl", folder / "corpus.txt"
+    sizes, size = [], args.st_start
+    while size < args.corpus:
+        sizes.append(size)
+        size *= 2
+    sizes.append(args.corpus)
+    runs, largest_within = [], None
+    for size in sizes:
+        out = folder / f"st-{size}.json"
+        queries = max(1, size * args.queries // args.corpus)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "st",
+                str(records),
+                str(corpus),
+                str(model),
+                str(out),
+                str(size),
+                str(queries),
+            ]  # fmt: skip
+        )
+        if done.returncode != 0:
+            runs.append({"corpus": size, "queries": queries, "failed": done.returncode})
+            print(f"  ST at {size} texts failed (exit {done.returncode})", flush=True)
+            break
+        run = json.loads(out.read_text())
+        runs.append(run)
+        print(f"  ST at {size} texts / {queries} queries: {run['seconds']:.0f} s, "
+              f"peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+        if budget_mb is not None and run["peak_rss_mb"] > budget_mb:
+            break
+        largest_within = size
+    return {"budget_mb": budget_mb, "runs": runs, "largest_corpus_within_budget": largest_within}
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         name, rest = sys.argv[2], sys.argv[3:]
@@ -290,6 +372,8 @@ def main() -> None:
             child_first_step(*rest)
         elif name == "eager":
             child_eager(rest[0], int(rest[1]), rest[2])
+        elif name == "st":
+            child_st(*rest[:4], int(rest[4]), int(rest[5]))
         else:
             child_mine(*rest[:5], int(rest[5]))
         return
@@ -302,6 +386,8 @@ def main() -> None:
     parser.add_argument("--kill-at", type=float, default=0.5)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-mine", action="store_true")
+    parser.add_argument("--skip-st", action="store_true", help="skip part 3 (ST's ladder)")
+    parser.add_argument("--st-start", type=int, default=125_000, help="ST ladder's first size")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temp folder")
     args = parser.parse_args()
     result: dict = {"args": vars(args) | {"work_dir": str(args.work_dir)}, "cpus": os.cpu_count()}
@@ -312,6 +398,10 @@ def main() -> None:
             result["train"] = bench_train(args, folder, model)
         if not args.skip_mine:
             result["mine"] = bench_mine(args, folder, model)
+            if not args.skip_st:
+                print("sentence-transformers' mine_hard_negatives, doubling sizes:", flush=True)
+                budget = result["mine"]["peak_rss_mb"]
+                result["st_mine"] = bench_st(args, folder, model, budget)
     result["loadavg_end"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
