@@ -367,7 +367,8 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
         "full-s43.json": _fake_result("full", 43, 63.0),
         "baseline-620-s42.json": _fake_result("baseline-620", 42, 64.0),
         "full-620-s42.json": _fake_result("full-620", 42, 65.5),
-        "minus-dhnm-620-s42.json": _fake_result("minus-dhnm-620", 42, 65.5),
+        "minus-dhnm-620-s42.json": _fake_result("minus-dhnm-620", 42, 65.5)
+        | {"mixed_precision": "bf16", "eval_mixed_precision": "bf16"},
         "dhnm-revisit-v2-s42.json": _fake_result("dhnm-revisit-v2", 42, 61.0),
     }.items():
         results.mkdir(exist_ok=True)
@@ -407,6 +408,9 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
     assert "*plain ST fine-tune (issue #9, quoted)*" in rows
     assert "76.42" in rows["*plain ST fine-tune (issue #9, quoted)*"]
     assert "conan-embed recipe report" in text
+    # the Runs table says each run's train / eval precision (older JSONs: float32)
+    assert "| minus-dhnm-620 | 42 | 620 | 100 | 50 | 2 | bf16 / bf16 |" in text
+    assert "| full-620 | 42 | 620 | 100 | 50 | 2 | fp32 / fp32 |" in text
     # regenerating keeps the (now only) analysis section verbatim
     write_results(results, page)
     assert page.read_text(encoding="utf-8") == text

@@ -984,6 +984,10 @@ def _full_baseline_pairs(by_name: dict[str, ArmSummary]) -> list[tuple[str, str]
     return pairs
 
 
+def _precision(mixed_precision: str | None) -> str:
+    return "fp32" if mixed_precision in (None, "no") else mixed_precision
+
+
 def _runs_table(arms: list[ArmSummary]) -> str:
     header = [
         "arm",
@@ -992,6 +996,7 @@ def _runs_table(arms: list[ArmSummary]) -> str:
         "train s",
         "eval s",
         "torch threads",
+        "precision",
         "loadavg before → after",
         "commit",
     ]
@@ -1010,6 +1015,9 @@ def _runs_table(arms: list[ArmSummary]) -> str:
                 f"{r.get('train_seconds', 0):.0f}",
                 f"{r.get('eval_seconds', 0):.0f}",
                 str(r.get("torch_threads", "")),
+                # train / eval autocast (runs written before the option existed are float32)
+                f"{_precision(r.get('mixed_precision'))} / "
+                f"{_precision(r.get('eval_mixed_precision'))}",
                 load,
                 f"`{commit}`",
             ]
