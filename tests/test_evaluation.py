@@ -192,6 +192,28 @@ def test_cached_embeddings_equal_fresh_ones(tiny_model, tmp_path):
     assert reloaded.encoded_texts == 1
 
 
+def test_vectors_made_under_autocast_are_never_served_to_a_float32_evaluation(tiny_model, tmp_path):
+    """A bf16 evaluation (``recipe run --mixed-precision bf16`` wraps mteb in autocast) and a
+    float32 one of the same model share the cache folder's parent, never its entries."""
+    from conan_embedding.encoding.device import autocast_for
+
+    texts = ["a man is running", "a dog", "the car"]
+    encoder = CachedEncoder(tiny_model, name="tiny", cache_dir=tmp_path, show_progress=False)
+    with autocast_for("cpu", "bf16"):
+        in_bf16 = encoder.encode_texts(texts)
+    in_fp32 = encoder.encode_texts(texts)
+    assert encoder.encoded_texts == 6  # the float32 pass found nothing to reuse
+    assert not np.array_equal(in_bf16, in_fp32)
+    np.testing.assert_allclose(in_fp32, tiny_model.encode(texts), atol=1e-5)
+    fingerprint = model_fingerprint(tiny_model)
+    assert {p.name for p in tmp_path.iterdir()} == {fingerprint, f"{fingerprint}-bf16"}
+    again = CachedEncoder(tiny_model, name="tiny", cache_dir=tmp_path, show_progress=False)
+    with autocast_for("cpu", "bf16"):
+        np.testing.assert_array_equal(again.encode_texts(texts), in_bf16)
+    np.testing.assert_array_equal(again.encode_texts(texts), in_fp32)
+    assert again.encoded_texts == 0
+
+
 def test_changing_a_weight_changes_the_cache_namespace(tiny_model):
     before = model_fingerprint(tiny_model)
     parameter = next(tiny_model.parameters())

@@ -227,6 +227,14 @@ def test_bf16_backend_multiplies_in_bf16_and_is_cached_apart(tiny_model, tmp_pat
     assert len(list(tmp_path.glob("emb-*.f32"))) == 2  # never served from the fp32 cache
     np.testing.assert_array_equal(bf16.encode(texts), bf16_vecs)
     assert bf16.cache_hits == 1
+    # a caller's bf16 autocast around the fp32 backend is the bf16 backend's computation: it
+    # reads the bf16 entry, never the fp32 one
+    from conan_embedding.encoding.device import autocast_for
+
+    with autocast_for("cpu", "bf16"):
+        wrapped = fp32.encode(texts)
+    assert fp32.cache_hits == 1 and len(list(tmp_path.glob("emb-*.f32"))) == 2
+    np.testing.assert_array_equal(wrapped, bf16_vecs)
     # the fp32 path after it is untouched by the autocast (no leaked state)
     np.testing.assert_array_equal(TextEncoder(tiny_model, show_progress=False).encode(texts),
                                   fp32_vecs)  # fmt: skip

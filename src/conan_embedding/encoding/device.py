@@ -104,3 +104,16 @@ def autocast_for(
     if mixed_precision not in dtypes:
         raise ValueError(f"mixed_precision must be one of no, bf16, fp16; got {mixed_precision!r}")
     return torch.autocast(resolve_device(device).type, dtype=dtypes[mixed_precision])
+
+
+def ambient_autocast(device: str | torch.device) -> str | None:
+    """``"bf16"`` / ``"fp16"`` when the caller runs us inside an enabled autocast region for
+    ``device``'s type, else None. Embedding caches add it to their key: vectors made under a
+    caller's autocast differ from float32 ones and must never be served in their place."""
+    device_type = resolve_device(device).type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names.get(
+        torch.get_autocast_dtype(device_type), str(torch.get_autocast_dtype(device_type))
+    )

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from conan_embedding.encoding.cache import VectorFile, model_fingerprint, texts_fingerprint
-from conan_embedding.encoding.device import Processes
+from conan_embedding.encoding.device import Processes, ambient_autocast
 from conan_embedding.encoding.engine import TORCH_BACKENDS, Backend, EmbeddingEngine
 from conan_embedding.progress import progress
 
@@ -141,7 +141,10 @@ class TextEncoder:
         """The cache key of a stream under this model, backend and prompt (32 hex digits)."""
         import hashlib
 
-        payload = f"{self.identity}|{prompt or ''}|{stream_key}"
+        # a caller's autocast region changes the vectors as a bf16 backend does
+        ambient = ambient_autocast(self.engine.device)
+        identity = self.identity + (f"|{ambient}" if ambient else "")
+        payload = f"{identity}|{prompt or ''}|{stream_key}"
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     def encode_stream(

@@ -37,6 +37,7 @@ from mteb.models import ModelMeta
 from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
 
 from conan_embedding.encoding.cache import EmbeddingCache, model_fingerprint, text_key
+from conan_embedding.encoding.device import ambient_autocast
 from conan_embedding.encoding.engine import EmbeddingEngine
 from conan_embedding.progress import progress
 
@@ -86,8 +87,22 @@ class CachedEncoder(AbsEncoder):
         self.model_prompts = normalized_prompts(model)
         self.symmetric_prompt = symmetric_prompt
         self.show_progress = show_progress
-        self.cache = EmbeddingCache(cache_dir, self.fingerprint) if cache_dir else None
+        self.cache_dir = cache_dir
+        self._caches: dict[str | None, EmbeddingCache] = {}
         self.encoded_texts = 0  # texts actually run through the network (cache misses)
+
+    @property
+    def cache(self) -> EmbeddingCache | None:
+        """The disk cache for the precision this encode runs in: float32, or the autocast a
+        caller wrapped the evaluation in (its own folder, ``<fingerprint>-bf16``), so bf16
+        vectors are never served to a float32 evaluation of the same model, nor the reverse."""
+        if not self.cache_dir:
+            return None
+        precision = ambient_autocast(self.engine.device)
+        if precision not in self._caches:
+            folder = self.fingerprint + (f"-{precision}" if precision else "")
+            self._caches[precision] = EmbeddingCache(self.cache_dir, folder)
+        return self._caches[precision]
 
     def resolve_prompt(
         self, task_metadata: TaskMetadata, prompt_type: PromptType | None
@@ -126,8 +141,9 @@ class CachedEncoder(AbsEncoder):
     ) -> np.ndarray:
         """Embeddings of ``texts`` (float32, one row each), from the cache where possible."""
         keys = [text_key(prompt, text) for text in texts]
-        if self.cache is not None:
-            found, missing = self.cache.lookup(keys)
+        cache = self.cache
+        if cache is not None:
+            found, missing = cache.lookup(keys)
         else:
             found, missing = [None] * len(texts), list(range(len(texts)))
         # Duplicates inside one call are encoded once.
@@ -150,8 +166,8 @@ class CachedEncoder(AbsEncoder):
             if self.model.truncate_dim:  # as SentenceTransformer.encode: cut, no re-normalising
                 fresh = np.ascontiguousarray(fresh[:, : self.model.truncate_dim])
             self.encoded_texts += len(chunk)
-            if self.cache is not None:
-                self.cache.add([keys[i] for i in chunk], fresh)
+            if cache is not None:
+                cache.add([keys[i] for i in chunk], fresh)
             by_key.update({keys[i]: fresh[j] for j, i in enumerate(chunk)})
             bar.update(len(chunk))
         bar.close()
