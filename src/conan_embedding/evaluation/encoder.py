@@ -10,7 +10,8 @@ How:
 
 - the cache is :class:`~conan_embedding.encoding.cache.EmbeddingCache` (one folder per
   :func:`~conan_embedding.encoding.cache.model_fingerprint`, safetensors shards keyed by
-  ``prompt + text`` digests), so changing one weight gives a new namespace;
+  ``prompt + text`` digests), so changing one weight gives a new namespace; an evaluation run
+  inside a caller's autocast (bf16 / fp16) has its own folder ``<fingerprint>-bf16``;
 - the misses are embedded by :class:`~conan_embedding.encoding.engine.EmbeddingEngine` (token
   batches, on ``device``), the encoder mining, filtering and serving use too;
 - :class:`CachedEncoder` implements mteb's encoder protocol (``encode(dataloader, task_metadata,
