@@ -173,6 +173,33 @@ def _torchrun(args: list[str], work: Path) -> None:
         raise RuntimeError(done.stderr[-2000:])
 
 
+def check_bf16_encode(bert: Path, device: str) -> None:
+    """The ``torch-bf16`` encode backend on ``device``: the model lands there, its matrix
+    products run in bf16, and the vectors stay within cosine 0.99 of the float32 ones."""
+    import numpy as np
+
+    from conan_embedding.encoding.engine import EmbeddingEngine
+    from conan_embedding.modeling.embedder import build_embedder
+
+    texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(3 + i % 9)) for i in range(64)]
+    fp32 = EmbeddingEngine(build_embedder(str(bert)), device=device).embed(texts)
+    engine = EmbeddingEngine(build_embedder(str(bert)), backend="torch-bf16", device=device)
+    if engine.device.type != torch.device(device).type:
+        raise RuntimeError(f"the encoder runs on {engine.device}, not {device}")
+    linear = next(m for m in engine.model.modules() if isinstance(m, torch.nn.Linear))
+    seen: list[torch.dtype] = []
+    hook = linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    try:
+        bf16 = engine.embed(texts)
+    finally:
+        hook.remove()
+    if set(seen) != {torch.bfloat16}:
+        raise RuntimeError(f"the matrix products ran in {set(seen)}, not bfloat16")
+    cosine = float(np.min(np.sum(fp32 * bf16, axis=1)))
+    if cosine < 0.99:
+        raise RuntimeError(f"bf16 vectors drift from fp32: min cosine {cosine:.4f}")
+
+
 def check_sharded_mining(work: Path, bert: Path) -> None:
     """``conan-embed mine`` on 2 GPUs (NCCL barrier, each rank on cuda:LOCAL_RANK) writes the
     pools of one GPU: the same scores column by column (1e-4) and >= 99% of the same ids
@@ -264,6 +291,7 @@ def main() -> int:
             "",
         ),
         ("LLM SFT", lambda: check_sft(work, llm, args.device, args.steps), ""),
+        ("encode, torch-bf16 backend", lambda: check_bf16_encode(bert, args.device), ""),
         (
             "v2 weak stage, soft mask",
             lambda: check_weak_llm(work, llm, args.device, args.steps),

@@ -33,6 +33,7 @@ def test_gpu_check_runs_every_single_device_stage_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = {r["check"]: r for r in json.loads((tmp_path / "report.json").read_text())["rows"]}
     ran = [name for name, row in rows.items() if row["result"] == "pass"]
-    assert len(ran) == 5 and "v2 weak stage, soft mask" in ran
+    assert len(ran) == 6 and "v2 weak stage, soft mask" in ran
+    assert "encode, torch-bf16 backend" in ran
     assert rows["DDP, 2 GPUs"]["result"] == "skipped"  # no GPU result is ever claimed here
     assert rows["mining encoded on 2 GPUs"]["result"] == "skipped"
