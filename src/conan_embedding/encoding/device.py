@@ -87,6 +87,9 @@ def join_processes(device: str | torch.device | None = "auto") -> Processes:
     return Processes(state.process_index, state.num_processes, state, owns_group=fresh)
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_for(
     device: str | torch.device, mixed_precision: str = "no"
 ) -> contextlib.AbstractContextManager:
@@ -100,10 +103,9 @@ def autocast_for(
     """
     if mixed_precision == "no":
         return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if mixed_precision not in dtypes:
+    if mixed_precision not in AUTOCAST_DTYPES:
         raise ValueError(f"mixed_precision must be one of no, bf16, fp16; got {mixed_precision!r}")
-    return torch.autocast(resolve_device(device).type, dtype=dtypes[mixed_precision])
+    return torch.autocast(resolve_device(device).type, dtype=AUTOCAST_DTYPES[mixed_precision])
 
 
 def ambient_autocast(device: str | torch.device) -> str | None:
@@ -113,7 +115,5 @@ def ambient_autocast(device: str | torch.device) -> str | None:
     device_type = resolve_device(device).type
     if not torch.is_autocast_enabled(device_type):
         return None
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-    return names.get(
-        torch.get_autocast_dtype(device_type), str(torch.get_autocast_dtype(device_type))
-    )
+    dtype = torch.get_autocast_dtype(device_type)
+    return next((name for name, known in AUTOCAST_DTYPES.items() if known == dtype), str(dtype))

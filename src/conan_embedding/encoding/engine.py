@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from conan_embedding.encoding.device import autocast_for, resolve_device
+from conan_embedding.encoding.device import ambient_autocast, autocast_for, resolve_device
 from conan_embedding.encoding.onnx import OnnxTransformer, ensure_onnx_export
 from conan_embedding.encoding.tokens import special_token_frame, token_batches
 from conan_embedding.modeling.embedder import (
@@ -152,6 +152,20 @@ class EmbeddingEngine:
             )
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads)
+
+    @property
+    def precision(self) -> str | None:
+        """What the vectors are made in when not float32: ``int8`` (quantised ONNX), ``bf16``
+        (this backend's autocast, or a caller's autocast around the torch backend), ``fp16``;
+        None for float32. Embedding caches key by it, so such vectors never stand in for
+        float32 ones (nor the reverse)."""
+        if self.backend == "onnx-int8":
+            return "int8"
+        if self.backend == "torch-bf16":
+            return "bf16"
+        if self.backend == "torch":
+            return ambient_autocast(self.device)
+        return None
 
     @classmethod
     def from_path(cls, model: str | os.PathLike[str], **kwargs: Any) -> EmbeddingEngine:

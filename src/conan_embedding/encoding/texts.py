@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from conan_embedding.encoding.cache import VectorFile, model_fingerprint, texts_fingerprint
-from conan_embedding.encoding.device import Processes, ambient_autocast
+from conan_embedding.encoding.device import Processes
 from conan_embedding.encoding.engine import TORCH_BACKENDS, Backend, EmbeddingEngine
 from conan_embedding.progress import progress
 
@@ -96,9 +96,7 @@ class TextEncoder:
             device=device,
             threads=torch.get_num_threads(),
         )
-        # int8 and bf16 vectors differ from fp32 ones: they must not share cache entries
-        precision = {"onnx-int8": "|int8", "torch-bf16": "|bf16"}.get(backend, "")
-        self.identity = model_fingerprint(model) + precision
+        self.fingerprint = model_fingerprint(model)
         self.cache_hits = 0
         self.rows_resumed = 0
 
@@ -141,9 +139,10 @@ class TextEncoder:
         """The cache key of a stream under this model, backend and prompt (32 hex digits)."""
         import hashlib
 
-        # a caller's autocast region changes the vectors as a bf16 backend does
-        ambient = ambient_autocast(self.engine.device)
-        identity = self.identity + (f"|{ambient}" if ambient else "")
+        # int8 / bf16 vectors (the backend's, or a caller's autocast) differ from fp32 ones:
+        # they must not share cache entries
+        precision = self.engine.precision
+        identity = self.fingerprint + (f"|{precision}" if precision else "")
         payload = f"{identity}|{prompt or ''}|{stream_key}"
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 

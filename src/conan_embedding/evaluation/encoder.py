@@ -38,7 +38,6 @@ from mteb.models import ModelMeta
 from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
 
 from conan_embedding.encoding.cache import EmbeddingCache, model_fingerprint, text_key
-from conan_embedding.encoding.device import ambient_autocast
 from conan_embedding.encoding.engine import EmbeddingEngine
 from conan_embedding.progress import progress
 
@@ -99,7 +98,7 @@ class CachedEncoder(AbsEncoder):
         vectors are never served to a float32 evaluation of the same model, nor the reverse."""
         if not self.cache_dir:
             return None
-        precision = ambient_autocast(self.engine.device)
+        precision = self.engine.precision
         if precision not in self._caches:
             folder = self.fingerprint + (f"-{precision}" if precision else "")
             self._caches[precision] = EmbeddingCache(self.cache_dir, folder)
