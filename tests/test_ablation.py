@@ -124,6 +124,30 @@ def test_minus_clr_replaces_only_the_clr_task():
     assert pairs.kind == "pairs" and pairs.path.endswith("parallel-en-zh.jsonl")
 
 
+def _anchors_per_step(config: TrainConfig) -> int:
+    """Queries / first sentences a step trains on (retrieval devices share their queries)."""
+    return sum(t.batch_size for t in config.tasks)
+
+
+def test_full_shares_moves_only_batch_shares_toward_bq_and_parallel_pairs():
+    diff = _differences("full-shares")
+    added = ("tasks.bq.", "tasks.parallel-pairs.", "cbb.task_ranks.")
+    assert diff and all(k.startswith(added) or k.endswith(".batch_size") for k in diff)
+    full, shares = _load("full"), _load("full-shares")
+    assert _anchors_per_step(shares) == _anchors_per_step(full) == 36
+    by_name = {t.name: t for t in shares.tasks}
+    assert by_name["bq"].kind == "sts" and by_name["bq"].path.endswith("bq-dev.jsonl")
+    pairs = by_name["parallel-pairs"]
+    assert pairs.kind == "pairs" and pairs.path.endswith("parallel-en-zh.jsonl")
+    # the parallel pairs train beside CLR, BQ beside the other STS sets; CLR and DHNM stay
+    assert shares.cbb.task_ranks["parallel-pairs"] == full.cbb.task_ranks["clr"]
+    assert shares.cbb.task_ranks["bq"] == full.cbb.task_ranks["zh-pairs"]
+    assert [t.dynamic_negatives.rule for t in shares.tasks if t.kind == "retrieval"] == [
+        "v2",
+        "v2",
+    ]
+
+
 def test_minus_cbb_keeps_examples_and_negatives_of_full():
     diff = _differences("minus-cbb")
     assert all(
@@ -367,6 +391,7 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
         "full-s43.json": _fake_result("full", 43, 63.0),
         "baseline-620-s42.json": _fake_result("baseline-620", 42, 64.0),
         "full-620-s42.json": _fake_result("full-620", 42, 65.5),
+        "full-shares-620-s42.json": _fake_result("full-shares-620", 42, 67.0),
         "minus-dhnm-620-s42.json": _fake_result("minus-dhnm-620", 42, 65.5)
         | {"mixed_precision": "bf16", "eval_mixed_precision": "bf16"},
         "dhnm-revisit-v2-s42.json": _fake_result("dhnm-revisit-v2", 42, 61.0),
@@ -391,6 +416,7 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
         "full",
         "baseline-620",
         "full-620",
+        "full-shares-620",
         "minus-dhnm-620",
         "dhnm-revisit-v2",
     ]  # fmt: skip  (the plain arms, then each tag's arms in the same order, then the rest)
@@ -404,6 +430,9 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
     assert delta[2:] == ["+2.50"] * 9
     tagged = rows["**full-620 − baseline-620**"].strip("| ").split(" | ")  # a tagged pair
     assert tagged[2:] == ["+1.50"] * 9
+    # every whole-recipe arm gets its line against the baseline run the same way
+    shares = rows["**full-shares-620 − baseline-620**"].strip("| ").split(" | ")
+    assert shares[2:] == ["+3.00"] * 9
     assert "**full-620 − plain ST (quoted)**" in rows
     assert "*plain ST fine-tune (issue #9, quoted)*" in rows
     assert "76.42" in rows["*plain ST fine-tune (issue #9, quoted)*"]

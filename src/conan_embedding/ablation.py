@@ -86,8 +86,7 @@ EVAL_TASKS = RECIPE_TASKS + EXTRA_TASKS
 EVAL_MAX_SEQ_LENGTH = 256
 """The issue's SciFact row says "texts cut at 256 tokens"; training uses 64."""
 
-ARM_ORDER = (
-    "base",
+ABLATION_ARMS = (
     "baseline",
     "vanilla",
     "full",
@@ -97,7 +96,12 @@ ARM_ORDER = (
     "minus-mrl",
     "minus-clr",
 )
-ABLATION_ARMS = ARM_ORDER[1:]
+"""What ``conan-embed recipe ablation`` runs when no ``--arms`` are given."""
+RECIPE_ARMS = ("full", "full-shares")
+"""Arms that are the whole recipe (``full-shares``: full with the baseline's data shares);
+each gets a difference line against the baseline run the same way."""
+ARM_ORDER = ("base", *ABLATION_ARMS[:3], "full-shares", *ABLATION_ARMS[3:])
+"""Table order; also the arms a ``--tag`` run name is split back into (``full-shares-620``)."""
 
 # Copied from issue #9's table (plain sentence-transformers 6.2 fine-tune of the same base);
 # quoted, not measured by this code, so they are labelled as such wherever they appear.
@@ -975,12 +979,13 @@ def _paper_shape_table(arms: list[ArmSummary]) -> str:
 
 def _full_baseline_pairs(by_name: dict[str, ArmSummary]) -> list[tuple[str, str]]:
     """(``full``, ``baseline``) and each tagged pair run the same way (``full-620``,
-    ``baseline-620``): the rows that get a difference line in the table."""
-    pairs = [("full", "baseline")] if "full" in by_name else []
+    ``baseline-620``), for every arm of :data:`RECIPE_ARMS`: the rows that get a difference
+    line in the table."""
+    pairs = [(arm, "baseline") for arm in RECIPE_ARMS if arm in by_name]
     for name in by_name:
         arm, tag = _split_tag(name)
-        if arm == "baseline" and f"full-{tag}" in by_name:
-            pairs.append((f"full-{tag}", name))
+        if arm == "baseline":
+            pairs += [(f"{r}-{tag}", name) for r in RECIPE_ARMS if f"{r}-{tag}" in by_name]
     return pairs
 
 
