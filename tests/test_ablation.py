@@ -445,13 +445,23 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
     assert page.read_text(encoding="utf-8") == text
 
 
+def _negatives(rule: str, replacements: float | None, first: float) -> dict[str, Any]:
+    return {
+        "rule": rule, "replacements": replacements, "pool_exhausted": None,
+        "neg_score_first_10": first, "neg_score_second_half": first - 0.2,
+    }  # fmt: skip
+
+
 def test_the_paper_shape_table_puts_each_tag_s_four_arms_beside_the_paper(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
+    static = {"negatives": {"bge": _negatives("none", None, 0.85)}}
+    dynamic = {"negatives": {"bge": _negatives("v2", 4832.0, 0.9)}}
+    dynamic["negatives"]["clr"] = _negatives("v2", 1942.0, 0.8)
     for name, record in {
-        "vanilla-620-s42.json": _fake_result("vanilla-620", 42, 60.0),
-        "vanilla-620-s43.json": _fake_result("vanilla-620", 43, 61.0),
-        "full-620-s42.json": _fake_result("full-620", 42, 62.0),
+        "vanilla-620-s42.json": _fake_result("vanilla-620", 42, 60.0) | static,
+        "vanilla-620-s43.json": _fake_result("vanilla-620", 43, 61.0) | static,
+        "full-620-s42.json": _fake_result("full-620", 42, 62.0) | dynamic,
         "minus-cbb-620-s42.json": _fake_result("minus-cbb-620", 42, 59.0),
         "full-s42.json": _fake_result("full", 42, 70.0),  # untagged: a table of its own
         "minus-dhnm-s42.json": _fake_result("minus-dhnm", 42, 69.0),
@@ -468,6 +478,11 @@ def test_the_paper_shape_table_puts_each_tag_s_four_arms_beside_the_paper(tmp_pa
     assert "| +CBB | minus-dhnm-620 | not run |  |  | 70.40 | +1.60 |" in tagged
     assert "| +DHNM | minus-cbb-620 | 42 | 62.00 | -1.50 | 71.20 | +2.40 |" in tagged
     assert "| full (CBB + DHNM) | full-620 | 42 | 65.00 | +1.50 | 72.62 | +3.82 |" in tagged
+    # each arm's hard negatives: score trend averaged over seeds, DHNM replacements per seed
+    assert "| +3.82 | bge 0.900 → 0.700; clr 0.800 → 0.600 | bge 4,832, clr 1,942 (s42) |" in (
+        tagged
+    )
+    assert "| +0.00 | bge 0.850 → 0.650 | static (s42); static (s43) |" in tagged
 
 
 def test_negative_stats_read_each_dhnm_task_and_the_page_shows_them(tmp_path):

@@ -943,7 +943,8 @@ def _paper_shape_table(arms: list[ArmSummary]) -> str:
     """The four rows of the v1 paper's ablation: one table for the untagged runs and one per tag.
 
     Each row is our arm with the same mechanisms (``+CBB`` is full without DHNM, ``+DHNM``
-    full without CBB), its seven-row average and its gain over vanilla beside the paper's.
+    full without CBB), its seven-row average and its gain over vanilla beside the paper's,
+    and its hard-negative statistics (:func:`_hard_negative_cells`).
     A tag gets a table once two of its four arms have results.
     """
     by_name = {s.arm: s for s in arms}
@@ -961,20 +962,53 @@ def _paper_shape_table(arms: list[ArmSummary]) -> str:
             f"Runs `{tag or 'untagged'}`:",
             "",
             "| paper row | our arm | seeds | seven-row average | vs vanilla | paper (C-MTEB) "
-            "| paper vs vanilla |",
-            "|---|---|---|---|---|---|---|",
+            "| paper vs vanilla | hard-negative score, first 10 steps → second half "
+            "| DHNM replacements |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for label, name, paper in names:
             found = by_name.get(name)
             average = found.average() if found else None
             seeds = ", ".join(str(x) for x in found.seeds) if found else "not run"
+            trend, replaced = _hard_negative_cells(found.records if found else [])
             lines.append(
                 f"| {label} | {name} | {seeds} | "
                 f"{_cell(average, found.average_half_range() if found else None)} | "
-                f"{_delta(average, base)} | {paper:.2f} | {paper - PAPER_SHAPE[0][2]:+.2f} |"
+                f"{_delta(average, base)} | {paper:.2f} | {paper - PAPER_SHAPE[0][2]:+.2f} | "
+                f"{trend} | {replaced} |"
             )
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks) if blocks else "_None of the four arms has been run yet._\n"
+
+
+def _hard_negative_cells(records: list[dict[str, Any]]) -> tuple[str, str]:
+    """An arm's hard negatives over its seeds: the mean score of each retrieval task's own
+    negatives (first 10 steps → second half, averaged over seeds) and DHNM's replacements
+    per seed (``static`` when no task replaces)."""
+    by_task: dict[str, list[tuple[float, float]]] = {}
+    replaced: list[str] = []
+    for r in records:
+        negatives = r.get("negatives") or {}
+        for task, v in negatives.items():
+            if v["neg_score_first_10"] is not None and v["neg_score_second_half"] is not None:
+                by_task.setdefault(task, []).append(
+                    (v["neg_score_first_10"], v["neg_score_second_half"])
+                )
+        counts = [
+            f"{task} {v['replacements']:,.0f}"
+            for task, v in negatives.items()
+            if v["rule"] != "none" and v["replacements"] is not None
+        ]
+        if counts:
+            replaced.append(f"{', '.join(counts)} (s{r.get('seed')})")
+        elif negatives:
+            replaced.append(f"static (s{r.get('seed')})")
+    trend = "; ".join(
+        f"{task} {sum(a for a, _ in pairs) / len(pairs):.3f} → "
+        f"{sum(b for _, b in pairs) / len(pairs):.3f}"
+        for task, pairs in by_task.items()
+    )
+    return trend, "; ".join(replaced)
 
 
 def _full_baseline_pairs(by_name: dict[str, ArmSummary]) -> list[tuple[str, str]]:
