@@ -370,3 +370,63 @@ def test_four_processes_run_two_cbb_groups_on_their_own_rows(tmp_path):
     checkpoint = tmp_path / "groups" / "checkpoints" / "step-000001"
     states = [json.loads((checkpoint / f"rank-{r:05d}.json").read_text()) for r in range(4)]
     assert all(s["program"]["streams"] == states[0]["program"]["streams"] for s in states)
+
+
+# ------------------------------------------------------- refusals before the first step (§6, §15)
+@pytest.mark.parametrize(
+    ("kind", "stage", "per_rank", "virtual", "setting"),
+    [
+        ("FSDP", None, [1, 1], False, "FSDP"),
+        ("FSDP", None, [1], True, "FSDP"),
+        ("DEEPSPEED", 3, [1, 1], False, "ZeRO-3"),
+        ("DEEPSPEED", 2, [2, 1], False, "ZeRO-2"),
+        ("DEEPSPEED", 2, [1, 1], True, "DeepSpeed"),
+        ("DEEPSPEED", 1, [1], True, "DeepSpeed"),
+    ],
+)
+def test_cbb_refuses_what_would_hang_or_skip_deepspeed(kind, stage, per_rank, virtual, setting):
+    from conan_embedding.training.distributed import check_cbb_supported
+
+    with pytest.raises(ValueError) as info:
+        check_cbb_supported(kind, stage, per_rank, virtual)
+    message = str(info.value)
+    assert setting in message and "DDP" in message
+
+
+@pytest.mark.parametrize(
+    ("kind", "stage", "per_rank", "virtual"),
+    [
+        ("MULTI_GPU", None, [2, 1, 1], False),
+        ("MULTI_CPU", None, [1, 2], False),
+        ("NO", None, [2, 1], True),
+        ("DEEPSPEED", 2, [1, 1, 1], False),
+        ("DEEPSPEED", 1, [2, 1], False),
+    ],
+)
+def test_cbb_allows_ddp_and_zero2_with_one_task_per_rank(kind, stage, per_rank, virtual):
+    from conan_embedding.training.distributed import check_cbb_supported
+
+    check_cbb_supported(kind, stage, per_rank, virtual)
+
+
+def test_cbb_trainer_refuses_fsdp_before_preparing(tmp_path, tiny_bert, monkeypatch):
+    from conan_embedding.training.engine import Engine
+    from conan_embedding.training.trainer import Trainer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the refusal must come before engine.prepare")
+
+    monkeypatch.setattr(Engine, "prepare", never)
+    monkeypatch.setattr(Trainer, "_engine_sharding", lambda self: ("FSDP", None))
+    with pytest.raises(ValueError, match="FSDP"):
+        CBBTrainer(load_config(write_cbb_config(tmp_path, tiny_bert)))
+
+
+@pytest.mark.parametrize("grad_cache", [True, False])
+def test_cbb_steps_report_the_texts_they_encode(tmp_path, tiny_bert, grad_cache):
+    """Virtual devices, ret on [0, 1] (3 queries, 3 positives, 2 x 2 x 3 negatives) and sts on
+    [1] (6 + 6 sentences): 30 texts a step; GradCache's replay is not counted twice."""
+    trainer = CBBTrainer(load_config(write_cbb_config(tmp_path, tiny_bert, grad_cache=grad_cache)))
+    record = trainer.step(0)
+    assert record["samples"] == 30
+    assert 30 * 3 <= record["tokens"] < 30 * 24  # [CLS] word... [SEP], no padding counted

@@ -461,3 +461,83 @@ def test_rank_zero_decides_for_every_rank(tmp_path):
         assert sum(rank0["state"]["replacements"]) > 0, name
         assert rank1["encoded"] == 0  # the follower neither decides nor encodes
     assert "pool_ids" in json.loads((tmp_path / "v2-remine-1.json").read_text())["state"]
+
+
+# ---------------------------------------------------------------- GPU index and idle syncs (§8)
+def _remine_devices(monkeypatch, index_device, max_k=None):
+    import conan_embedding.mining.dynamic as dynamic
+
+    seen: list = []
+    real = dynamic.build_index
+
+    def spy(vectors, kind="auto", **kwargs):
+        seen.append(kwargs.get("device", "cpu"))
+        return real(vectors, kind)  # the CPU index either way: no GPU here
+
+    monkeypatch.setattr(dynamic, "build_index", spy)
+    if max_k is not None:
+        monkeypatch.setattr(dynamic, "FAISS_GPU_MAX_K", max_k)
+    records, pools = _data(samples=2, pool_size=12)
+    provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v2", pool_offset=0))
+    if index_device is not None:
+        provider.index_device = index_device
+    provider.remine(_one_hot_encoder())
+    return seen
+
+
+def test_remine_builds_its_index_on_the_engines_device(monkeypatch):
+    """Re-mining searches on the training GPU (FAISS-GPU when installed; build_index falls
+    back to the CPU otherwise), not always on the CPU as before."""
+    assert _remine_devices(monkeypatch, None) == ["cpu"]
+    assert _remine_devices(monkeypatch, torch.device("cuda", 1)) == [torch.device("cuda", 1)]
+    # FAISS-GPU returns at most 2048 neighbours: a larger k searches on the CPU
+    assert _remine_devices(monkeypatch, torch.device("cuda", 1), max_k=3) == ["cpu"]
+
+
+def _idle_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    calls: list[int] = []
+    real = dist.broadcast
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(1)
+        return real(tensor, *args, **kwargs)
+
+    dist.broadcast = counting
+    try:
+        records, pools = _data(pool_size=40)
+        provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v2", initial_score="pool"))
+        provider.sync_from(0)
+        per_step, logs = [], []
+        for step in range(6):
+            before = len(calls)
+            if step % 2 == 0:  # the task runs every other step (task_schedule round_robin)
+                ids = [step % 3, (step + 1) % 3]
+                provider.observe(step, ids, _scores(step, ids), torch.ones(2, 2))
+            logs.append(provider.on_step_end(step + 1, _one_hot_encoder()))
+            per_step.append(len(calls) - before)
+        tensors = {k: v.tolist() for k, v in provider.state_tensors().items()}
+        out = {"per_step": per_step, "state": tensors, "logs": logs}
+        with open(f"{out_dir}/idle-{rank}.json", "w") as handle:
+            json.dump(out, handle)
+    finally:
+        dist.broadcast = real
+        dist.destroy_process_group()
+
+
+def test_an_idle_step_costs_one_small_broadcast_and_ranks_still_agree(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_idle_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (json.loads((tmp_path / f"idle-{r}.json").read_text()) for r in range(2))
+    assert rank0["per_step"] == rank1["per_step"] == [2, 1, 2, 1, 2, 1]
+    assert rank0["state"] == rank1["state"] and rank0["logs"] == rank1["logs"]

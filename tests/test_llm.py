@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conan_embedding.modeling.llm import (
@@ -78,3 +79,15 @@ def test_tokenizer_is_byte_level_lossless_and_saved_with_the_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits)
     assert reloaded_tokenizer.pad_token_id == tokenizer.pad_token_id
+
+
+def test_the_memory_arithmetic_of_docs_uses_these_counts():
+    """docs/distributed.md's 1.4B memory estimate rests on these meta-device counts: the tied
+    embedding/head, the layers' matmul weights (autocast keeps a bf16 copy of both) and P."""
+    model = build_causal_lm(llm_config("conan-v2-1.4b"), device="meta")
+    embedding = model.model.embed_tokens.weight.numel()
+    matmuls = sum(p.numel() for p in model.model.layers.parameters() if p.ndim == 2)
+    assert embedding == 150_000 * 3584 == 537_600_000
+    assert matmuls == 8 * (2 * 3584**2 + 2 * 3584 * 896 + 3 * 3584 * 8192) == 961_544_192
+    assert 16 * count_parameters(model) / 2**30 == pytest.approx(22.34, abs=0.01)  # fp32 + AdamW
+    assert 2 * (embedding + matmuls) / 2**30 == pytest.approx(2.79, abs=0.01)  # bf16 casts

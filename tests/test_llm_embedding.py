@@ -15,6 +15,7 @@ from conan_embedding.training.llm_embedding import (
     LLMEmbedder,
     LoraSettings,
     WeakStageConfig,
+    apply_lora,
     export_sentence_transformer,
     pool,
     train_weak_stage,
@@ -179,3 +180,134 @@ def test_teacher_filter_drops_low_scoring_pairs(tiny_llm, tmp_path, tiny_bert):
     assert report["scored"] == 60
     assert report["kept"] == summary["pairs"] == int((cosines >= threshold).sum())
     assert 2 <= report["kept"] < 60
+
+
+# ---------------------------------------------------------------- the GPU path, on the CPU
+
+
+def test_fsdp_transformer_wrap_finds_the_decoder_layers(tiny_llm):
+    """Finding 11: accelerate's TRANSFORMER_BASED_WRAP reads ``_no_split_modules`` from the root
+    module; the embedder forwards its backbone's, so every decoder layer is its own unit."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    embedder = LLMEmbedder.from_llm(tiny_llm / "model")
+    assert embedder._no_split_modules == ["LlamaDecoderLayer"]
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap"
+    )
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, embedder)
+    wrapped = [name for name, module in embedder.named_modules() if policy(module)]
+    assert wrapped == ["backbone.layers.0", "backbone.layers.1"]
+    lora = apply_lora(LLMEmbedder.from_llm(tiny_llm / "model"), LoraSettings(r=4))
+    assert lora._no_split_modules == ["LlamaDecoderLayer"]  # through peft's wrapper too
+
+
+@pytest.mark.parametrize("kind", ["full", "frozen_embeddings", "lora"])
+def test_weak_stage_leaves_no_trainable_parameter_unused(tiny_llm, tmp_path, kind):
+    """Finding 16: the weak stage runs DDP with ``find_unused_parameters=False``, which is only
+    right if one step gives every trainable parameter a gradient."""
+    from conan_embedding.config import OptimConfig
+    from conan_embedding.training.engine import Engine, LoopSettings
+    from conan_embedding.training.llm_embedding import SoftMaskWeakProgram
+
+    config = _config(tiny_llm, tmp_path, steps=4, pooling="lasttoken")
+    embedder = LLMEmbedder.from_llm(config.llm, config.pooling, config.max_len)
+    if kind == "frozen_embeddings":
+        embedder.backbone.get_input_embeddings().weight.requires_grad_(False)
+    if kind == "lora":
+        apply_lora(embedder, LoraSettings(r=4))
+    engine = Engine(config.engine, LoopSettings(tmp_path / "w", 4, OptimConfig(max_steps=4)))
+    program = SoftMaskWeakProgram(engine, embedder, weak_pairs(config.data), config, [])
+    program.step(1)
+    trainable = {n: p for n, p in embedder.named_parameters() if p.requires_grad}
+    assert trainable and all(p.grad is not None for p in trainable.values()), [
+        n for n, p in trainable.items() if p.grad is None
+    ]
+
+
+def test_weak_step_reports_texts_and_real_tokens(tiny_llm, tmp_path):
+    """Throughput inputs: texts this rank encoded (queries + positives) and their non-padding
+    tokens (EOS appended for last-token pooling counts; padding does not)."""
+    from conan_embedding.data.sampler import TaskStream
+
+    config = _config(tiny_llm, tmp_path, steps=2, pooling="lasttoken")
+    train_weak_stage(config, show_progress=False)
+    log = [
+        json.loads(line)
+        for line in (tmp_path / "weak" / "train_log.jsonl").read_text().splitlines()
+    ]
+    pairs = weak_pairs(config.data, config.max_rows, config.seed)
+    tokenizer = LLMEmbedder.from_llm(config.llm, config.pooling, config.max_len)
+    stream = TaskStream("weak", len(pairs), config.seed)
+    for record in log:
+        batch = [pairs[i] for i in stream.next_indices(8)]
+        queries = tokenizer.tokenize([q for q, _ in batch])["attention_mask"]
+        positives = tokenizer.tokenize([p for _, p in batch])["attention_mask"]
+        assert record["samples"] == 16
+        assert record["tokens"] == int(queries.sum() + positives.sum())
+        assert record["tokens"] < queries.numel() + positives.numel()  # padding not counted
+
+
+def test_weak_stage_builds_the_model_before_the_engine_and_filters_on_rank_zero(
+    tiny_llm, tmp_path, monkeypatch
+):
+    """Finding 10: the embedder exists before the Accelerator (ZeRO-3's zero3_init_flag would
+    build it partitioned); the teacher filter runs on the main rank only and the others take
+    its result (here: this process plays rank 1)."""
+    from conan_embedding.training import engine as engine_module
+    from conan_embedding.training import llm_embedding
+
+    events: list[str] = []
+    real_from_llm, real_stage_engine = LLMEmbedder.from_llm.__func__, engine_module.stage_engine
+
+    def from_llm(cls, *args, **kwargs):
+        events.append("model")
+        return real_from_llm(cls, *args, **kwargs)
+
+    def stage_engine(*args, **kwargs):
+        events.append("engine")
+        assert kwargs["find_unused_parameters"] is False
+        return real_stage_engine(*args, **kwargs)
+
+    class Stop(Exception):
+        pass
+
+    def program(engine, embedder, pairs, config, dims):
+        raise Stop(pairs)
+
+    shared = ([("q", "p"), ("q2", "p2")], {"kept": 2})
+    monkeypatch.setattr(LLMEmbedder, "from_llm", classmethod(from_llm))
+    monkeypatch.setattr(engine_module, "stage_engine", stage_engine)
+    monkeypatch.setattr(engine_module.Engine, "is_main", property(lambda self: False))
+    monkeypatch.setattr(engine_module.Engine, "broadcast_object", lambda self, value: shared)
+    monkeypatch.setattr(llm_embedding, "teacher_filtered", lambda *a: events.append("teacher"))
+    monkeypatch.setattr(llm_embedding, "SoftMaskWeakProgram", program)
+    config = _config(tiny_llm, tmp_path, steps=1, teacher="unused-teacher")
+    with pytest.raises(Stop) as stopped:
+        train_weak_stage(config, show_progress=False)
+    assert events == ["model", "engine"]  # no teacher on rank 1
+    assert stopped.value.args[0] == shared[0]
+
+
+def test_weak_finish_exports_the_engines_consolidated_model(tiny_llm, tmp_path, monkeypatch):
+    """Finding 3: the weak stage exports what Engine.consolidated_model returns (a gathered
+    CPU copy under FSDP2/ZeRO-3), asked on every rank for the prepared embedder."""
+    import copy
+
+    from conan_embedding.training.engine import Engine
+
+    calls: list[bool] = []
+
+    def consolidated(self, model):
+        calls.append(model is self.model)
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            twin.backbone.norm.weight.fill_(0.25)
+        return twin
+
+    monkeypatch.setattr(Engine, "consolidated_model", consolidated)
+    train_weak_stage(_config(tiny_llm, tmp_path, steps=1), show_progress=False)
+    assert calls == [True]
+    model = SentenceTransformer(str(tmp_path / "weak" / "model"), device="cpu")
+    assert torch.all(model[0].auto_model.norm.weight == 0.25)

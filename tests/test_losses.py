@@ -171,3 +171,48 @@ def test_matryoshka_small_dim_trains_only_the_prefix():
 def test_matryoshka_rejects_dims_wider_than_the_embedding():
     with pytest.raises(ValueError, match="exceeds"):
         matryoshka_loss(info_nce_loss, [torch.randn(2, 8), torch.randn(2, 8)], [16])
+
+
+# --------------------------------------------------------------------- precision (audit §14)
+def _bf16_case():
+    """Random fp32 embeddings, as ``encode_with_grad`` returns them under autocast."""
+    g = torch.Generator().manual_seed(7)
+    q, p = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
+    negs = torch.randn(6, 3, 32, generator=g)
+    gold = torch.rand(6, generator=g)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    neg_labels = (labels.unsqueeze(1) + torch.tensor([1, 2, 1])) % 3
+    return q, p, negs, gold, labels, neg_labels
+
+
+def _every_loss():
+    from conan_embedding.losses.cbb import cbb_info_nce_loss, cbb_loss
+
+    q, p, negs, gold, labels, neg_labels = _bf16_case()
+    halves = [negs[:, :1], negs[:, 1:]]
+    return {
+        "infonce": lambda: info_nce_loss(q, p, negs),
+        "cosent": lambda: cosent_loss(q, p, gold),
+        "classification": lambda: classification_as_retrieval_loss(q, p, negs, labels, neg_labels),
+        "cbb_info_nce": lambda: cbb_info_nce_loss(q, p, halves),
+        "cbb": lambda: cbb_loss(q, p, halves, sts=(q, p, gold)),
+        "matryoshka": lambda: matryoshka_loss(
+            lambda a, b: (a @ b.T).diagonal().mean(), [q, p], [8, 32]
+        ),
+        "own_negative_scores": lambda: own_negative_scores(q, negs),
+        "candidate_scores": lambda: __import__(
+            "conan_embedding.losses.infonce", fromlist=["candidate_scores"]
+        ).candidate_scores(q, p, negs)[0],
+    }
+
+
+@pytest.mark.parametrize("name", list(_every_loss()))
+def test_losses_run_in_float32_under_bf16_autocast(name):
+    """Engine.run wraps the step in autocast: the loss math must still be fp32 (cosines
+    quantised to bf16 are ~0.05 nats of logit noise at tau = 0.05)."""
+    compute = _every_loss()[name]
+    reference = compute()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = compute()
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, reference, rtol=0, atol=1e-6)

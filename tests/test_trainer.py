@@ -10,42 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tests.conftest import WORDS
 
 from conan_embedding.config import ConfigError, load_config
 from conan_embedding.data.records import RecordDataset, read_records, write_records
+from conan_embedding.toy import toy_sentence, write_toy_tasks
 from conan_embedding.training.trainer import Trainer, TrainingDivergedError, read_log
+
+__all__ = ["write_config", "write_toy_tasks"]
 
 
 def _sentence(rng: np.random.Generator, n: int = 5) -> str:
-    return " ".join(rng.choice(WORDS, size=n))
-
-
-def write_toy_tasks(folder: Path, seed: int = 0) -> dict[str, Path]:
-    rng = np.random.default_rng(seed)
-    retrieval, sts, classification = [], [], []
-    for _ in range(40):
-        q = _sentence(rng)
-        retrieval.append(
-            {
-                "query": q,
-                "pos": [q + " " + _sentence(rng, 2)],
-                "neg": [_sentence(rng) for _ in range(3)],
-            }
-        )
-    for _ in range(40):
-        a = _sentence(rng)
-        score = float(rng.integers(0, 6))
-        b = a if score >= 4 else _sentence(rng)
-        sts.append({"sentence1": a, "sentence2": b, "score": score})
-    for i in range(40):
-        label = ["bank", "food", "sky"][i % 3]
-        classification.append({"text": f"{label} " + _sentence(rng, 3), "label": label})
-    paths = {}
-    for name, rows in (("retrieval", retrieval), ("sts", sts), ("classification", classification)):
-        paths[name] = folder / f"{name}.jsonl"
-        write_records(paths[name], rows)
-    return paths
+    return toy_sentence(rng, n)
 
 
 def write_config(folder: Path, model: Path, steps: int = 12, **extra) -> Path:
@@ -307,3 +282,199 @@ def test_a_malformed_row_deep_in_the_file_names_file_line_and_field(tmp_path, ti
         RecordError, match=r"pairs\.jsonl:33: field 'pos': Input should be a valid string"
     ):
         trainer.train(show_progress=False)
+
+
+# ------------------------------------------------------- refusals before the first step (§7)
+@pytest.mark.parametrize(
+    ("kind", "stage", "refused"),
+    [
+        ("FSDP", None, True),
+        ("DEEPSPEED", 3, True),
+        ("DEEPSPEED", 2, False),
+        ("MULTI_GPU", None, False),
+        ("NO", None, False),
+    ],
+)
+def test_dhnm_is_refused_only_with_sharded_parameters(kind, stage, refused):
+    from conan_embedding.training.trainer import check_dhnm_supported
+
+    if not refused:
+        check_dhnm_supported(kind, stage, ["ret"])
+        check_dhnm_supported("FSDP", None, [])  # no DHNM task: anything goes
+        return
+    with pytest.raises(ValueError) as info:
+        check_dhnm_supported(kind, stage, ["ret"])
+    message = str(info.value)
+    setting = "FSDP" if kind == "FSDP" else "ZeRO-3"
+    assert setting in message and "'ret'" in message
+    assert "DDP" in message and "ZeRO-2" in message and "rule: none" in message
+
+
+def test_the_trainer_refuses_dhnm_on_a_sharded_engine_before_preparing(
+    tmp_path, tiny_bert, monkeypatch
+):
+    from conan_embedding.training.engine import Engine
+
+    def never(*args, **kwargs):
+        raise AssertionError("the refusal must come before engine.prepare")
+
+    monkeypatch.setattr(Engine, "prepare", never)
+    monkeypatch.setattr(Trainer, "_engine_sharding", lambda self: ("DEEPSPEED", 3))
+    config = load_config(write_config(tmp_path, tiny_bert, steps=2))
+    config.tasks[0].dynamic_negatives.rule = "v2"
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        Trainer(config)
+
+
+def test_the_embedder_is_built_before_the_engine(tmp_path, tiny_bert, monkeypatch):
+    """Under ZeRO-3's zero3_init_flag the engine's DeepSpeed plugin makes every later
+    from_pretrained build a partitioned model (the pool probe would encode with empty
+    weights): the student must exist before the engine does (audit §10)."""
+    import conan_embedding.training.trainer as trainer_module
+    from conan_embedding.training.engine import Engine
+
+    order: list[str] = []
+    real_build, real_init = trainer_module.build_embedder, Engine.__init__
+
+    def build(*args, **kwargs):
+        order.append("model")
+        return real_build(*args, **kwargs)
+
+    def init(self, *args, **kwargs):
+        order.append("engine")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "build_embedder", build)
+    monkeypatch.setattr(Engine, "__init__", init)
+    trainer = Trainer(load_config(write_config(tmp_path, tiny_bert, steps=2)))
+    assert order == ["model", "engine"]
+    assert next(trainer.model.parameters()).device == trainer.engine.device
+
+
+def test_finish_saves_the_engines_consolidated_model(tmp_path, tiny_bert, monkeypatch):
+    """finish() saves what Engine.consolidated_model returns (under FSDP/ZeRO-3 a gathered
+    CPU copy; loading a full state dict into the sharded module itself fails, audit §3), and
+    a rank that gets None saves nothing."""
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+
+    from conan_embedding.training.engine import Engine
+
+    calls: list[bool] = []
+
+    def consolidated(self, model):
+        calls.append(model is self.model)
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            twin[0].auto_model.embeddings.word_embeddings.weight.fill_(0.25)
+        return twin
+
+    monkeypatch.setattr(Engine, "consolidated_model", consolidated)
+    result = Trainer(load_config(write_config(tmp_path, tiny_bert, steps=1))).train(
+        show_progress=False
+    )
+    assert calls == [True]
+    saved = load_file(result.model_dir / "model.safetensors")
+    word = next(v for k, v in saved.items() if k.endswith("word_embeddings.weight"))
+    assert torch.all(word == 0.25)
+
+    monkeypatch.setattr(Engine, "consolidated_model", lambda self, model: None)
+    config = load_config(write_config(tmp_path / "none", tiny_bert, steps=1))
+    result = Trainer(config).train(show_progress=False)
+    assert not result.model_dir.exists()
+
+
+def test_steps_report_texts_and_real_tokens_for_throughput(tmp_path, tiny_bert):
+    """``samples`` = texts encoded this step, ``tokens`` = their attention-mask sum (no
+    padding); the engine turns them into samples_per_s / tokens_per_s."""
+    from conan_embedding.config import TrainConfig
+    from conan_embedding.data.sampler import TaskStream
+
+    rng = np.random.default_rng(1)
+    rows = [{"query": _sentence(rng, 2 + i % 5), "pos": _sentence(rng, 3)} for i in range(16)]
+    write_records(tmp_path / "pairs.jsonl", rows)
+    config = TrainConfig.model_validate(
+        {
+            "stage": "weak",
+            "seed": 4,
+            "output_dir": str(tmp_path / "run"),
+            "model": {"name": str(tiny_bert), "max_seq_length": 32},
+            "optim": {"max_steps": 1},
+            "tasks": [
+                {
+                    "name": "pairs",
+                    "kind": "pairs",
+                    "path": str(tmp_path / "pairs.jsonl"),
+                    "batch_size": 4,
+                }
+            ],
+        }
+    )
+    trainer = Trainer(config)
+    drawn = TaskStream("pairs", 16, 4).next_indices(4)
+    texts = [rows[i]["query"] for i in drawn] + [rows[i]["pos"] for i in drawn]
+    tokenizer = trainer.model.tokenizer
+    real = sum(len(tokenizer(t, truncation=True, max_length=32)["input_ids"]) for t in texts)
+    result = trainer.train(show_progress=False)
+    (row,) = read_log(result.output_dir / "train_log.jsonl")
+    assert row["samples"] == 8 and row["tokens"] == real
+    assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0
+
+
+def test_dhnm_providers_remine_on_the_engines_device(tmp_path, tiny_bert):
+    from tests.test_dynamic import _data
+
+    from conan_embedding.mining.dynamic import DHNMConfig, DynamicNegatives
+
+    records, pools = _data()
+    provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v2"))
+    provider.index_device = "elsewhere"
+    config = load_config(write_config(tmp_path, tiny_bert, steps=2))
+    trainer = Trainer(config, negative_providers={"ret": provider})
+    assert provider.index_device == trainer.engine.device
+
+
+def _fsdp2_plugin(names=None):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=names,
+    )
+
+
+def _wrapped(plugin, model) -> set[str]:
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    return {type(m).__name__ for m in model.modules() if policy(m)}
+
+
+def test_fsdp_wraps_the_backbones_layers_of_a_sentence_transformer(tiny_bert):
+    """Without names, accelerate wraps nothing in a SentenceTransformer (its
+    _no_split_modules is []): one FSDP unit for the whole encoder (audit §11). A shared list
+    naming other families' layers too would make accelerate raise; only present ones stay."""
+    from conan_embedding.modeling.embedder import build_embedder
+    from conan_embedding.training.trainer import name_fsdp_layers
+
+    model = build_embedder(str(tiny_bert), dense_dim=16)
+    assert _wrapped(_fsdp2_plugin(), model) == set()  # accelerate on its own
+    plugin = _fsdp2_plugin()
+    assert name_fsdp_layers(plugin, model) == ["BertEmbeddings", "BertLayer"]
+    assert _wrapped(plugin, model) == {"BertEmbeddings", "BertLayer"}
+    shared = _fsdp2_plugin(["BertLayer", "LlamaDecoderLayer", "Qwen2DecoderLayer"])
+    with pytest.raises(ValueError, match="LlamaDecoderLayer"):
+        _wrapped(shared, model)  # what the shipped list would do without the filter
+    shared = _fsdp2_plugin(["BertLayer", "LlamaDecoderLayer", "Qwen2DecoderLayer"])
+    assert name_fsdp_layers(shared, model) == ["BertLayer"]
+    assert _wrapped(shared, model) == {"BertLayer"}
+
+
+def test_the_trainer_names_fsdp_layers_before_preparing(tmp_path, tiny_bert, monkeypatch):
+    plugin = _fsdp2_plugin()
+    monkeypatch.setattr(Trainer, "_fsdp_plugin", lambda self: plugin)
+    Trainer(load_config(write_config(tmp_path, tiny_bert, steps=2)))
+    assert plugin.transformer_cls_names_to_wrap == ["BertEmbeddings", "BertLayer"]

@@ -661,7 +661,7 @@ def run_arm(
     record["steps"] = result.steps
     record["final_loss"] = round(result.final_loss, 6)
     record["trainer"] = type(trainer).__name__
-    record["mixed_precision"] = config.engine.mixed_precision
+    record["mixed_precision"] = trainer.engine.mixed_precision
     record["examples_seen"] = examples_seen(config, output_dir / "train_log.jsonl")
     record["output_dir"] = str(output_dir)
     record["data_dir"] = values["data_dir"]

@@ -82,7 +82,12 @@ class EngineConfig(_Strict):
 
     device: str = "auto"
     """``auto`` (``cuda:LOCAL_RANK`` when a GPU is visible, else the CPU), ``cpu``, ``cuda``."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """``None`` (default): whatever the launcher says (``accelerate launch --config_file
+    configs/accelerate/ddp.yaml`` or ``--mixed_precision bf16``, i.e. the environment's
+    ``ACCELERATE_MIXED_PRECISION``), else fp32; a value here overrides the launcher. A
+    DeepSpeed JSON's ``bf16``/``fp16`` block wins over both. The precision a run really used
+    is ``Engine.mixed_precision`` (logged in train.log at the start)."""
     gradient_checkpointing: bool = False
     deepspeed: str | None = None
     """Path of a DeepSpeed JSON (``configs/deepspeed-zero2.json``); needs ``pip install deepspeed``."""
@@ -94,6 +99,19 @@ class EngineConfig(_Strict):
     """accelerate trackers (``tensorboard``, ``wandb``, ...); ``auto`` = TensorBoard when
     installed, W&B when installed and ``WANDB_API_KEY`` is set; ``[]`` = none."""
     threads: int | None = Field(None, gt=0)
+    timeout_minutes: int | None = Field(30, gt=0)
+    """How long a collective may wait for the slowest rank before the process group gives up
+    (NCCL's watchdog, gloo's timeout). 30 minutes: rank 0 alone re-mines hard negatives or
+    saves the model while the others wait at a broadcast or barrier, which NCCL's own
+    10-minute default kills on a large corpus. ``None``: torch's default for the backend."""
+    find_unused_parameters: bool | None = None
+    """DDP's search for parameters that got no gradient (a graph walk every step). ``None``:
+    the stage decides: on for the sentence-transformers stages (BERT's pooler is in no
+    embedding loss), off for the LM stages (every weight is used)."""
+    tf32: bool = False
+    """On CUDA, fp32 matmuls and convolutions use TF32 tensor cores
+    (``torch.set_float32_matmul_precision("high")``): ~2-3x faster fp32 on A100/H100 with a
+    10-bit mantissa. Irrelevant under bf16/fp16 autocast; ignored on CPUs."""
 
 
 class DynamicNegativesConfig(_Strict):

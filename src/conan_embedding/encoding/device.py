@@ -4,8 +4,8 @@ CUDA is available, else the CPU; under a launcher, :func:`join_processes` joins 
 Why one rule: mining, teacher filtering, evaluation and serving are started by the same
 launchers as training (``torchrun`` / ``accelerate launch`` set ``LOCAL_RANK``), so each process
 must pick *its* GPU, not all of them GPU 0. ``"auto"`` resolves to ``cuda:$LOCAL_RANK`` (0 when
-unset) when ``torch.cuda.is_available()``, else ``cpu``; any other string is passed to
-``torch.device`` as given (``"cpu"``, ``"cuda:1"``, ``"mps"``).
+unset; modulo the visible GPU count) when ``torch.cuda.is_available()``, else ``cpu``; any
+other string is passed to ``torch.device`` as given (``"cpu"``, ``"cuda:1"``, ``"mps"``).
 
 Processes: a sharded encode (:meth:`~conan_embedding.encoding.texts.TextEncoder.encode_shards`)
 only needs this process's rank, the process count and a barrier. They come from accelerate's
@@ -37,7 +37,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return device
     if device is None or device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            # modulo: under per-rank GPU isolation (SLURM --gpus-per-task=1) rank 3 sees one
+            # GPU, cuda:0, not cuda:3
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
     return torch.device(device)
 

@@ -45,6 +45,7 @@ import torch
 
 from conan_embedding.losses.cosent import cosent_loss
 from conan_embedding.losses.infonce import info_nce_loss
+from conan_embedding.losses.precision import float32_loss
 
 DEFAULT_BETA = 0.8
 """Weight of the CoSENT term in Conan-v1's CBB loss."""
@@ -67,6 +68,7 @@ def merge_rank_negatives(per_rank: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(list(per_rank), dim=1)
 
 
+@float32_loss
 def cbb_info_nce_loss(
     query: torch.Tensor,
     positive: torch.Tensor,
@@ -96,6 +98,7 @@ def cbb_info_nce_loss(
     )
 
 
+@float32_loss
 def cbb_loss(
     query: torch.Tensor,
     positive: torch.Tensor,

@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 
 from conan_embedding.losses.infonce import info_nce_loss
+from conan_embedding.losses.precision import float32_loss
 
 
+@float32_loss
 def classification_as_retrieval_loss(
     text: torch.Tensor,
     same_label: torch.Tensor,

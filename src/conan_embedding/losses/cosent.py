@@ -18,7 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from conan_embedding.losses.precision import float32_loss
 
+
+@float32_loss
 def cosent_loss(
     first: torch.Tensor, second: torch.Tensor, scores: torch.Tensor, *, temperature: float = 0.05
 ) -> torch.Tensor:

@@ -33,7 +33,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from conan_embedding.losses.precision import float32_loss
 
+
+@float32_loss
 def candidate_scores(
     query: torch.Tensor,
     positive: torch.Tensor,
@@ -55,6 +58,7 @@ def candidate_scores(
     return scores, labels
 
 
+@float32_loss
 def info_nce_loss(
     query: torch.Tensor,
     positive: torch.Tensor,
@@ -102,6 +106,7 @@ def info_nce_loss(
     return F.cross_entropy(logits, labels)
 
 
+@float32_loss
 def own_negative_scores(query: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
     """``cos(q_i, n_ik)`` for each query's own negatives, shape ``[B, n]`` (for DHNM)."""
     return torch.einsum("bd,bnd->bn", F.normalize(query, dim=-1), F.normalize(negatives, dim=-1))

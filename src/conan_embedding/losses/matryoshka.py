@@ -20,7 +20,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from conan_embedding.losses.precision import float32_loss
 
+
+@float32_loss
 def matryoshka_loss(
     loss_fn: Callable[..., torch.Tensor],
     embeddings: Sequence[torch.Tensor | None],

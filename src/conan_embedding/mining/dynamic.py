@@ -105,6 +105,8 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 2
 QUANTILE_GRID = 1001
 _PER_SAMPLE = ("assigned", "s0", "current", "replacements", "pointer", "pending")
+FAISS_GPU_MAX_K = 2048
+"""FAISS-GPU's largest ``k``: a re-mine that wants more neighbours searches on the CPU."""
 
 DHNMConfig = DynamicNegativesConfig
 """The rules' thresholds and schedule: the training config's ``dynamic_negatives`` section
@@ -222,6 +224,9 @@ class DynamicNegatives:
         self.fingerprint = texts_fingerprint(self.corpus)
         self._role = False
         self._sync: tuple[int, Any, torch.device] | None = None
+        self.index_device: torch.device | str = "cpu"
+        """Where :meth:`remine` builds its FAISS index: the trainer sets its own device, so
+        a GPU run searches on that GPU (when FAISS has GPU support; else the CPU)."""
         self._inert = False
         self._reset_state()
         del self._initial_scores
@@ -634,9 +639,19 @@ class DynamicNegatives:
     def _follower(self) -> bool:
         return self._sync is not None and dist.get_rank() != self._sync[0]
 
+    def _changed(self) -> bool:
+        """Whether this step touched anything a follower holds or logs (every change of a
+        sample marks it dirty; re-mining and the first sync send everything)."""
+        return self._full_sync or bool(self._dirty) or any(self._since_log.values())
+
     def _broadcast(self) -> None:
         assert self._sync is not None
         src, group, device = self._sync
+        if not self._changed():
+            # a step that did not run the task: size 0 tells the others there is nothing,
+            # one small broadcast instead of two (every rank still joins the same collective)
+            dist.broadcast(torch.zeros(1, dtype=torch.int64, device=device), src=src, group=group)
+            return
         if self._full_sync:
             payload = self.state_tensors()
             payload["full"] = torch.ones(1, dtype=torch.uint8)
@@ -660,6 +675,9 @@ class DynamicNegatives:
         src, group, device = self._sync
         size = torch.zeros(1, dtype=torch.int64, device=device)
         dist.broadcast(size, src=src, group=group)
+        if not int(size.item()):  # nothing changed on the source this step
+            self._since_log = self._empty_log()
+            return
         buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
         dist.broadcast(buffer, src=src, group=group)
         payload = load_tensors(buffer.cpu().numpy().tobytes())
@@ -708,8 +726,9 @@ class DynamicNegatives:
             span = pos_vecs[at : at + len(record.pos)]
             positive_scores[sid] = float((span @ query_vecs[sid]).min())
             at += len(record.pos)
-        index = build_index(corpus_vecs, "auto")
         k = min(len(self.corpus), stop + max((len(b) for b in excluded), default=0))
+        device = self.index_device if k <= FAISS_GPU_MAX_K else "cpu"
+        index = build_index(corpus_vecs, "auto", device=device)
         top_scores, top_ids = search(index, query_vecs, k, show_progress=False)
         del index
         windows = select_candidates(top_scores, top_ids, excluded, positive_scores, config)

@@ -18,13 +18,14 @@ one allocation is added block by block; the index then holds the one copy of the
 
 GPU: when the installed FAISS is a GPU build (``faiss.StandardGpuResources``) and
 ``device`` is a CUDA device, exact and IVF indexes are moved to that GPU with
-``index_cpu_to_gpu``; otherwise everything runs on the CPU. :func:`search` queries in chunks.
+``index_cpu_to_gpu``; otherwise everything runs on the CPU. The GPU resources are made once
+per GPU and process (:func:`gpu_resources`). :func:`search` queries in chunks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,6 +35,23 @@ from conan_embedding.encoding.cache import texts_fingerprint  # noqa: F401
 from conan_embedding.progress import progress
 
 IndexKind = Literal["auto", "exact", "ivf", "hnsw", "ivfpq"]
+
+_GPU_RESOURCES: dict[int, Any] = {}
+"""One ``faiss.StandardGpuResources`` per GPU for the whole process (see :func:`gpu_resources`)."""
+
+
+def gpu_resources(device: int) -> Any:
+    """This process's FAISS-GPU resources on GPU ``device``, made on first use.
+
+    Why cached: each ``StandardGpuResources`` reserves its own scratch memory and CUDA
+    streams on the GPU, which may also hold the model being trained; DHNM re-mines every
+    ``remine_every`` steps, and a new one per index would stack those reservations.
+    """
+    import faiss
+
+    if device not in _GPU_RESOURCES:
+        _GPU_RESOURCES[device] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[device]
 
 
 def gpu_available() -> bool:
@@ -114,9 +132,7 @@ def build_index(
         raise ValueError(f"unknown index kind {kind!r}; expected auto, exact, ivf, hnsw or ivfpq")
     target = resolve_device(device)
     if target.type == "cuda" and kind != "hnsw" and gpu_available():
-        resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(resources, target.index or 0, index)
-        index.referenced_resources = resources  # keep them alive as long as the index
+        index = faiss.index_cpu_to_gpu(gpu_resources(target.index or 0), target.index or 0, index)
     for _, block in blocks:
         index.add(np.ascontiguousarray(block, dtype=np.float32))
     return index

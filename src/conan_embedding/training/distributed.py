@@ -32,6 +32,10 @@ How (group ``g``, device ``k`` of the group; task ``t`` on the devices ``R_t``, 
 4. DHNM: the negative scores of each group are gathered to every rank, which observes all of
    them in group order; so every rank's provider makes the same decisions by construction.
 
+Engines: DDP (torchrun, ddp.yaml) or one process; DeepSpeed ZeRO-2 only when every rank runs
+exactly one task; FSDP, ZeRO-3, and DeepSpeed on virtual devices are refused before the first
+step (:func:`check_cbb_supported` says why).
+
 On virtual devices the retrieval term is computed GradCache-style (``cbb.grad_cache``, the
 default), so peak memory stays that of one device's share: pass 1 encodes the queries, the
 positives and each device's negatives without gradient, the loss is back-propagated to those
@@ -143,6 +147,61 @@ class RankLayout:
         return ", ".join(f"{name} -> {list(r)}" for name, r in self.task_ranks.items())
 
 
+# --------------------------------------------------------------------------- what CBB runs on
+def check_cbb_supported(
+    distributed_type: str,
+    zero_stage: int | None,
+    tasks_per_rank: Sequence[int],
+    virtual: bool,
+) -> None:
+    """Refuse the engine settings under which CBB would hang or train wrongly.
+
+    ``distributed_type`` is accelerate's ``DistributedType`` value, ``tasks_per_rank`` the
+    number of tasks each device of a CBB group runs, ``virtual`` one process stepping through
+    the group's devices. Why each refusal:
+
+    - FSDP and DeepSpeed ZeRO-3 all-gather parameters in every forward; a retrieval device
+      encodes three times per step and an STS device twice, so the ranks' collectives differ
+      in number and the run hangs on its first step;
+    - DeepSpeed ZeRO-2 reduces gradients at every backward, boundary or not; a device with
+      two tasks runs two backwards against one elsewhere: the same hang. One task per device
+      is fine;
+    - virtual devices (one process) call ``backward`` outside DeepSpeed's engine in the
+      GradCache pass, skipping its loss scaling, gradient flush and accumulation boundary.
+    """
+    if distributed_type == "FSDP":
+        raise ValueError(
+            "CBB does not run under FSDP (the accelerate config's distributed_type): CBB devices "
+            "run different numbers of forward passes per step and FSDP all-gathers parameters "
+            "in every forward, so the ranks hang. Launch with DDP (configs/accelerate/ddp.yaml "
+            "or plain torchrun), or DeepSpeed ZeRO-2 with exactly one task per rank"
+        )
+    if distributed_type != "DEEPSPEED":
+        return
+    if virtual:
+        raise ValueError(
+            "virtual-device CBB (one process, `conan-embed train-cbb`) does not run under "
+            "DeepSpeed: its GradCache pass back-propagates outside DeepSpeed's engine. Drop "
+            "engine.deepspeed / the DeepSpeed launcher config (one GPU needs no DeepSpeed), or "
+            "run CBB on real devices with DDP"
+        )
+    if zero_stage == 3:
+        raise ValueError(
+            "CBB does not run under DeepSpeed ZeRO-3: CBB devices run different numbers of "
+            "forward passes per step and ZeRO-3 all-gathers parameters in every forward, so the "
+            "ranks hang. Launch with DDP (configs/accelerate/ddp.yaml or plain torchrun), or "
+            "DeepSpeed ZeRO-2 with exactly one task per rank"
+        )
+    busy = [rank for rank, count in enumerate(tasks_per_rank) if count != 1]
+    if zero_stage == 2 and busy:
+        raise ValueError(
+            f"CBB under DeepSpeed ZeRO-2 needs exactly one task per rank, but devices {busy} of "
+            "each group run several (cbb.task_ranks): ZeRO-2 reduces gradients at every "
+            "backward, so the ranks' collectives differ in number and hang. Give each rank one "
+            "task in cbb.task_ranks, or launch with DDP (configs/accelerate/ddp.yaml)"
+        )
+
+
 # --------------------------------------------------------------------------- the step program
 class CBBTrainer(Trainer):
     """:class:`~conan_embedding.training.trainer.Trainer` whose steps follow cross-GPU batch
@@ -188,6 +247,15 @@ class CBBTrainer(Trainer):
     def _handles_cbb(self) -> bool:
         return True
 
+    def _check_engine_supported(self, providers: dict[str, NegativeProvider]) -> None:
+        super()._check_engine_supported(providers)
+        layout = self.layout
+        check_cbb_supported(
+            *self._engine_sharding(),
+            [len(layout.tasks_of(rank)) for rank in range(layout.world_size)],
+            virtual=not self.engine.distributed,
+        )
+
     def _setup_shards(self) -> None:
         self.shards, self.my_shards = 1, range(1)  # CBB lays devices out itself
 
@@ -218,6 +286,7 @@ class CBBTrainer(Trainer):
         mine = [name for name in names if self._positions(name)]
         local = torch.zeros(len(names), dtype=torch.float64)
         record: dict[str, float] = {}
+        self.step_counts = {"samples": 0, "tokens": 0}
         for order, name in enumerate(mine):
             task, index = self.tasks[name], names.index(name)
             n_devices = len(self.layout.task_ranks[name])
@@ -241,6 +310,7 @@ class CBBTrainer(Trainer):
             record[f"loss/{name}"] = float(values[index])
             total += self.task_weight(self.tasks[name]) * float(values[index])
         record["loss"] = total
+        record.update(self.step_counts)  # this rank's texts and tokens (engine sums ranks)
         return record
 
     def _draw(self, task: TaskConfig, step: int) -> dict[str, Any]:
@@ -311,8 +381,9 @@ class CBBTrainer(Trainer):
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         return local  # a CBB device's data-parallel batch is its own: nothing crosses devices
 
-    def _encode(self, texts: list[str], prompt: str | None) -> torch.Tensor:
-        return encode_with_grad(self.model, texts, prompt, self.forward_model)
+    def _encode(self, texts: list[str], prompt: str | None, count: bool = True) -> torch.Tensor:
+        counts = self.step_counts if count else None
+        return encode_with_grad(self.model, texts, prompt, self.forward_model, counts=counts)
 
     # ------------------------------------------------------------------ retrieval, shared
     def _shared_texts(self, task: TaskConfig, draw: dict[str, Any], step: int):
@@ -389,14 +460,17 @@ class CBBTrainer(Trainer):
         embeddings = shaped(leaves)
         value = self._backward(task, loss_of(embeddings), step)
         for (texts, prompt, seed), leaf in zip(chunks, leaves, strict=True):
-            self._encode_seeded(texts, prompt, seed).backward(leaf.grad)
+            # the replay re-encodes pass 1's texts: counted once, as the texts of the step
+            self._encode_seeded(texts, prompt, seed, count=False).backward(leaf.grad)
         draw["scores"] = self._scores(embeddings[0], embeddings[2:])
         draw["queries"] = embeddings[0].detach().cpu()
         return value
 
-    def _encode_seeded(self, texts: list[str], prompt: str | None, seed: tuple[int, ...]):
+    def _encode_seeded(
+        self, texts: list[str], prompt: str | None, seed: tuple[int, ...], count: bool = True
+    ):
         with self.engine.seeded(*seed):
-            return self._encode(texts, prompt)
+            return self._encode(texts, prompt, count)
 
     @staticmethod
     def _scores(q: torch.Tensor, per_rank: Sequence[torch.Tensor]) -> torch.Tensor | None:

@@ -24,13 +24,14 @@ mteb and the serving code run the very attention the model was trained to end wi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,16 +148,29 @@ class LLMEmbedder(torch.nn.Module):
     def width(self) -> int:
         return int(self.backbone.config.hidden_size)
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The backbone's decoder-layer classes (``LlamaDecoderLayer``, ...): accelerate's FSDP
+        ``TRANSFORMER_BASED_WRAP`` reads them from the root module it is given, and without
+        them the whole embedder becomes one FSDP unit (gathered whole for every forward)."""
+        return sorted(getattr(self.backbone, "_no_split_modules", None) or [])
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_len, return_tensors="pt"
         )
 
     def forward(
-        self, texts: Sequence[str], alpha: float, variant: Variant = "L_over_i"
+        self,
+        texts: Sequence[str] | Mapping[str, torch.Tensor],
+        alpha: float,
+        variant: Variant = "L_over_i",
     ) -> torch.Tensor:
+        """Pooled states of ``texts``, or of a batch :meth:`tokenize` already made (the weak
+        stage tokenizes first to count real tokens)."""
         device = next(self.backbone.parameters()).device
-        batch = {k: v.to(device) for k, v in self.tokenize(texts).items()}
+        tokens = texts if isinstance(texts, Mapping) else self.tokenize(texts)
+        batch = {k: v.to(device) for k, v in tokens.items()}
         hidden = soft_masked_forward(
             self.backbone, batch["input_ids"], batch["attention_mask"], alpha, variant
         )
@@ -253,10 +267,14 @@ class SoftMaskWeakProgram:
         mine = [self.pairs[i] for i in rows[engine.rank * share : (engine.rank + 1) * share]]
         alpha = self.schedule.alpha(step)
         variant = self.config.variant
+        # tokenized here (the forward takes the batch as is) to count the real tokens
+        query_batch = dict(self.embedder.tokenize([q for q, _ in mine]))
+        positive_batch = dict(self.embedder.tokenize([p for _, p in mine]))
+        tokens = int(query_batch["attention_mask"].sum() + positive_batch["attention_mask"].sum())
         with engine.seeded(step, engine.rank, 0):
-            queries = self.forward_model([q for q, _ in mine], alpha, variant).float()
+            queries = self.forward_model(query_batch, alpha, variant).float()
         with engine.seeded(step, engine.rank, 1):
-            positives = self.forward_model([p for _, p in mine], alpha, variant).float()
+            positives = self.forward_model(positive_batch, alpha, variant).float()
         positives = torch.cat(all_gather_with_grad(positives))
         offset = engine.rank * share
 
@@ -268,7 +286,8 @@ class SoftMaskWeakProgram:
         engine.backward(loss)
         value = float(engine.mean_over_ranks(torch.tensor([loss.item()]))[0])
         self.losses.append(value)
-        return {"loss": value, "alpha": alpha}
+        # throughput inputs: texts this rank encoded (queries and positives), real tokens
+        return {"loss": value, "alpha": alpha, "samples": 2 * len(mine), "tokens": tokens}
 
     def after_step(self, step: int) -> dict[str, float]:
         return {}
@@ -284,16 +303,15 @@ class SoftMaskWeakProgram:
         from conan_embedding.modeling.card import card_info_from_weak_stage, llm_stages
         from conan_embedding.training.trainer import plot_losses
 
-        if engine.sharded_state:
-            full = engine.full_state_dict()
-            if engine.is_main:
-                self.embedder.load_state_dict(full)
-        if not engine.is_main:
+        # every rank (a gather under FSDP/DeepSpeed); the main rank gets a plain module: the
+        # embedder itself, or a fresh CPU copy with the gathered weights when sharded
+        embedder = engine.consolidated_model(self.embedder)
+        if embedder is None:
             return
         out = engine.output_dir
         config = self.config
         plot_losses(out / "train_log.jsonl", out / "loss.png")
-        params = [p for p in self.embedder.parameters() if p.requires_grad]
+        params = [p for p in embedder.parameters() if p.requires_grad]
         self.summary = {
             "stage": "weak",
             "schedule": config.schedule,
@@ -311,7 +329,7 @@ class SoftMaskWeakProgram:
             "trainable_parameters": sum(p.numel() for p in params),
         }
         export_sentence_transformer(
-            self.embedder,
+            embedder,
             out / "model",
             bidirectional=self.schedule.ends_bidirectional,
             matryoshka_dims=self.dims or None,
@@ -334,6 +352,14 @@ def train_weak_stage(
         engine_config = engine_config.model_copy(update={"threads": config.threads})
     out = Path(config.output_dir)
     torch.manual_seed(config.seed)
+    # the model before the engine: once the Accelerator exists with a ZeRO-3 plugin and
+    # ``zero3_init_flag``, transformers builds every model already partitioned (empty
+    # weights), which the skeleton kept for saving and any probe before ``prepare`` cannot use
+    embedder = LLMEmbedder.from_llm(config.llm, config.pooling, config.max_len)
+    if config.freeze_embeddings:
+        embedder.backbone.get_input_embeddings().weight.requires_grad_(False)
+    if config.lora is not None:
+        apply_lora(embedder, config.lora)
     engine = stage_engine(
         engine_config,
         out,
@@ -344,17 +370,23 @@ def train_weak_stage(
         seed=config.seed,
         description=f"weak stage ({config.schedule})",
         checkpoint_every=config.checkpoint_every,
+        # every trainable weight reaches the loss (the decoder body, its final norm; frozen
+        # embeddings and LoRA's frozen base have no gradient, so DDP ignores them; see
+        # test_weak_stage_leaves_no_trainable_parameter_unused); a backbone that does leave
+        # some unused sets engine.find_unused_parameters: true
+        find_unused_parameters=False,
     )
     pairs = weak_pairs(config.data, config.max_rows, config.seed)
     teacher_report = None
     if config.teacher:
-        out.mkdir(parents=True, exist_ok=True)
-        pairs, teacher_report = teacher_filtered(pairs, config, out)
-    embedder = LLMEmbedder.from_llm(config.llm, config.pooling, config.max_len)
-    if config.freeze_embeddings:
-        embedder.backbone.get_input_embeddings().weight.requires_grad_(False)
-    if config.lora is not None:
-        apply_lora(embedder, config.lora)
+        # the main rank alone scores the pairs and writes the files; the others wait for its
+        # result (every rank encoding the whole set and writing the same files was waste)
+        filtered = None
+        if engine.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            with _unpartitioned_models(engine):
+                filtered = teacher_filtered(pairs, config, out)
+        pairs, teacher_report = engine.broadcast_object(filtered)
     dims = (
         [d for d in config.matryoshka_dims if d < embedder.width] + [embedder.width]
         if config.matryoshka_dims
@@ -364,6 +396,15 @@ def train_weak_stage(
     program.teacher_report = teacher_report
     engine.run(program, resume=resume, show_progress=show_progress)
     return engine.broadcast_object(getattr(program, "summary", None))
+
+
+def _unpartitioned_models(engine: Engine) -> contextlib.AbstractContextManager:
+    """Models built inside are whole even under ZeRO-3 with ``zero3_init_flag`` (the teacher:
+    built on the main rank alone after the engine exists, it must not be partitioned)."""
+    plugin = engine.accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return contextlib.nullcontext()
+    return plugin.zero3_init_context_manager(enable=False)
 
 
 def teacher_filtered(

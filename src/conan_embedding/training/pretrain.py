@@ -18,6 +18,11 @@ How:
   rows of the batch, cut into ``micro_batch_size`` micro-batches whose gradients accumulate,
   and the held-out perplexity every ``eval_every`` steps; ``curve.png`` and ``summary.json``
   are written at the end, and a finished run is not redone.
+- Memory at a 150k vocabulary: the loss is taken from the final hidden states,
+  ``LOSS_CHUNK_TOKENS`` positions per ``lm_head`` call (checkpointed, so the backward
+  recomputes each slice): no ``[rows, seq, vocab]`` logits exist in training or evaluation.
+  The held-out set is scored a few rows per forward, split over the ranks, and its
+  (loss, token) sums are all-reduced.
 - SFT rows are ``{"instruction", "input", "output"}``; the model sees
   ``instruction \\n input \\n output <eos>`` and the loss covers the output tokens only
   (prompt and padding labels are ``-100``).
@@ -25,6 +30,7 @@ How:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,10 +40,12 @@ import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
@@ -60,6 +68,12 @@ from conan_embedding.modeling.llm import (
 from conan_embedding.training.engine import Engine, RunResult, stage_engine
 
 IGNORE_INDEX = -100
+
+Batch = (
+    tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
+    | tuple[torch.Tensor, torch.Tensor, dict[str, Any], torch.Tensor]
+)
+"""``(input_ids, labels, info[, attention_mask])`` of one step; the mask marks real tokens."""
 
 # ---------------------------------------------------------------- configs
 
@@ -268,8 +282,8 @@ class CausalLMProgram:
         engine: Engine,
         model: torch.nn.Module,
         tokenizer: Any,
-        next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
-        evaluate: Callable[[torch.nn.Module], float],
+        next_batch: Callable[[int], Batch],
+        evaluate: HeldOut | Callable[[torch.nn.Module], float],
         settings: CausalLMSettings,
         extra_meta: dict[str, Any],
     ):
@@ -286,7 +300,11 @@ class CausalLMProgram:
 
     def _eval_entry(self, step: int) -> dict[str, float]:
         was_training = self.model.training
-        val = self.evaluate(self.engine.unwrap())
+        model = self.engine.unwrap()
+        if isinstance(self.evaluate, HeldOut):  # split over the ranks, summed by all-reduce
+            val = self.evaluate.loss(model, self.engine)
+        else:
+            val = self.evaluate(model)
         self.model.train(was_training)
         entry = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
         self.evals.append(entry)
@@ -295,7 +313,7 @@ class CausalLMProgram:
     def step(self, step: int) -> dict[str, Any]:
         if step == 0 and not self.evals:
             self._eval_entry(0)
-        input_ids, labels, info = self.next_batch(step)
+        input_ids, labels, info, *rest = self.next_batch(step)
         engine = self.engine
         rows = input_ids.shape[0]
         if rows % engine.world_size:
@@ -303,6 +321,9 @@ class CausalLMProgram:
         share = rows // engine.world_size
         mine = slice(engine.rank * share, (engine.rank + 1) * share)
         input_ids, labels = input_ids[mine], labels[mine]
+        # real tokens for the throughput log: the attention mask when the batch is padded
+        # (SFT), else every position (packed pretraining blocks)
+        tokens = int(rest[0][mine].sum()) if rest else input_ids.numel()
         size = self.settings.micro_batch_size or share
         starts = list(range(0, share, size))
         device = next(self.model.parameters()).device
@@ -311,12 +332,15 @@ class CausalLMProgram:
             ids = input_ids[start : start + size].to(device)
             target = labels[start : start + size].to(device)
             with engine.sync(last=number == len(starts) - 1):
-                loss = self.forward_model(input_ids=ids, labels=target).loss
+                # the chunked loss from hidden states: HF's loss value and gradient without
+                # the [micro, seq, vocab] logits and their fp32 copies (1.4B: ~5 GB each)
+                loss_sum, count = causal_lm_loss_sums(self.forward_model, self.model, ids, target)
+                loss = loss_sum / count.clamp(min=1)
                 engine.check_finite(loss, self.settings.description, step)
                 engine.backward(loss * ids.shape[0] / share)
             total += loss.item() * ids.shape[0] / share
         mean = float(engine.mean_over_ranks(torch.tensor([total]))[0])
-        return {"loss": mean, "kind": "train", **info}
+        return {"loss": mean, "kind": "train", "samples": share, "tokens": tokens, **info}
 
     def after_step(self, step: int) -> dict[str, Any]:
         if step % self.settings.eval_every == 0 or step == self.settings.steps:
@@ -330,14 +354,14 @@ class CausalLMProgram:
         self.evals = list(state["evals"])
 
     def finish(self, engine: Engine, result: RunResult) -> None:
-        if engine.sharded_state:
-            full = engine.full_state_dict()
-            if engine.is_main:
-                self.model.load_state_dict(full, strict=False)
-        if not engine.is_main:
+        # every rank: under FSDP/DeepSpeed this gathers the weights (a collective); the main
+        # rank gets a plain module to save (a fresh CPU copy when sharded, since FSDP2's
+        # DTensors and ZeRO-3's partitions cannot take a full state dict), the others None
+        model = engine.consolidated_model(self.model)
+        if model is None:
             return
         out = engine.output_dir
-        self.model.eval()
+        model.eval()
         train = [h for h in _read_jsonl(out / "log.jsonl") if "loss" in h]
         self.summary = {
             "steps": self.settings.steps,
@@ -350,7 +374,7 @@ class CausalLMProgram:
             "processes": engine.world_size,
             **self.extra_meta,
         }
-        save_llm(self.model, self.tokenizer, out / "model", extra=self.summary)
+        save_llm(model, self.tokenizer, out / "model", extra=self.summary)
         _write_json(out / "summary.json", self.summary)
         plot_curve(train, self.evals, out / "curve.png", title=self.settings.description)
 
@@ -358,8 +382,8 @@ class CausalLMProgram:
 def train_causal_lm(
     model: torch.nn.Module,
     tokenizer: Any,
-    next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
-    evaluate: Callable[[torch.nn.Module], float],
+    next_batch: Callable[[int], Batch],
+    evaluate: HeldOut | Callable[[torch.nn.Module], float],
     settings: CausalLMSettings,
     output_dir: Path,
     *,
@@ -368,9 +392,6 @@ def train_causal_lm(
 ) -> dict[str, Any]:
     """Run an LM stage on the engine; logs ``log.jsonl``, checkpoints, saves ``model/``,
     ``summary.json`` and ``curve.png``; returns the summary. A finished run is not redone."""
-    finished = _finished_summary(output_dir, settings.steps) if resume else None
-    if finished is not None:
-        return finished
     torch.manual_seed(settings.seed)
     engine = stage_engine(
         settings.engine,
@@ -385,7 +406,17 @@ def train_causal_lm(
         checkpoint_every=settings.save_every,
         keep_checkpoints=settings.keep_checkpoints,
         log_name="log.jsonl",
+        # a decoder-only LM uses every weight in every step: DDP's search for unused ones
+        # would only walk the autograd graph each forward (and warn)
+        find_unused_parameters=False,
     )
+    # rank 0 decides and tells the others: on node-local disks the ranks may see different
+    # folders, and ranks that disagree would hang (one trains, one returns)
+    finished = engine.broadcast_object(
+        _finished_summary(output_dir, settings.steps) if resume and engine.is_main else None
+    )
+    if finished is not None:
+        return finished
     program = CausalLMProgram(
         engine, model, tokenizer, next_batch, evaluate, settings, extra_meta or {}
     )
@@ -436,19 +467,157 @@ def plot_curve(
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------- the loss in bounded memory
+
+LOSS_CHUNK_TOKENS = 1024
+"""Positions per ``lm_head`` call of the chunked loss: at a 150k vocabulary one slice of logits
+is 1024 x 150k = 154M values (0.6 GB in fp32), not ``rows x 4096 x 150k`` (tens of GB)."""
+
+EVAL_TOKENS_PER_FORWARD = 8192
+"""Held-out rows per forward = this // seq_len (2 rows of the 1.4B config's 4096 tokens)."""
+
+
+@contextlib.contextmanager
+def _final_hidden_states(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects the decoder body's last hidden state (after the final norm) of each forward.
+
+    A hook, not ``output_hidden_states``: the forward still goes through the wrapper the
+    engine prepared (DDP's gradient hooks, FSDP's root all-gather, DeepSpeed), and no other
+    layer's output is kept.
+    """
+    box: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
+        box.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = model.get_decoder().register_forward_hook(keep)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def _slice_loss(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # logits of this slice only, upcast as Hugging Face's ForCausalLMLoss does, summed
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy from the final hidden states, ``chunk_tokens`` positions per
+    ``lm_head`` call: ``(sum of token losses, number of scored tokens)``, both fp32.
+
+    With gradients on, each slice is checkpointed: its logits are freed after the forward and
+    recomputed in the backward, so no ``[rows, seq, vocab]`` tensor ever exists.
+    """
+    width = hidden.shape[-1]
+    flat = hidden[:, :-1, :].reshape(-1, width)
+    target = labels[:, 1:].reshape(-1).to(flat.device)
+    total = torch.zeros((), dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        piece, wanted = flat[start : start + chunk_tokens], target[start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            loss = torch.utils.checkpoint.checkpoint(
+                _slice_loss, head, piece, wanted, use_reentrant=False
+            )
+        else:
+            loss = _slice_loss(head, piece, wanted)
+        total = total + loss.float()
+    count = (target != IGNORE_INDEX).sum().to(torch.float32)
+    return total, count
+
+
+def causal_lm_loss_sums(
+    forward: torch.nn.Module,
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of ``forward`` (the prepared wrapper, or ``model`` itself) and the chunked
+    loss from its final hidden states; ``model`` is the unwrapped causal LM (its ``lm_head``).
+
+    ``logits_to_keep=1`` makes Hugging Face project one position per row, so neither its
+    logits nor accelerate's fp32 copy of them (``convert_outputs_to_fp32``) is vocab-sized.
+    The sums are ``(loss, tokens)``; their ratio is HF's ``model(ids, labels=labels).loss``.
+    """
+    with _final_hidden_states(model) as box:
+        forward(input_ids=input_ids, logits_to_keep=1)
+    return chunked_lm_loss(box[-1], labels, model.get_output_embeddings(), chunk_tokens)
+
+
+class _Ranks(Protocol):
+    """What the held-out loss needs of :class:`Engine` (a stub in tests)."""
+
+    rank: int
+    world_size: int
+    distributed: bool
+
+    def mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor: ...
+
+
 def _held_out_loss(
-    model: torch.nn.Module, blocks: torch.Tensor, labels: torch.Tensor | None = None
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    engine: _Ranks | None = None,
+    rows_per_forward: int | None = None,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
 ) -> float:
+    """Mean next-token loss over every scored token of ``blocks`` (HF's loss, token-weighted).
+
+    Bounded memory: ``rows_per_forward`` rows per forward (default
+    ``EVAL_TOKENS_PER_FORWARD // seq_len``) and the chunked loss. With ``engine`` the rows are
+    split over the ranks and one all-reduce sums (loss, tokens). Every rank runs the same
+    forwards on the same shapes, because under FSDP and ZeRO-3 each forward (and, under
+    ZeRO-3, each ``lm_head`` slice) is a collective: a rank short of rows fills its last
+    forwards with copies of a block whose labels are all ignored (they add 0 to both sums).
+    """
     model.eval()
-    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    rank, world = (engine.rank, engine.world_size) if engine is not None else (0, 1)
+    labels = blocks if labels is None else labels
+    per_rank = -(-len(blocks) // world)
+    rows = min(per_rank, rows_per_forward or max(1, EVAL_TOKENS_PER_FORWARD // blocks.shape[1]))
+    mine = list(range(rank * per_rank, min(len(blocks), (rank + 1) * per_rank)))
+    padded = -(-per_rank // rows) * rows
+    ids = torch.cat([blocks[mine], blocks[:1].expand(padded - len(mine), -1)])
+    target = torch.cat(
+        [labels[mine], torch.full((padded - len(mine), labels.shape[1]), IGNORE_INDEX)]
+    )
+    sums = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
-        for start in range(0, len(blocks), 16):
-            ids = blocks[start : start + 16]
-            target = ids if labels is None else labels[start : start + 16]
-            n = int((target[:, 1:] != IGNORE_INDEX).sum())
-            total += model(input_ids=ids, labels=target).loss.item() * n
-            count += n
-    return total / max(count, 1)
+        for start in range(0, padded, rows):
+            # the blocks live on the CPU (pack_blocks, encode_sft); the model on its device
+            total, count = causal_lm_loss_sums(
+                model,
+                model,
+                ids[start : start + rows].to(device),
+                target[start : start + rows].to(device),
+                chunk_tokens,
+            )
+            sums += torch.stack([total.double(), count.double()]).cpu()
+    if engine is not None and engine.distributed:
+        sums = engine.mean_over_ranks(sums) * engine.world_size
+    total, count = (float(v) for v in sums)
+    return total / max(round(count), 1)
+
+
+@dataclass
+class HeldOut:
+    """The held-out rows of an LM stage, scored by :func:`_held_out_loss` on every rank."""
+
+    blocks: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def loss(self, model: torch.nn.Module, engine: _Ranks | None = None) -> float:
+        return _held_out_loss(model, self.blocks, self.labels, engine=engine)
 
 
 # ---------------------------------------------------------------- pretraining
@@ -536,7 +705,7 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = True) -> dict[str,
         model,
         tokenizer,
         next_batch,
-        lambda m: _held_out_loss(m, held_blocks),
+        HeldOut(held_blocks),
         settings,
         out,
         resume=resume,
@@ -592,7 +761,9 @@ def run_sft(config: SFTConfig, *, resume: bool = True) -> dict[str, Any]:
         rng = random.Random(f"{config.seed}-{step}")
         batch = [train[rng.randrange(len(train))] for _ in range(config.batch_size)]
         ids, attention, labels = encode_sft(batch, tokenizer, config.max_len)
-        return ids, labels, {"output_tokens": int((labels != IGNORE_INDEX).sum())}
+        # the mask is for counting real tokens only: right padding under a causal mask never
+        # changes a real token's output, so the forward runs without it (SDPA's causal path)
+        return ids, labels, {"output_tokens": int((labels != IGNORE_INDEX).sum())}, attention
 
     settings = CausalLMSettings.of(config, "sft")
     meta = {
@@ -605,7 +776,7 @@ def run_sft(config: SFTConfig, *, resume: bool = True) -> dict[str, Any]:
         model,
         tokenizer,
         next_batch,
-        lambda m: _held_out_loss(m, held_ids, held_labels),
+        HeldOut(held_ids, held_labels),
         settings,
         Path(config.output_dir),
         resume=resume,

@@ -31,6 +31,7 @@ How a step runs:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -80,6 +81,16 @@ class TrainResult:
     seconds: float
 
 
+def _rank_device(engine_device: str) -> str:
+    """This process's device before the engine exists: ``cuda:LOCAL_RANK`` on GPUs (what
+    accelerate will pick), else the engine's device kind."""
+    from conan_embedding.encoding.device import resolve_device as rank_device
+    from conan_embedding.training.engine import resolve_device
+
+    kind = resolve_device(engine_device)
+    return str(rank_device("auto")) if kind == "cuda" else kind
+
+
 def set_seed(seed: int) -> None:
     import random
 
@@ -93,15 +104,25 @@ def encode_with_grad(
     texts: Sequence[str],
     prompt: str | None = None,
     forward: torch.nn.Module | None = None,
+    counts: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Sentence embeddings with autograd (``model.encode`` runs without gradient).
 
     ``forward`` is the module to call (the engine's DDP/FSDP wrapper of ``model``); the
     result is float32 whatever the autocast precision, so losses are computed in float32.
+    ``counts`` (if given) gains ``samples`` (texts encoded) and ``tokens`` (their non-padding
+    tokens, the attention mask's sum): the engine's throughput numbers. This is the one place
+    a training step tokenizes, so every stage built on it counts the same way.
     """
     if prompt:
         texts = [prompt + t for t in texts]
     features = model.preprocess(list(texts))
+    if counts is not None:
+        mask = features.get("attention_mask", features.get("input_ids"))
+        counts["samples"] = counts.get("samples", 0) + len(texts)
+        if isinstance(mask, torch.Tensor):  # still on the CPU: no device sync
+            real = int(mask.sum()) if "attention_mask" in features else mask.numel()
+            counts["tokens"] = counts.get("tokens", 0) + real
     features = {
         k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()
     }
@@ -127,6 +148,61 @@ def _task_key(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
+def check_dhnm_supported(
+    distributed_type: str, zero_stage: int | None, dynamic_tasks: Sequence[str]
+) -> None:
+    """Refuse dynamic hard-negative mining where its rank-0 re-encoding would deadlock.
+
+    Why: DHNM's rules, re-scores and re-mining run on rank 0 alone while the other ranks wait
+    in a broadcast. With sharded parameters (FSDP, DeepSpeed ZeRO-3) every forward all-gathers
+    the weights from all ranks, so rank 0's lone forward waits for ranks that never join.
+    DDP and ZeRO-0/1/2 keep whole weights on every rank: no collective in a forward.
+    ``distributed_type`` is accelerate's ``DistributedType`` value (``"FSDP"``, ...).
+    """
+    if not dynamic_tasks:
+        return
+    if distributed_type == "FSDP":
+        setting = "FSDP"
+    elif distributed_type == "DEEPSPEED" and zero_stage == 3:
+        setting = "DeepSpeed ZeRO-3"
+    else:
+        return
+    names = ", ".join(f"'{name}'" for name in dynamic_tasks)
+    raise ValueError(
+        f"dynamic hard-negative mining (task {names}: dynamic_negatives.rule / remine_every) "
+        f"does not run under {setting}: rank 0 re-encodes texts alone, and with sharded "
+        "parameters every forward all-gathers weights from all ranks, so it deadlocks. "
+        "Launch with DDP (configs/accelerate/ddp.yaml or plain torchrun) or DeepSpeed ZeRO-2, "
+        "or set dynamic_negatives.rule: none (negatives mined offline)"
+    )
+
+
+def name_fsdp_layers(plugin: Any, model: torch.nn.Module) -> list[str]:
+    """Give FSDP's ``TRANSFORMER_BASED_WRAP`` the layer classes of ``model``'s backbone.
+
+    Why: accelerate takes the classes to wrap from ``model._no_split_modules`` when the
+    accelerate config names none, and a SentenceTransformer reports ``[]``: the whole encoder
+    becomes one FSDP unit, all-gathered at once (no per-layer sharding, DDP-like peak memory;
+    audit §11). The backbone (a transformers model) knows its layers (``BertLayer``,
+    ``Qwen2DecoderLayer``, ...). A list set in the accelerate config is kept, but only the
+    classes this model has: accelerate raises on a name the model lacks, so one shared config
+    can list the layers of several model families (none of them present: the backbone's own
+    are used). Returns the names set.
+    """
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    def present(names: Any) -> list[str]:
+        return sorted(n for n in set(names or ()) if get_module_class_from_name(model, n))
+
+    names = present(plugin.transformer_cls_names_to_wrap)
+    if not names:  # none configured (or none of them here): the backbone's own
+        names = present(
+            {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+        )
+    plugin.transformer_cls_names_to_wrap = names
+    return names
+
+
 class Trainer:
     """Runs one embedding stage from a :class:`~conan_embedding.config.TrainConfig`."""
 
@@ -146,6 +222,29 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.on_step = on_step
         set_seed(config.seed)
+        mc = config.model
+        # the model is built before the engine: under DeepSpeed ZeRO-3 with zero3_init_flag,
+        # creating the engine's plugin turns on deepspeed.zero.Init for every later
+        # from_pretrained, and a model born partitioned encodes with empty weights in the
+        # pool probe (PoolMeta.of) and anything else before engine.prepare
+        self.model = model or build_embedder(
+            mc.name,
+            pooling=mc.pooling,
+            dense_dim=mc.dense_dim,
+            normalize=mc.normalize,
+            max_seq_length=mc.max_seq_length,
+            prompts=mc.prompts or None,
+            matryoshka_dims=mc.matryoshka_dims or None,
+            seed=config.seed,
+            device=_rank_device(config.engine.device),
+            model_kwargs=mc.model_kwargs or None,
+        )
+        if mc.freeze_word_embeddings:
+            self.model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
+        if mc.lora is not None:
+            from conan_embedding.modeling.lora import add_lora
+
+            self.model[0].model = add_lora(self.model[0].model, mc.lora)
         self.engine = Engine(
             config.engine,
             LoopSettings(
@@ -159,31 +258,15 @@ class Trainer:
                 description=f"{config.stage} training",
             ),
         )
-        mc = config.model
-        self.model = model or build_embedder(
-            mc.name,
-            pooling=mc.pooling,
-            dense_dim=mc.dense_dim,
-            normalize=mc.normalize,
-            max_seq_length=mc.max_seq_length,
-            prompts=mc.prompts or None,
-            matryoshka_dims=mc.matryoshka_dims or None,
-            seed=config.seed,
-            device=str(self.engine.device),
-            model_kwargs=mc.model_kwargs or None,
-        )
-        if mc.freeze_word_embeddings:
-            self.model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
-        if mc.lora is not None:
-            from conan_embedding.modeling.lora import add_lora
-
-            self.model[0].model = add_lora(self.model[0].model, mc.lora)
+        self._check_engine_supported(negative_providers or {})
         self.query_prompt = self._prompt(mc.query_prompt)
         self.passage_prompt = self._prompt(mc.passage_prompt)
 
         self.source_rows: dict[str, np.ndarray | None] = {}
         """Per task, the file positions of the rows kept (None once a filter dropped some)."""
+        self._teacher: SentenceTransformer | None = None
         self.records = {t.name: self._load_task(t) for t in config.tasks}
+        self._teacher = None  # the filter's model is freed once every task is loaded
         self.streams = {
             t.name: TaskStream(t.name, len(self.records[t.name]), config.seed) for t in config.tasks
         }
@@ -204,17 +287,55 @@ class Trainer:
             config.seed,
         )
         self._setup_shards()
+        self.step_counts: dict[str, int] = {"samples": 0, "tokens": 0}
+        """This step's texts encoded and their real tokens, on this rank (for throughput)."""
+        fsdp = self._fsdp_plugin()
+        if fsdp is not None:
+            logger.info("FSDP wraps the layer classes %s", name_fsdp_layers(fsdp, self.model))
         self.engine.prepare(self.model)
         self._decide_negatives_on_rank_0()
 
     def _handles_cbb(self) -> bool:
         return False
 
+    def _engine_sharding(self) -> tuple[str, int | None]:
+        """accelerate's distributed type (``"FSDP"``, ``"DEEPSPEED"``, ``"MULTI_GPU"``, ...) and
+        the DeepSpeed ZeRO stage (None without DeepSpeed)."""
+        accelerator = self.engine.accelerator
+        plugin = accelerator.state.deepspeed_plugin
+        stage = None if plugin is None else int(plugin.zero_stage)
+        return str(accelerator.distributed_type.value), stage
+
+    def _fsdp_plugin(self) -> Any:
+        """accelerate's FSDP plugin when the engine runs FSDP, else None."""
+        if self._engine_sharding()[0] != "FSDP":
+            return None
+        return self.engine.accelerator.state.fsdp_plugin
+
+    def _check_engine_supported(self, providers: dict[str, NegativeProvider]) -> None:
+        """Refuse, before anything expensive, what the engine's sharding cannot run."""
+        from conan_embedding.mining.dynamic import DynamicNegatives
+
+        dynamic = [
+            t.name
+            for t in self.config.tasks
+            if t.kind == "retrieval"
+            and (
+                isinstance(providers.get(t.name), DynamicNegatives)
+                or t.name not in providers
+                and t.dynamic_negatives.rule != "none"
+            )
+        ]
+        check_dhnm_supported(*self._engine_sharding(), dynamic)
+
     def _decide_negatives_on_rank_0(self) -> None:
         """Several processes: DHNM's rules (and any re-encoding) run on rank 0, which
         broadcasts the rows it changed; every rank then draws the same negatives."""
         from conan_embedding.mining.dynamic import DynamicNegatives
 
+        for provider in self.providers.values():
+            if isinstance(provider, DynamicNegatives):  # re-mining searches on this GPU
+                provider.index_device = self.engine.device
         if not self.engine.distributed:
             return
         for provider in self.providers.values():
@@ -286,17 +407,31 @@ class Trainer:
         return records
 
     def _teacher_filter(self, task: TaskConfig, records: Sequence[Record]) -> Sequence[Record]:
-        from conan_embedding.modeling.embedder import load_embedder
+        """Keep the pairs the teacher scores at ``threshold`` or above.
 
+        Several processes: each rank scores its own contiguous share of the pairs and the
+        scores are gathered, so every rank keeps the same rows. Why not every rank scoring
+        everything (the work W times over), nor rank 0 alone (the others would wait in a
+        collective, and a large weak-stage file outlasts NCCL's 10-minute default timeout).
+        """
         tf = self.config.teacher_filter
-        teacher = load_embedder(tf.model, device=str(self.engine.device))
-        queries, positives = [], []
-        for r in records:  # one pass; only the texts are held, never the records
-            queries.append(r.query)
-            positives.append(r.pos if isinstance(r, PairRecord) else r.pos[0])
-        q = teacher.encode(queries, batch_size=tf.batch_size, normalize_embeddings=True)
-        p = teacher.encode(positives, batch_size=tf.batch_size, normalize_embeddings=True)
-        scores = (q * p).sum(axis=1)
+        engine = self.engine
+        share = np.array_split(np.arange(len(records)), engine.world_size)[engine.rank]
+        scores = np.zeros(0, np.float32)
+        if len(share):
+            teacher = self._teacher_model()
+            queries, positives = [], []
+            for i in share:  # only the texts are held, never the records
+                r = records[int(i)]
+                queries.append(r.query)
+                positives.append(r.pos if isinstance(r, PairRecord) else r.pos[0])
+            q = teacher.encode(queries, batch_size=tf.batch_size, normalize_embeddings=True)
+            p = teacher.encode(positives, batch_size=tf.batch_size, normalize_embeddings=True)
+            scores = np.asarray((q * p).sum(axis=1), np.float32)
+        if engine.distributed:
+            parts: list[Any] = [None] * engine.world_size
+            torch.distributed.all_gather_object(parts, scores)
+            scores = np.concatenate(parts)
         kept = _take(records, np.flatnonzero(scores >= tf.threshold))
         logger.info(
             "teacher filter on '%s': kept %d of %d pairs (threshold %.2f)",
@@ -307,6 +442,27 @@ class Trainer:
         )
         self.filter_report = {"task": task.name, "kept": len(kept), "total": len(records)}
         return kept
+
+    def _teacher_model(self) -> SentenceTransformer:
+        """The teacher filter's model, loaded once for all tasks with whole weights."""
+        if self._teacher is None:
+            from conan_embedding.modeling.embedder import load_embedder
+
+            assert self.config.teacher_filter is not None
+            with self._whole_weights():
+                self._teacher = load_embedder(
+                    self.config.teacher_filter.model, device=str(self.engine.device)
+                )
+        return self._teacher
+
+    def _whole_weights(self) -> contextlib.AbstractContextManager:
+        """Models loaded inside get whole weights even under DeepSpeed ZeRO-3's
+        ``zero3_init_flag`` (which the engine's plugin turns on for every later
+        ``from_pretrained``): a model that is never prepared must not be born partitioned."""
+        plugin = self.engine.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return contextlib.nullcontext()
+        return plugin.zero3_init_context_manager(enable=False)
 
     def _default_provider(self, task: TaskConfig) -> NegativeProvider:
         records = self.records[task.name]
@@ -346,7 +502,13 @@ class Trainer:
         for shard, part in zip(self.my_shards, self._shard_slices(batch), strict=True):
             with self.engine.seeded(step, _task_key(task.name), shard, role, *seed_key):
                 out.append(
-                    encode_with_grad(self.model, texts_of_shard(part), prompt, self.forward_model)
+                    encode_with_grad(
+                        self.model,
+                        texts_of_shard(part),
+                        prompt,
+                        self.forward_model,
+                        counts=self.step_counts,
+                    )
                 )
         return torch.cat(out)
 
@@ -524,6 +686,7 @@ class Trainer:
         tasks = {t.name: t for t in self.config.tasks}
         names = self.schedule.tasks_for_step(step)
         record: dict[str, float] = {}
+        self.step_counts = {"samples": 0, "tokens": 0}
         local = torch.zeros(len(names), dtype=torch.float64)
         for index, name in enumerate(names):
             task = tasks[name]
@@ -539,6 +702,7 @@ class Trainer:
             record[f"loss/{name}"] = float(values[index])
             total += tasks[name].weight * float(values[index])
         record["loss"] = total
+        record.update(self.step_counts)  # this rank's texts and tokens (engine sums ranks)
         return record
 
     def after_step(self, step: int) -> dict[str, float]:
@@ -587,20 +751,20 @@ class Trainer:
         restore_provider_states(self.providers, state["providers"], state.get("provider_arrays"))
 
     def finish(self, engine: Engine, result: RunResult) -> None:
-        if engine.sharded_state:
-            full = engine.full_state_dict()
-            if engine.is_main:
-                self.model.load_state_dict(full)
-        if not engine.is_main:
+        # every rank: under FSDP/DeepSpeed this gathers the weights (a collective) into a
+        # plain CPU copy on the main rank; FSDP2's DTensors and ZeRO-3's partitions cannot
+        # take a full state dict in place (audit §3)
+        model = engine.consolidated_model(self.model)
+        if model is None:
             return
         from conan_embedding.modeling.card import card_info_from_config
         from conan_embedding.modeling.lora import merged
 
-        self.model[0].model = merged(self.model[0].model)
+        model[0].model = merged(model[0].model)
 
         rows = {name: len(records) for name, records in self.records.items()}
         self.model_dir = save_embedder(
-            self.model,
+            model,
             self.output_dir / "model",
             extra_meta={
                 "stage": self.config.stage,
