@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from tests.conftest import WORDS
 
 from conan_embedding.ablation import (
@@ -28,6 +29,7 @@ from conan_embedding.ablation import (
     negative_stats,
     recipe_config_dir,
     recipe_mining_config,
+    resolve_arm,
     run_arm,
     write_results,
 )
@@ -69,6 +71,20 @@ def test_every_recipe_config_validates():
         assert config.optim.max_steps == 620 and config.model.max_seq_length == 64
         assert config.model.freeze_word_embeddings and config.checkpoint_every >= 620
         assert all(Path(t.path).is_relative_to("/data") for t in config.tasks)
+
+
+def test_arms_are_overrides_of_full_and_package_data():
+    """Every arm but the baseline (a different recipe) is ``base: full`` (or an arm based on
+    it) plus overrides; the arms ship in the package (recipe_config_dir is not the checkout)."""
+    assert recipe_config_dir().parts[-3:] == ("conan_embedding", "recipes", "v1")
+    bases = {arm: yaml.safe_load((recipe_config_dir() / f"{arm}.yaml").read_text()).get("base")
+             for arm in ARMS}  # fmt: skip
+    assert bases.pop("full") is None and bases.pop("baseline") is None
+    for arm, base in bases.items():
+        while base != "full":
+            assert base in bases, (arm, base)
+            base = bases[base]
+    assert resolve_arm("configs/recipe/full.yaml") == ("full", recipe_config_dir() / "full.yaml")
 
 
 def test_minus_dhnm_differs_only_in_the_rule():

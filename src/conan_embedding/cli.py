@@ -6,7 +6,14 @@ Commands hold no logic of their own; each calls into the stage's module. Heavy i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, TypeVar
+
 import typer
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+M = TypeVar("M", bound="BaseModel")
 
 
 class _App(typer.Typer):
@@ -67,6 +74,20 @@ def _report_training(result) -> None:
 DEVICE_HELP = (
     "Where to encode: auto (cuda:LOCAL_RANK if CUDA is available, else cpu) | cpu | cuda:N."
 )
+
+
+def _load(config: str, model: type[M], overrides: dict[str, Any] | None = None) -> M:
+    """``config`` validated into ``model`` by the one loader (``config.load_yaml``), the
+    options left unset (``None``) dropped from ``overrides``; a bad file ends as
+    ``error: file: key: problem`` (exit 2)."""
+    from conan_embedding.config import ConfigError, load_yaml
+
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return load_yaml(config, model, given)
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -233,7 +254,7 @@ def data_generate(
             passages,
             out_dir,
             make_backend(cfg),
-            gen.load_templates(templates),
+            _load(templates, gen.PromptTemplates) if templates else gen.PromptTemplates(),
             field_name=field,
             limit=limit,
             n_queries=n_queries,
@@ -370,9 +391,9 @@ def pretrain_command(
     mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
 ) -> None:
     """Causal-LM pretraining with per-source mixing weights, packing and a perplexity curve."""
-    from conan_embedding.training.pretrain import PretrainConfig, load_stage_config, run_pretraining
+    from conan_embedding.training.pretrain import PretrainConfig, run_pretraining
 
-    cfg = load_stage_config(
+    cfg = _load(
         config,
         PretrainConfig,
         {
@@ -398,9 +419,9 @@ def sft_command(
     mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
 ) -> None:
     """Supervised fine-tuning on (instruction, input, output) rows, loss on the output only."""
-    from conan_embedding.training.pretrain import SFTConfig, load_stage_config, run_sft
+    from conan_embedding.training.pretrain import SFTConfig, run_sft
 
-    cfg = load_stage_config(
+    cfg = _load(
         config,
         SFTConfig,
         {
@@ -428,11 +449,10 @@ def v2_demo_command(
     from pathlib import Path
 
     from conan_embedding.training.llm_embedding import V2DemoConfig, run_v2_demo
-    from conan_embedding.training.pretrain import load_stage_config
 
     overrides = {"output_dir": output_dir, "quick": quick or None}
     cfg = (
-        load_stage_config(config, V2DemoConfig, overrides)
+        _load(config, V2DemoConfig, overrides)
         if config
         else V2DemoConfig(**{k: v for k, v in overrides.items() if v is not None})
     )
@@ -458,13 +478,12 @@ def v2_ablation_command(
         ConversionAblationConfig,
         run_conversion_ablation,
     )
-    from conan_embedding.training.pretrain import load_stage_config
 
     overrides = {
         "output_dir": output_dir,
         "runs": [r.strip() for r in runs.split(",") if r.strip()] if runs else None,
     }
-    cfg = load_stage_config(config, ConversionAblationConfig, overrides)
+    cfg = _load(config, ConversionAblationConfig, overrides)
     run_conversion_ablation(cfg, log=lambda line: typer.echo(line, err=True))
     typer.echo((Path(cfg.output_dir) / "ablation.md").read_text(encoding="utf-8"))
 
@@ -761,10 +780,34 @@ def recipe_prepare(
     typer.echo(f"recipe inputs in {inputs.data_dir}; base model {inputs.model_dir}")
 
 
+@recipe_app.command("validate")
+def recipe_validate(
+    arms: list[str] | None = typer.Argument(
+        None, help="Arms of the packaged v1 recipe or YAML paths (default: every packaged arm)."
+    ),
+) -> None:
+    """Read and validate recipe arms (base + overrides resolved); no data or model needed."""
+    from conan_embedding.ablation import recipe_arms, resolve_arm
+    from conan_embedding.config import ConfigError, load_config
+
+    failed = 0
+    for arm in arms or recipe_arms():
+        try:
+            name, path = resolve_arm(arm)
+            config = load_config(path)
+        except (ConfigError, FileNotFoundError) as err:
+            typer.echo(f"error: {err}", err=True)
+            failed += 1
+            continue
+        typer.echo(f"{name}: ok ({len(config.tasks)} tasks, {config.optim.max_steps} steps)")
+    if failed:
+        raise typer.Exit(2)
+
+
 @recipe_app.command("run")
 def recipe_run(
     arm: str = typer.Argument(
-        ..., help="An arm of configs/recipe (full, baseline, ...) or a YAML."
+        ..., help="An arm of the packaged v1 recipe (full, baseline, ...) or a YAML."
     ),
     seed: int = typer.Option(42),
     steps: int | None = typer.Option(None, help="Override optim.max_steps (smoke runs)."),
