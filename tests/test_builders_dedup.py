@@ -1,10 +1,11 @@
-"""Deduplication against evaluation sets: normalisation, the index, record-level removal."""
+"""Deduplication against evaluation sets (data/leakage.py): normalisation, the index, removal."""
 
 from __future__ import annotations
 
 import pytest
 
-from conan_embedding.data.builders.dedup import (
+from conan_embedding.data.builders.translators import read_tsv_pairs
+from conan_embedding.data.leakage import (
     EVAL_SETS,
     DedupReport,
     EvalIndex,
@@ -12,7 +13,6 @@ from conan_embedding.data.builders.dedup import (
     dedup_retrieval,
     normalize_text,
 )
-from conan_embedding.data.builders.translators import read_tsv_pairs
 from conan_embedding.data.records import RetrievalRecord
 
 

@@ -22,7 +22,6 @@ from conan_embedding.data.builders.clr import (
     run_clr,
     sample_target_languages,
 )
-from conan_embedding.data.builders.dedup import EvalIndex, normalize_text
 from conan_embedding.data.builders.translators import (
     AlignedPair,
     CorpusSpec,
@@ -32,6 +31,7 @@ from conan_embedding.data.builders.translators import (
     clean_translation,
     read_corpus,
 )
+from conan_embedding.data.leakage import EvalIndex, normalize_text
 from conan_embedding.data.records import RetrievalRecord, read_records
 from test_builders_backends import ChatServer
 

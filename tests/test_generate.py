@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from conan_embedding.cli import app
 from conan_embedding.data.builders.backends import BackendError, OpenAIChatBackend
 from conan_embedding.data.builders.cache import CompletionCache
-from conan_embedding.data.builders.dedup import EvalIndex
 from conan_embedding.data.builders.generate import (
     GeneratedItem,
     GenerateStats,
@@ -22,6 +21,7 @@ from conan_embedding.data.builders.generate import (
     parse_generated_items,
     read_passages,
 )
+from conan_embedding.data.leakage import EvalIndex
 from conan_embedding.data.records import read_records
 from test_builders_backends import ChatServer
 

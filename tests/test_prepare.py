@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conan_embedding.data.builders.dedup import build_eval_index
+from conan_embedding.data.leakage import build_eval_index
 from conan_embedding.data.prepare import prepare
 from conan_embedding.data.records import read_records
 from conan_embedding.data.splits import reranking_holdout_indices

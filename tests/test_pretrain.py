@@ -195,8 +195,9 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
 @pytest.mark.integration
 @pytest.mark.skipif(not local_data_available(), reason="shared/data not found")
 def test_shared_corpus_drops_every_tatoeba_test_sentence(tmp_path):
+    from conan_embedding.data.leakage import normalize_text as _norm
     from conan_embedding.data.sources import data_file
-    from conan_embedding.training.pretrain import _norm, build_shared_corpus
+    from conan_embedding.training.pretrain import build_shared_corpus
 
     summary = build_shared_corpus(tmp_path)
     assert summary["removed_for_leakage"]["parallel"] >= 457  # README: 457 test items overlap

@@ -800,20 +800,27 @@ def build_supervised_records(
     ``sts.jsonl`` (STS-B en/zh + CNSD *train*, CoSENT), ``retrieval.jsonl`` (text2vec's BGE
     triples, built from CNSD train), ``clr.jsonl`` (cross-lingual retrieval: an English
     sentence retrieves its Chinese translation from cmn.txt, ``negatives`` random other
-    translations). Rows holding any test/validation sentence we report on are dropped.
+    translations). Rows holding any sentence of the evaluation index
+    (:mod:`conan_embedding.data.leakage`, every group) are dropped. That index holds the queries
+    and positives of the 300 ``bge_finetune_data.jsonl`` rows ``BGEHeldoutRerankingLocal``
+    scores, so neither those retrieval rows nor the CNSD train pairs they were built from are
+    trained on (before 2026-12-06 they were: issue 25).
     """
     import csv
 
-    from conan_embedding.data.records import write_records
+    from conan_embedding.data.leakage import build_eval_index, dedup_retrieval
+    from conan_embedding.data.records import (
+        RecordError,
+        RetrievalRecord,
+        iter_json_objects,
+        write_records,
+    )
     from conan_embedding.data.sources import resolve_data_dir
-    from conan_embedding.training.pretrain import _norm, evaluation_sentences
 
     data = resolve_data_dir(data_dir)
     out = Path(output_dir)
-    forbidden = evaluation_sentences(data)
-
-    def clean(*texts: str) -> bool:
-        return not any(_norm(t) in forbidden for t in texts)
+    index = build_eval_index(data)
+    clean = index.clean
 
     sts = []
     for name in ("sts/stsb-en-train.csv", "sts/stsb-zh-train.csv"):
@@ -825,15 +832,21 @@ def build_supervised_records(
             sts.append((cells[0], cells[1], float(cells[2])))
     sts_rows = [{"sentence1": a, "sentence2": b, "score": s} for a, b, s in sts if clean(a, b)]
 
-    retrieval_rows = []
-    with open(data / "retrieval/bge_finetune_data.jsonl", encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            texts = [row["query"], *row["pos"], *row["neg"]]
-            if clean(*texts) and row["neg"]:
-                retrieval_rows.append(
-                    {"query": row["query"], "pos": row["pos"][:1], "neg": row["neg"][:negatives]}
-                )
+    # as every builder: a row whose query or positives touch the index goes, touching
+    # negatives are removed one by one (dropping the whole row for a touching negative, as
+    # before, would lose half the file: the held-out sentences are random negatives elsewhere)
+    bge = data / "retrieval/bge_finetune_data.jsonl"
+    triples = []
+    for line_no, row in iter_json_objects(bge):  # bad rows raise file:line: field
+        for name in ("query", "pos", "neg"):
+            if not isinstance(row.get(name), str if name == "query" else list):
+                raise RecordError(bge, line_no, name, "missing or of the wrong type")
+        triples.append(RetrievalRecord(query=row["query"], pos=row["pos"], neg=row["neg"]))
+    retrieval_rows = [
+        {"query": r.query, "pos": r.pos[:1], "neg": r.neg[:negatives]}
+        for r in dedup_retrieval(triples, index)
+        if len(r.neg) >= max(negatives, 1)  # every row keeps the negatives stage 4 asks for
+    ]
 
     pairs = []
     for line in (data / "parallel/cmn.txt").read_text(encoding="utf-8-sig").splitlines():

@@ -36,7 +36,6 @@ import math
 import os
 import random
 import tempfile
-import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -787,45 +786,6 @@ def run_sft(config: SFTConfig, *, resume: bool = True) -> dict[str, Any]:
 # ---------------------------------------------------------------- corpus from shared/data
 
 
-def _norm(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
-
-
-def evaluation_sentences(data_dir: Path) -> set[str]:
-    """Every sentence of the test/validation files we report on, normalised, to keep out of
-    training (Tatoeba both sides, STS and pair test/dev sets)."""
-    import csv
-    import gzip
-
-    forbidden: set[str] = set()
-    for name in ("bitext/tatoeba.cmn-eng.cmn", "bitext/tatoeba.cmn-eng.eng"):
-        forbidden.update(
-            _norm(line) for line in (data_dir / name).read_text(encoding="utf-8").splitlines()
-        )
-    for name in (
-        "sts/stsb-en-test.csv",
-        "sts/stsb-zh-test.csv",
-        "sts/stsb-en-dev.csv",
-        "sts/stsb-zh-dev.csv",
-    ):
-        with open(data_dir / name, encoding="utf-8", newline="") as handle:
-            for row in csv.reader(handle):
-                forbidden.update(_norm(cell) for cell in row[:2])
-    for name in ("sts/cnsd-stsb.test.data", "sts/cnsd-stsb.valid.data", "sts/lcqmc-test.txt"):
-        for line in (data_dir / name).read_text(encoding="utf-8").splitlines():
-            forbidden.update(_norm(cell) for cell in line.split("\t")[:2])
-    with open(data_dir / "sts/bq-test.csv", encoding="utf-8-sig", newline="") as handle:
-        for row in csv.DictReader(handle):
-            forbidden.update((_norm(row["sentence1"]), _norm(row["sentence2"])))
-    with gzip.open(data_dir / "sts/stsbenchmark.tsv.gz", "rt", encoding="utf-8") as handle:
-        for line in handle.read().splitlines()[1:]:
-            cells = line.split("\t")
-            if cells[0] != "train":
-                forbidden.update(_norm(cell) for cell in cells[6:8])
-    forbidden.discard("")
-    return forbidden
-
-
 def build_shared_corpus(
     output_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None
 ) -> dict[str, Any]:
@@ -834,22 +794,24 @@ def build_shared_corpus(
     Sources (one ``.txt`` each): ``parallel`` (cmn.txt pairs), ``hsk`` (graded Chinese with its
     English), ``web`` (CMRC 2018 *trial* passages; dev stays free for retrieval checks),
     ``qa`` (CMRC trial question + answer), ``sts`` (STS-B and CNSD *train* sentences). Any line
-    holding a sentence of a test or validation set we report on is dropped (see
-    :func:`evaluation_sentences`); the counts removed are returned.
+    holding a sentence of an evaluation set (test, dev or pool: the one index of
+    :mod:`conan_embedding.data.leakage`) is dropped; the counts removed are returned.
     SFT rows: en->zh and zh->en translation, CMRC QA, and STS-B train paraphrases (score >= 4).
     """
     import csv
     import gzip
 
+    from conan_embedding.data.leakage import build_eval_index
     from conan_embedding.data.sources import resolve_data_dir
 
     data = resolve_data_dir(data_dir)
     out = Path(output_dir)
-    forbidden = evaluation_sentences(data)
+    # every group: this corpus trains on none of the dev files or pools
+    index = build_eval_index(data)
     removed: dict[str, int] = {}
 
     def clean(name: str, pairs: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
-        kept = [p for p in pairs if not any(_norm(x) in forbidden for x in p)]
+        kept = [p for p in pairs if index.clean(*p)]
         removed[name] = len(pairs) - len(kept)
         return kept
 
@@ -888,9 +850,7 @@ def build_shared_corpus(
         cells = line.split("\t")
         if len(cells) >= 3:
             sts_pairs.append((cells[0], cells[1], float(cells[2])))
-    kept_sts = [
-        p for p in sts_pairs if _norm(p[0]) not in forbidden and _norm(p[1]) not in forbidden
-    ]
+    kept_sts = [p for p in sts_pairs if index.clean(p[0], p[1])]
     removed["sts"] = len(sts_pairs) - len(kept_sts)
     sts_sentences = sorted({s for p in kept_sts for s in p[:2]})
 
@@ -930,6 +890,7 @@ def build_shared_corpus(
         "sft": str(sft_path),
         "sft_rows": len(sft),
         "removed_for_leakage": removed,
+        "eval_files_missing": index.missing,  # a missing file is not guarded against
     }
     _write_json(out / "corpus.json", summary)
     return summary

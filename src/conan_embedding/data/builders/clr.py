@@ -14,8 +14,8 @@ the queries in batches per language pair with any :class:`~.translators.Translat
 emit ``{"query": translated, "pos": original positives, "neg": original negatives}`` with
 the provenance in ``meta.clr``. Queries the translator cannot translate are counted and
 skipped. Finally every record touching an evaluation sentence (the translated query, the
-original query or a positive) is dropped (:mod:`.dedup`) and the result is written
-atomically with :func:`~conan_embedding.data.records.write_records`.
+original query or a positive) is dropped (:mod:`conan_embedding.data.leakage`) and the result
+is written atomically with :func:`~conan_embedding.data.records.write_records`.
 """
 
 from __future__ import annotations
@@ -34,20 +34,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from conan_embedding.data.builders.backends import BackendConfig, make_backend
-from conan_embedding.data.builders.dedup import (
-    ALL_GROUPS,
-    DedupReport,
-    EvalGroup,
-    EvalIndex,
-    build_eval_index,
-    dedup_retrieval,
-)
 from conan_embedding.data.builders.translators import (
     DEFAULT_TRANSLATION_PROMPT,
     CorpusSpec,
     LLMTranslator,
     ParallelCorpusTranslator,
     Translator,
+)
+from conan_embedding.data.leakage import (
+    ALL_GROUPS,
+    DedupReport,
+    EvalGroup,
+    EvalIndex,
+    build_eval_index,
+    dedup_retrieval,
 )
 from conan_embedding.data.records import RetrievalRecord, iter_records, write_records
 from conan_embedding.data.sources import resolve_data_dir

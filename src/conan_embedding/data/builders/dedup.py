@@ -1,306 +1,33 @@
-"""Remove training rows that touch any sentence of an evaluation set.
+"""Moved to :mod:`conan_embedding.data.leakage` (the one evaluation-sentence index).
 
-Why: built data leaks easily. The parallel corpus ``cmn.txt`` contains 442 of the 1,000
-Tatoeba cmn-eng English test sentences, ``bge_finetune_data.jsonl`` contains CNSD STS-B test
-sentences, and the Waimai / OnlineShopping / ATEC pools are where C-MTEB drew its test rows
-from. A model trained on such rows reports inflated scores, so every builder drops them
-before writing.
-
-How: every sentence of every test/dev evaluation file (and of the pools MTEB samples its
-test sets from) is normalised as ``lower(collapse_whitespace(NFKC(text)))`` and kept in
-one set, remembering which evaluation set it came from. A training pair is dropped when
-its query or any positive is in the set (negatives that touch it are removed one by one),
-and the hits are counted per evaluation set so a build report says what was removed and why.
+Kept as a re-export so existing imports (``cli.py``, ``bench/clr_ablation.py``,
+``builders/translators.py``) keep working; new code imports ``conan_embedding.data.leakage``.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
-import logging
-import os
-import unicodedata
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
-
-from conan_embedding.data.records import RetrievalRecord
-from conan_embedding.data.sources import resolve_data_dir
-
-logger = logging.getLogger(__name__)
-
-EvalGroup = Literal["test", "dev", "pool"]
-ALL_GROUPS: tuple[EvalGroup, ...] = ("test", "dev", "pool")
-
-
-def normalize_text(text: str) -> str:
-    """The comparison key: NFKC, byte-order marks removed, whitespace collapsed, lower-cased."""
-    text = unicodedata.normalize("NFKC", text).replace("\ufeff", "")
-    return " ".join(text.split()).lower()
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    # utf-8-sig strips the leading BOM several of these files carry.
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
-
-
-def _tab_columns(
-    columns: Sequence[int], skip_header: bool = False
-) -> Callable[[Path], Iterator[str]]:
-    def read(path: Path) -> Iterator[str]:
-        with _open_text(path) as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if skip_header and line_no == 1:
-                    continue
-                parts = line.rstrip("\r\n").split("\t")
-                for col in columns:
-                    if col < len(parts):
-                        yield parts[col]
-
-    return read
-
-
-def _csv_columns(
-    columns: Sequence[int], skip_header: bool = False
-) -> Callable[[Path], Iterator[str]]:
-    def read(path: Path) -> Iterator[str]:
-        with _open_text(path) as handle:
-            for row_no, row in enumerate(csv.reader(handle), start=1):
-                if skip_header and row_no == 1:
-                    continue
-                for col in columns:
-                    if col < len(row):
-                        yield row[col]
-
-    return read
-
-
-def _stsbenchmark_eval_rows(path: Path) -> Iterator[str]:
-    # Unbalanced quotes inside sentences: plain tab splitting, never CSV quoting.
-    with _open_text(path) as handle:
-        header = handle.readline().rstrip("\r\n").split("\t")
-        split_col, s1, s2 = (
-            header.index("split"),
-            header.index("sentence1"),
-            header.index("sentence2"),
-        )
-        for line in handle:
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) > s2 and parts[split_col] in ("dev", "test"):
-                yield parts[s1]
-                yield parts[s2]
-
-
-def _lines(path: Path) -> Iterator[str]:
-    with _open_text(path) as handle:
-        for line in handle:
-            yield line.rstrip("\r\n")
-
-
-def _cmrc_texts(path: Path) -> Iterator[str]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    for article in data["data"]:
-        for paragraph in article["paragraphs"]:
-            yield paragraph["context"]
-            for qa in paragraph["qas"]:
-                yield qa["question"]
-
-
-def _scifact_test_queries(path: Path) -> Iterator[str]:
-    # ``path`` is queries.jsonl; only the queries judged in qrels/test.tsv are test queries.
-    test_ids = set()
-    with _open_text(path.parent / "qrels" / "test.tsv") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            parts = line.strip().split("\t")
-            if line_no > 1 and parts and parts[0]:
-                test_ids.add(parts[0])
-    with _open_text(path) as handle:
-        for line in handle:
-            if line.strip():
-                row = json.loads(line)
-                if str(row["_id"]) in test_ids:
-                    yield row["text"]
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """One evaluation file: its name, path under the data folder, group and text reader."""
-
-    name: str
-    relative_path: str
-    group: EvalGroup
-    read: Callable[[Path], Iterator[str]]
-
-
-# Every evaluation file in ../shared/data (see its README). "pool" files are whole corpora
-# that C-MTEB sampled its test rows from: any overlap with them may be a test row.
-EVAL_SETS: tuple[EvalSet, ...] = (
-    EvalSet("stsb-en-test", "sts/stsb-en-test.csv", "test", _csv_columns((0, 1))),
-    EvalSet("stsb-en-dev", "sts/stsb-en-dev.csv", "dev", _csv_columns((0, 1))),
-    EvalSet("stsb-zh-test", "sts/stsb-zh-test.csv", "test", _csv_columns((0, 1))),
-    EvalSet("stsb-zh-dev", "sts/stsb-zh-dev.csv", "dev", _csv_columns((0, 1))),
-    EvalSet("stsbenchmark-dev-test", "sts/stsbenchmark.tsv.gz", "test", _stsbenchmark_eval_rows),
-    EvalSet("cnsd-stsb-test", "sts/cnsd-stsb.test.data", "test", _tab_columns((0, 1))),
-    EvalSet("cnsd-stsb-valid", "sts/cnsd-stsb.valid.data", "dev", _tab_columns((0, 1))),
-    EvalSet("lcqmc-test", "sts/lcqmc-test.txt", "test", _tab_columns((0, 1))),
-    EvalSet("lcqmc-dev", "sts/lcqmc-dev.txt", "dev", _tab_columns((0, 1))),
-    EvalSet("bq-test", "sts/bq-test.csv", "test", _csv_columns((0, 1), skip_header=True)),
-    EvalSet("bq-dev", "sts/bq-dev.csv", "dev", _csv_columns((0, 1), skip_header=True)),
-    EvalSet("atec-pool", "sts/atec_nlp_sim_train.csv", "pool", _tab_columns((1, 2))),
-    EvalSet(
-        "banking77-test",
-        "classification/banking77-test.csv",
-        "test",
-        _csv_columns((0,), skip_header=True),
-    ),
-    EvalSet("csl-test", "classification/csl-cls_ctg-test.tsv", "test", _tab_columns((1,))),
-    EvalSet("csl-dev", "classification/csl-cls_ctg-dev.tsv", "dev", _tab_columns((1,))),
-    EvalSet(
-        "waimai-pool", "classification/waimai_10k.csv", "pool", _csv_columns((1,), skip_header=True)
-    ),
-    EvalSet(
-        "online-shopping-pool",
-        "classification/online_shopping_10_cats.csv.gz",
-        "pool",
-        _csv_columns((2,), skip_header=True),
-    ),
-    EvalSet("cmrc2018-dev", "retrieval/cmrc2018_dev.json", "dev", _cmrc_texts),
-    EvalSet(
-        "scifact-test-queries", "retrieval/scifact/queries.jsonl", "test", _scifact_test_queries
-    ),
-    EvalSet("tatoeba-cmn-eng.cmn", "bitext/tatoeba.cmn-eng.cmn", "test", _lines),
-    EvalSet("tatoeba-cmn-eng.eng", "bitext/tatoeba.cmn-eng.eng", "test", _lines),
+from conan_embedding.data.leakage import (
+    ALL_GROUPS,
+    EVAL_SETS,
+    DedupReport,
+    EvalGroup,
+    EvalIndex,
+    EvalSet,
+    build_eval_index,
+    dedup_retrieval,
+    normalize_text,
+    touches,
 )
 
-
-@dataclass
-class EvalIndex:
-    """Normalised evaluation sentences and the evaluation sets each one belongs to."""
-
-    owners: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    loaded: dict[str, int] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
-
-    def add(self, set_name: str, texts: Iterable[str]) -> int:
-        count = 0
-        for text in texts:
-            key = normalize_text(text)
-            if not key:
-                continue
-            previous = self.owners.get(key, ())
-            if set_name not in previous:
-                self.owners[key] = (*previous, set_name)
-            count += 1
-        self.loaded[set_name] = self.loaded.get(set_name, 0) + count
-        return count
-
-    def hits(self, text: str) -> tuple[str, ...]:
-        """The evaluation sets that contain ``text`` (empty when it is clean)."""
-        return self.owners.get(normalize_text(text), ())
-
-    def __contains__(self, text: object) -> bool:
-        return isinstance(text, str) and bool(self.hits(text))
-
-    def __len__(self) -> int:
-        return len(self.owners)
-
-
-def build_eval_index(
-    data_dir: str | os.PathLike[str] | None = None,
-    groups: Iterable[EvalGroup] = ALL_GROUPS,
-    eval_sets: Sequence[EvalSet] = EVAL_SETS,
-) -> EvalIndex:
-    """Read every evaluation file of the given groups; files absent here are listed in ``missing``."""
-    root = resolve_data_dir(data_dir)
-    wanted = set(groups)
-    unknown = wanted - set(ALL_GROUPS)
-    if unknown:
-        raise ValueError(f"unknown evaluation groups {sorted(unknown)}; expected {ALL_GROUPS}")
-    index = EvalIndex()
-    for eval_set in eval_sets:
-        if eval_set.group not in wanted:
-            continue
-        path = root / eval_set.relative_path
-        if not path.exists():
-            index.missing.append(eval_set.relative_path)
-            logger.warning("evaluation file %s is missing: not deduplicated against", path)
-            continue
-        index.add(eval_set.name, eval_set.read(path))
-    return index
-
-
-@dataclass
-class DedupReport:
-    """What deduplication removed: whole records, single negatives, and hits per evaluation set."""
-
-    records_in: int = 0
-    records_dropped: int = 0
-    negatives_dropped: int = 0
-    positives_dropped: int = 0
-    hits_by_eval_set: Counter = field(default_factory=Counter)
-
-    def as_dict(self) -> dict:
-        return {
-            "records_in": self.records_in,
-            "records_dropped": self.records_dropped,
-            "positives_dropped": self.positives_dropped,
-            "negatives_dropped": self.negatives_dropped,
-            "hits_by_eval_set": dict(sorted(self.hits_by_eval_set.items())),
-        }
-
-
-def dedup_retrieval(
-    records: Iterable[RetrievalRecord],
-    index: EvalIndex,
-    report: DedupReport | None = None,
-    extra_texts: Callable[[RetrievalRecord], Iterable[str]] | None = None,
-) -> Iterator[RetrievalRecord]:
-    """Yield the records that do not touch ``index``.
-
-    A record is dropped when its query, one of ``extra_texts(record)`` (e.g. the original
-    query a translation came from) or all of its positives are evaluation sentences;
-    touching positives and negatives are removed from a record that survives.
-    """
-    report = report if report is not None else DedupReport()
-    for record in records:
-        report.records_in += 1
-        anchors = [record.query, *(extra_texts(record) if extra_texts else ())]
-        anchor_hits = [name for text in anchors for name in index.hits(text)]
-        if anchor_hits:
-            report.records_dropped += 1
-            report.hits_by_eval_set.update(anchor_hits)
-            continue
-        positives = []
-        for text in record.pos:
-            hits = index.hits(text)
-            if hits:
-                report.positives_dropped += 1
-                report.hits_by_eval_set.update(hits)
-            else:
-                positives.append(text)
-        if not positives:
-            report.records_dropped += 1
-            continue
-        negatives = []
-        for text in record.neg:
-            hits = index.hits(text)
-            if hits:
-                report.negatives_dropped += 1
-                report.hits_by_eval_set.update(hits)
-            else:
-                negatives.append(text)
-        if len(positives) == len(record.pos) and len(negatives) == len(record.neg):
-            yield record
-        else:
-            yield record.model_copy(update={"pos": positives, "neg": negatives})
-
-
-def touches(index: EvalIndex, texts: Iterable[str]) -> tuple[str, ...]:
-    """The evaluation sets any of ``texts`` belongs to (for pair and STS rows)."""
-    return tuple(name for text in texts for name in index.hits(text))
+__all__ = [
+    "ALL_GROUPS",
+    "EVAL_SETS",
+    "DedupReport",
+    "EvalGroup",
+    "EvalIndex",
+    "EvalSet",
+    "build_eval_index",
+    "dedup_retrieval",
+    "normalize_text",
+    "touches",
+]

@@ -12,7 +12,9 @@ is scored ``s = cos(teacher(query), teacher(pos))``, and pairs with ``s < thresh
 dropped. For retrieval records each positive is scored on its own; a record keeps the
 positives that pass and is dropped when none do. The kept rows are written atomically, the
 dropped ones optionally, plus a JSON report (counts, score quantiles, histogram) and a PNG
-histogram with the threshold marked.
+histogram with the threshold marked. Given an ``eval_index``
+(:mod:`conan_embedding.data.leakage`), rows touching an evaluation sentence are removed before
+scoring, so a filtered file is clean even when its input was built without the index.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 
+from conan_embedding.data.leakage import DedupReport, EvalIndex, dedup_retrieval
 from conan_embedding.data.records import PairRecord, RetrievalRecord, read_records, write_records
 from conan_embedding.encoding.engine import EmbeddingEngine
 
@@ -101,6 +104,26 @@ def filter_records(
     return FilterResult(kept, dropped, scores, len(scores), pairs_kept)
 
 
+def drop_eval_overlap(
+    records: Sequence[PairRecord | RetrievalRecord], index: EvalIndex, report: DedupReport
+) -> list[PairRecord | RetrievalRecord]:
+    """``records`` without evaluation sentences: pairs touching one go, retrieval records as
+    :func:`~conan_embedding.data.leakage.dedup_retrieval` (touching negatives pruned)."""
+    kept: list[PairRecord | RetrievalRecord] = []
+    for record in records:
+        if isinstance(record, RetrievalRecord):
+            kept.extend(dedup_retrieval([record], index, report))
+            continue
+        report.records_in += 1
+        hits = [name for text in (record.query, record.pos) for name in index.hits(text)]
+        if hits:
+            report.records_dropped += 1
+            report.hits_by_eval_set.update(hits)
+        else:
+            kept.append(record)
+    return kept
+
+
 def score_histogram(scores: np.ndarray, bin_width: float = 0.05) -> dict:
     """Counts over fixed bins of width ``bin_width`` covering [-1, 1]."""
     edges = np.round(np.arange(-1.0, 1.0 + bin_width / 2, bin_width), 6)
@@ -169,9 +192,13 @@ def run_filter(
     show_progress: bool = True,
     model=None,
     device: str | None = "auto",
+    eval_index: EvalIndex | None = None,
 ) -> dict:
     """Score ``input_path`` with ``teacher``, write the kept rows, report and histogram."""
     records = read_records(input_path, kind)  # bad rows fail before the teacher is loaded
+    records_in, leakage = len(records), DedupReport()
+    if eval_index is not None:
+        records = drop_eval_overlap(records, eval_index, leakage)  # type: ignore[arg-type]
     if model is None:
         from conan_embedding.modeling.embedder import load_embedder
 
@@ -208,7 +235,7 @@ def run_filter(
         "teacher": str(teacher),
         "kind": kind,
         "threshold": threshold,
-        "records_in": len(records),
+        "records_in": records_in,
         "records_kept": len(result.kept),
         "records_dropped": len(result.dropped),
         "pairs_scored": result.pairs_scored,
@@ -221,6 +248,9 @@ def run_filter(
         "histogram": score_histogram(scores),
         "histogram_png": str(histogram_path),
     }  # fmt: skip
+    if eval_index is not None:
+        report["eval_overlap"] = leakage.as_dict()
+        report["eval_files_missing"] = eval_index.missing
     report_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = report_path.with_name(f".{report_path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from conan_embedding.data.builders.backends import ChatBackend, Conversation
-from conan_embedding.data.builders.dedup import EvalIndex, normalize_text
+from conan_embedding.data.leakage import EvalIndex, normalize_text
 from conan_embedding.data.records import (
     RecordError,
     RetrievalRecord,
