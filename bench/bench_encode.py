@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -35,6 +34,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from conan_embedding._io import write_json_atomic
+from conan_embedding.provenance import machine, versions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -97,25 +99,11 @@ def spearman_points(a: np.ndarray, b: np.ndarray, gold: np.ndarray) -> float:
 
 
 def machine_info() -> dict:
-    import onnxruntime
-    import sentence_transformers
-    import torch
-    import transformers
+    """The machine, as :mod:`conan_embedding.provenance` reports it, plus the library versions."""
 
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        **machine(detail=True),
+        **versions(("torch", "transformers", "sentence-transformers", "onnxruntime")),
     }
 
 
@@ -292,9 +280,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    os.replace(tmp, out)
+    write_json_atomic(out, result)
     shutil.rmtree(workdir, ignore_errors=True)
 
     print(

@@ -88,7 +88,7 @@ def update_doc(table: str, rows: list[dict]) -> None:
         + f"\n\n![scores](evaluation.png)\n{END}"
     )
     text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    from conan_embedding.atomic import write_text_atomic
+    from conan_embedding._io import write_text_atomic
 
     write_text_atomic(DOC, text)
 

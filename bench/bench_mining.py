@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from conan_embedding._io import write_json_atomic
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -408,9 +410,7 @@ def main() -> None:
 def save(result: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / name
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    os.replace(tmp_out, out)
+    write_json_atomic(out, result)
     print(f"wrote {out}", flush=True)
 
 

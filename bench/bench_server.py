@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import random
 import shutil
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from conan_embedding._io import write_json_atomic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -262,10 +263,7 @@ def main() -> None:
         "median_paired_ratios": ratios,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    os.replace(tmp, out)
+    write_json_atomic(out, result)
     print(
         f"\n{len(texts)} sentences, {args.clients} clients x {args.batch}, {args.rounds} paired rounds"
     )

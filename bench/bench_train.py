@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -43,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from conan_embedding.provenance import git_commit, machine, versions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -79,47 +80,12 @@ def peak_rss_mb() -> float:
 
 
 def machine_info() -> dict[str, Any]:
-    import accelerate
-    import sentence_transformers
-    import torch
-    import transformers
+    """The machine, as :mod:`conan_embedding.provenance` reports it, plus the library versions."""
 
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = None
-    if Path("/proc/meminfo").is_file():
-        first = Path("/proc/meminfo").read_text().splitlines()[0]
-        memory = round(int(first.split()[1]) / 1024**2, 1)
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gb": memory,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        **machine(detail=True),
+        **versions(("torch", "transformers", "sentence-transformers", "accelerate")),
     }
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 # --------------------------------------------------------------------------- inputs

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from conan_embedding._io import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("cbb", "random", "mixed")
 RESULTS = ROOT / "bench" / "results"
@@ -142,9 +144,7 @@ def run_baseline(args: argparse.Namespace) -> dict:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, payload)
 
 
 def summarize() -> dict:

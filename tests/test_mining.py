@@ -195,7 +195,7 @@ def test_int8_backend_is_close_to_fp32_and_cached_apart(tiny_model, tmp_path):
 def test_autocast_for_sets_the_matmul_precision(precision, dtype):
     import torch
 
-    from conan_embedding.encoding.device import autocast_for
+    from conan_embedding.runtime import autocast_for
 
     layer = torch.nn.Linear(4, 3)
     with autocast_for("cpu", precision):
@@ -229,7 +229,7 @@ def test_bf16_backend_multiplies_in_bf16_and_is_cached_apart(tiny_model, tmp_pat
     assert bf16.cache_hits == 1
     # a caller's bf16 autocast around the fp32 backend is the bf16 backend's computation: it
     # reads the bf16 entry, never the fp32 one
-    from conan_embedding.encoding.device import autocast_for
+    from conan_embedding.runtime import autocast_for
 
     with autocast_for("cpu", "bf16"):
         wrapped = fp32.encode(texts)

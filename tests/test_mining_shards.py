@@ -174,7 +174,7 @@ class _NoBarrier:
 
 
 def _sharded(encoder, chunks: list[list[str]], path: Path):
-    from conan_embedding.encoding.device import Processes
+    from conan_embedding.runtime import Processes
 
     results = [
         encoder.encode_shards(iter(chunks), path, Processes(rank, 2, _NoBarrier()), key="k")

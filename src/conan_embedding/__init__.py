@@ -1,8 +1,10 @@
 """conan-embedding: an open implementation of the Conan-embedding training system.
 
-The pipeline reads top to bottom: ``data`` -> ``mining`` -> ``modeling`` -> ``losses`` ->
-``training`` -> ``evaluation`` -> ``serving``. Later stages import earlier ones, never the
-reverse.
+Layers, bottom to top: base (``_io``, ``runtime``, ``progress``, ``provenance``, ``config``) ->
+``data`` -> ``modeling`` -> ``encoding`` -> builders (``data.prepare``, ``data.builders``) ->
+``mining`` -> ``losses`` -> ``training`` -> ``evaluation`` -> ``reporting`` -> ``serving`` ->
+experiments (``ablation``, ``decoder_ablation``, ``demo``) -> ``cli``. A module imports only its
+own layer and those below it; ``tests/test_layers.py`` enforces it (docs/architecture.md).
 """
 
 from __future__ import annotations

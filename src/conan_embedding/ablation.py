@@ -28,23 +28,22 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import shutil
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conan_embedding.atomic import atomic_open, write_text_atomic
+from conan_embedding._io import write_json_atomic, write_text_atomic
 from conan_embedding.data.records import (
     PairRecord,
     RetrievalRecord,
     read_records,
     write_records,
 )
+from conan_embedding.provenance import git_commit, loadavg, machine
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -349,17 +348,11 @@ def prepare_recipe_inputs(
             source, model, config, show_progress=show_progress
         )
         _write_mined(inputs.bge_mined, records, pools, report["bge"].pop("pool_meta"))
-    _write_json(out / "recipe_mining_report.json", report)
+    write_json_atomic(out / "recipe_mining_report.json", report)
     return inputs
 
 
 # --------------------------------------------------------------------------- 2. one arm
-def _write_json(path: Path, payload: Any) -> None:
-    with atomic_open(path) as handle:
-        json.dump(payload, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-
-
 def recipe_config_dir() -> Path:
     """The arms of the v1 recipe: package data (``conan_embedding/recipes/v1``), so an
     installed wheel has them too."""
@@ -433,29 +426,6 @@ def check_recipe_inputs(
             others = ", ".join(p for p, _ in missing[1:])
             message += f" (also missing: {others})"
         raise FileNotFoundError(message)
-
-
-def git_commit() -> str | None:
-    """The checkout's HEAD, with ``+dirty`` when tracked files differ from it."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
-def _machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "platform": platform.platform()}
 
 
 def examples_seen(config: Any, log_path: Path) -> dict[str, dict[str, int]]:
@@ -533,7 +503,7 @@ def backfill_negative_stats(
         _, config_path = resolve_arm(record["config"])
         config = load_config(config_path, {"data_dir": record.get("data_dir") or "."})
         record["negatives"] = negative_stats(config, log_path)
-        _write_json(path, record)
+        write_json_atomic(path, record)
         updated.append(path)
     return updated
 
@@ -571,8 +541,8 @@ def _evaluate_and_save(
     result_path: Path,
 ) -> dict[str, Any]:
     """Evaluate ``model_dir`` into ``record`` and write it to ``result_path`` (atomically)."""
-    from conan_embedding.encoding.device import autocast_for
     from conan_embedding.evaluation.run import evaluate
+    from conan_embedding.runtime import autocast_for
 
     started = time.perf_counter()
     model = _eval_model(model_dir, settings.max_seq_length)
@@ -589,8 +559,8 @@ def _evaluate_and_save(
     record["eval_mixed_precision"] = settings.mixed_precision
     record["scores"] = {task: round(100 * value, 4) for task, value in scores.items()}
     record["eval_seconds"] = round(time.perf_counter() - started, 1)
-    record["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    _write_json(result_path, record)
+    record["loadavg_after"] = loadavg()
+    write_json_atomic(result_path, record)
     return record
 
 
@@ -602,9 +572,9 @@ def _base_record(arm: str, seed: int | None, config_path: str | None) -> dict[st
         "seed": seed,
         "config": config_path,
         "git_commit": git_commit(),
-        "machine": _machine(),
+        "machine": machine(),
         "torch_threads": torch.get_num_threads(),
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_before": loadavg(),
     }
 
 
@@ -697,7 +667,7 @@ def run_arm(
 
 def _write_arm_card(config: Any, model_dir: Path, name: str, scores: dict[str, float]) -> None:
     """The arm's model card, now with its evaluation table (scores in points)."""
-    from conan_embedding.modeling.card import (
+    from conan_embedding.reporting.card import (
         card_info_from_config,
         task_rows_in_files,
         write_model_card,
@@ -806,7 +776,7 @@ def evaluate_dims(
             show_progress=settings.show_progress,
         )
         by_dim[str(dim)] = {task: round(100 * value, 4) for task, value in scores.items()}
-        _write_json(result_path, record)
+        write_json_atomic(result_path, record)
     return record
 
 

@@ -36,10 +36,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from conan_embedding._io import write_json_atomic, write_text_atomic
 from conan_embedding.ablation import RECIPE_TASKS
-from conan_embedding.atomic import write_text_atomic
 from conan_embedding.config import LoraSettings
 from conan_embedding.modeling.soft_mask import Schedule
+from conan_embedding.provenance import loadavg
 
 __all__ = [
     "AblationArm",
@@ -326,7 +327,7 @@ class _Timer:
             self.cost[self.key] = {
                 "wall_s": round(time.perf_counter() - self.wall, 1),
                 "cpu_s": round(time.process_time() - self.cpu, 1),
-                "loadavg": list(os.getloadavg()),
+                "loadavg": loadavg(),
             }
 
 
@@ -428,5 +429,4 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str))
+    write_json_atomic(path, payload, default=str)

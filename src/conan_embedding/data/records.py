@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from conan_embedding.atomic import atomic_open
+from conan_embedding._io import atomic_open
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader

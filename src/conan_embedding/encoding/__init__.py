@@ -1,6 +1,7 @@
 """The one batch encoder that mining, teacher filtering, evaluation and serving share.
 
-It sits below all of them (it imports only ``modeling``), so data flows one way:
+It sits above ``modeling`` (whose models it runs) and below builders, mining, evaluation and
+serving, so data flows one way (docs/architecture.md, enforced by tests/test_layers.py):
 
 - :mod:`.engine`  :class:`~.engine.EmbeddingEngine`: tokenise, token batches, run the transformer
   on a backend (torch / ONNX fp32 / ONNX int8) on ``device``, then the model's own remaining
@@ -10,6 +11,6 @@ It sits below all of them (it imports only ``modeling``), so data flows one way:
 - :mod:`.cache`   per-text keyed shards (evaluation) and resumable vector files (mining);
 - :mod:`.texts`   :class:`~.texts.TextEncoder`: dedup, chunks and a resumable cache over a stream,
   shared by the ranks of a ``torchrun`` launch (:meth:`~.texts.TextEncoder.encode_shards`);
-- :mod:`.device`  ``"auto"`` = ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; the
-  launcher's processes (:func:`~.device.join_processes`).
+- devices and processes come from :mod:`conan_embedding.runtime` (``"auto"`` = ``cuda:LOCAL_RANK``
+  when CUDA is available; the launcher's processes).
 """

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from conan_embedding.atomic import write_text_atomic
+from conan_embedding._io import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -113,14 +112,8 @@ class EmbeddingCache:
         key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES)
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / f"shard-{uuid.uuid4().hex}.safetensors"
-        handle, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".safetensors")
-        os.close(handle)
-        try:
-            save_file({"keys": key_array, "embeddings": embeddings}, tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(final) as tmp:
+            save_file({"keys": key_array, "embeddings": embeddings}, str(tmp))
         rows = self._load()
         for key, row in zip(keys, embeddings, strict=True):
             rows[key] = row

@@ -13,7 +13,7 @@ How: texts are tokenised once into id lists (that is also how the server counts 
 enforces its length limit), then :meth:`EmbeddingEngine.embed_ids` cuts the rows into token
 batches (:func:`~conan_embedding.encoding.tokens.token_batches`: sorted by token count, at most
 ``batch_size`` rows and ``max_batch_tokens`` padded tokens each), runs them on ``device``
-(``"auto"``: this process's GPU, else the CPU; :mod:`conan_embedding.encoding.device`), and
+(``"auto"``: this process's GPU, else the CPU; :mod:`conan_embedding.runtime`), and
 restores the caller's order. Matryoshka truncation is ``e[:d] / ||e[:d]||`` (truncate, then
 re-normalise). An ONNX backend needs an export: the model folder's, or (for a model that only
 lives in memory, e.g. during mining) one made once into ``onnx_dir`` keyed by its weights.
@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from conan_embedding.encoding.device import ambient_autocast, autocast_for, resolve_device
 from conan_embedding.encoding.onnx import OnnxTransformer, ensure_onnx_export
 from conan_embedding.encoding.tokens import special_token_frame, token_batches
 from conan_embedding.modeling.embedder import (
@@ -41,6 +40,7 @@ from conan_embedding.modeling.embedder import (
     matryoshka_dims,
     resolve_model_path,
 )
+from conan_embedding.runtime import ambient_autocast, autocast_for, resolve_device
 
 Backend = Literal["torch", "torch-bf16", "onnx", "onnx-int8"]
 BACKENDS: tuple[str, ...] = ("torch", "torch-bf16", "onnx", "onnx-int8")

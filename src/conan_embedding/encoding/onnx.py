@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
+from conan_embedding._io import atomic_path
 from conan_embedding.encoding.tokens import special_token_frame
 from conan_embedding.modeling.embedder import load_embedder, resolve_model_path
 
@@ -146,17 +147,9 @@ def export_transformer_graph(model: SentenceTransformer, path: str | os.PathLike
     The graph maps the tokenizer's ids and masks to ``token_embeddings``; it is written to a
     temp file beside ``path`` and renamed, so a crash never leaves a graph a later run trusts.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        names = _export_fp32(model, Path(tmp))
-        _fuse_transformer_ops(model, Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".tmp") as tmp:
+        names = _export_fp32(model, tmp)
+        _fuse_transformer_ops(model, tmp)
     return names
 
 

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from conan_embedding.encoding.cache import VectorFile, model_fingerprint, texts_fingerprint
-from conan_embedding.encoding.device import Processes
 from conan_embedding.encoding.engine import TORCH_BACKENDS, Backend, EmbeddingEngine
 from conan_embedding.progress import progress
+from conan_embedding.runtime import Processes
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mteb
 
-from conan_embedding.atomic import write_text_atomic
+from conan_embedding._io import atomic_path, write_text_atomic
 from conan_embedding.evaluation.run import RUN_INFO_FILE
 from conan_embedding.evaluation.tasks import TASKS
 
@@ -176,15 +175,9 @@ def bar_chart(models: list[ModelScores], path: str | os.PathLike[str], *, title:
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(handle)
     try:
-        figure.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            figure.savefig(tmp, dpi=110)
     finally:
         plt.close(figure)
     return path

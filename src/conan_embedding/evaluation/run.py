@@ -20,18 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mteb
 
-from conan_embedding.atomic import atomic_open
+from conan_embedding._io import atomic_path, write_json_atomic
 from conan_embedding.evaluation.encoder import CachedEncoder
 from conan_embedding.evaluation.tasks import TASKS, build_task, expand_task_names
 from conan_embedding.progress import progress
+from conan_embedding.provenance import loadavg, machine
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -65,22 +64,15 @@ def _load_model(
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    with atomic_open(path) as out:
-        json.dump(payload, out, indent=2, ensure_ascii=False, default=str)
+    write_json_atomic(path, payload, default=str)
 
 
 def write_task_result(task_result: mteb.TaskResult, folder: Path) -> Path:
     """Write one TaskResult exactly as mteb does (``TaskResult.to_disk``), via a temp file."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{task_result.task_name}.json"
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        task_result.to_disk(Path(tmp))
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(final, suffix=".tmp") as tmp:
+        task_result.to_disk(tmp)
     return final
 
 
@@ -191,11 +183,7 @@ def evaluate(
                 "max_pairs": max_pairs,
                 "symmetric_prompt": encoder.model_prompts.get(symmetric_prompt or ""),
                 "prompts": encoder.model_prompts,
-                "machine": {
-                    "platform": platform.platform(),
-                    "cpus": os.cpu_count(),
-                    "loadavg_at_end": list(os.getloadavg()),
-                },
+                "machine": {**machine(), "loadavg_at_end": loadavg()},
                 "tasks": {**previous.get("tasks", {}), **task_info},
             },
         )

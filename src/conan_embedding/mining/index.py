@@ -92,7 +92,7 @@ def build_index(
     """
     import faiss
 
-    from conan_embedding.encoding.device import resolve_device
+    from conan_embedding.runtime import resolve_device
 
     if isinstance(vectors, np.ndarray):
         array = np.ascontiguousarray(vectors, dtype=np.float32)

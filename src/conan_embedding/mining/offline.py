@@ -79,7 +79,6 @@ from conan_embedding.data.records import (
     write_records,
 )
 from conan_embedding.encoding.cache import VectorFile, texts_fingerprint
-from conan_embedding.encoding.device import Processes, join_processes
 from conan_embedding.encoding.engine import Backend
 from conan_embedding.encoding.texts import TextEncoder, chunked
 from conan_embedding.mining.index import IndexKind, build_index, search
@@ -97,6 +96,7 @@ from conan_embedding.mining.pools import (
     write_pool_meta,
     write_pools,
 )
+from conan_embedding.runtime import Processes, join_processes
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -303,7 +303,7 @@ def mine_stream(
     stream (a fingerprint of the texts or of the files it comes from): vectors already in
     ``work_dir`` under the same key (a killed run, or an earlier run) are not re-encoded.
 
-    With ``processes`` (:func:`~conan_embedding.encoding.device.join_processes` under
+    With ``processes`` (:func:`~conan_embedding.runtime.join_processes` under
     ``torchrun``) every rank streams the same inputs and encodes its share of the chunks
     (:meth:`~conan_embedding.encoding.texts.TextEncoder.encode_shards`); rank 0 alone writes
     the pool and returns it, the other ranks return ``(None, stats)`` once the queries are

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from conan_embedding.atomic import write_text_atomic
+from conan_embedding._io import write_text_atomic
 from conan_embedding.data.records import (
     JsonLines,
     RecordError,

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -28,10 +28,7 @@ from sentence_transformers.sentence_transformer.modules import (
     Transformer,
 )
 
-from conan_embedding.atomic import atomic_dir
-
-if TYPE_CHECKING:
-    from conan_embedding.modeling.card import CardInfo
+from conan_embedding._io import atomic_dir
 
 PoolingMode = Literal["cls", "mean", "lasttoken"]
 CONAN_META_FILE = "conan_embedding.json"
@@ -197,29 +194,43 @@ def matryoshka_dims(model: SentenceTransformer) -> list[int]:
     return list(getattr(model, "conan_meta", {}).get("matryoshka_dims", []))
 
 
+ReadmeWriter = Callable[[Path, str], object]
+"""Writes a model card into the saved (temp) model folder; gets the folder and the name the
+model is saved under (:func:`conan_embedding.reporting.card.card_writer` makes one)."""
+
+
 def save_embedder(
     model: SentenceTransformer,
     path: str | os.PathLike[str],
     extra_meta: dict[str, Any] | None = None,
-    card: CardInfo | None = None,
+    readme: str | ReadmeWriter | None = None,
+    *,
+    card: Any = None,
     evaluation: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save in sentence-transformers layout (safetensors), atomically: a temp folder, then rename.
 
-    With ``card`` (:func:`~conan_embedding.modeling.card.card_info_from_config`) the folder's
-    ``README.md`` is Conan's model card (:mod:`conan_embedding.modeling.card`), with the
-    ``evaluation`` table when given, instead of sentence-transformers' generic one.
+    ``readme`` replaces sentence-transformers' generic ``README.md``: the card's text, or a
+    writer called with the temp folder and the final folder name (Conan's card,
+    :func:`conan_embedding.reporting.card.card_writer`, reads the saved files to render). This
+    module renders no card itself: the card belongs to the reporting layer, above this one.
+
+    ``card`` (a :class:`~conan_embedding.reporting.card.CardInfo`, with ``evaluation``) is the
+    older form, kept for callers not yet moved to ``readme``; it uses the card's own
+    ``writer``.
     """
+    if readme is None and card is not None:
+        readme = card.writer(evaluation)
+    name = Path(path).name
 
     def write(folder: Path) -> None:
-        model.save(str(folder), safe_serialization=True, create_model_card=card is None)
+        model.save(str(folder), safe_serialization=True, create_model_card=readme is None)
         meta = {**getattr(model, "conan_meta", {}), **(extra_meta or {})}
         (folder / CONAN_META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        if card is not None:
-            from conan_embedding.modeling.card import write_model_card
-
-            named = card if card.title else card.model_copy(update={"title": Path(path).name})
-            write_model_card(folder, named, evaluation)
+        if isinstance(readme, str):
+            (folder / "README.md").write_text(readme, encoding="utf-8")
+        elif readme is not None:
+            readme(folder, name)
 
     return atomic_dir(path, write)
 

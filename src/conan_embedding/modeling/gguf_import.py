@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from conan_embedding.atomic import atomic_dir
+from conan_embedding._io import atomic_dir
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MODELS: dict[str, str] = {

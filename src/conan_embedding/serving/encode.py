@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from conan_embedding._io import atomic_path
 from conan_embedding.data.records import RecordError, iter_json_objects
 from conan_embedding.encoding.cache import VectorFile
 from conan_embedding.encoding.engine import EmbeddingEngine
@@ -118,9 +118,7 @@ def iter_texts(path: str | os.PathLike[str], field: str = "text") -> Iterator[st
 
 def _assemble(store: VectorFile, output: Path, rows: int, width: int) -> None:
     """Copy the vector file into ``output`` (temp file, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(output, suffix=".tmp") as tmp:
         if output.suffix.lower() == ".npy" and rows == 0:
             with open(tmp, "wb") as handle:
                 np.save(handle, np.zeros((0, width), dtype=np.float32), allow_pickle=False)
@@ -146,10 +144,6 @@ def _assemble(store: VectorFile, output: Path, rows: int, width: int) -> None:
                         schema=schema,
                     )
                     writer.write_table(table)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _run_state(engine: EmbeddingEngine, source: Path, settings: dict[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,6 @@ third less compute, when the activations of all devices fit in memory.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Sequence
@@ -521,30 +520,15 @@ def run_cbb(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m conan_embedding.training.distributed",
-        description="CBB training; run under torchrun for real devices, alone for virtual ones.",
-    )
-    parser.add_argument("config", help="YAML training config with a 'cbb' section")
-    parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--device", default=None, help="auto | cpu | cuda (engine.device)")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    result = run_cbb(
-        args.config,
-        overrides={
-            "output_dir": args.output_dir,
-            "optim.max_steps": args.max_steps,
-            "engine.device": args.device,
-        },
-        resume=args.resume,
-        show_progress=not args.no_progress,
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"final loss {result.final_loss:.6f} after {result.steps} steps")
-        print(f"model saved to {result.model_dir}")
+    """``python -m conan_embedding.training.distributed CONFIG [OPTIONS]``: the old spelling of
+    ``conan-embed train-cbb CONFIG [OPTIONS]`` (the same command, options, output and errors),
+    kept for torchrun command lines. Exits like the CLI does."""
+    import sys
+
+    # the CLI owns the one training entry point (it dispatches on the config's `cbb:` section)
+    from conan_embedding.cli import app
+
+    app(["train-cbb", *(sys.argv[1:] if argv is None else argv)], prog_name="conan-embed")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from conan_embedding.config import EngineConfig, OptimConfig
+from conan_embedding.runtime import resolve_device
 from conan_embedding.training.checkpoint import (
     list_checkpoints,
     optimizer_from_flat,
@@ -170,28 +171,6 @@ class StepProgram(Protocol):
 
 
 # --------------------------------------------------------------------------- devices
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible (accelerate then takes ``cuda:LOCAL_RANK``),
-    else ``mps`` on Apple silicon, else ``cpu``. Explicit ``cpu``/``cuda``/``mps`` are kept."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device must be auto, cpu, cuda or mps, got {device!r}")
-    if ":" in device:
-        raise ValueError(
-            f"device {device!r}: the engine places each process on cuda:LOCAL_RANK itself; "
-            "choose GPUs with CUDA_VISIBLE_DEVICES and say 'cuda'"
-        )
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
-    return device
-
-
 def _trackers(names: list[str]) -> list[str]:
     """``auto`` = TensorBoard when installed, plus W&B when installed and logged in."""
     import importlib.util
@@ -334,7 +313,7 @@ class Engine:
         self.output_dir = Path(settings.output_dir)
         if config.threads:
             torch.set_num_threads(config.threads)
-        device = resolve_device(config.device)
+        device = resolve_device(config.device, per_process=False).type
         if config.find_unused_parameters is not None:
             find_unused_parameters = config.find_unused_parameters
         handlers: list[Any] = [

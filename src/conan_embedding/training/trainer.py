@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
+from conan_embedding._io import atomic_path
 from conan_embedding.config import TaskConfig, TrainConfig
 from conan_embedding.data.records import PairRecord, Record, RecordDataset, open_records
 from conan_embedding.data.sampler import LabelIndex, TaskSchedule, TaskStream, cap_indices
@@ -84,11 +85,10 @@ class TrainResult:
 def _rank_device(engine_device: str) -> str:
     """This process's device before the engine exists: ``cuda:LOCAL_RANK`` on GPUs (what
     accelerate will pick), else the engine's device kind."""
-    from conan_embedding.encoding.device import resolve_device as rank_device
-    from conan_embedding.training.engine import resolve_device
+    from conan_embedding.runtime import resolve_device
 
-    kind = resolve_device(engine_device)
-    return str(rank_device("auto")) if kind == "cuda" else kind
+    kind = resolve_device(engine_device, per_process=False).type
+    return str(resolve_device("auto")) if kind == "cuda" else kind
 
 
 def set_seed(seed: int) -> None:
@@ -757,8 +757,8 @@ class Trainer:
         model = engine.consolidated_model(self.model)
         if model is None:
             return
-        from conan_embedding.modeling.card import card_info_from_config
         from conan_embedding.modeling.lora import merged
+        from conan_embedding.reporting.card import card_info_from_config, card_writer
 
         model[0].model = merged(model[0].model)
 
@@ -771,7 +771,7 @@ class Trainer:
                 "steps": self.config.optim.max_steps,
                 "processes": engine.world_size,
             },
-            card=card_info_from_config(self.config, rows),
+            readme=card_writer(card_info_from_config(self.config, rows)),
         )
         plot_losses(self.output_dir / "train_log.jsonl", self.output_dir / "loss.png")
         logger.info("saved the model to %s after %.1f s", self.model_dir, result.seconds)
@@ -831,8 +831,9 @@ def plot_losses(log_path: str | Path, png_path: str | Path, window: int = 10) ->
     ax.grid(alpha=0.3)
     fig.tight_layout()
     png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(png_path)
+    try:
+        with atomic_path(png_path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return png_path

@@ -1,11 +1,12 @@
-"""Where the encoder runs, and among which processes: ``"auto"`` is this process's GPU when
-CUDA is available, else the CPU; under a launcher, :func:`join_processes` joins the others.
+"""Where code runs, and among which processes: the one device rule, the launcher's processes,
+and the autocast an encode runs in. It imports nothing of the package (the bottom layer).
 
-Why one rule: mining, teacher filtering, evaluation and serving are started by the same
-launchers as training (``torchrun`` / ``accelerate launch`` set ``LOCAL_RANK``), so each process
-must pick *its* GPU, not all of them GPU 0. ``"auto"`` resolves to ``cuda:$LOCAL_RANK`` (0 when
-unset; modulo the visible GPU count) when ``torch.cuda.is_available()``, else ``cpu``; any
-other string is passed to ``torch.device`` as given (``"cpu"``, ``"cuda:1"``, ``"mps"``).
+Why one rule: mining, teacher filtering, evaluation, serving and training are started by the
+same launchers (``torchrun`` / ``accelerate launch`` set ``LOCAL_RANK``), so each process must
+pick *its* GPU, not all of them GPU 0. :func:`resolve_device` turns ``"auto"`` into
+``cuda:$LOCAL_RANK`` (0 when unset; modulo the visible GPU count) when CUDA is available, else
+``mps`` on Apple silicon, else ``cpu``; the training engine asks for the bare kind
+(``per_process=False``) because accelerate picks the index itself.
 
 Processes: a sharded encode (:meth:`~conan_embedding.encoding.texts.TextEncoder.encode_shards`)
 only needs this process's rank, the process count and a barrier. They come from accelerate's
@@ -31,18 +32,47 @@ already on disk waits for a peer still encoding its own (hours on a large corpus
 does not make it wait that long: the launcher stops every rank when one fails."""
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/``None`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
-    if isinstance(device, torch.device):
+def resolve_device(
+    device: str | torch.device | None = "auto", *, per_process: bool = True
+) -> torch.device:
+    """The one device rule of the package (encoders, mining, the training engine).
+
+    ``"auto"``/``None``: this process's GPU when CUDA is available (``cuda:LOCAL_RANK``, modulo
+    the visible GPU count), else ``mps`` on Apple silicon, else ``cpu``. Any other string or
+    ``torch.device`` is taken as given (``"cpu"``, ``"cuda:1"``, ``"mps"``).
+
+    ``per_process=False`` is the training engine's contract: accelerate places each process on
+    ``cuda:LOCAL_RANK`` itself, so the answer is the bare kind (``cuda``/``mps``/``cpu``, no
+    index), an explicit ``cuda:N`` is refused (choose GPUs with ``CUDA_VISIBLE_DEVICES``), and
+    so is ``cuda`` when torch sees no GPU.
+    """
+    if isinstance(device, torch.device) and per_process:
         return device
     if device is None or device == "auto":
         if torch.cuda.is_available():
+            if not per_process:
+                return torch.device("cuda")
             # modulo: under per-rank GPU isolation (SLURM --gpus-per-task=1) rank 3 sees one
             # GPU, cuda:0, not cuda:3
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    if per_process:
+        return torch.device(device)
+    name = str(device)
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be auto, cpu, cuda or mps, got {name!r}")
+    if ":" in name:
+        raise ValueError(
+            f"device {name!r}: the engine places each process on cuda:LOCAL_RANK itself; "
+            "choose GPUs with CUDA_VISIBLE_DEVICES and say 'cuda'"
+        )
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(kind)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,138 @@
+"""Conan-v2: tokenizer, LLM pretraining, SFT, the CPU demo and the decoder-conversion ablation
+(:mod:`conan_embedding.training.pretrain`, :mod:`conan_embedding.training.llm_embedding`,
+:mod:`conan_embedding.decoder_ablation`)."""
+
+from __future__ import annotations
+
+import typer
+
+from conan_embedding.cli import app, cli_errors, given, load_settings
+
+
+@app.command("train-tokenizer")
+@cli_errors
+def train_tokenizer_command(
+    inputs: list[str] = typer.Argument(
+        ..., help="Text files: .txt (a document a line) or .jsonl ('text')."
+    ),
+    out: str = typer.Option(..., help="Folder for the tokenizer (transformers layout)."),
+    vocab_size: int = typer.Option(
+        32000, help="Vocabulary size, bytes and special tokens included."
+    ),
+) -> None:
+    """Train a byte-level BPE tokenizer on your corpus."""
+    from conan_embedding.modeling.llm import save_tokenizer, train_tokenizer
+    from conan_embedding.training.pretrain import read_documents
+
+    texts = [doc for path in inputs for doc in read_documents(path)]
+    tokenizer = train_tokenizer(texts, vocab_size)
+    typer.echo(f"tokenizer with {len(tokenizer)} tokens saved to {save_tokenizer(tokenizer, out)}")
+
+
+def _stage_overrides(
+    output_dir: str | None, steps: int | None, device: str | None, mixed_precision: str | None
+) -> dict[str, str | int | None]:
+    """The options shared by ``pretrain`` and ``sft``, as config overrides."""
+    return {
+        "output_dir": output_dir,
+        "steps": steps,
+        "engine.device": device,
+        "engine.mixed_precision": mixed_precision,
+    }
+
+
+@app.command("pretrain")
+@cli_errors
+def pretrain_command(
+    config: str = typer.Argument(
+        ..., help="YAML of PretrainConfig, e.g. configs/v2-pretrain-tiny.yaml."
+    ),
+    output_dir: str | None = typer.Option(None, help="Override output_dir."),
+    steps: int | None = typer.Option(None, help="Override steps."),
+    resume: bool = typer.Option(True, help="Continue from the newest checkpoint."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda (engine.device)."),
+    mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
+) -> None:
+    """Causal-LM pretraining with per-source mixing weights, packing and a perplexity curve."""
+    from conan_embedding.training.pretrain import PretrainConfig, run_pretraining
+
+    overrides = _stage_overrides(output_dir, steps, device, mixed_precision)
+    cfg = load_settings(config, PretrainConfig, overrides)
+    summary = run_pretraining(cfg, resume=resume)
+    typer.echo(
+        f"perplexity {summary['first_val_ppl']:.1f} -> {summary['final_val_ppl']:.1f}; model in {cfg.output_dir}/model"
+    )
+
+
+@app.command("sft")
+@cli_errors
+def sft_command(
+    config: str = typer.Argument(..., help="YAML of SFTConfig, e.g. configs/v2-sft-tiny.yaml."),
+    output_dir: str | None = typer.Option(None, help="Override output_dir."),
+    steps: int | None = typer.Option(None, help="Override steps."),
+    resume: bool = typer.Option(True, help="Continue from the newest checkpoint."),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda (engine.device)."),
+    mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
+) -> None:
+    """Supervised fine-tuning on (instruction, input, output) rows, loss on the output only."""
+    from conan_embedding.training.pretrain import SFTConfig, run_sft
+
+    overrides = _stage_overrides(output_dir, steps, device, mixed_precision)
+    cfg = load_settings(config, SFTConfig, overrides)
+    summary = run_sft(cfg, resume=resume)
+    typer.echo(
+        f"held-out output perplexity {summary['first_val_ppl']:.1f} -> {summary['final_val_ppl']:.1f}; model in {cfg.output_dir}/model"
+    )
+
+
+@app.command("v2-demo")
+@cli_errors
+def v2_demo_command(
+    config: str | None = typer.Option(
+        None, help="YAML of V2DemoConfig (default configs/v2-demo.yaml settings)."
+    ),
+    output_dir: str | None = typer.Option(None, help="Override output_dir."),
+    quick: bool = typer.Option(False, help="A few steps per stage (the CI form)."),
+) -> None:
+    """Tokenizer + tiny LLM on the zh/en data -> SFT -> soft-mask embedder, with the ablation."""
+    from pathlib import Path
+
+    from conan_embedding.training.llm_embedding import V2DemoConfig, run_v2_demo
+
+    overrides = {"output_dir": output_dir, "quick": quick or None}
+    cfg = (
+        load_settings(config, V2DemoConfig, overrides)
+        if config
+        else V2DemoConfig(**given(overrides))
+    )
+    report = run_v2_demo(cfg)
+    typer.echo((Path(cfg.output_dir) / "ablation.md").read_text(encoding="utf-8"))
+    typer.echo(f"total {report['total_seconds']:.0f} s; report in {cfg.output_dir}/ablation.json")
+
+
+@app.command("v2-ablation")
+@cli_errors
+def v2_ablation_command(
+    config: str = typer.Option(
+        "configs/v2-gemma-ablation.yaml", help="YAML of ConversionAblationConfig."
+    ),
+    output_dir: str | None = typer.Option(None, help="Override output_dir."),
+    runs: str | None = typer.Option(
+        None, help="Comma-separated runs for this process (<arm>-s<seed>, reference)."
+    ),
+) -> None:
+    """Convert a pretrained decoder to an embedder under each mask schedule / LoRA arm."""
+    from pathlib import Path
+
+    from conan_embedding.decoder_ablation import (
+        ConversionAblationConfig,
+        run_conversion_ablation,
+    )
+
+    overrides = {
+        "output_dir": output_dir,
+        "runs": [r.strip() for r in runs.split(",") if r.strip()] if runs else None,
+    }
+    cfg = load_settings(config, ConversionAblationConfig, overrides)
+    run_conversion_ablation(cfg, log=lambda line: typer.echo(line, err=True))
+    typer.echo((Path(cfg.output_dir) / "ablation.md").read_text(encoding="utf-8"))
