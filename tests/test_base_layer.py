@@ -1,5 +1,5 @@
 """The base layer's one-home helpers (issue #25, step 6): the device rule (runtime), atomic
-writes (_io) and provenance; plus the old import path of the model card."""
+writes (_io) and provenance."""
 
 from __future__ import annotations
 
@@ -67,10 +67,3 @@ def test_provenance_keys():
     assert {"cpu", "python", "OMP_NUM_THREADS"} <= set(provenance.machine(detail=True))
     assert "torch" in provenance.versions() and "python" in provenance.versions()
     assert len(provenance.loadavg()) in (0, 3)
-
-
-def test_the_old_card_path_still_works():
-    from conan_embedding.modeling import card
-    from conan_embedding.reporting import card as reporting_card
-
-    assert card.CardInfo is reporting_card.CardInfo

@@ -62,7 +62,7 @@ from conan_embedding.modeling.soft_mask import (
 from conan_embedding.training.engine import Engine
 
 if TYPE_CHECKING:
-    from conan_embedding.modeling.card import CardInfo
+    from conan_embedding.reporting.card import CardInfo
 
 __all__ = [
     "LLMEmbedder",
@@ -300,7 +300,7 @@ class SoftMaskWeakProgram:
         self.losses = list(state["losses"])
 
     def finish(self, engine: Engine, result: Any) -> None:
-        from conan_embedding.modeling.card import card_info_from_weak_stage, llm_stages
+        from conan_embedding.reporting.card import card_info_from_weak_stage, llm_stages
         from conan_embedding.training.trainer import plot_losses
 
         # every rank (a gather under FSDP/DeepSpeed); the main rank gets a plain module: the
@@ -454,7 +454,7 @@ def export_sentence_transformer(
 ) -> Path:
     """Save as a stock sentence-transformers folder (Transformer -> Pooling -> Normalize).
 
-    ``card`` (:func:`~conan_embedding.modeling.card.card_info_from_weak_stage`) makes the
+    ``card`` (:func:`~conan_embedding.reporting.card.card_info_from_weak_stage`) makes the
     folder's ``README.md`` Conan's model card instead of sentence-transformers' generic one.
 
     ``bidirectional`` writes ``is_causal: false`` into the model's config, which transformers
@@ -468,6 +468,7 @@ def export_sentence_transformer(
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     from conan_embedding.modeling.embedder import save_embedder, set_matryoshka_dims
+    from conan_embedding.reporting.card import card_writer
 
     backbone = embedder.backbone
     if hasattr(backbone, "merge_and_unload"):  # a peft model: fold the adapters in
@@ -495,7 +496,8 @@ def export_sentence_transformer(
             "bidirectional": bidirectional,
             **(extra_meta or {}),
         }
-        return save_embedder(model, path, extra_meta=meta, card=card)
+        readme = card_writer(card) if card is not None else None
+        return save_embedder(model, path, extra_meta=meta, readme=readme)
 
 
 # ---------------------------------------------------------------- the end-to-end v2 demo
