@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conan_embedding._io import write_json_atomic
 from conan_embedding.data.leakage import REPORTED_GROUPS, EvalIndex, build_eval_index, touches
 from conan_embedding.data.records import (
     ClassificationRecord,
@@ -270,8 +271,5 @@ def prepare(
             "rows": written,
             "dropped_eval_overlap": dropped,
         }
-    report_path = out / "prepare_report.json"
-    tmp = report_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(report_path)
+    write_json_atomic(out / "prepare_report.json", report)
     return report

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from conan_embedding._io import write_json_atomic, write_text_atomic
 from conan_embedding.config import EngineConfig, LoraSettings
 from conan_embedding.losses.infonce import info_nce_loss
 from conan_embedding.losses.matryoshka import matryoshka_loss
@@ -59,6 +60,7 @@ from conan_embedding.modeling.soft_mask import (
     Variant,
     soft_masked_forward,
 )
+from conan_embedding.provenance import loadavg
 from conan_embedding.training.engine import Engine
 
 if TYPE_CHECKING:
@@ -324,7 +326,7 @@ class SoftMaskWeakProgram:
             "first_loss": self.losses[0],
             "final_loss_mean_last_10": float(np.mean(self.losses[-10:])),
             "seconds": round(result.seconds, 2),
-            "loadavg": list(os.getloadavg()),
+            "loadavg": loadavg(),
             "processes": engine.world_size,
             "trainable_parameters": sum(p.numel() for p in params),
         }
@@ -338,7 +340,7 @@ class SoftMaskWeakProgram:
                 config, len(self.pairs), stages=llm_stages(config.llm), losses=self.losses
             ),
         )
-        (out / "summary.json").write_text(json.dumps(self.summary, indent=2), encoding="utf-8")
+        write_json_atomic(out / "summary.json", self.summary)
 
 
 def train_weak_stage(
@@ -653,7 +655,7 @@ def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
                     model_name=name,
                 )
             )
-            _write_json(cache, saved)
+            write_json_atomic(cache, saved, default=str)
         return {t: saved[t] for t in names}
 
     def write_report() -> dict[str, Any]:
@@ -673,11 +675,11 @@ def run_v2_demo(config: V2DemoConfig) -> dict[str, Any]:
             "total_seconds": round(time.perf_counter() - began, 1),
             "mteb_version": mteb.__version__,
             "torch_threads": torch.get_num_threads(),
-            "loadavg_at_end": list(os.getloadavg()),
+            "loadavg_at_end": loadavg(),
             "cpus": os.cpu_count(),
         }
-        _write_json(out / "ablation.json", report)
-        _write_text(out / "ablation.md", ablation_markdown(report))
+        write_json_atomic(out / "ablation.json", report, default=str)
+        write_text_atomic(out / "ablation.md", ablation_markdown(report))
         return report
 
     for variant in config.variants:
@@ -774,17 +776,6 @@ def ablation_markdown(report: dict[str, Any]) -> str:
             f"| {task} | {score * 100:.2f} |" for task, score in report["final_scores"].items()
         ]
     return "\n".join(lines) + "\n"
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    _write_text(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str))
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- stage 4 (foundation trainer)

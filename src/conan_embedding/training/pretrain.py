@@ -35,7 +35,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch.utils.checkpoint
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
+from conan_embedding._io import atomic_path, write_json_atomic
 from conan_embedding.config import EngineConfig
 from conan_embedding.data.records import (
     iter_json_objects,
@@ -64,6 +64,7 @@ from conan_embedding.modeling.llm import (
     save_tokenizer,
     train_tokenizer,
 )
+from conan_embedding.provenance import loadavg
 from conan_embedding.training.engine import Engine, RunResult, stage_engine
 
 IGNORE_INDEX = -100
@@ -369,12 +370,12 @@ class CausalLMProgram:
             "first_val_ppl": self.evals[0]["val_ppl"],
             "final_val_ppl": self.evals[-1]["val_ppl"],
             "final_train_loss": train[-1]["loss"] if train else float("nan"),
-            "loadavg": list(os.getloadavg()),
+            "loadavg": loadavg(),
             "processes": engine.world_size,
             **self.extra_meta,
         }
         save_llm(model, self.tokenizer, out / "model", extra=self.summary)
-        _write_json(out / "summary.json", self.summary)
+        write_json_atomic(out / "summary.json", self.summary)
         plot_curve(train, self.evals, out / "curve.png", title=self.settings.description)
 
 
@@ -437,13 +438,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
 def plot_curve(
     train: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], path: Path, title: str = ""
 ) -> None:
@@ -459,11 +453,11 @@ def plot_curve(
     right.plot([h["step"] for h in evals], [h["val_ppl"] for h in evals], marker="o")
     right.set(xlabel="step", ylabel="held-out perplexity", yscale="log", title="perplexity")
     figure.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            figure.savefig(tmp, dpi=100)
+    finally:
+        plt.close(figure)
 
 
 # ---------------------------------------------------------------- the loss in bounded memory
@@ -892,7 +886,7 @@ def build_shared_corpus(
         "removed_for_leakage": removed,
         "eval_files_missing": index.missing,  # a missing file is not guarded against
     }
-    _write_json(out / "corpus.json", summary)
+    write_json_atomic(out / "corpus.json", summary)
     return summary
 
 

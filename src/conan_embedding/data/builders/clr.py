@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from conan_embedding._io import write_json_atomic
 from conan_embedding.data.builders.backends import BackendConfig, make_backend
 from conan_embedding.data.builders.translators import (
     DEFAULT_TRANSLATION_PROMPT,
@@ -375,13 +376,6 @@ def run_clr(
         report["eval_sentences"] = len(eval_index)
         report["eval_files_missing"] = eval_index.missing
     report_path = Path(config.report) if config.report else out_path.with_suffix(".report.json")
-    _write_json(report_path, report)
+    write_json_atomic(report_path, report)
     report["report"] = str(report_path)
     return report
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)

@@ -19,7 +19,6 @@ scoring, so a filtered file is clean even when its input was built without the i
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 
+from conan_embedding._io import atomic_path, write_json_atomic
 from conan_embedding.data.leakage import DedupReport, EvalIndex, dedup_retrieval
 from conan_embedding.data.records import PairRecord, RetrievalRecord, read_records, write_records
 from conan_embedding.encoding.engine import EmbeddingEngine
@@ -168,10 +168,11 @@ def plot_histogram(
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -251,9 +252,6 @@ def run_filter(
     if eval_index is not None:
         report["eval_overlap"] = leakage.as_dict()
         report["eval_files_missing"] = eval_index.missing
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = report_path.with_name(f".{report_path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    os.replace(tmp, report_path)
+    write_json_atomic(report_path, report)
     report["report"] = str(report_path)
     return report

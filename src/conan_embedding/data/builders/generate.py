@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from conan_embedding._io import write_json_atomic, write_text_atomic
 from conan_embedding.data.builders.backends import ChatBackend, Conversation
 from conan_embedding.data.leakage import EvalIndex, normalize_text
 from conan_embedding.data.records import (
@@ -97,13 +98,10 @@ def dump_templates(
     path: str | os.PathLike[str], templates: PromptTemplates = DEFAULT_TEMPLATES
 ) -> Path:
     """Write the templates as YAML, a starting point for editing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
+    return write_text_atomic(
+        path,
         yaml.safe_dump(templates.model_dump(), allow_unicode=True, sort_keys=False, width=100),
-        encoding="utf-8",
     )
-    return path
 
 
 @dataclass(frozen=True)
@@ -349,7 +347,5 @@ def run_generate(
     if n_paraphrases > 0:
         write_records(out_dir / "paraphrases.jsonl", sts)
         report["paraphrases_file"] = str(out_dir / "paraphrases.jsonl")
-    tmp = out_dir / ".generate.report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, out_dir / "generate.report.json")
+    write_json_atomic(out_dir / "generate.report.json", report)
     return report
