@@ -230,11 +230,13 @@ def test_save_embedder_takes_card_text_or_the_older_card_argument(tmp_path, tiny
 
 def test_the_card_source_table_matches_what_prepare_writes():
     """The card quotes ``data.sources.PREPARED_FILES`` (data layer) so it needs no builders
-    import; ``data/prepare.py::SOURCES`` must say the same until it is built from it."""
-    from conan_embedding.data.prepare import SOURCES
+    import; ``data/prepare.py::SOURCES`` is built from that table, one reader per output."""
+    from conan_embedding.data.prepare import READERS, SOURCES
     from conan_embedding.data.sources import PREPARED_FILES, prepared_source
 
     assert {s.output: (s.kind, s.relative) for s in SOURCES} == PREPARED_FILES
+    assert READERS.keys() == PREPARED_FILES.keys()
+    assert [s.reader for s in SOURCES] == [READERS[s.output] for s in SOURCES]
     assert prepared_source("runs/data/cnsd-stsb-train.jsonl") == "sts/cnsd-stsb.train.data"
     assert prepared_source("elsewhere/mine.jsonl") is None
 

@@ -84,9 +84,9 @@ def load_hub_dataset(name: str, split: str | None = None):
 
 
 # What ``conan-embed data prepare`` writes (output stem -> kind, file of the public data it
-# reads). The model card quotes it so a card can say where a task's file came from without
-# importing the builders; ``data/prepare.py::SOURCES`` adds the readers and must agree with
-# it (tests/test_card.py checks that it does).
+# reads), the one table: ``data/prepare.py::SOURCES`` is built from it (adding a reader per
+# output), and the model card quotes it so a card can say where a task's file came from
+# without importing the builders.
 PREPARED_FILES: dict[str, tuple[str, str]] = {
     "stsb-en-train": ("sts", "sts/stsb-en-train.csv"),
     "stsb-zh-train": ("sts", "sts/stsb-zh-train.csv"),
