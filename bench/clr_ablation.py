@@ -41,7 +41,7 @@ DEFAULT_TASKS = "Tatoeba,STSBenchmarkCrossLingualLocal"
 
 def build_data(work: Path) -> dict[str, Path]:
     from conan_embedding.data.builders.clr import load_clr_config, read_retrieval_input, run_clr
-    from conan_embedding.data.builders.dedup import DedupReport, build_eval_index, dedup_retrieval
+    from conan_embedding.data.leakage import DedupReport, build_eval_index, dedup_retrieval
     from conan_embedding.data.records import write_records
 
     config = load_clr_config(ROOT / "configs" / "clr-en-zh.yaml")

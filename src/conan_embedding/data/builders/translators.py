@@ -32,7 +32,7 @@ from typing import Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from conan_embedding.data.builders.backends import ChatBackend
-from conan_embedding.data.builders.dedup import EvalIndex, normalize_text
+from conan_embedding.data.leakage import EvalIndex, normalize_text
 
 LANGUAGE_NAMES = {
     "en": "English", "zh": "Chinese", "es": "Spanish", "fr": "French", "ja": "Japanese",
