@@ -86,6 +86,7 @@ def test_data_filter_command_writes_kept_dropped_report_and_png(teacher, tmp_pat
     result = CliRunner().invoke(app, [
         "data", "filter", str(tmp_path / "pairs.jsonl"), "--output", str(tmp_path / "kept.jsonl"),
         "--teacher", str(model_dir), "--threshold", str(threshold), "--dropped", str(tmp_path / "dropped.jsonl"),
+        "--no-dedup",  # the evaluation index is tested in tests/test_leakage.py
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "kept 1 / dropped 1 records" in result.output
@@ -102,7 +103,7 @@ def test_data_filter_reports_bad_rows_with_file_and_line(tmp_path):
         '{"query": "a", "pos": "b"}\n{"query": "a"}\n', encoding="utf-8"
     )
     result = CliRunner().invoke(app, ["data", "filter", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o.jsonl"),
-                                      "--teacher", "unused"])  # fmt: skip
+                                      "--teacher", "unused", "--no-dedup"])  # fmt: skip
     assert result.exit_code == 2 and "bad.jsonl:2: field 'pos'" in result.output
 
 

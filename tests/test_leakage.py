@@ -3,9 +3,10 @@
 The reported sentences are taken from the evaluator itself (every task of
 ``evaluation/tasks.py``, built from the data folder), not from the leakage index, so a task
 the index forgot makes these tests fail. Each builder is run (v1 ``data prepare``, CLR,
-generated pairs, the teacher filter, the v2 corpus, v2 stage 4) and every text field of every
-file it writes is checked. The old stage-4 leak (the 300 ``BGEHeldoutRerankingLocal`` rows
-trained on) is reproduced on a small data folder built here, and must be dropped.
+generated pairs, the teacher filter in Python and as ``data filter``, the v2 corpus, v2
+stage 4) and every text field of every file it writes is checked. The old stage-4 leak
+(the 300 ``BGEHeldoutRerankingLocal`` rows trained on) is reproduced on a small data folder
+built here, and must be dropped.
 """
 
 from __future__ import annotations
@@ -368,3 +369,69 @@ def test_teacher_filter_output_shares_nothing_with_reported_sets(
     assert report["records_in"] == 3 and report["records_kept"] == 1
     assert report["eval_overlap"]["records_dropped"] == 2
     assert "bge-reranking-holdout" in report["eval_overlap"]["hits_by_eval_set"]
+
+
+def _filter_on_the_command_line(tmp_path, monkeypatch, data_dir: Path, rows, *extra: str):
+    """``conan-embed data filter`` with a teacher under which every pair passes: only the
+    evaluation index can remove a row. Returns the kept file and the report."""
+    from typer.testing import CliRunner
+
+    from conan_embedding.cli import app
+    from conan_embedding.data.builders import filter as teacher_filter
+    from conan_embedding.modeling import embedder
+
+    write_records(tmp_path / "in.jsonl", rows)
+    monkeypatch.setattr(embedder, "load_embedder", lambda *a, **k: object())
+    monkeypatch.setattr(teacher_filter, "pair_scores", lambda m, q, p, **k: np.ones(len(q)))
+    monkeypatch.setattr(teacher_filter, "plot_histogram", lambda *a, **k: None)
+    kept = tmp_path / "kept.jsonl"
+    result = CliRunner().invoke(
+        app,
+        ["data", "filter", str(tmp_path / "in.jsonl"), "--output", str(kept),
+         "--teacher", "unused", "--data-dir", str(data_dir), *extra],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return kept, json.loads(kept.with_suffix(".filter.json").read_text(encoding="utf-8"))
+
+
+def test_data_filter_command_drops_held_out_rows(tmp_path, monkeypatch):
+    """The command line passes the evaluation index to the filter (``--dedup``, the default)."""
+    from conan_embedding.data.records import PairRecord
+
+    queries, positives = _small_data(tmp_path / "data")
+    forbidden = {normalize_text(t) for t in (*queries, *positives)}
+    rows = [
+        PairRecord(query=queries[0], pos="anything"),
+        PairRecord(query="clean query", pos=positives[1]),
+        PairRecord(query="clean query", pos="clean positive"),
+    ]
+    kept, report = _filter_on_the_command_line(tmp_path, monkeypatch, tmp_path / "data", rows)
+    assert leaks([kept], forbidden) == {}
+    assert report["records_in"] == 3 and report["records_kept"] == 1
+    assert report["eval_overlap"]["records_dropped"] == 2
+    # --no-dedup: the same rows all pass (the index, not the teacher, removed them)
+    kept, report = _filter_on_the_command_line(
+        tmp_path, monkeypatch, tmp_path / "data", rows, "--no-dedup"
+    )
+    assert report["records_kept"] == 3 and "eval_overlap" not in report
+    assert set(leaks([kept], forbidden)) == {str(kept)}
+
+
+@pytest.mark.integration
+def test_data_filter_command_output_shares_nothing_with_reported_sets(
+    data_dir_module, reported, tmp_path, monkeypatch
+):
+    held = reranking_holdout_rows(data_dir_module / BGE_FINETUNE)
+    tatoeba = (data_dir_module / "bitext/tatoeba.cmn-eng.eng").read_text(encoding="utf-8")
+    rows = [
+        RetrievalRecord(query=held[0][1]["query"], pos=["anything"], neg=["n"]),
+        RetrievalRecord(query="clean query", pos=[held[1][1]["pos"][0], "clean"], neg=["n"]),
+        RetrievalRecord(query=tatoeba.splitlines()[0], pos=["p"], neg=["n"]),
+        RetrievalRecord(query="clean query", pos=["clean positive"], neg=["n"]),
+    ]
+    kept, report = _filter_on_the_command_line(
+        tmp_path, monkeypatch, data_dir_module, rows, "--kind", "retrieval"
+    )
+    assert leaks([kept], reported) == {}
+    assert report["records_in"] == 4 and report["eval_overlap"]["records_dropped"] == 2
+    assert report["eval_files_missing"] == []

@@ -132,9 +132,13 @@ def data_filter(
     batch_size: int = typer.Option(64),
     max_seq_length: int | None = typer.Option(None),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Drop evaluation sentences."),
+    data_dir: str | None = typer.Option(None, help="Data folder with the evaluation sets."),
 ) -> None:
-    """Score pairs with a teacher embedder and drop those below the threshold."""
+    """Score pairs with a teacher embedder and drop those below the threshold (and, with
+    ``--dedup``, the default, every row touching an evaluation sentence)."""
     from conan_embedding.data.builders.filter import run_filter
+    from conan_embedding.data.leakage import build_eval_index
 
     result = run_filter(
         input,
@@ -150,7 +154,11 @@ def data_filter(
         passage_prompt=passage_prompt,
         max_seq_length=max_seq_length,
         device=device,
+        eval_index=build_eval_index(data_dir) if dedup else None,
     )
+    leaked = result.get("eval_overlap", {}).get("records_dropped")
     typer.echo(
-        f"kept {result['records_kept']} / dropped {result['records_dropped']} records ({result['pairs_kept']} of {result['pairs_scored']} pairs >= {threshold}); histogram {result['histogram_png']}; report {result['report']}"
+        f"kept {result['records_kept']} / dropped {result['records_dropped']} records ({result['pairs_kept']} of {result['pairs_scored']} pairs >= {threshold})"
+        + (f"; {leaked} dropped first for evaluation overlap" if leaked else "")
+        + f"; histogram {result['histogram_png']}; report {result['report']}"
     )
