@@ -283,7 +283,8 @@ def test_torchrun_two_processes_trains_like_virtual_devices(tmp_path):
             "--nproc_per_node",
             "2",
             "-m",
-            "conan_embedding.training.distributed",
+            "conan_embedding.cli",
+            "train",
             str(config_path),
             "--output-dir",
             str(tmp_path / "real"),
@@ -295,7 +296,8 @@ def test_torchrun_two_processes_trains_like_virtual_devices(tmp_path):
         [
             sys.executable,
             "-m",
-            "conan_embedding.training.distributed",
+            "conan_embedding.cli",
+            "train",
             str(config_path),
             "--output-dir",
             str(tmp_path / "virtual"),
@@ -337,7 +339,9 @@ def test_configs_without_cbb_are_refused(tmp_path, tiny_bert):
 def test_the_plain_trainer_refuses_a_cbb_config(tmp_path, tiny_bert):
     from conan_embedding.training.trainer import Trainer
 
-    with pytest.raises(ValueError, match="train-cbb"):
+    with pytest.raises(
+        ValueError, match=r"conan-embed train CONFIG.*-m conan_embedding\.cli train"
+    ):
         Trainer(load_config(write_cbb_config(tmp_path, tiny_bert)))
 
 

@@ -221,7 +221,8 @@ class TrainConfig(_Strict):
     tasks: list[TaskConfig] = Field(min_length=1)
     teacher_filter: TeacherFilterConfig | None = None
     cbb: CBBConfig | None = None
-    """Set to train with cross-GPU batch balance (``conan-embed train-cbb`` or torchrun);
+    """Set to train with cross-GPU batch balance (``conan-embed train CONFIG``, or
+    ``torchrun ... -m conan_embedding.cli train CONFIG``);
     ``task_schedule`` is then ignored (every task runs every step)."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
     checkpoint_every: int = Field(50, gt=0)

@@ -5,13 +5,14 @@ out across devices: retrieval on devices ``0..N-1`` with the same queries and po
 different hard negatives (each query's InfoNCE denominator holds all ``N`` devices' negatives
 of that query, :mod:`conan_embedding.losses.cbb`), STS on another device with a larger batch,
 and one optimiser step on ``L = InfoNCE + beta * CoSENT``. The same YAML runs on 1 to ``W``
-devices:
+devices, with the one training command (the config's ``cbb:`` section selects this step
+program; ``conan-embed train-cbb`` stays an alias that also refuses a config without it):
 
-- **real devices**: ``torchrun --nproc_per_node W -m conan_embedding.training.distributed
-  CONFIG`` (or ``accelerate launch``); gloo on CPUs, NCCL on GPUs, collectives on the model's
-  device. ``W`` may be a multiple ``G * S`` of the group size ``S = cbb.world_size``: ``G``
-  groups of ``S`` devices train side by side on different rows (64 GPUs = 8 groups of 8);
-- **virtual devices**: ``conan-embed train-cbb CONFIG`` on one process steps through the
+- **real devices**: ``torchrun --nproc_per_node W -m conan_embedding.cli train CONFIG`` (or
+  ``accelerate launch``); gloo on CPUs, NCCL on GPUs, collectives on the model's device.
+  ``W`` may be a multiple ``G * S`` of the group size ``S = cbb.world_size``: ``G`` groups of
+  ``S`` devices train side by side on different rows (64 GPUs = 8 groups of 8);
+- **virtual devices**: ``conan-embed train CONFIG`` on one process steps through the
   ``S`` devices of one group and produces the same loss and gradients (checked to 1e-5 by
   ``tests/test_distributed.py`` against 2 gloo processes, with dropout on).
 
@@ -179,7 +180,7 @@ def check_cbb_supported(
         return
     if virtual:
         raise ValueError(
-            "virtual-device CBB (one process, `conan-embed train-cbb`) does not run under "
+            "virtual-device CBB (one process, `conan-embed train CONFIG`) does not run under "
             "DeepSpeed: its GradCache pass back-propagates outside DeepSpeed's engine. Drop "
             "engine.deepspeed / the DeepSpeed launcher config (one GPU needs no DeepSpeed), or "
             "run CBB on real devices with DDP"
@@ -522,7 +523,8 @@ def run_cbb(
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m conan_embedding.training.distributed CONFIG [OPTIONS]``: the old spelling of
     ``conan-embed train-cbb CONFIG [OPTIONS]`` (the same command, options, output and errors),
-    kept for torchrun command lines. Exits like the CLI does."""
+    kept for older torchrun command lines; new ones say ``torchrun ... -m conan_embedding.cli
+    train CONFIG``. Exits like the CLI does."""
     import sys
 
     # the CLI owns the one training entry point (it dispatches on the config's `cbb:` section)

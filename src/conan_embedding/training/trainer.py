@@ -215,8 +215,9 @@ class Trainer:
     ):
         if config.cbb is not None and not self._handles_cbb():
             raise ValueError(
-                "the config has a 'cbb' section: train it with `conan-embed train-cbb` "
-                "(training.distributed.CBBTrainer), or remove the section"
+                "the config has a 'cbb' section: train it with `conan-embed train CONFIG` "
+                "(the section selects training.distributed.CBBTrainer; under torchrun: "
+                "`torchrun ... -m conan_embedding.cli train CONFIG`), or remove the section"
             )
         self.config = config
         self.output_dir = Path(config.output_dir)
