@@ -541,3 +541,73 @@ def test_an_idle_step_costs_one_small_broadcast_and_ranks_still_agree(tmp_path):
     rank0, rank1 = (json.loads((tmp_path / f"idle-{r}.json").read_text()) for r in range(2))
     assert rank0["per_step"] == rank1["per_step"] == [2, 1, 2, 1, 2, 1]
     assert rank0["state"] == rank1["state"] and rank0["logs"] == rank1["logs"]
+
+
+# ---------------------------------------------------------------- re-mining that empties pools
+def _same_vector(texts, role=None):
+    """An untrained model's picture: every text embeds alike, so every candidate scores as
+    high as the positive and the relative false-negative margin drops them all."""
+    return torch.ones(len(texts), 4)
+
+
+def test_remine_keeps_the_old_pool_where_the_margin_leaves_too_few_candidates():
+    """Row G's finding: with the default margin 0.05 the first re-mine on a random model
+    emptied every pool and the second failed ("window 10..10 cannot hold 1 negatives")."""
+    records, pools = _data(pool_size=12)
+    provider = DynamicNegatives(records, 2, pools, DHNMConfig(rule="v2", remine_every=1))
+    before = [provider.pool(s) for s in range(3)]
+    provider.pointer[1] = 3  # sample 1 already walked part of its pool
+    logs = []
+    for step in range(3):  # three re-mines, each margin filter leaving nothing
+        ids = [step % 3, (step + 1) % 3]
+        provider.observe(step, ids, _scores(step, ids), query_embeddings=torch.ones(2, 4))
+        logs.append(provider.on_step_end(step + 1, _same_vector))
+    assert [log["dhnm/remine_kept_old"] for log in logs] == [3.0, 3.0, 3.0]
+    # each query kept its pool (it was not re-mined) and its place in it ...
+    assert [provider.pool(s) for s in range(3)] == before
+    assert int(provider.pointer[1]) >= 3
+    # ... re-scored by the current model, like the held negatives' S_0
+    assert provider.pool_scores.tolist() == pytest.approx([1.0] * 36)
+    assert provider.s0.flatten().tolist() == pytest.approx([1.0] * 6)
+    assert provider.pools_remined and provider.use_pool_scores
+
+
+def test_remine_mixes_new_and_kept_pools_each_on_the_current_scale():
+    """q0's new pool passes the margin and replaces the old one (pointer back to its head);
+    q1's positive scores below all its candidates, so q1 keeps its old pool, its place in it,
+    and gets the current model's scores; the quantile grid is fitted on the pools in use."""
+    records, pools = _data(samples=2, pool_size=12)
+    config = DHNMConfig(rule="v2", pool_offset=0, remine_every=5, thresholds="pool_quantile")
+    provider = DynamicNegatives(records, 2, pools, config)
+    old_q1 = provider.pool(1)
+    provider.pointer[:] = torch.tensor([4, 3])
+
+    def encode(texts):
+        out = []
+        for t in texts:
+            if t in ("q0", "p0"):
+                out.append([1.0, 0.0, 0.0])
+            elif t.startswith("c0-"):
+                out.append([0.5, 0.0, 0.75**0.5])
+            elif t == "q1":
+                out.append([0.0, 1.0, 0.0])
+            elif t == "p1":  # the positive scores -1: every candidate is within the margin
+                out.append([0.0, -1.0, 0.0])
+            elif t.startswith("c1-"):
+                out.append([0.0, 0.6, 0.8])
+            else:
+                out.append([0.0, 0.0, 1.0])
+        return torch.tensor(out)
+
+    log = provider.on_step_end(5, encode)
+    assert log["dhnm/remine_kept_old"] == 1.0
+    new_q0 = [provider.corpus[c] for c in provider.pool(0)]
+    assert all(t.startswith("c0-") for t in new_q0[:12]) and len(new_q0) == 12
+    assert provider.pool(1) == old_q1
+    q1_scores = provider.pool_scores[provider.pool_offsets[1] : provider.pool_offsets[2]]
+    assert q1_scores.tolist() == pytest.approx([0.6] * 12)
+    assert provider.pointer.tolist() == [0, 3]
+    assert torch.equal(provider._grid, quantile_grid(provider.pool_scores))
+    fresh = DynamicNegatives(records, 2, pools, config)
+    fresh.load_state_dict(provider.state_dict())
+    assert fresh.pool(1) == old_q1 and fresh.pointer.tolist() == [0, 3]

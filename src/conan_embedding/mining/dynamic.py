@@ -66,7 +66,10 @@ rank of the group overwrites its own with them.
 Beyond the papers: ``remine_every > 0`` re-mines every pool with the current model
 (ANCE-style): corpus and queries re-encoded in ``encode_batch`` chunks and searched with FAISS
 (:mod:`conan_embedding.mining.index`, queries in chunks: no queries x corpus matrix), same
-false-negative filters and window; the new pools' scores are then ``S_0``'s source.
+false-negative filters and window; the new pools' scores are then ``S_0``'s source. Where the
+false-negative margin leaves a query too few candidates (a barely trained model scores its
+negatives about as high as its positive), that query keeps its previous pool, re-scored:
+:meth:`remine` says when, and ``dhnm/remine_kept_old`` counts them.
 """
 
 from __future__ import annotations
@@ -221,6 +224,9 @@ class DynamicNegatives:
         self._set_pools(
             np.asarray(ids, np.int64), np.asarray(offsets, np.int64), np.asarray(scores, np.float32)
         )
+        # the re-mining window's width: the widest mined pool, fixed here rather than taken
+        # from the pools at each re-mine (filtered pools would narrow it, down to none at all)
+        self._remine_width = max(int(np.diff(self.pool_offsets).max(initial=0)), n)
         self.fingerprint = texts_fingerprint(self.corpus)
         self._role = False
         self._sync: tuple[int, Any, torch.device] | None = None
@@ -590,7 +596,14 @@ class DynamicNegatives:
 
     @staticmethod
     def _empty_log() -> dict[str, float]:
-        return {"replaced": 0.0, "blocked": 0.0, "score_sum": 0.0, "score_count": 0.0}
+        return {
+            "replaced": 0.0,
+            "blocked": 0.0,
+            "score_sum": 0.0,
+            "score_count": 0.0,
+            "remines": 0.0,
+            "remine_kept_old": 0.0,
+        }
 
     def _log(self) -> dict[str, float]:
         since = self._since_log
@@ -605,6 +618,8 @@ class DynamicNegatives:
             out["dhnm/calibrated"] = float(len(self._grid) > 0)
         if since["score_count"]:
             out["dhnm/neg_score"] = since["score_sum"] / since["score_count"]
+        if since["remines"]:  # only on re-mining steps: a 0 elsewhere would read as "none kept"
+            out["dhnm/remine_kept_old"] = float(since["remine_kept_old"])
         self._since_log = self._empty_log()
         return out
 
@@ -699,12 +714,23 @@ class DynamicNegatives:
 
         Texts are encoded in ``encode_batch`` chunks and searched with FAISS in query chunks;
         the new pools' scores become the source of ``S_0`` (they are the current model's), the
-        held negatives' ``S_0`` becomes their current score, and ``pool_quantile`` re-fits ``F``.
+        held negatives' ``S_0`` becomes their current score, and ``pool_quantile`` re-fits ``F``
+        on the pools now in use. The window is ranks ``pool_offset`` to ``pool_offset`` plus the
+        widest mined pool (at least ``n``), unless ``window`` says otherwise.
+
+        A query keeps its previous pool, and its pointer in it, when its new pool offers fewer
+        than ``n`` candidates it does not hold and fewer than the rest of its previous pool
+        does (from the pointer, not held). So a re-mine never leaves a query fewer candidates
+        than a replacement of all ``n`` negatives needs unless it had fewer before. This happens
+        when the false-negative margin (``remine_relative_margin``) drops nearly everything: on
+        a barely trained model the negatives score about as high as the positive. The kept pool
+        is re-scored with the current model (order unchanged), so ``S_0`` of what it hands out
+        is on the same scale as the new pools'. The number of such queries is logged as
+        ``dhnm/remine_kept_old``.
         """
         self._role = _accepts_role(encode)
-        lengths = np.diff(self.pool_offsets)
-        size = int(lengths.max()) if len(lengths) else 0
-        start, stop = window or (self.config.pool_offset, self.config.pool_offset + size)
+        width = self._remine_width
+        start, stop = window or (self.config.pool_offset, self.config.pool_offset + width)
         config = MiningConfig(
             range_min=start,
             range_max=stop,
@@ -732,21 +758,64 @@ class DynamicNegatives:
         top_scores, top_ids = search(index, query_vecs, k, show_progress=False)
         del index
         windows = select_candidates(top_scores, top_ids, excluded, positive_scores, config)
-        ids = np.asarray([c for w in windows for c, _, _ in w], np.int64)
-        scores = np.asarray([s for w in windows for _, s, _ in w], np.float32)
-        offsets = np.concatenate([[0], np.cumsum([len(w) for w in windows])]).astype(np.int64)
+        ids, scores, offsets, pointer, kept = self._new_or_kept_pools(
+            windows, query_vecs, corpus_vecs
+        )
+        if kept:
+            logger.warning(
+                "DHNM re-mine: %d of %d queries kept their previous pool (re-scored): the "
+                "false-negative margin left them fewer than %d candidates",
+                kept,
+                len(self.records),
+                self.n,
+            )
         self._set_pools(ids, offsets, scores)
         # the held negatives are re-assigned on the new scale: S_0 = their score now
         held = corpus_vecs[self.assigned.numpy()]  # [S, n, dim]
         self.s0 = torch.from_numpy(np.einsum("sd,snd->sn", query_vecs, held)).float()
         self.current.fill_(math.nan)
-        self.pointer.zero_()
+        self.pointer = pointer
         self.pools_remined = True
+        self._since_log["remines"] += 1
+        self._since_log["remine_kept_old"] += kept
         self.use_pool_scores = True
         if self.config.thresholds == "pool_quantile":
             self._grid = quantile_grid(scores)
             self._calibration = []
         self._full_sync = True
+
+    def _new_or_kept_pools(
+        self,
+        windows: Sequence[Sequence[tuple[int, float, int]]],
+        query_vecs: np.ndarray,
+        corpus_vecs: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor, int]:
+        """Per query the new window or, by :meth:`remine`'s rule, its previous pool re-scored:
+        ``(ids, scores, offsets, pointer, number kept)``."""
+        ids_parts: list[np.ndarray] = []
+        score_parts: list[np.ndarray] = []
+        pointer = torch.zeros_like(self.pointer)
+        kept = 0
+        for sid, window in enumerate(windows):
+            held = set(self.assigned[sid].tolist())
+            fresh = sum(cid not in held for cid, _, _ in window)
+            start, stop = int(self.pool_offsets[sid]), int(self.pool_offsets[sid + 1])
+            old = self.pool_ids[start:stop]
+            left = sum(int(cid) not in held for cid in old[int(self.pointer[sid]) :])
+            if fresh < self.n and left > fresh:
+                ids_parts.append(old.astype(np.int64))
+                # the current model's scores: S_0 and F stay on one scale across all pools
+                score_parts.append((corpus_vecs[old] @ query_vecs[sid]).astype(np.float32))
+                pointer[sid] = self.pointer[sid]
+                kept += 1
+            else:
+                ids_parts.append(np.asarray([c for c, _, _ in window], np.int64))
+                score_parts.append(np.asarray([s for _, s, _ in window], np.float32))
+        lengths = [len(part) for part in ids_parts]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
+        scores = np.concatenate(score_parts) if score_parts else np.zeros(0, np.float32)
+        return ids.astype(np.int64), scores.astype(np.float32), offsets, pointer, kept
 
 
 def split_provider_states(
