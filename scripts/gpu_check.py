@@ -202,99 +202,26 @@ def trainer_config(
     tasks: tuple[str, ...] = ("ret", "sts", "cls"),
     **extra: Any,
 ) -> Path:
-    """The toy embedding config of tests/test_trainer.py (3 tasks, Matryoshka, dropout on)."""
-    from conan_embedding.toy import write_toy_tasks
+    """The toy embedding config (:func:`conan_embedding.toy.toy_train_config`: 3 tasks,
+    Matryoshka, dropout on) on ``device``, logging every step."""
+    from conan_embedding.toy import toy_train_config
 
-    paths = write_toy_tasks(folder)
-    every = {
-        "ret": {
-            "name": "ret",
-            "kind": "retrieval",
-            "path": str(paths["retrieval"]),
-            "batch_size": 4,
-            "negatives": 2,
-        },
-        "sts": {"name": "sts", "kind": "sts", "path": str(paths["sts"]), "batch_size": 8},
-        "cls": {
-            "name": "cls",
-            "kind": "classification",
-            "path": str(paths["classification"]),
-            "batch_size": 6,
-            "negatives": 2,
-        },
-    }
     engine: dict[str, Any] = {"device": device, "trackers": []}
     if precision is not None:
         engine["mixed_precision"] = precision
     engine.update(extra.pop("engine", {}))
-    config = {
-        "output_dir": str(folder / "run"),
-        "seed": 3,
-        "model": {
-            "name": str(model),
-            "dense_dim": 24,
-            "matryoshka_dims": [8, 24],
-            "max_seq_length": 32,
-        },
-        "optim": {"lr": 5e-4, "max_steps": steps, "warmup_ratio": 0.1},
-        "checkpoint_every": 4,
-        "log_every": 1,
-        "task_schedule": schedule,
-        "tasks": [every[name] for name in tasks],
-        "engine": engine,
-        **extra,
-    }
+    config = toy_train_config(folder, model, steps, tasks=tasks, schedule=schedule)
+    config.update(log_every=1, engine=engine, **extra)
     return write_yaml(folder / "config.yaml", config)
 
 
 def cbb_config(folder: Path, model: Path, device: str, steps: int, **cbb: Any) -> Path:
-    """The CBB config of tests/test_distributed.py (4 negatives a row, 2 per retrieval device)."""
-    import numpy as np
+    """The toy CBB config (:func:`conan_embedding.toy.toy_cbb_config`: 4 negatives a row, 2 per
+    retrieval device) on ``device`` in fp32, logging every step."""
+    from conan_embedding.toy import toy_cbb_config
 
-    from conan_embedding.data.records import write_records
-    from conan_embedding.toy import toy_sentence
-
-    rng = np.random.default_rng(0)
-    retrieval = []
-    for _ in range(24):
-        q = toy_sentence(rng, 4)
-        retrieval.append(
-            {
-                "query": q,
-                "pos": [q + " " + toy_sentence(rng, 2)],
-                "neg": [toy_sentence(rng, 4) for _ in range(4)],
-            }
-        )
-    sts = []
-    for _ in range(24):
-        a = toy_sentence(rng, 4)
-        score = float(rng.integers(0, 6))
-        sts.append(
-            {"sentence1": a, "sentence2": a if score >= 4 else toy_sentence(rng, 4), "score": score}
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    write_records(folder / "ret.jsonl", retrieval)
-    write_records(folder / "sts.jsonl", sts)
-    config = {
-        "output_dir": str(folder / "run"),
-        "seed": 5,
-        "model": {"name": str(model), "dense_dim": 16, "max_seq_length": 24},
-        "optim": {"lr": 1e-3, "max_steps": steps, "warmup_ratio": 0.0},
-        "checkpoint_every": 1,
-        "log_every": 1,
-        "engine": {"device": device, "mixed_precision": "no", "trackers": []},
-        "tasks": [
-            {
-                "name": "ret",
-                "kind": "retrieval",
-                "path": str(folder / "ret.jsonl"),
-                "batch_size": 3,
-                "negatives": 2,
-            },
-            {"name": "sts", "kind": "sts", "path": str(folder / "sts.jsonl"), "batch_size": 6},
-        ],
-        "cbb": {"world_size": 2, "task_ranks": {"ret": [0, 1], "sts": [1]}, **cbb},
-    }
+    config = toy_cbb_config(folder, model, steps, **cbb)
+    config.update(log_every=1, engine={"device": device, "mixed_precision": "no", "trackers": []})
     return write_yaml(folder / "cbb.yaml", config)
 
 
@@ -614,7 +541,7 @@ def row_stages(ctx: Ctx) -> dict:
 
         from conan_embedding.encoding.engine import EmbeddingEngine
         from conan_embedding.modeling.embedder import build_embedder
-        from conan_embedding.toy import WORDS
+        from conan_embedding.toy import WORDS, linear_output_dtypes
 
         texts = [
             " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(3 + i % 9)) for i in range(64)
@@ -623,13 +550,8 @@ def row_stages(ctx: Ctx) -> dict:
         eng = EmbeddingEngine(build_embedder(str(bert)), backend="torch-bf16", device=device)
         if eng.device.type != torch.device(device).type:
             raise RuntimeError(f"the encoder runs on {eng.device}, not {device}")
-        linear = next(m for m in eng.model.modules() if isinstance(m, torch.nn.Linear))
-        seen: list[torch.dtype] = []
-        hook = linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-        try:
+        with linear_output_dtypes(eng.model) as seen:
             bf16 = eng.embed(texts)
-        finally:
-            hook.remove()
         if set(seen) != {torch.bfloat16}:
             raise RuntimeError(f"the matrix products ran in {set(seen)}, not bfloat16")
         cosine = float(np.min(np.sum(fp32 * bf16, axis=1)))
@@ -829,14 +751,13 @@ def worker_precision(args: argparse.Namespace) -> dict:
     import torch
 
     from conan_embedding.config import load_config
+    from conan_embedding.toy import linear_output_dtypes
     from conan_embedding.training.trainer import Trainer
 
     trainer = Trainer(load_config(args.config))
     chosen = trainer.engine.accelerator.mixed_precision
-    seen: list[torch.dtype] = []
-    linear = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear))
-    linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-    trainer.train(show_progress=False)
+    with linear_output_dtypes(trainer.model) as seen:
+        trainer.train(show_progress=False)
     details = {
         "ACCELERATE_MIXED_PRECISION": os.environ.get("ACCELERATE_MIXED_PRECISION"),
         "engine_mixed_precision": chosen,
@@ -1054,11 +975,10 @@ def row_f(ctx: Ctx) -> dict:
 
 def _row_f(ctx: Ctx) -> dict:
     """Under bf16 autocast the loss scores are float32; bf16-loaded weights train in float32."""
-    import torch
-
     import conan_embedding.losses.infonce as infonce
     import conan_embedding.training.trainer as trainer_module
     from conan_embedding.config import load_config
+    from conan_embedding.toy import linear_output_dtypes
     from conan_embedding.training.trainer import Trainer
 
     scores: list[str] = []
@@ -1090,16 +1010,15 @@ def _row_f(ctx: Ctx) -> dict:
             return {"bf16_weights": f"refused: {text[:200]}"}
         raise
     trainable = {str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}
-    matmuls: list[str] = []
-    linear = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear))
-    linear.register_forward_hook(lambda _m, _i, out: matmuls.append(str(out.dtype)))
-    trainer.train(show_progress=False)
+    with linear_output_dtypes(trainer.model) as seen:
+        trainer.train(show_progress=False)
+    matmuls = {str(dtype) for dtype in seen}
     details = {
         "trainable_dtypes": sorted(trainable),
         "score_dtypes": sorted(set(scores)),
-        "matmul_dtypes": sorted(set(matmuls)),
+        "matmul_dtypes": sorted(matmuls),
     }
-    if set(matmuls) != {"torch.bfloat16"}:
+    if matmuls != {"torch.bfloat16"}:
         raise AssertionError(f"autocast was not on (the check would say nothing): {details}")
     if not scores or set(scores) != {"torch.float32"}:
         raise AssertionError(f"loss scores not float32 under bf16 autocast: {details}")
@@ -1112,36 +1031,24 @@ def _row_f(ctx: Ctx) -> dict:
 def dhnm_config(folder: Path, model: Path, device: str, precision: str = "bf16") -> dict:
     """DHNM v2 on the toy pool: a "never hard" bar of 0.99 (a random model replaces often),
     checked every step, pools re-mined every 2 steps, 4 steps."""
-    from conan_embedding.toy import write_toy_pools
+    from conan_embedding.toy import toy_dhnm_config, write_toy_pools
 
-    train = write_toy_pools(folder)
-    return {
-        "output_dir": str(folder / "run"),
-        "seed": 5,
-        "model": {"name": str(model), "max_seq_length": 32},
-        "optim": {"lr": 1e-4, "max_steps": 4, "warmup_ratio": 0.0},
-        "checkpoint_every": 2,
-        "log_every": 1,
-        "engine": {"device": device, "mixed_precision": precision, "trackers": []},
-        "tasks": [
-            {
-                "name": "ret",
-                "kind": "retrieval",
-                "path": str(train),
-                "batch_size": 4,
-                "negatives": 2,
-                "dynamic_negatives": {
-                    "rule": "v2",
-                    "check_every": 1,
-                    "remine_every": 2,
-                    "v2_never_hard": 0.99,
-                    # the default margin 0.05 can empty every pool of a random model, and
-                    # the next re-mine then has a window of 0 (a separate finding)
-                    "remine_relative_margin": None,
-                },
-            }
-        ],
-    }
+    config = toy_dhnm_config(
+        folder / "run",
+        model,
+        write_toy_pools(folder),
+        steps=4,
+        checkpoint_every=2,
+        rule="v2",
+        check_every=1,
+        remine_every=2,
+        v2_never_hard=0.99,
+        # the default margin 0.05 can empty every pool of a random model, and the next
+        # re-mine then has a window of 0 (a separate finding)
+        remine_relative_margin=None,
+    )
+    config["engine"] = {"device": device, "mixed_precision": precision, "trackers": []}
+    return config
 
 
 def row_g(ctx: Ctx) -> dict:

@@ -14,20 +14,16 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from tests.conftest import WORDS, build_tiny_bert
+from tests.conftest import build_tiny_bert
 
 from conan_embedding.config import load_config
-from conan_embedding.data.records import write_records
 from conan_embedding.losses.cbb import cbb_info_nce_loss
 from conan_embedding.losses.cosent import cosent_loss
+from conan_embedding.toy import toy_cbb_config
 from conan_embedding.training.distributed import CBBTrainer, RankLayout
 from conan_embedding.training.trainer import _stable_text_ids, encode_with_grad, read_log
 
 TOL = 1e-5
-
-
-def _sentence(rng: np.random.Generator, n: int = 4) -> str:
-    return " ".join(rng.choice(WORDS, size=n))
 
 
 def tiny_bert_without_dropout(folder: Path, dropout: float = 0.0) -> Path:
@@ -40,46 +36,9 @@ def tiny_bert_without_dropout(folder: Path, dropout: float = 0.0) -> Path:
 
 
 def write_cbb_config(folder: Path, model: Path, steps: int = 3, **cbb) -> Path:
-    rng = np.random.default_rng(0)
-    retrieval = []
-    for _ in range(24):
-        q = _sentence(rng)
-        retrieval.append(
-            {
-                "query": q,
-                "pos": [q + " " + _sentence(rng, 2)],
-                "neg": [_sentence(rng) for _ in range(4)],
-            }
-        )
-    sts = []
-    for _ in range(24):
-        a = _sentence(rng)
-        score = float(rng.integers(0, 6))
-        sts.append(
-            {"sentence1": a, "sentence2": a if score >= 4 else _sentence(rng), "score": score}
-        )
-    write_records(folder / "ret.jsonl", retrieval)
-    write_records(folder / "sts.jsonl", sts)
-    config = {
-        "output_dir": str(folder / "run"),
-        "seed": 5,
-        "model": {"name": str(model), "dense_dim": 16, "max_seq_length": 24},
-        "optim": {"lr": 1e-3, "max_steps": steps, "warmup_ratio": 0.0},
-        "checkpoint_every": 1,
-        "tasks": [
-            {
-                "name": "ret",
-                "kind": "retrieval",
-                "path": str(folder / "ret.jsonl"),
-                "batch_size": 3,
-                "negatives": 2,
-            },
-            {"name": "sts", "kind": "sts", "path": str(folder / "sts.jsonl"), "batch_size": 6},
-        ],
-        "cbb": {"world_size": 2, "task_ranks": {"ret": [0, 1], "sts": [1]}, **cbb},
-    }
+    """:func:`toy_cbb_config` as ``folder/cbb.yaml``."""
     path = folder / "cbb.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    path.write_text(yaml.safe_dump(toy_cbb_config(folder, model, steps, **cbb)), encoding="utf-8")
     return path
 
 
@@ -104,10 +63,26 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
             )
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def join_as_rank(rank: int, world: int, port: int) -> None:
+    """Set the environment torchrun gives rank ``rank`` of ``world`` on this machine (the
+    engine joins the gloo group from it), one thread a process."""
+    os.environ.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    torch.set_num_threads(1)
 
 
 # --------------------------------------------------------------------------- the device map
@@ -212,17 +187,7 @@ def test_virtual_devices_equal_the_joint_loss_computed_at_once(tmp_path, dropout
 # --------------------------------------------------------------------------- real devices
 def _spawned_rank(rank: int, world: int, port: int, config_path: str, out: str) -> None:
     """One torchrun-like process: the engine (accelerate) joins the gloo group from the env."""
-    os.environ.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
-    torch.set_num_threads(1)
+    join_as_rank(rank, world, port)
     import torch.distributed as dist
 
     try:
@@ -248,7 +213,7 @@ def test_two_gloo_processes_give_the_loss_and_gradients_of_virtual_devices(tmp_p
     config_path = write_cbb_config(tmp_path, model, task_ranks=task_ranks)
     mp.spawn(
         _spawned_rank,
-        args=(2, _free_port(), str(config_path), str(tmp_path)),
+        args=(2, free_port(), str(config_path), str(tmp_path)),
         nprocs=2,
         join=True,
     )

@@ -14,49 +14,19 @@ import torch
 
 from conan_embedding.config import TrainConfig
 from conan_embedding.data.records import RetrievalRecord, read_records, write_records
-from conan_embedding.mining.offline import PoolCandidate, PoolEntry, write_pools
+from conan_embedding.mining.offline import write_pools
+from conan_embedding.toy import toy_dhnm_config, write_toy_pools
 from conan_embedding.training.trainer import Trainer, read_log
 from conftest import WORDS
 
 
 def _config(folder: Path, model: str, train: Path, rule: str, steps: int, **dynamic) -> TrainConfig:
     return TrainConfig.model_validate(
-        {
-            "output_dir": str(folder),
-            "seed": 5,
-            "model": {"name": model, "max_seq_length": 32},
-            "optim": {"lr": 1e-4, "max_steps": steps, "warmup_ratio": 0.0},
-            "checkpoint_every": 4,
-            "log_every": 1,
-            "tasks": [
-                {
-                    "name": "ret",
-                    "kind": "retrieval",
-                    "path": str(train),
-                    "batch_size": 4,
-                    "negatives": 2,
-                    "dynamic_negatives": {"rule": rule, **dynamic},
-                }
-            ],
-        }
+        toy_dhnm_config(folder, model, train, steps, rule=rule, **dynamic)
     )
 
 
-def _toy_pools(folder: Path, score: float = 0.5) -> Path:
-    rng = np.random.default_rng(0)
-    records, pools = [], []
-    for i in range(16):
-        query = " ".join(rng.choice(WORDS, size=5))
-        records.append(RetrievalRecord(query=query, pos=[query + " " + WORDS[i]]))
-        cands = [
-            PoolCandidate(text=" ".join(rng.choice(WORDS, size=4)), score=score, rank=r)
-            for r in range(10, 40)
-        ]
-        pools.append(PoolEntry(index=i, query=query, positive_score=0.9, candidates=cands))
-    train = folder / "train.jsonl"
-    write_records(train, records)
-    write_pools(folder / "train.pool.jsonl", pools)
-    return train
+_toy_pools = write_toy_pools  # the name tests/test_engine.py imports
 
 
 def test_pool_meta_of_the_mining_model_matches_the_training_model(tmp_path, tiny_bert):
@@ -64,7 +34,7 @@ def test_pool_meta_of_the_mining_model_matches_the_training_model(tmp_path, tiny
     from conan_embedding.mining.offline import MiningConfig, PoolMeta, mine
     from conan_embedding.modeling.embedder import load_embedder
 
-    train = _toy_pools(tmp_path)
+    train = write_toy_pools(tmp_path)
     records = read_records(train, "retrieval")
     miner = load_embedder(tiny_bert)
     miner.max_seq_length = 32
@@ -86,7 +56,7 @@ def test_pool_meta_of_the_mining_model_matches_the_training_model(tmp_path, tiny
 
 
 def test_dhnm_state_survives_trainer_resume(tmp_path, tiny_bert):
-    train = _toy_pools(tmp_path)
+    train = write_toy_pools(tmp_path)
     # v2 with a high "never hard" bar: a random tiny model replaces negatives every step
     straight = Trainer(_config(tmp_path / "a", str(tiny_bert), train, "v2", 8, v2_never_hard=0.99))
     straight.train(show_progress=False)
@@ -155,7 +125,7 @@ def test_pool_s0_replacements_reach_training_within_two_draws(tmp_path, tiny_ber
     """Two draws per query (16 queries, batch 4, 8 steps): with the pool's score as S_0 a
     negative is replaced at its first draw and trained on at the second, so DHNM changes the
     model; with S_0 = the first observed score it could not (the full-620 finding)."""
-    train = _toy_pools(tmp_path, score=1.0)  # the rule below fires for S < 0.999
+    train = write_toy_pools(tmp_path, score=1.0)  # the rule below fires for S < 0.999
     rule = {"v2_never_hard": -1.0, "v2_decay": 1.001, "v2_abs_cap": 1.0}
 
     def run(name: str, dhnm: str, initial: str) -> Trainer:

@@ -293,20 +293,14 @@ def test_weak_stage_builds_the_model_before_the_engine_and_filters_on_rank_zero(
 def test_weak_finish_exports_the_engines_consolidated_model(tiny_llm, tmp_path, monkeypatch):
     """Finding 3: the weak stage exports what Engine.consolidated_model returns (a gathered
     CPU copy under FSDP2/ZeRO-3), asked on every rank for the prepared embedder."""
-    import copy
+    from tests.test_pretrain import marked_consolidation
 
     from conan_embedding.training.engine import Engine
 
     calls: list[bool] = []
-
-    def consolidated(self, model):
-        calls.append(model is self.model)
-        twin = copy.deepcopy(model)
-        with torch.no_grad():
-            twin.backbone.norm.weight.fill_(0.25)
-        return twin
-
-    monkeypatch.setattr(Engine, "consolidated_model", consolidated)
+    monkeypatch.setattr(
+        Engine, "consolidated_model", marked_consolidation(calls, "backbone.norm.weight")
+    )
     train_weak_stage(_config(tiny_llm, tmp_path, steps=1), show_progress=False)
     assert calls == [True]
     model = SentenceTransformer(str(tmp_path / "weak" / "model"), device="cpu")

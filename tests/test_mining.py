@@ -209,17 +209,14 @@ def test_autocast_for_sets_the_matmul_precision(precision, dtype):
 def test_bf16_backend_multiplies_in_bf16_and_is_cached_apart(tiny_model, tmp_path):
     import torch
 
+    from conan_embedding.toy import linear_output_dtypes
+
     texts = _sentences(25, 5)
     fp32 = TextEncoder(tiny_model, cache_dir=tmp_path, show_progress=False)
     bf16 = TextEncoder(tiny_model, backend="torch-bf16", cache_dir=tmp_path, show_progress=False)
     fp32_vecs = fp32.encode(texts)
-    linear = next(m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear))
-    dtypes: list[torch.dtype] = []
-    hook = linear.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
-    try:
+    with linear_output_dtypes(tiny_model) as dtypes:
         bf16_vecs = bf16.encode(texts)
-    finally:
-        hook.remove()
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert bf16_vecs.dtype == np.float32
     cosine = np.sum(fp32_vecs * bf16_vecs, axis=1)

@@ -402,24 +402,31 @@ def test_only_rank_zero_decides_whether_a_run_is_finished(tmp_path, tiny_llm, mo
     assert summary == {"from": "rank 0"} and reads == []
 
 
-def test_finish_saves_the_engines_consolidated_model(tmp_path, monkeypatch):
-    """Finding 3: finish() saves what Engine.consolidated_model returns (under FSDP2/ZeRO-3 a
-    gathered CPU copy: a full state dict cannot be loaded into the sharded module), called on
-    every rank with the prepared module; a rank that gets None saves nothing."""
+def marked_consolidation(calls: list[bool], weight: str):
+    """A stand-in for ``Engine.consolidated_model``: it notes in ``calls`` whether it was asked
+    for the engine's prepared model and returns a copy whose ``weight`` is all 0.25."""
     import copy
-
-    from conan_embedding.training.engine import Engine
-
-    calls: list[bool] = []
 
     def consolidated(self, model):
         calls.append(model is self.model)
         twin = copy.deepcopy(model)
         with torch.no_grad():
-            twin.model.embed_tokens.weight.fill_(0.25)
+            twin.get_parameter(weight).fill_(0.25)
         return twin
 
-    monkeypatch.setattr(Engine, "consolidated_model", consolidated)
+    return consolidated
+
+
+def test_finish_saves_the_engines_consolidated_model(tmp_path, monkeypatch):
+    """Finding 3: finish() saves what Engine.consolidated_model returns (under FSDP2/ZeRO-3 a
+    gathered CPU copy: a full state dict cannot be loaded into the sharded module), called on
+    every rank with the prepared module; a rank that gets None saves nothing."""
+    from conan_embedding.training.engine import Engine
+
+    calls: list[bool] = []
+    monkeypatch.setattr(
+        Engine, "consolidated_model", marked_consolidation(calls, "model.embed_tokens.weight")
+    )
     run_pretraining(_config(tmp_path, "run", steps=1))
     assert calls == [True]
     saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))

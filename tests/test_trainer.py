@@ -13,52 +13,47 @@ import yaml
 
 from conan_embedding.config import ConfigError, load_config
 from conan_embedding.data.records import RecordDataset, read_records, write_records
-from conan_embedding.toy import toy_sentence, write_toy_tasks
+from conan_embedding.toy import toy_sentence, toy_train_config, write_toy_tasks
 from conan_embedding.training.trainer import Trainer, TrainingDivergedError, read_log
 
 __all__ = ["write_config", "write_toy_tasks"]
 
 
-def _sentence(rng: np.random.Generator, n: int = 5) -> str:
-    return toy_sentence(rng, n)
-
-
 def write_config(folder: Path, model: Path, steps: int = 12, **extra) -> Path:
-    paths = write_toy_tasks(folder)
-    config = {
-        "output_dir": str(folder / "run"),
-        "seed": 3,
-        "model": {
-            "name": str(model),
-            "dense_dim": 24,
-            "matryoshka_dims": [8, 24],
-            "max_seq_length": 32,
-        },
-        "optim": {"lr": 5e-4, "max_steps": steps, "warmup_ratio": 0.1},
-        "checkpoint_every": 4,
-        "task_schedule": "round_robin",
-        "tasks": [
-            {
-                "name": "ret",
-                "kind": "retrieval",
-                "path": str(paths["retrieval"]),
-                "batch_size": 4,
-                "negatives": 2,
-            },
-            {"name": "sts", "kind": "sts", "path": str(paths["sts"]), "batch_size": 8},
-            {
-                "name": "cls",
-                "kind": "classification",
-                "path": str(paths["classification"]),
-                "batch_size": 6,
-                "negatives": 2,
-            },
-        ],
-        **extra,
-    }
+    """:func:`toy_train_config` as ``folder/config.yaml``, ``extra`` added at the top level."""
+    config = {**toy_train_config(folder, model, steps), **extra}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+TEACHER_PAIRS = [{"query": "cat sat on mat", "pos": "cat sat on mat"}] * 5 + [
+    {"query": "cat sat on mat", "pos": "bank loan fee money"}
+] * 5
+"""5 pairs whose positive is the query (a 0.999 teacher filter keeps them), 5 whose is not."""
+
+
+def weak_pairs_config(
+    folder: Path, model_path: Path, rows: list[dict], batch_size: int = 4, **top
+) -> dict:
+    """A weak-stage config (a dict for ``TrainConfig``) with one pairs task on ``rows``,
+    written to ``folder/pairs.jsonl``; ``top`` adds or replaces top-level sections."""
+    write_records(folder / "pairs.jsonl", rows)
+    return {
+        "stage": "weak",
+        "output_dir": str(folder / "run"),
+        "model": {"name": str(model_path)},
+        "optim": {"max_steps": 2},
+        "tasks": [
+            {
+                "name": "pairs",
+                "kind": "pairs",
+                "path": str(folder / "pairs.jsonl"),
+                "batch_size": batch_size,
+            }
+        ],
+        **top,
+    }
 
 
 def test_training_writes_model_log_plot_and_checkpoints(tmp_path, tiny_bert):
@@ -199,28 +194,15 @@ def test_sts_task_with_negatives_is_rejected(tmp_path, tiny_bert):
 
 
 def test_weak_stage_teacher_filter_drops_low_scoring_pairs(tmp_path, tiny_bert):
-    pairs = [{"query": "cat sat on mat", "pos": "cat sat on mat"}] * 5 + [
-        {"query": "cat sat on mat", "pos": "bank loan fee money"}
-    ] * 5
-    write_records(tmp_path / "pairs.jsonl", pairs)
     from conan_embedding.config import TrainConfig
 
     config = TrainConfig.model_validate(
-        {
-            "stage": "weak",
-            "output_dir": str(tmp_path / "run"),
-            "model": {"name": str(tiny_bert)},
-            "optim": {"max_steps": 2},
-            "teacher_filter": {"model": str(tiny_bert), "threshold": 0.999},
-            "tasks": [
-                {
-                    "name": "pairs",
-                    "kind": "pairs",
-                    "path": str(tmp_path / "pairs.jsonl"),
-                    "batch_size": 4,
-                }
-            ],
-        }
+        weak_pairs_config(
+            tmp_path,
+            tiny_bert,
+            TEACHER_PAIRS,
+            teacher_filter={"model": str(tiny_bert), "threshold": 0.999},
+        )
     )
     trainer = Trainer(config)
     assert trainer.filter_report == {"task": "pairs", "kept": 5, "total": 10}
@@ -257,24 +239,12 @@ def test_a_malformed_row_deep_in_the_file_names_file_line_and_field(tmp_path, ti
     from conan_embedding.data.records import RecordError
 
     rng = np.random.default_rng(0)
-    rows = [{"query": _sentence(rng), "pos": _sentence(rng)} for _ in range(40)]
+    rows = [{"query": toy_sentence(rng), "pos": toy_sentence(rng)} for _ in range(40)]
     rows[32] = {"query": "fine", "pos": 7}  # file line 33
-    write_records(tmp_path / "pairs.jsonl", rows)
     config = TrainConfig.model_validate(
-        {
-            "stage": "weak",
-            "output_dir": str(tmp_path / "run"),
-            "model": {"name": str(tiny_bert)},
-            "optim": {"max_steps": 6},  # 5 batches of 8 cover the 40 rows
-            "tasks": [
-                {
-                    "name": "pairs",
-                    "kind": "pairs",
-                    "path": str(tmp_path / "pairs.jsonl"),
-                    "batch_size": 8,
-                }
-            ],
-        }
+        weak_pairs_config(  # 5 batches of 8 cover the 40 rows
+            tmp_path, tiny_bert, rows, batch_size=8, optim={"max_steps": 6}
+        )
     )
     trainer = Trainer(config)
     assert len(trainer.records["pairs"]) == 40
@@ -393,24 +363,16 @@ def test_steps_report_texts_and_real_tokens_for_throughput(tmp_path, tiny_bert):
     from conan_embedding.data.sampler import TaskStream
 
     rng = np.random.default_rng(1)
-    rows = [{"query": _sentence(rng, 2 + i % 5), "pos": _sentence(rng, 3)} for i in range(16)]
-    write_records(tmp_path / "pairs.jsonl", rows)
+    rows = [{"query": toy_sentence(rng, 2 + i % 5), "pos": toy_sentence(rng, 3)} for i in range(16)]
     config = TrainConfig.model_validate(
-        {
-            "stage": "weak",
-            "seed": 4,
-            "output_dir": str(tmp_path / "run"),
-            "model": {"name": str(tiny_bert), "max_seq_length": 32},
-            "optim": {"max_steps": 1},
-            "tasks": [
-                {
-                    "name": "pairs",
-                    "kind": "pairs",
-                    "path": str(tmp_path / "pairs.jsonl"),
-                    "batch_size": 4,
-                }
-            ],
-        }
+        weak_pairs_config(
+            tmp_path,
+            tiny_bert,
+            rows,
+            seed=4,
+            model={"name": str(tiny_bert), "max_seq_length": 32},
+            optim={"max_steps": 1},
+        )
     )
     trainer = Trainer(config)
     drawn = TaskStream("pairs", 16, 4).next_indices(4)

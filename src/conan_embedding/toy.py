@@ -2,15 +2,18 @@
 
 ``scripts/gpu_check.py`` and the test suite build the same small fixtures: a 2-layer BERT with
 a WordPiece vocabulary of :data:`WORDS`, a 2-layer Llama with its own BPE tokenizer and SFT
-rows, toy retrieval/STS/classification files and a toy hard-negative pool. They live in the
-package (not in ``tests/``) so the GPU check runs from an installed wheel without the test
-suite. Nothing here is meant for real training: the weights are random and the texts are
+rows, toy retrieval/STS/classification files, a toy hard-negative pool, the toy training
+configs (plain, CBB, DHNM) and a probe of the precision of a model's matrix products. They
+live in the package (not in ``tests/``) so the GPU check runs from an installed wheel without
+the test suite. Nothing here is meant for real training: the weights are random and the texts are
 bags of :data:`WORDS`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,13 @@ __all__ = [
     "WORDS",
     "build_tiny_bert",
     "build_tiny_llm",
+    "linear_output_dtypes",
+    "toy_cbb_config",
+    "toy_dhnm_config",
+    "toy_retrieval_rows",
     "toy_sentence",
+    "toy_sts_rows",
+    "toy_train_config",
     "write_toy_pools",
     "write_toy_tasks",
 ]
@@ -127,6 +136,35 @@ def toy_sentence(rng: np.random.Generator, n: int = 5) -> str:
     return " ".join(rng.choice(WORDS, size=n))
 
 
+def toy_retrieval_rows(
+    rng: np.random.Generator, rows: int, words: int = 5, negatives: int = 3
+) -> list[dict]:
+    """``rows`` retrieval rows: a query of ``words`` words, the query plus 2 words as the
+    positive, ``negatives`` random sentences of ``words`` words."""
+    out = []
+    for _ in range(rows):
+        q = toy_sentence(rng, words)
+        out.append(
+            {
+                "query": q,
+                "pos": [q + " " + toy_sentence(rng, 2)],
+                "neg": [toy_sentence(rng, words) for _ in range(negatives)],
+            }
+        )
+    return out
+
+
+def toy_sts_rows(rng: np.random.Generator, rows: int, words: int = 5) -> list[dict]:
+    """``rows`` STS rows scored 0-5; a pair scored 4 or more is the same sentence twice."""
+    out = []
+    for _ in range(rows):
+        a = toy_sentence(rng, words)
+        score = float(rng.integers(0, 6))
+        b = a if score >= 4 else toy_sentence(rng, words)
+        out.append({"sentence1": a, "sentence2": b, "score": score})
+    return out
+
+
 def write_toy_tasks(folder: Path, seed: int = 0) -> dict[str, Path]:
     """40 rows each of retrieval (3 negatives a row), STS and classification (3 labels) in
     ``folder``; returns ``{"retrieval": path, "sts": path, "classification": path}``."""
@@ -134,21 +172,9 @@ def write_toy_tasks(folder: Path, seed: int = 0) -> dict[str, Path]:
 
     folder = Path(folder)
     rng = np.random.default_rng(seed)
-    retrieval, sts, classification = [], [], []
-    for _ in range(40):
-        q = toy_sentence(rng)
-        retrieval.append(
-            {
-                "query": q,
-                "pos": [q + " " + toy_sentence(rng, 2)],
-                "neg": [toy_sentence(rng) for _ in range(3)],
-            }
-        )
-    for _ in range(40):
-        a = toy_sentence(rng)
-        score = float(rng.integers(0, 6))
-        b = a if score >= 4 else toy_sentence(rng)
-        sts.append({"sentence1": a, "sentence2": b, "score": score})
+    retrieval = toy_retrieval_rows(rng, 40)
+    sts = toy_sts_rows(rng, 40)
+    classification = []
     for i in range(40):
         label = ["bank", "food", "sky"][i % 3]
         classification.append({"text": f"{label} " + toy_sentence(rng, 3), "label": label})
@@ -157,6 +183,82 @@ def write_toy_tasks(folder: Path, seed: int = 0) -> dict[str, Path]:
         paths[name] = folder / f"{name}.jsonl"
         write_records(paths[name], rows)
     return paths
+
+
+def toy_train_config(
+    folder: Path,
+    model: Path,
+    steps: int = 12,
+    tasks: tuple[str, ...] = ("ret", "sts", "cls"),
+    schedule: str = "round_robin",
+) -> dict:
+    """The toy embedding config (as a dict for ``TrainConfig``): :func:`write_toy_tasks`'
+    files in ``folder`` as the tasks named in ``tasks`` (``ret``, ``sts``, ``cls``), a dense
+    layer of 24 with Matryoshka dims 8 and 24, a checkpoint every 4 steps, output in
+    ``folder/run``."""
+    paths = write_toy_tasks(folder)
+    every = {
+        "ret": {
+            "name": "ret",
+            "kind": "retrieval",
+            "path": str(paths["retrieval"]),
+            "batch_size": 4,
+            "negatives": 2,
+        },
+        "sts": {"name": "sts", "kind": "sts", "path": str(paths["sts"]), "batch_size": 8},
+        "cls": {
+            "name": "cls",
+            "kind": "classification",
+            "path": str(paths["classification"]),
+            "batch_size": 6,
+            "negatives": 2,
+        },
+    }
+    return {
+        "output_dir": str(Path(folder) / "run"),
+        "seed": 3,
+        "model": {
+            "name": str(model),
+            "dense_dim": 24,
+            "matryoshka_dims": [8, 24],
+            "max_seq_length": 32,
+        },
+        "optim": {"lr": 5e-4, "max_steps": steps, "warmup_ratio": 0.1},
+        "checkpoint_every": 4,
+        "task_schedule": schedule,
+        "tasks": [every[name] for name in tasks],
+    }
+
+
+def toy_cbb_config(folder: Path, model: Path, steps: int = 3, **cbb) -> dict:
+    """The toy CBB config (a dict for ``TrainConfig``): 24 retrieval rows (4 negatives, 2 a
+    row trained) on virtual devices 0 and 1, 24 STS rows on device 1, written to
+    ``folder/ret.jsonl`` and ``folder/sts.jsonl``; ``cbb`` adds to the ``cbb`` section."""
+    from conan_embedding.data.records import write_records
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    write_records(folder / "ret.jsonl", toy_retrieval_rows(rng, 24, words=4, negatives=4))
+    write_records(folder / "sts.jsonl", toy_sts_rows(rng, 24, words=4))
+    return {
+        "output_dir": str(folder / "run"),
+        "seed": 5,
+        "model": {"name": str(model), "dense_dim": 16, "max_seq_length": 24},
+        "optim": {"lr": 1e-3, "max_steps": steps, "warmup_ratio": 0.0},
+        "checkpoint_every": 1,
+        "tasks": [
+            {
+                "name": "ret",
+                "kind": "retrieval",
+                "path": str(folder / "ret.jsonl"),
+                "batch_size": 3,
+                "negatives": 2,
+            },
+            {"name": "sts", "kind": "sts", "path": str(folder / "sts.jsonl"), "batch_size": 6},
+        ],
+        "cbb": {"world_size": 2, "task_ranks": {"ret": [0, 1], "sts": [1]}, **cbb},
+    }
 
 
 def write_toy_pools(folder: Path, rows: int = 16, score: float = 0.5) -> Path:
@@ -182,3 +284,48 @@ def write_toy_pools(folder: Path, rows: int = 16, score: float = 0.5) -> Path:
     write_records(train, records)
     write_pools(folder / "train.pool.jsonl", pools)
     return train
+
+
+def toy_dhnm_config(
+    output_dir: Path,
+    model: Path | str,
+    train: Path,
+    steps: int,
+    checkpoint_every: int = 4,
+    **dynamic,
+) -> dict:
+    """A DHNM config (a dict for ``TrainConfig``) on :func:`write_toy_pools`' ``train``: one
+    retrieval task, 2 negatives a row, ``dynamic`` as its ``dynamic_negatives`` section."""
+    return {
+        "output_dir": str(output_dir),
+        "seed": 5,
+        "model": {"name": str(model), "max_seq_length": 32},
+        "optim": {"lr": 1e-4, "max_steps": steps, "warmup_ratio": 0.0},
+        "checkpoint_every": checkpoint_every,
+        "log_every": 1,
+        "tasks": [
+            {
+                "name": "ret",
+                "kind": "retrieval",
+                "path": str(train),
+                "batch_size": 4,
+                "negatives": 2,
+                "dynamic_negatives": dynamic,
+            }
+        ],
+    }
+
+
+@contextmanager
+def linear_output_dtypes(model) -> Iterator[list]:
+    """While the block runs, the dtype of every output of ``model``'s first ``nn.Linear`` (the
+    precision its matrix products ran in), appended to the list this yields."""
+    import torch
+
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    seen: list[torch.dtype] = []
+    hook = linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    try:
+        yield seen
+    finally:
+        hook.remove()

@@ -4,9 +4,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
 import typer
 
 from conan_embedding.cli import app, cli_errors, given, load_settings
+
+M = TypeVar("M")
 
 
 @app.command("train-tokenizer")
@@ -29,16 +34,34 @@ def train_tokenizer_command(
     typer.echo(f"tokenizer with {len(tokenizer)} tokens saved to {save_tokenizer(tokenizer, out)}")
 
 
-def _stage_overrides(
-    output_dir: str | None, steps: int | None, device: str | None, mixed_precision: str | None
-) -> dict[str, str | int | None]:
-    """The options shared by ``pretrain`` and ``sft``, as config overrides."""
-    return {
+# the options ``pretrain`` and ``sft`` share
+OutputDir = Annotated[str | None, typer.Option(help="Override output_dir.")]
+Steps = Annotated[int | None, typer.Option(help="Override steps.")]
+Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")]
+Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda (engine.device).")]
+MixedPrecision = Annotated[str | None, typer.Option(help="no | bf16 | fp16.")]
+
+
+def _run_stage(
+    config: str,
+    settings: type[M],
+    run: Callable[..., dict],
+    output_dir: str | None,
+    steps: int | None,
+    resume: bool,
+    device: str | None,
+    mixed_precision: str | None,
+) -> tuple[M, dict]:
+    """``config`` loaded as ``settings`` with the shared options as overrides, then
+    ``run(cfg, resume=resume)``; returns the settings and the run's summary."""
+    overrides = {
         "output_dir": output_dir,
         "steps": steps,
         "engine.device": device,
         "engine.mixed_precision": mixed_precision,
     }
+    cfg = load_settings(config, settings, overrides)
+    return cfg, run(cfg, resume=resume)
 
 
 @app.command("pretrain")
@@ -47,18 +70,18 @@ def pretrain_command(
     config: str = typer.Argument(
         ..., help="YAML of PretrainConfig, e.g. configs/v2-pretrain-tiny.yaml."
     ),
-    output_dir: str | None = typer.Option(None, help="Override output_dir."),
-    steps: int | None = typer.Option(None, help="Override steps."),
-    resume: bool = typer.Option(True, help="Continue from the newest checkpoint."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda (engine.device)."),
-    mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
+    output_dir: OutputDir = None,
+    steps: Steps = None,
+    resume: Resume = True,
+    device: Device = None,
+    mixed_precision: MixedPrecision = None,
 ) -> None:
     """Causal-LM pretraining with per-source mixing weights, packing and a perplexity curve."""
     from conan_embedding.training.pretrain import PretrainConfig, run_pretraining
 
-    overrides = _stage_overrides(output_dir, steps, device, mixed_precision)
-    cfg = load_settings(config, PretrainConfig, overrides)
-    summary = run_pretraining(cfg, resume=resume)
+    cfg, summary = _run_stage(
+        config, PretrainConfig, run_pretraining, output_dir, steps, resume, device, mixed_precision
+    )
     typer.echo(
         f"perplexity {summary['first_val_ppl']:.1f} -> {summary['final_val_ppl']:.1f}; model in {cfg.output_dir}/model"
     )
@@ -68,18 +91,18 @@ def pretrain_command(
 @cli_errors
 def sft_command(
     config: str = typer.Argument(..., help="YAML of SFTConfig, e.g. configs/v2-sft-tiny.yaml."),
-    output_dir: str | None = typer.Option(None, help="Override output_dir."),
-    steps: int | None = typer.Option(None, help="Override steps."),
-    resume: bool = typer.Option(True, help="Continue from the newest checkpoint."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda (engine.device)."),
-    mixed_precision: str | None = typer.Option(None, help="no | bf16 | fp16."),
+    output_dir: OutputDir = None,
+    steps: Steps = None,
+    resume: Resume = True,
+    device: Device = None,
+    mixed_precision: MixedPrecision = None,
 ) -> None:
     """Supervised fine-tuning on (instruction, input, output) rows, loss on the output only."""
     from conan_embedding.training.pretrain import SFTConfig, run_sft
 
-    overrides = _stage_overrides(output_dir, steps, device, mixed_precision)
-    cfg = load_settings(config, SFTConfig, overrides)
-    summary = run_sft(cfg, resume=resume)
+    cfg, summary = _run_stage(
+        config, SFTConfig, run_sft, output_dir, steps, resume, device, mixed_precision
+    )
     typer.echo(
         f"held-out output perplexity {summary['first_val_ppl']:.1f} -> {summary['final_val_ppl']:.1f}; model in {cfg.output_dir}/model"
     )

@@ -373,6 +373,18 @@ class DedupReport:
         }
 
 
+def _clean_texts(texts: Iterable[str], index: EvalIndex, report: DedupReport) -> list[str]:
+    """``texts`` less the evaluation sentences, whose sets are counted in ``report``."""
+    kept = []
+    for text in texts:
+        hits = index.hits(text)
+        if hits:
+            report.hits_by_eval_set.update(hits)
+        else:
+            kept.append(text)
+    return kept
+
+
 def dedup_retrieval(
     records: Iterable[RetrievalRecord],
     index: EvalIndex,
@@ -394,25 +406,13 @@ def dedup_retrieval(
             report.records_dropped += 1
             report.hits_by_eval_set.update(anchor_hits)
             continue
-        positives = []
-        for text in record.pos:
-            hits = index.hits(text)
-            if hits:
-                report.positives_dropped += 1
-                report.hits_by_eval_set.update(hits)
-            else:
-                positives.append(text)
+        positives = _clean_texts(record.pos, index, report)
+        report.positives_dropped += len(record.pos) - len(positives)
         if not positives:
             report.records_dropped += 1
             continue
-        negatives = []
-        for text in record.neg:
-            hits = index.hits(text)
-            if hits:
-                report.negatives_dropped += 1
-                report.hits_by_eval_set.update(hits)
-            else:
-                negatives.append(text)
+        negatives = _clean_texts(record.neg, index, report)
+        report.negatives_dropped += len(record.neg) - len(negatives)
         if len(positives) == len(record.pos) and len(negatives) == len(record.neg):
             yield record
         else:
