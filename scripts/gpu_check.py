@@ -1043,9 +1043,6 @@ def dhnm_config(folder: Path, model: Path, device: str, precision: str = "bf16")
         check_every=1,
         remine_every=2,
         v2_never_hard=0.99,
-        # the default margin 0.05 can empty every pool of a random model, and the next
-        # re-mine then has a window of 0 (a separate finding)
-        remine_relative_margin=None,
     )
     config["engine"] = {"device": device, "mixed_precision": precision, "trackers": []}
     return config
