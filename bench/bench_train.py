@@ -101,7 +101,10 @@ def write_inputs(data_dir: Path, work: Path, dhnm_cbb: bool, steps: int) -> dict
     files = {"pairs": str(work / "pairs.jsonl")}
     write_records(files["pairs"], pairs)
     if dhnm_cbb:
-        from conan_embedding.ablation import mine_with_own_corpus, recipe_mining_config
+        from conan_embedding.experiments.recipe_v1.inputs import (
+            mine_with_own_corpus,
+            recipe_mining_config,
+        )
         from conan_embedding.mining.offline import default_pool_path, write_pools
         from conan_embedding.modeling.embedder import load_embedder
 
@@ -170,7 +173,7 @@ def make_trainer(config):
     """Our public entry point. A ``cbb`` config goes to the CBB trainer on virtual devices,
     as ``conan-embed recipe run`` does (one place to change when the engine takes both)."""
     if config.cbb is not None:
-        from conan_embedding.training.distributed import CBBTrainer
+        from conan_embedding.training.cbb import CBBTrainer
 
         return CBBTrainer(config)
     from conan_embedding.training.trainer import Trainer

@@ -463,13 +463,8 @@ def row_stages(ctx: Ctx) -> dict:
     """One bf16 step of every stage (the pre-audit rows) plus the torch-bf16 encoder."""
     import torch
 
-    from conan_embedding.config import load_config
-    from conan_embedding.training.pretrain import (
-        PretrainConfig,
-        SFTConfig,
-        run_pretraining,
-        run_sft,
-    )
+    from conan_embedding.config import PretrainConfig, SFTConfig, load_config
+    from conan_embedding.training.causal_lm import run_pretraining, run_sft
 
     bert, llm, device, steps = ctx.fx["bert"], ctx.fx["llm"], ctx.device, 2
     engine = {"device": device, "mixed_precision": "bf16", "trackers": []}
@@ -482,7 +477,7 @@ def row_stages(ctx: Ctx) -> dict:
         Trainer(load_config(path)).train(show_progress=False)
 
     def cbb() -> None:
-        from conan_embedding.training.distributed import CBBTrainer
+        from conan_embedding.training.cbb import CBBTrainer
 
         path = cbb_config(ctx.work / "cbb", bert, device, steps)
         CBBTrainer(load_config(path, {"engine.mixed_precision": "bf16"})).train(show_progress=False)
@@ -496,7 +491,7 @@ def row_stages(ctx: Ctx) -> dict:
                 seq_len=32,
                 batch_size=8,
                 micro_batch_size=4,
-                steps=steps,
+                optim={"max_steps": steps},
                 eval_every=steps,
                 holdout_every=10,
                 eval_blocks=2,
@@ -512,7 +507,7 @@ def row_stages(ctx: Ctx) -> dict:
                 base_model=str(llm),
                 data=str(llm.parent / "sft.jsonl"),
                 batch_size=8,
-                steps=steps,
+                optim={"max_steps": steps},
                 eval_every=steps,
                 eval_rows=8,
                 engine=engine,
@@ -521,7 +516,8 @@ def row_stages(ctx: Ctx) -> dict:
         )
 
     def weak() -> None:
-        from conan_embedding.training.llm_embedding import WeakStageConfig, train_weak_stage
+        from conan_embedding.config import WeakStageConfig
+        from conan_embedding.training.soft_mask_weak import train_weak_stage
 
         train_weak_stage(
             WeakStageConfig(
@@ -529,7 +525,7 @@ def row_stages(ctx: Ctx) -> dict:
                 llm=str(llm),
                 data=str(llm.parent / "sft.jsonl"),
                 batch_size=8,
-                steps=steps,
+                optim={"max_steps": steps},
                 pooling="lasttoken",
                 engine=engine,
             ),
@@ -587,7 +583,7 @@ def row_a(ctx: Ctx) -> dict:
     import torch
 
     from conan_embedding.modeling.llm import build_causal_lm, count_parameters, llm_config
-    from conan_embedding.training.pretrain import _held_out_loss
+    from conan_embedding.training.causal_lm import _held_out_loss
 
     if ctx.cuda:
         config, n_blocks, seq = llm_config("conan-v2-1.4b"), 16, 4096
@@ -646,7 +642,8 @@ def row_a2(ctx: Ctx) -> dict:
     """A few optimizer steps of the 1.4B pretraining shape (bf16, gradient checkpointing)."""
     import torch
 
-    from conan_embedding.training.pretrain import PretrainConfig, run_pretraining
+    from conan_embedding.config import PretrainConfig
+    from conan_embedding.training.causal_lm import run_pretraining
 
     if not ctx.cuda:
         raise Skip("needs a GPU of 40 GB or more")
@@ -663,7 +660,7 @@ def row_a2(ctx: Ctx) -> dict:
             seq_len=512,
             batch_size=8,
             micro_batch_size=2,
-            steps=4,
+            optim={"max_steps": 4},
             eval_every=4,
             holdout_every=10,
             eval_blocks=1,
@@ -926,7 +923,7 @@ def row_e3(ctx: Ctx) -> dict:
 
 def worker_refusals(args: argparse.Namespace) -> dict:
     from conan_embedding.config import load_config
-    from conan_embedding.training.distributed import CBBTrainer
+    from conan_embedding.training.cbb import CBBTrainer
     from conan_embedding.training.trainer import Trainer
 
     cbb_path, dhnm_path = args.config.split(",")
@@ -1197,7 +1194,7 @@ def row_h2(ctx: Ctx, backend: str = "gloo") -> dict:
         "cbb",
     )
     from conan_embedding.config import load_config
-    from conan_embedding.training.distributed import CBBTrainer
+    from conan_embedding.training.cbb import CBBTrainer
 
     install_step_timer()
     CBBTrainer(load_config(cfg, {"output_dir": str(ctx.work / "virtual")})).train(
@@ -1298,7 +1295,7 @@ def worker_ranked(args: argparse.Namespace, cbb: bool) -> dict:
 
         _Trainer.after_step = after_step
     if cbb:
-        from conan_embedding.training.distributed import CBBTrainer
+        from conan_embedding.training.cbb import CBBTrainer
 
         trainer = CBBTrainer(config)
     else:

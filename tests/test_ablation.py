@@ -16,26 +16,28 @@ import torch
 import yaml
 from tests.conftest import WORDS
 
-from conan_embedding.ablation import (
+from conan_embedding.config import TrainConfig, load_config
+from conan_embedding.data.records import PairRecord, RetrievalRecord, STSRecord, write_records
+from conan_embedding.experiments.recipe_v1.arms import (
     ANALYSIS_END,
     ANALYSIS_START,
     RECIPE_TASKS,
-    EvalSettings,
-    backfill_negative_stats,
-    build_clr_records,
-    evaluate_dims,
-    load_results,
-    mine_with_own_corpus,
-    negative_stats,
     recipe_config_dir,
-    recipe_mining_config,
     resolve_arm,
-    run_arm,
+)
+from conan_embedding.experiments.recipe_v1.inputs import (
+    build_clr_records,
+    mine_with_own_corpus,
+    recipe_mining_config,
+)
+from conan_embedding.experiments.recipe_v1.report import (
+    backfill_negative_stats,
+    load_results,
     write_results,
 )
-from conan_embedding.config import TrainConfig, load_config
-from conan_embedding.data.records import PairRecord, RetrievalRecord, STSRecord, write_records
+from conan_embedding.experiments.recipe_v1.run import EvalSettings, evaluate_dims, run_arm
 from conan_embedding.mining.offline import default_pool_path, read_pools, write_pools
+from conan_embedding.training.logs import negative_stats
 
 ARMS = sorted(p.stem for p in recipe_config_dir().glob("*.yaml"))
 
@@ -244,7 +246,7 @@ def test_clr_builder_mines_both_directions_with_renumbered_pools(tiny_model, tmp
 def test_prepared_recipe_pools_record_how_they_were_mined(tiny_model, tmp_path, monkeypatch):
     """Issue #16: both mined files get a pool meta beside their pool, so DHNM's
     ``initial_score: auto`` can take the pool's scores as S_0 for the model that mined them."""
-    from conan_embedding import ablation
+    from conan_embedding.experiments.recipe_v1 import inputs as recipe_inputs
     from conan_embedding.mining.offline import PoolMeta, read_pool_meta
 
     model, model_dir = tiny_model
@@ -252,7 +254,7 @@ def test_prepared_recipe_pools_record_how_they_were_mined(tiny_model, tmp_path, 
     sts = [
         STSRecord(sentence1=_sentence(i), sentence2=_sentence(i, 1), score=1.0) for i in range(8)
     ]
-    for source in ablation.PREPARE_SOURCES:  # present, so nothing is downloaded or prepared
+    for source in recipe_inputs.PREPARE_SOURCES:  # present, so nothing is downloaded or prepared
         write_records(data / f"{source}.jsonl", sts)
     write_records(data / "parallel-en-zh.jsonl", _parallel(40))
     bge = [
@@ -260,11 +262,11 @@ def test_prepared_recipe_pools_record_how_they_were_mined(tiny_model, tmp_path, 
         for i in range(30)
     ]
     write_records(data / "bge-finetune.jsonl", bge)
-    monkeypatch.setattr(ablation, "recipe_mining_config", lambda prompt: _tiny_mining())
-    inputs = ablation.prepare_recipe_inputs(
+    monkeypatch.setattr(recipe_inputs, "recipe_mining_config", lambda prompt: _tiny_mining())
+    inputs = recipe_inputs.prepare_recipe_inputs(
         tmp_path / "work", model_dir=model_dir, clr_pairs=30, show_progress=False
     )
-    mined_with = ablation._load_mining_model(model_dir, 64)
+    mined_with = recipe_inputs._load_mining_model(model_dir, 64)
     for pool in (inputs.clr_pool, inputs.bge_pool):
         meta = read_pool_meta(pool)
         assert meta is not None and meta.max_seq_length == 64

@@ -173,8 +173,8 @@ def test_task_rows_in_files_counts_lines_up_to_max_rows(tmp_path):
 
 
 def test_weak_stage_card_shows_the_soft_mask_and_lora(tmp_path):
+    from conan_embedding.config import LoraSettings, WeakStageConfig
     from conan_embedding.reporting.card import card_info_from_weak_stage
-    from conan_embedding.training.llm_embedding import LoraSettings, WeakStageConfig
 
     config = WeakStageConfig(
         output_dir=str(tmp_path / "out"),

@@ -129,17 +129,17 @@ def test_a_bad_config_through_train_is_one_error_line(tmp_path):
 
 # --------------------------------------------------------------------------- train dispatch
 def _spy_trainers(monkeypatch) -> list[str]:
-    """The class name of every trainer whose ``train`` runs."""
-    from conan_embedding.training.trainer import Trainer
+    """The class name of every step program the engine runs (Trainer, CBBTrainer)."""
+    from conan_embedding.training.engine import Engine
 
     ran: list[str] = []
-    real = Trainer.train
+    real = Engine.run
 
-    def train(self, *args, **kwargs):
-        ran.append(type(self).__name__)
-        return real(self, *args, **kwargs)
+    def run(self, program, *args, **kwargs):
+        ran.append(type(program).__name__)
+        return real(self, program, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "train", train)
+    monkeypatch.setattr(Engine, "run", run)
     return ran
 
 

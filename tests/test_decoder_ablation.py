@@ -9,16 +9,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conan_embedding.config import LoraSettings, ModelConfig, OptimConfig, TaskConfig, TrainConfig
+from conan_embedding.config import (
+    LoraSettings,
+    ModelConfig,
+    OptimConfig,
+    TaskConfig,
+    TrainConfig,
+    WeakStageConfig,
+)
 from conan_embedding.data.records import write_records
 from conan_embedding.data.sources import local_data_available
-from conan_embedding.decoder_ablation import (
+from conan_embedding.experiments.decoder_v2 import (
     AblationArm,
     ConversionAblationConfig,
     check_stage_settings,
     run_conversion_ablation,
 )
-from conan_embedding.training.llm_embedding import WeakStageConfig, train_weak_stage
+from conan_embedding.training.soft_mask_weak import train_weak_stage
 from conan_embedding.training.trainer import Trainer
 
 needs_data = pytest.mark.skipif(not local_data_available(), reason="shared/data not found")

@@ -30,6 +30,7 @@ from conan_embedding.modeling.decoders import (
     pool,
     prepare_tokenizer,
 )
+from conan_embedding.modeling.llm_embedder import LLMEmbedder, export_sentence_transformer
 from conan_embedding.modeling.soft_mask import (
     UnsupportedAttentionError,
     additive_soft_mask,
@@ -37,7 +38,6 @@ from conan_embedding.modeling.soft_mask import (
     soft_mask_values,
     soft_masked_forward,
 )
-from conan_embedding.training.llm_embedding import LLMEmbedder, export_sentence_transformer
 
 WORDS = ["apple", "river", "mountain", "green", "music", "sky", "stone"]
 WORDS += ["bird", "water", "light", "tree", "road", "cloud", "fire"]

@@ -20,7 +20,7 @@ from conan_embedding.config import load_config
 from conan_embedding.losses.cbb import cbb_info_nce_loss
 from conan_embedding.losses.cosent import cosent_loss
 from conan_embedding.toy import toy_cbb_config
-from conan_embedding.training.distributed import CBBTrainer, RankLayout
+from conan_embedding.training.cbb import CBBTrainer, RankLayout
 from conan_embedding.training.trainer import _stable_text_ids, encode_with_grad, read_log
 
 TOL = 1e-5
@@ -290,7 +290,7 @@ def test_torchrun_two_processes_trains_like_virtual_devices(tmp_path):
 
 
 def test_configs_without_cbb_are_refused(tmp_path, tiny_bert):
-    from conan_embedding.training.distributed import run_cbb
+    from conan_embedding.training.cbb import run_cbb
 
     path = write_cbb_config(tmp_path, tiny_bert)
     raw = yaml.safe_load(path.read_text())
@@ -354,7 +354,7 @@ def test_four_processes_run_two_cbb_groups_on_their_own_rows(tmp_path):
     ],
 )
 def test_cbb_refuses_what_would_hang_or_skip_deepspeed(kind, stage, per_rank, virtual, setting):
-    from conan_embedding.training.distributed import check_cbb_supported
+    from conan_embedding.training.cbb import check_cbb_supported
 
     with pytest.raises(ValueError) as info:
         check_cbb_supported(kind, stage, per_rank, virtual)
@@ -373,7 +373,7 @@ def test_cbb_refuses_what_would_hang_or_skip_deepspeed(kind, stage, per_rank, vi
     ],
 )
 def test_cbb_allows_ddp_and_zero2_with_one_task_per_rank(kind, stage, per_rank, virtual):
-    from conan_embedding.training.distributed import check_cbb_supported
+    from conan_embedding.training.cbb import check_cbb_supported
 
     check_cbb_supported(kind, stage, per_rank, virtual)
 

@@ -14,14 +14,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conan_embedding.data.records import RecordError, RetrievalRecord
-from conan_embedding.mining.base import NegativeProvider, StaticNegatives
+from conan_embedding.mining.base import (
+    NegativeProvider,
+    StaticNegatives,
+    restore_provider_states,
+    split_provider_states,
+)
 from conan_embedding.mining.dynamic import (
     DHNMConfig,
     DynamicNegatives,
     build_dynamic_negatives,
     quantile_grid,
-    restore_provider_states,
-    split_provider_states,
     to_quantile,
     v1_should_replace,
     v2_should_replace,

@@ -20,7 +20,7 @@ from tests.test_llm_embedding import _config as weak_config
 from tests.test_trainer import write_config
 
 from conan_embedding.config import load_config
-from conan_embedding.training.engine import THROUGHPUT_KEYS
+from conan_embedding.training.monitor import THROUGHPUT_KEYS
 from conan_embedding.training.trainer import Trainer, read_log
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
@@ -174,7 +174,7 @@ def _embedding_step_on_meta(tmp_path: Path, model: Path) -> None:
 
 
 def _cbb_step_on_meta(tmp_path: Path, model: Path) -> None:
-    from conan_embedding.training.distributed import CBBTrainer
+    from conan_embedding.training.cbb import CBBTrainer
 
     trainer = CBBTrainer(load_config(write_cbb_config(tmp_path, model)))
     trainer.model.to("meta")
@@ -185,12 +185,9 @@ def _cbb_step_on_meta(tmp_path: Path, model: Path) -> None:
 
 def _weak_llm_step_on_meta(tmp_path: Path, llm: Path) -> None:
     from conan_embedding.config import OptimConfig
+    from conan_embedding.modeling.llm_embedder import LLMEmbedder
     from conan_embedding.training.engine import Engine, LoopSettings
-    from conan_embedding.training.llm_embedding import (
-        LLMEmbedder,
-        SoftMaskWeakProgram,
-        weak_pairs,
-    )
+    from conan_embedding.training.soft_mask_weak import SoftMaskWeakProgram, weak_pairs
 
     config = weak_config(llm, tmp_path, steps=4, schedule="linear")
     engine = Engine(config.engine, LoopSettings(tmp_path / "w", 4, OptimConfig(max_steps=4)))
@@ -203,17 +200,26 @@ def _weak_llm_step_on_meta(tmp_path: Path, llm: Path) -> None:
 
 
 def _causal_lm_step_on_meta(tmp_path: Path, llm: Path) -> None:
+    from tests.test_pretrain import lm_stage_config
+
     from conan_embedding.config import OptimConfig
     from conan_embedding.modeling.llm import load_llm
+    from conan_embedding.training.causal_lm import CausalLMProgram
     from conan_embedding.training.engine import Engine, LoopSettings
-    from conan_embedding.training.pretrain import CausalLMProgram, CausalLMSettings
 
     model, tokenizer = load_llm(llm / "model")
-    settings = CausalLMSettings(4, 1e-3, 0.0, 0.0, "linear", 10, 10, 1, 0, "pretrain", 2)
-    engine = Engine(settings.engine, LoopSettings(tmp_path / "lm", 4, OptimConfig(max_steps=4)))
+    config = lm_stage_config(tmp_path)
+    engine = Engine(config.engine, LoopSettings(tmp_path / "lm", 4, OptimConfig(max_steps=4)))
     ids = torch.randint(0, len(tokenizer), (4, 16))
     program = CausalLMProgram(
-        engine, model, tokenizer, lambda step: (ids, ids, {}), lambda m: 0.0, settings, {}
+        engine,
+        model,
+        tokenizer,
+        lambda step: (ids, ids, {}),
+        lambda m: 0.0,
+        config,
+        description="pretrain",
+        extra_meta={},
     )
     model.to("meta")
     with DeviceGuard():

@@ -18,13 +18,8 @@ import pytest
 import torch
 
 from conan_embedding.config import EngineConfig, OptimConfig
-from conan_embedding.training.engine import (
-    Engine,
-    LoopSettings,
-    RunResult,
-    load_full_state,
-    meta_skeleton,
-)
+from conan_embedding.training.engine import Engine, LoopSettings, RunResult
+from conan_embedding.training.precision import load_full_state, meta_skeleton
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +110,7 @@ import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
 from tests.test_engine_gpu_paths import _Tied
-from conan_embedding.training.engine import meta_skeleton, load_full_state
+from conan_embedding.training.precision import meta_skeleton, load_full_state
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 model = _Tied()
@@ -323,7 +318,8 @@ def test_one_process_deepspeed_steps_once_per_engine_step(tmp_path):
 
 # --------------------------------------------------------------------------- §8 §16 §17 settings
 def test_the_process_group_timeout_and_ddp_settings_reach_accelerate(tmp_path):
-    from conan_embedding.training.engine import stage_engine
+    from conan_embedding.config import OptimConfig
+    from conan_embedding.training.engine import Engine, LoopSettings
 
     engine = _engine(tmp_path / "a", timeout_minutes=45)
     # what accelerate passes to init_process_group when it creates the group
@@ -332,16 +328,11 @@ def test_the_process_group_timeout_and_ddp_settings_reach_accelerate(tmp_path):
     assert _engine(tmp_path / "b", timeout_minutes=None).accelerator.init_handler is None
     # the embedding stages (Engine) search for unused parameters, the LM stages do not
     assert engine.accelerator.ddp_handler.find_unused_parameters is True
-    lm = stage_engine(
-        EngineConfig(device="cpu", trackers=[]),
-        tmp_path / "lm",
-        steps=1,
-        lr=1e-3,
-        warmup_ratio=0.0,
-        weight_decay=0.0,
-        seed=0,
-        description="lm",
+    lm_loop = LoopSettings(
+        output_dir=tmp_path / "lm", steps=1, optim=OptimConfig(max_steps=1), seed=0
     )
+    # what the LM stages (causal_lm, soft_mask_weak) pass
+    lm = Engine(EngineConfig(device="cpu", trackers=[]), lm_loop, find_unused_parameters=False)
     assert lm.accelerator.ddp_handler.find_unused_parameters is False
     forced = _engine(tmp_path / "c", find_unused_parameters=False)
     assert forced.accelerator.ddp_handler.find_unused_parameters is False
@@ -365,7 +356,7 @@ def test_a_previous_stages_deepspeed_does_not_leak_into_the_next(tmp_path, monke
 
 
 def test_tf32_is_set_on_cuda_only_and_either_way(monkeypatch):
-    from conan_embedding.training.engine import set_tf32
+    from conan_embedding.training.precision import set_tf32
 
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
@@ -428,7 +419,7 @@ def test_a_rank_that_cannot_see_the_checkpoint_folder_says_why(tmp_path, monkeyp
 
 # --------------------------------------------------------------------------- §13 CUDA RNG
 def test_only_the_ranks_own_cuda_rng_is_saved_and_old_checkpoints_still_resume():
-    from conan_embedding.training.engine import cuda_rng_state, pick_cuda_rng_state
+    from conan_embedding.training.checkpoint import cuda_rng_state, pick_cuda_rng_state
 
     assert cuda_rng_state(torch.device("cpu")) == {}
     own, other = torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)

@@ -54,9 +54,6 @@ TOP_LEVEL = {
     "reporting": "reporting",
     "serving": "serving",
     "experiments": "experiments",
-    "ablation": "experiments",
-    "decoder_ablation": "experiments",
-    "demo": "experiments",
     "toy": "experiments",  # fixtures for checks and tests; nothing in the library imports them
     "cli": "cli",
 }
@@ -67,28 +64,15 @@ BUILDERS_IN_DATA = {"builders", "prepare"}
 # (importer, imported) -> why it still goes up, and the step of issue #25 that removes it
 ALLOWED: dict[tuple[str, str], str] = {
     (
-        "conan_embedding.training.trainer",
-        "conan_embedding.reporting.card",
-    ): "Trainer.finish renders the model card as it saves; step 5 (one `train` entry) "
-    "renders it in the caller and passes save_embedder(readme=...)",
-    (
         "conan_embedding.training.distributed",
         "conan_embedding.cli",
     ): "`python -m conan_embedding.training.distributed` (older torchrun lines) forwards to the "
     "CLI; goes with the train-cbb alias (step 5: `torchrun -m conan_embedding.cli train`)",
     (
-        "conan_embedding.training.llm_embedding",
+        "conan_embedding.training.soft_mask_weak",
         "conan_embedding.reporting.card",
-    ): "SoftMaskWeakProgram.finish renders the v2 model card as it exports (was hidden behind "
-    "a modeling.card shim); step 5 renders it in the caller and passes save_embedder(readme=...)",
-    (
-        "conan_embedding.training.llm_embedding",
-        "conan_embedding.evaluation.run",
-    ): "run_v2_demo (an experiment) lives in training; step 4 moves it to experiments/",
-    (
-        "conan_embedding.training.llm_embedding",
-        "conan_embedding.evaluation.tasks",
-    ): "run_v2_demo (an experiment) lives in training; step 4 moves it to experiments/",
+    ): "SoftMaskWeakProgram.finish renders the v2 model card and passes it to "
+    "export_sentence_transformer(readme=...); step 5 renders it in the caller",
 }
 
 

@@ -1,7 +1,7 @@
 """No training file any builder writes shares a normalised sentence with a set we report.
 
 The reported sentences are taken from the evaluator itself (every task of
-``evaluation/tasks.py``, built from the data folder), not from the leakage index, so a task
+``evaluation/tasks/``, built from the data folder), not from the leakage index, so a task
 the index forgot makes these tests fail. Each builder is run (v1 ``data prepare``, CLR,
 generated pairs, the teacher filter in Python and as ``data filter``, the v2 corpus, v2
 stage 4) and every text field of every file it writes is checked. The old stage-4 leak
@@ -155,7 +155,7 @@ def test_every_evaluation_task_and_its_scored_files_are_in_the_index():
     from conan_embedding.evaluation.tasks import TASKS
 
     covered = {task for eval_set in EVAL_SETS for task in eval_set.tasks}
-    assert set(TASKS) - covered == set(), "a task of evaluation/tasks.py has no EvalSet"
+    assert set(TASKS) - covered == set(), "a task of evaluation/tasks/ has no EvalSet"
     indexed = {s.relative_path for s in EVAL_SETS}
     for name, info in TASKS.items():
         scored = set(info.task_class.data_files) - NOT_SCORED
@@ -216,7 +216,7 @@ def _small_data(root: Path, n_rows: int = 400) -> tuple[list[str], list[str]]:
 
 
 def test_stage4_drops_the_held_out_reranking_rows(tmp_path):
-    from conan_embedding.training.llm_embedding import build_supervised_records
+    from conan_embedding.data.builders.v2_corpus import build_supervised_records
 
     queries, positives = _small_data(tmp_path / "data")
     forbidden = {normalize_text(t) for t in (*queries, *positives)}
@@ -242,7 +242,7 @@ def test_prepare_drops_the_held_out_rows_and_their_cnsd_pairs(tmp_path):
 
 
 def test_a_bad_bge_row_names_file_and_line(tmp_path):
-    from conan_embedding.training.llm_embedding import build_supervised_records
+    from conan_embedding.data.builders.v2_corpus import build_supervised_records
 
     _small_data(tmp_path / "data", n_rows=310)
     path = tmp_path / "data" / BGE_FINETUNE
@@ -264,7 +264,7 @@ def test_a_bad_bge_row_names_file_and_line(tmp_path):
 def test_v2_stage4_files_share_nothing_with_reported_sets(
     data_dir_module, reported, full_index, tmp_path
 ):
-    from conan_embedding.training.llm_embedding import build_supervised_records
+    from conan_embedding.data.builders.v2_corpus import build_supervised_records
 
     paths = [Path(p) for p in build_supervised_records(tmp_path, data_dir_module).values()]
     assert leaks(paths, reported) == {}
@@ -282,7 +282,7 @@ def test_v2_stage4_files_share_nothing_with_reported_sets(
 def test_v2_corpus_shares_nothing_with_reported_sets(
     data_dir_module, reported, full_index, tmp_path
 ):
-    from conan_embedding.training.pretrain import build_shared_corpus
+    from conan_embedding.data.builders.v2_corpus import build_shared_corpus
 
     summary = build_shared_corpus(tmp_path, data_dir_module)
     paths = [Path(p) for p in summary["sources"].values()] + [Path(summary["sft"])]

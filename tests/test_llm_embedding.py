@@ -1,4 +1,5 @@
-"""Stage 3 on a tiny random LLM: soft-mask weak training, LoRA, export to sentence-transformers."""
+"""Stages 3 and 4 on a tiny random LLM: soft-mask weak training, LoRA, export to
+sentence-transformers, the foundation trainer on the export."""
 
 from __future__ import annotations
 
@@ -10,17 +11,11 @@ import torch
 from sentence_transformers import SentenceTransformer
 from tests.conftest import LLM_WORDS
 
+from conan_embedding.config import LoraSettings, SupervisedStageConfig, WeakStageConfig
+from conan_embedding.modeling.decoders import pool
 from conan_embedding.modeling.embedder import load_embedder, matryoshka_dims
-from conan_embedding.training.llm_embedding import (
-    LLMEmbedder,
-    LoraSettings,
-    WeakStageConfig,
-    apply_lora,
-    export_sentence_transformer,
-    pool,
-    train_weak_stage,
-    weak_pairs,
-)
+from conan_embedding.modeling.llm_embedder import LLMEmbedder, export_sentence_transformer
+from conan_embedding.training.soft_mask_weak import apply_lora, train_weak_stage, weak_pairs
 
 WORDS = LLM_WORDS
 
@@ -31,10 +26,9 @@ def _config(tiny_llm, tmp_path, **extra) -> WeakStageConfig:
         llm=str(tiny_llm / "model"),
         data=str(tiny_llm / "sft.jsonl"),
         batch_size=8,
-        steps=extra.pop("steps", 12),
-        lr=3e-3,
+        optim={"max_steps": extra.pop("steps", 12), "lr": 3e-3},
         max_len=24,
-        threads=1,
+        engine={"threads": 1},
         **extra,
     )
 
@@ -119,7 +113,7 @@ def test_causal_baseline_stays_causal(tiny_llm, tmp_path):
 
 
 def test_supervised_stage_runs_the_foundation_trainer_on_the_export(tiny_llm, tmp_path):
-    from conan_embedding.training.llm_embedding import run_supervised_stage
+    from conan_embedding.training.supervised_stage import run_supervised_stage
 
     embedder = LLMEmbedder.from_llm(tiny_llm / "model", max_len=24)
     export_sentence_transformer(embedder, tmp_path / "weak", bidirectional=True)
@@ -145,14 +139,15 @@ def test_supervised_stage_runs_the_foundation_trainer_on_the_export(tiny_llm, tm
         encoding="utf-8",
     )
     model_dir = run_supervised_stage(
-        tmp_path / "weak",
-        {k: str(v) for k, v in records.items()},
-        tmp_path / "supervised",
-        steps=3,
-        lr=1e-3,
-        negatives=1,
-        batch_size=4,
-        sts_batch_size=8,
+        SupervisedStageConfig(
+            model_dir=str(tmp_path / "weak"),
+            records={k: str(v) for k, v in records.items()},
+            output_dir=str(tmp_path / "supervised"),
+            optim={"max_steps": 3, "lr": 1e-3},
+            negatives=1,
+            batch_size=4,
+            sts_batch_size=8,
+        )
     )
     texts = ["apple 1", "河流 2"]
     before = SentenceTransformer(str(tmp_path / "weak"), device="cpu").encode(texts)
@@ -209,7 +204,7 @@ def test_weak_stage_leaves_no_trainable_parameter_unused(tiny_llm, tmp_path, kin
     right if one step gives every trainable parameter a gradient."""
     from conan_embedding.config import OptimConfig
     from conan_embedding.training.engine import Engine, LoopSettings
-    from conan_embedding.training.llm_embedding import SoftMaskWeakProgram
+    from conan_embedding.training.soft_mask_weak import SoftMaskWeakProgram
 
     config = _config(tiny_llm, tmp_path, steps=4, pooling="lasttoken")
     embedder = LLMEmbedder.from_llm(config.llm, config.pooling, config.max_len)
@@ -256,19 +251,19 @@ def test_weak_stage_builds_the_model_before_the_engine_and_filters_on_rank_zero(
     build it partitioned); the teacher filter runs on the main rank only and the others take
     its result (here: this process plays rank 1)."""
     from conan_embedding.training import engine as engine_module
-    from conan_embedding.training import llm_embedding
+    from conan_embedding.training import soft_mask_weak
 
     events: list[str] = []
-    real_from_llm, real_stage_engine = LLMEmbedder.from_llm.__func__, engine_module.stage_engine
+    real_from_llm, real_engine = LLMEmbedder.from_llm.__func__, engine_module.Engine
 
     def from_llm(cls, *args, **kwargs):
         events.append("model")
         return real_from_llm(cls, *args, **kwargs)
 
-    def stage_engine(*args, **kwargs):
+    def engine(*args, **kwargs):
         events.append("engine")
         assert kwargs["find_unused_parameters"] is False
-        return real_stage_engine(*args, **kwargs)
+        return real_engine(*args, **kwargs)
 
     class Stop(Exception):
         pass
@@ -278,11 +273,11 @@ def test_weak_stage_builds_the_model_before_the_engine_and_filters_on_rank_zero(
 
     shared = ([("q", "p"), ("q2", "p2")], {"kept": 2})
     monkeypatch.setattr(LLMEmbedder, "from_llm", classmethod(from_llm))
-    monkeypatch.setattr(engine_module, "stage_engine", stage_engine)
+    monkeypatch.setattr(soft_mask_weak, "Engine", engine)
     monkeypatch.setattr(engine_module.Engine, "is_main", property(lambda self: False))
     monkeypatch.setattr(engine_module.Engine, "broadcast_object", lambda self, value: shared)
-    monkeypatch.setattr(llm_embedding, "teacher_filtered", lambda *a: events.append("teacher"))
-    monkeypatch.setattr(llm_embedding, "SoftMaskWeakProgram", program)
+    monkeypatch.setattr(soft_mask_weak, "teacher_filtered", lambda *a: events.append("teacher"))
+    monkeypatch.setattr(soft_mask_weak, "SoftMaskWeakProgram", program)
     config = _config(tiny_llm, tmp_path, steps=1, teacher="unused-teacher")
     with pytest.raises(Stop) as stopped:
         train_weak_stage(config, show_progress=False)

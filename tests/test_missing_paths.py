@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conan_embedding.ablation import check_recipe_inputs, recipe_config_dir
 from conan_embedding.cli import app
 from conan_embedding.config import load_config
+from conan_embedding.experiments.recipe_v1.arms import recipe_config_dir
+from conan_embedding.experiments.recipe_v1.inputs import check_recipe_inputs
 from conan_embedding.modeling.embedder import (
     build_embedder,
     looks_like_local_path,

@@ -12,21 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conan_embedding.data.records import RecordError
+from conan_embedding.config import PretrainConfig, SFTConfig, SourceConfig
+from conan_embedding.data.packing import MixtureBatcher
+from conan_embedding.data.records import RecordError, SFTRecord, read_documents, read_sft_records
 from conan_embedding.data.sources import local_data_available
-from conan_embedding.training.pretrain import (
-    IGNORE_INDEX,
-    MixtureBatcher,
-    PretrainConfig,
-    SFTConfig,
-    SFTRecord,
-    SourceConfig,
-    encode_sft,
-    read_documents,
-    read_sft_records,
-    run_pretraining,
-    run_sft,
-)
+from conan_embedding.training.causal_lm import IGNORE_INDEX, encode_sft, run_pretraining, run_sft
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
 
@@ -53,13 +43,12 @@ def _config(tmp_path: Path, name: str, steps: int, **extra) -> PretrainConfig:
         vocab_size=300,
         seq_len=32,
         batch_size=4,
-        steps=steps,
-        lr=3e-3,
+        optim={"max_steps": steps, "lr": 3e-3},
         eval_every=4,
         eval_blocks=4,
         holdout_every=10,
         seed=0,
-        threads=1,
+        engine={"threads": 1},
         **extra,
     )
 
@@ -100,10 +89,9 @@ def test_pretraining_lowers_perplexity_and_writes_curve(tmp_path):
 
 
 def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
-    run_pretraining(_config(tmp_path, "straight", steps=8, save_every=100))
-    interrupted = _config(tmp_path, "resumed", steps=4, save_every=4)
+    run_pretraining(_config(tmp_path, "straight", steps=8, checkpoint_every=100))
     # first half: 8-step schedule stopped after 4 steps via a checkpoint
-    first = interrupted.model_copy(update={"steps": 8, "save_every": 4})
+    first = _config(tmp_path, "resumed", steps=8, checkpoint_every=4)
     _run_until(first, stop_after=4)
     checkpoint = tmp_path / "resumed" / "checkpoints" / "step-000004"
     assert (checkpoint / "optimizer.safetensors").is_file()
@@ -118,7 +106,7 @@ def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
 
 def _run_until(config: PretrainConfig, stop_after: int) -> None:
     """Run ``config`` but crash right after step ``stop_after`` (simulated interruption)."""
-    from conan_embedding.training.pretrain import CausalLMProgram
+    from conan_embedding.training.causal_lm import CausalLMProgram
 
     original = CausalLMProgram.after_step
 
@@ -163,10 +151,9 @@ def test_sft_labels_cover_the_output_only(tmp_path):
             base_model=str(tmp_path / "base" / "model"),
             data=str(data),
             batch_size=4,
-            steps=6,
-            lr=3e-3,
+            optim={"max_steps": 6, "lr": 3e-3},
             eval_every=3,
-            threads=1,
+            engine={"threads": 1},
         )
     )
     assert summary["final_val_ppl"] < summary["first_val_ppl"]
@@ -195,9 +182,9 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
 @pytest.mark.integration
 @pytest.mark.skipif(not local_data_available(), reason="shared/data not found")
 def test_shared_corpus_drops_every_tatoeba_test_sentence(tmp_path):
+    from conan_embedding.data.builders.v2_corpus import build_shared_corpus
     from conan_embedding.data.leakage import normalize_text as _norm
     from conan_embedding.data.sources import data_file
-    from conan_embedding.training.pretrain import build_shared_corpus
 
     summary = build_shared_corpus(tmp_path)
     assert summary["removed_for_leakage"]["parallel"] >= 457  # README: 457 test items overlap
@@ -215,19 +202,37 @@ def test_shared_corpus_drops_every_tatoeba_test_sentence(tmp_path):
 # ---------------------------------------------------------------- the GPU path, on the CPU
 
 
+def lm_stage_config(tmp_path: Path, micro: int | None = 2) -> SFTConfig:
+    """An LM stage of 4 steps at lr 1e-3 (linear, no warmup or decay), evaluated every 10."""
+    return SFTConfig(
+        output_dir=str(tmp_path / "lm"),
+        base_model="-",
+        data="-",
+        optim={"max_steps": 4, "lr": 1e-3, "warmup_ratio": 0.0, "weight_decay": 0.0,
+               "scheduler": "linear"},
+        eval_every=10,
+        checkpoint_every=10,
+        keep_checkpoints=1,
+        micro_batch_size=micro,
+    )  # fmt: skip
+
+
 def _lm_program(tmp_path: Path, llm: Path, evaluate, next_batch=None, micro: int = 2):
     """A CausalLMProgram on the tiny LLM with a fixed batch of 4 rows of 16 tokens."""
     from conan_embedding.config import OptimConfig
     from conan_embedding.modeling.llm import load_llm
+    from conan_embedding.training.causal_lm import CausalLMProgram
     from conan_embedding.training.engine import Engine, LoopSettings
-    from conan_embedding.training.pretrain import CausalLMProgram, CausalLMSettings
 
     model, tokenizer = load_llm(llm / "model")
-    settings = CausalLMSettings(4, 1e-3, 0.0, 0.0, "linear", 10, 10, 1, 0, "pretrain", micro)
-    engine = Engine(settings.engine, LoopSettings(tmp_path / "lm", 4, OptimConfig(max_steps=4)))
+    config = lm_stage_config(tmp_path, micro)
+    engine = Engine(config.engine, LoopSettings(tmp_path / "lm", 4, OptimConfig(max_steps=4)))
     ids = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
     batch = next_batch or (lambda step: (ids, ids, {}))
-    program = CausalLMProgram(engine, model, tokenizer, batch, evaluate(model), settings, {})
+    program = CausalLMProgram(
+        engine, model, tokenizer, batch, evaluate(model), config,
+        description="pretrain", extra_meta={},
+    )  # fmt: skip
     return program, model, tokenizer
 
 
@@ -237,7 +242,7 @@ def test_held_out_evaluation_at_step_zero_feeds_the_model_device(tmp_path, tiny_
     fails (what ``Expected all tensors to be on the same device`` is on a GPU)."""
     from tests.device_guard import DeviceGuard
 
-    from conan_embedding.training.pretrain import _held_out_loss
+    from conan_embedding.training.causal_lm import _held_out_loss
 
     held = torch.randint(0, 100, (3, 16))  # CPU, as run_pretraining / run_sft make them
     program, model, _ = _lm_program(tmp_path, tiny_llm, lambda m: lambda m: _held_out_loss(m, held))
@@ -263,7 +268,7 @@ def test_chunked_loss_equals_hf_loss_and_gradients_with_bounded_logits(tiny_llm)
     """Finding 2 / 17: the loss from hidden states in slices of positions equals HF's loss and
     its gradients, while lm_head never sees more than ``chunk_tokens`` positions at once."""
     from conan_embedding.modeling.llm import load_llm
-    from conan_embedding.training.pretrain import causal_lm_loss_sums
+    from conan_embedding.training.causal_lm import causal_lm_loss_sums
 
     model, tokenizer = load_llm(tiny_llm / "model")
     ids = torch.randint(0, len(tokenizer), (3, 40), generator=torch.Generator().manual_seed(1))
@@ -298,7 +303,7 @@ def test_held_out_loss_is_hf_loss_in_bounded_memory(tiny_llm):
     """The held-out loss is HF's token-weighted mean, computed a few rows per forward and a
     chunk of positions per lm_head call (the 1.4B config: 2 rows x 4096, 1024 positions)."""
     from conan_embedding.modeling.llm import load_llm
-    from conan_embedding.training.pretrain import _held_out_loss
+    from conan_embedding.training.causal_lm import _held_out_loss
 
     model, tokenizer = load_llm(tiny_llm / "model")
     ids = torch.randint(0, len(tokenizer), (5, 40), generator=torch.Generator().manual_seed(2))
@@ -334,7 +339,7 @@ def test_held_out_loss_splits_blocks_over_ranks_with_equal_forwards(tiny_llm):
     the same forwards and lm_head slices on the same shapes (under FSDP/ZeRO-3 they are
     collectives), a rank short of rows padding with fully ignored rows."""
     from conan_embedding.modeling.llm import load_llm
-    from conan_embedding.training.pretrain import _held_out_loss
+    from conan_embedding.training.causal_lm import _held_out_loss
 
     model, tokenizer = load_llm(tiny_llm / "model")
     ids = torch.randint(0, len(tokenizer), (5, 24), generator=torch.Generator().manual_seed(3))
@@ -385,19 +390,25 @@ def test_only_rank_zero_decides_whether_a_run_is_finished(tmp_path, tiny_llm, mo
     """Finding 12: whether ``summary.json`` + model exist is read on rank 0 and broadcast, so
     ranks on node-local disks cannot disagree (one training, one returning: a hang)."""
     from conan_embedding.modeling.llm import load_llm
-    from conan_embedding.training import pretrain
+    from conan_embedding.training import causal_lm
+    from conan_embedding.training.causal_lm import HeldOut, train_causal_lm
     from conan_embedding.training.engine import Engine
-    from conan_embedding.training.pretrain import CausalLMSettings, HeldOut, train_causal_lm
 
     reads: list[Path] = []
-    monkeypatch.setattr(pretrain, "_finished_summary", lambda out, steps: reads.append(out))
+    monkeypatch.setattr(causal_lm, "_finished_summary", lambda out, steps: reads.append(out))
     monkeypatch.setattr(Engine, "is_main", property(lambda self: False))
     monkeypatch.setattr(Engine, "broadcast_object", lambda self, value: {"from": "rank 0"})
     model, tokenizer = load_llm(tiny_llm / "model")
-    settings = CausalLMSettings(4, 1e-3, 0.0, 0.0, "linear", 10, 10, 1, 0, "pretrain", 2)
+    config = lm_stage_config(tmp_path)
     ids = torch.zeros(4, 16, dtype=torch.long)
     summary = train_causal_lm(
-        model, tokenizer, lambda s: (ids, ids, {}), HeldOut(ids), settings, tmp_path / "run"
+        model,
+        tokenizer,
+        lambda s: (ids, ids, {}),
+        HeldOut(ids),
+        config,
+        tmp_path / "run",
+        description="pretrain",
     )
     assert summary == {"from": "rank 0"} and reads == []
 
@@ -480,3 +491,54 @@ def test_two_processes_pretrain_and_evaluate_like_one(tmp_path, tiny_llm):
     b = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+
+
+def test_older_flat_keys_load_as_the_optim_and_engine_blocks(tmp_path):
+    """The previous release's flat keys still load, for one release, into the one vocabulary
+    (``optim:``, ``engine:``, ``checkpoint_every``) with a FutureWarning; keys a file leaves out
+    keep the stage's own defaults (pretraining's cosine schedule, not OptimConfig's linear)."""
+    from conan_embedding.config import load_yaml
+
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(
+        "output_dir: out\nsources: [{name: a, path: a.txt}]\n"
+        "steps: 7\nlr: 2.0e-3\nsave_every: 3\nthreads: 1\n",
+        encoding="utf-8",
+    )
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(
+        "output_dir: out\nsources: [{name: a, path: a.txt}]\n"
+        "optim: {max_steps: 7, lr: 2.0e-3}\ncheckpoint_every: 3\nengine: {threads: 1}\n",
+        encoding="utf-8",
+    )
+    with pytest.warns(FutureWarning, match=r"`save_every` is deprecated.*`checkpoint_every`"):
+        old = load_yaml(flat, PretrainConfig)
+    assert old == load_yaml(nested, PretrainConfig)
+    assert old.optim.scheduler == "cosine" and old.optim.warmup_ratio == 0.05
+    assert (old.optim.max_steps, old.checkpoint_every, old.engine.threads) == (7, 3, 1)
+    # engine.threads wins over the older flat threads, as it did
+    both = SFTConfig(output_dir="o", base_model="b", data="d", threads=1, engine={"threads": 4})
+    assert both.engine.threads == 4 and both.optim.lr == 5e-4
+
+
+def test_cli_steps_overrides_an_older_flat_file(tmp_path, monkeypatch):
+    """``conan-embed pretrain --steps N`` wins over a file's flat ``steps:`` as before."""
+    from typer.testing import CliRunner
+
+    from conan_embedding.cli import app
+    from conan_embedding.training import causal_lm
+
+    seen: list[PretrainConfig] = []
+
+    def run(config, *, resume):
+        seen.append(config)
+        return {"first_val_ppl": 2.0, "final_val_ppl": 1.0}
+
+    monkeypatch.setattr(causal_lm, "run_pretraining", run)
+    path = tmp_path / "old.yaml"
+    path.write_text(
+        "output_dir: out\nsources: [{name: a, path: a.txt}]\nsteps: 600\n", encoding="utf-8"
+    )
+    result = CliRunner().invoke(app, ["pretrain", str(path), "--steps", "5", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].optim.max_steps == 5 and seen[0].engine.device == "cpu"

@@ -51,9 +51,9 @@ def test_bad_row_names_file_line_and_field(tmp_path, line, field, problem):
 
 def _every_jsonl_reader():
     from conan_embedding.data.builders.generate import read_passages
+    from conan_embedding.data.records import read_documents, read_sft_records
     from conan_embedding.mining.offline import read_corpus, read_pools
     from conan_embedding.serving.encode import iter_texts
-    from conan_embedding.training.pretrain import read_documents, read_sft_records
 
     return {
         "records": lambda p: read_records(p, "sts"),

@@ -57,8 +57,11 @@ def weak_pairs_config(
 
 
 def test_training_writes_model_log_plot_and_checkpoints(tmp_path, tiny_bert):
+    from conan_embedding.reporting.card import readme_for
+
     config = load_config(write_config(tmp_path, tiny_bert, steps=12))
-    result = Trainer(config).train(show_progress=False)
+    # the card is rendered above training (the `train` command) and handed in
+    result = Trainer(config, readme=readme_for(config)).train(show_progress=False)
     rows = read_log(result.output_dir / "train_log.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert {"loss/ret", "loss/sts", "loss/cls"} <= {k for r in rows for k in r}

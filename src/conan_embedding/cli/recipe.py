@@ -1,5 +1,5 @@
 """``demo`` and the ``recipe`` group: the Conan recipe end to end and its ablation
-(:mod:`conan_embedding.ablation`, :mod:`conan_embedding.demo`)."""
+(:mod:`conan_embedding.experiments.recipe_v1`, :mod:`conan_embedding.experiments.demo`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def demo(
     Prepares the real training data, evaluates the base model, trains with the packaged
     recipe (minilm-v1) and evaluates again.
     """
-    from conan_embedding.demo import run_demo
+    from conan_embedding.experiments.demo import run_demo
 
     result = run_demo(output_dir, config, data_dir, max_steps, show_progress=progress)
     for task, before in result.before.items():
@@ -47,7 +47,7 @@ def recipe_prepare(
     model_dir: str | None = typer.Option(None, help="Base model (default runs/models/me5-small)."),
 ) -> None:
     """Prepare the data, mine the CLR and bge pools, import me5-small (skips what exists)."""
-    from conan_embedding.ablation import prepare_recipe_inputs
+    from conan_embedding.experiments.recipe_v1.inputs import prepare_recipe_inputs
 
     inputs = prepare_recipe_inputs(work_dir, data_dir, model_dir)
     typer.echo(f"recipe inputs in {inputs.data_dir}; base model {inputs.model_dir}")
@@ -61,8 +61,8 @@ def recipe_validate(
     ),
 ) -> None:
     """Read and validate recipe arms (base + overrides resolved); no data or model needed."""
-    from conan_embedding.ablation import recipe_arms, resolve_arm
     from conan_embedding.config import load_config
+    from conan_embedding.experiments.recipe_v1.arms import recipe_arms, resolve_arm
 
     failed = 0
     for arm in arms or recipe_arms():
@@ -101,7 +101,8 @@ def recipe_run(
     ),
 ) -> None:
     """Train one arm with one seed, evaluate it, write bench/results/recipe/ARM-sSEED.json."""
-    from conan_embedding.ablation import EVAL_TASKS, EvalSettings, run_arm
+    from conan_embedding.experiments.recipe_v1.arms import EVAL_TASKS
+    from conan_embedding.experiments.recipe_v1.run import EvalSettings, run_arm
 
     record = run_arm(arm, seed, work_dir, steps, threads,
                      tasks.split(",") if tasks else EVAL_TASKS, force, model_dir=model_dir,
@@ -125,7 +126,8 @@ def recipe_ablation(
     mixed_precision: str = typer.Option("no", help="no | bf16 | fp16 (see `recipe run`)."),
 ) -> None:
     """Prepare, evaluate the base, run each arm x seed, then write docs/results.md."""
-    from conan_embedding.ablation import ABLATION_ARMS, run_ablation
+    from conan_embedding.experiments.recipe_v1.arms import ABLATION_ARMS
+    from conan_embedding.experiments.recipe_v1.run import run_ablation
 
     chosen = [a for a in arms.split(",") if a] if arms else list(ABLATION_ARMS)
     page = run_ablation(chosen, int_list(seeds), work_dir, steps, threads, data_dir=data_dir,
@@ -143,7 +145,8 @@ def recipe_dims(
     tasks: str | None = typer.Option(None, help="Comma-separated eval tasks (default: 5 cheap)."),
 ) -> None:
     """Re-evaluate a finished arm with its embeddings truncated (what Matryoshka training buys)."""
-    from conan_embedding.ablation import DIM_TASKS, evaluate_dims
+    from conan_embedding.experiments.recipe_v1.arms import DIM_TASKS
+    from conan_embedding.experiments.recipe_v1.run import evaluate_dims
 
     record = evaluate_dims(result, int_list(dims), work_dir, threads,
                            tasks.split(",") if tasks else DIM_TASKS)  # fmt: skip
@@ -159,7 +162,7 @@ def recipe_report(
 ) -> None:
     """Regenerate docs/results.md and docs/results.png from the arm JSONs (first adding the
     hard-negative statistics to JSONs written without them, where the train logs remain)."""
-    from conan_embedding.ablation import backfill_negative_stats, write_results
+    from conan_embedding.experiments.recipe_v1.report import backfill_negative_stats, write_results
 
     backfill_negative_stats(results_dir)
     page = write_results(results_dir, out)

@@ -1,18 +1,25 @@
 """``train`` and its alias ``train-cbb``: one command for every embedding-stage config.
 
 ``train`` dispatches on the config: a ``cbb:`` section trains with cross-GPU batch balance
-(:class:`~conan_embedding.training.distributed.CBBTrainer`: virtual devices in one process,
+(:class:`~conan_embedding.training.cbb.CBBTrainer`: virtual devices in one process,
 one device per process under torchrun / accelerate launch), none the plain
 :class:`~conan_embedding.training.trainer.Trainer`. ``train-cbb`` is the same command that
 also refuses a config without ``cbb:``, as it always did. ``python -m
-conan_embedding.training.distributed CONFIG`` is ``train-cbb`` under its old name.
+conan_embedding.training.distributed CONFIG`` is ``train-cbb`` under its old name. Both render
+the model card here and hand it to the trainer (``readme=``).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from conan_embedding.cli import app, cli_errors, given, report_training
+
+if TYPE_CHECKING:
+    from conan_embedding.training.cbb import CBBTrainer
+    from conan_embedding.training.trainer import Trainer
 
 
 def run_training(
@@ -29,6 +36,7 @@ def run_training(
     """Load ``config`` with the options as overrides, train it with the trainer its ``cbb:``
     section asks for, and report the outcome (rank 0)."""
     from conan_embedding.config import load_config
+    from conan_embedding.reporting.card import readme_for
 
     overrides = {
         "output_dir": output_dir,
@@ -37,16 +45,17 @@ def run_training(
         "engine.mixed_precision": mixed_precision,
     }
     cfg = load_config(config, given(overrides))
+    readme = readme_for(cfg)
     if cfg.cbb is not None:
-        from conan_embedding.training.distributed import CBBTrainer
+        from conan_embedding.training.cbb import CBBTrainer
 
-        trainer = CBBTrainer(cfg)
+        trainer: Trainer | CBBTrainer = CBBTrainer(cfg, readme=readme)
     elif require_cbb:
         raise ValueError(f"{config}: no 'cbb' section (see configs/cbb-demo.yaml)")
     else:
         from conan_embedding.training.trainer import Trainer
 
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, readme=readme)
     report_training(trainer.train(resume=resume, show_progress=progress))
 
 

@@ -1,6 +1,6 @@
 """Conan-v2: tokenizer, LLM pretraining, SFT, the CPU demo and the decoder-conversion ablation
-(:mod:`conan_embedding.training.pretrain`, :mod:`conan_embedding.training.llm_embedding`,
-:mod:`conan_embedding.decoder_ablation`)."""
+(:mod:`conan_embedding.training.causal_lm`, :mod:`conan_embedding.training.soft_mask_weak`,
+:mod:`conan_embedding.experiments.decoder_v2`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Annotated, TypeVar
 import typer
 
 from conan_embedding.cli import app, cli_errors, given, load_settings
+from conan_embedding.config import StageConfig
 
-M = TypeVar("M")
+M = TypeVar("M", bound=StageConfig)
 
 
 @app.command("train-tokenizer")
@@ -26,8 +27,8 @@ def train_tokenizer_command(
     ),
 ) -> None:
     """Train a byte-level BPE tokenizer on your corpus."""
+    from conan_embedding.data.records import read_documents
     from conan_embedding.modeling.llm import save_tokenizer, train_tokenizer
-    from conan_embedding.training.pretrain import read_documents
 
     texts = [doc for path in inputs for doc in read_documents(path)]
     tokenizer = train_tokenizer(texts, vocab_size)
@@ -36,7 +37,7 @@ def train_tokenizer_command(
 
 # the options ``pretrain`` and ``sft`` share
 OutputDir = Annotated[str | None, typer.Option(help="Override output_dir.")]
-Steps = Annotated[int | None, typer.Option(help="Override steps.")]
+Steps = Annotated[int | None, typer.Option(help="Override optim.max_steps.")]
 Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")]
 Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda (engine.device).")]
 MixedPrecision = Annotated[str | None, typer.Option(help="no | bf16 | fp16.")]
@@ -53,14 +54,19 @@ def _run_stage(
     mixed_precision: str | None,
 ) -> tuple[M, dict]:
     """``config`` loaded as ``settings`` with the shared options as overrides, then
-    ``run(cfg, resume=resume)``; returns the settings and the run's summary."""
+    ``run(cfg, resume=resume)``; returns the settings and the run's summary.
+
+    ``--steps`` is set on the validated config, after an older file's flat ``steps:`` has
+    been moved to ``optim.max_steps`` (set in the file, the flat key would win over it)."""
     overrides = {
         "output_dir": output_dir,
-        "steps": steps,
         "engine.device": device,
         "engine.mixed_precision": mixed_precision,
     }
     cfg = load_settings(config, settings, overrides)
+    if steps is not None:
+        optim = cfg.optim.model_validate({**cfg.optim.model_dump(), "max_steps": steps})
+        cfg = cfg.model_copy(update={"optim": optim})
     return cfg, run(cfg, resume=resume)
 
 
@@ -77,7 +83,8 @@ def pretrain_command(
     mixed_precision: MixedPrecision = None,
 ) -> None:
     """Causal-LM pretraining with per-source mixing weights, packing and a perplexity curve."""
-    from conan_embedding.training.pretrain import PretrainConfig, run_pretraining
+    from conan_embedding.config import PretrainConfig
+    from conan_embedding.training.causal_lm import run_pretraining
 
     cfg, summary = _run_stage(
         config, PretrainConfig, run_pretraining, output_dir, steps, resume, device, mixed_precision
@@ -98,7 +105,8 @@ def sft_command(
     mixed_precision: MixedPrecision = None,
 ) -> None:
     """Supervised fine-tuning on (instruction, input, output) rows, loss on the output only."""
-    from conan_embedding.training.pretrain import SFTConfig, run_sft
+    from conan_embedding.config import SFTConfig
+    from conan_embedding.training.causal_lm import run_sft
 
     cfg, summary = _run_stage(
         config, SFTConfig, run_sft, output_dir, steps, resume, device, mixed_precision
@@ -120,7 +128,7 @@ def v2_demo_command(
     """Tokenizer + tiny LLM on the zh/en data -> SFT -> soft-mask embedder, with the ablation."""
     from pathlib import Path
 
-    from conan_embedding.training.llm_embedding import V2DemoConfig, run_v2_demo
+    from conan_embedding.experiments.v2_demo import V2DemoConfig, run_v2_demo
 
     overrides = {"output_dir": output_dir, "quick": quick or None}
     cfg = (
@@ -147,7 +155,7 @@ def v2_ablation_command(
     """Convert a pretrained decoder to an embedder under each mask schedule / LoRA arm."""
     from pathlib import Path
 
-    from conan_embedding.decoder_ablation import (
+    from conan_embedding.experiments.decoder_v2 import (
         ConversionAblationConfig,
         run_conversion_ablation,
     )

@@ -192,11 +192,11 @@ class EvalSet:
     relative_path: str
     group: EvalGroup
     read: Callable[[Path], Iterator[str]]
-    tasks: tuple[str, ...] = ()  # the evaluation/tasks.py tasks that score these rows
+    tasks: tuple[str, ...] = ()  # the evaluation/tasks/ tasks that score these rows
 
 
 # Every evaluation file in ../shared/data (see its README) and every hold-out we cut ourselves.
-# tests/test_leakage.py checks that each task of evaluation/tasks.py is named here.
+# tests/test_leakage.py checks that each task of evaluation/tasks/ is named here.
 EVAL_SETS: tuple[EvalSet, ...] = (
     EvalSet(
         "stsb-en-test",

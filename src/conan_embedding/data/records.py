@@ -7,6 +7,10 @@ Every training file is JSON lines; each line is one record of a single kind:
 - ``classification``  ``{"text": str, "label": str | int}``
 - ``pairs``           ``{"query": str, "pos": str}`` (weakly supervised pairs)
 
+The Conan-v2 LM stages read two more: SFT rows ``{"instruction": str, "input": str,
+"output": str}`` (:func:`read_sft_records`) and pretraining documents, a ``.txt`` with one
+document a line or a ``.jsonl`` of ``{"text": str}`` (:func:`read_documents`).
+
 Optional keys allowed everywhere: ``id`` (str) and ``meta`` (object). Any other key is an
 error, so a typo such as ``"negs"`` is caught instead of silently training without negatives.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import numpy as np
@@ -393,3 +398,33 @@ def write_records(path: str | os.PathLike[str], records: Iterable[BaseModel | di
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+# ---------------------------------------------------------------- the LM stages' files
+
+
+class SFTRecord(_Record):
+    """One SFT row; the model sees ``instruction \\n input \\n output``, the loss covers
+    ``output``. Its (``instruction + input``, ``output``) is also a weak-stage pair."""
+
+    instruction: str
+    input: str = ""
+    output: str = Field(min_length=1)
+
+
+def read_sft_records(path: str | os.PathLike[str]) -> list[SFTRecord]:
+    """Every row of an SFT file, validated; a bad row raises ``file:line: field: problem``."""
+    return [validated(SFTRecord, raw, path, n) for n, raw in iter_json_objects(path)]
+
+
+def read_documents(path: str | os.PathLike[str]) -> list[str]:
+    """Documents of a source file; a bad ``.jsonl`` row raises ``file:line: field 'text'``."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        documents = [text_field(row, "text", path, n) for n, row in iter_json_objects(path)]
+    else:
+        with open(path, encoding="utf-8-sig") as handle:
+            documents = [line.rstrip("\n") for line in handle if line.strip()]
+    if not documents:
+        raise ValueError(f"{path}: no documents")
+    return documents

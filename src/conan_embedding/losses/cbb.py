@@ -18,7 +18,7 @@ How: the retrieval part is :func:`~conan_embedding.losses.infonce.info_nce_loss`
 negatives of all devices merged *per query* (:func:`merge_rank_negatives`); the STS part is
 :func:`~conan_embedding.losses.cosent.cosent_loss`. Nothing is re-derived here: CBB is a
 statement about which candidates a denominator holds, so this module only builds that
-candidate layout, and :mod:`conan_embedding.training.distributed` supplies the per-device
+candidate layout, and :mod:`conan_embedding.training.cbb` supplies the per-device
 negatives (gathered with gradient across processes, or computed by virtual devices in one
 process).
 

@@ -9,7 +9,7 @@ the same contract, so the trainer does not know which one it runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -45,10 +45,20 @@ class NegativeProvider(Protocol):
     def on_step_end(self, step: int, encode: EncodeFn) -> dict[str, float]:
         """Hook after the optimizer step; returns numbers to log (may be empty)."""
 
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state (large arrays inside it as safetensors bytes, base64)."""
+    def state_dict(self, *, arrays: bool = True) -> dict[str, Any]:
+        """JSON-serialisable state; its arrays inline (safetensors bytes, base64), or left
+        to :meth:`state_tensors` with ``arrays=False`` (what a checkpoint stores)."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(
+        self, state: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Restore :meth:`state_dict`; ``tensors`` are :meth:`state_tensors` stored beside it."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The state's arrays as CPU tensors, for a safetensors file (empty: none)."""
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore the arrays of :meth:`state_tensors`."""
 
 
 class StaticNegatives:
@@ -80,8 +90,48 @@ class StaticNegatives:
     def on_step_end(self, step: int, encode: EncodeFn) -> dict[str, float]:
         return {}
 
-    def state_dict(self) -> dict[str, Any]:
+    # static negatives have no state: a resumed run rebuilds them from the records
+    def state_dict(self, *, arrays: bool = True) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(
+        self, state: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
         return None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        return None
+
+
+def split_provider_states(
+    providers: Mapping[str, NegativeProvider],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """For a checkpoint: ``(states, tensors)``; ``states`` (JSON) go into ``state.json``,
+    ``tensors`` (keyed ``<task>/<array>``) into a ``.safetensors`` file beside it."""
+    states: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, provider in providers.items():
+        states[name] = provider.state_dict(arrays=False)
+        tensors.update({f"{name}/{k}": v for k, v in provider.state_tensors().items()})
+    return states, tensors
+
+
+def restore_provider_states(
+    providers: Mapping[str, NegativeProvider],
+    states: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Inverse of :func:`split_provider_states` (``tensors`` as loaded from the file)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in (tensors or {}).items():
+        name, array = key.rsplit("/", 1)
+        grouped.setdefault(name, {})[array] = value
+    for name, state in states.items():
+        if name not in providers:
+            raise ValueError(
+                f"the checkpoint holds negative-provider state for unknown task {name!r}"
+            )
+        providers[name].load_state_dict(state, grouped.get(name))

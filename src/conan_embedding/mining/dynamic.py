@@ -78,7 +78,7 @@ import base64
 import inspect
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ from safetensors.torch import save as save_tensors
 
 from conan_embedding.config import DynamicNegativesConfig
 from conan_embedding.data.records import RetrievalRecord
-from conan_embedding.mining.base import EncodeFn, NegativeProvider
+from conan_embedding.mining.base import EncodeFn
 from conan_embedding.mining.index import build_index, search, texts_fingerprint
 from conan_embedding.mining.offline import (
     MiningConfig,
@@ -816,44 +816,6 @@ class DynamicNegatives:
         ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
         scores = np.concatenate(score_parts) if score_parts else np.zeros(0, np.float32)
         return ids.astype(np.int64), scores.astype(np.float32), offsets, pointer, kept
-
-
-def split_provider_states(
-    providers: Mapping[str, NegativeProvider],
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """For a checkpoint: ``(states, tensors)``; ``states`` (JSON) go into ``state.json``,
-    ``tensors`` (keyed ``<task>/<array>``) into a ``.safetensors`` file beside it."""
-    states: dict[str, Any] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, provider in providers.items():
-        if isinstance(provider, DynamicNegatives):
-            states[name] = provider.state_dict(arrays=False)
-            tensors.update({f"{name}/{k}": v for k, v in provider.state_tensors().items()})
-        else:
-            states[name] = provider.state_dict()
-    return states, tensors
-
-
-def restore_provider_states(
-    providers: Mapping[str, NegativeProvider],
-    states: Mapping[str, Any],
-    tensors: Mapping[str, torch.Tensor] | None = None,
-) -> None:
-    """Inverse of :func:`split_provider_states` (``tensors`` as loaded from the file)."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in (tensors or {}).items():
-        name, array = key.rsplit("/", 1)
-        grouped.setdefault(name, {})[array] = value
-    for name, state in states.items():
-        if name not in providers:
-            raise ValueError(
-                f"the checkpoint holds negative-provider state for unknown task {name!r}"
-            )
-        provider = providers[name]
-        if isinstance(provider, DynamicNegatives):
-            provider.load_state_dict(state, grouped.get(name))
-        else:
-            provider.load_state_dict(state)
 
 
 def build_dynamic_negatives(

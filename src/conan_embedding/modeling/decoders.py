@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import torch
 
+from conan_embedding.config.llm import Pooling
 from conan_embedding.modeling.soft_mask import (
     UnsupportedAttentionError,
     attention_layout,
@@ -49,7 +50,6 @@ from conan_embedding.modeling.soft_mask import (
     soft_masked_forward,
 )
 
-Pooling = Literal["mean", "lasttoken"]
 PaddingSide = Literal["left", "right"]
 POOLINGS: tuple[str, ...] = ("mean", "lasttoken")
 MODEL_INPUTS = ["input_ids", "attention_mask"]

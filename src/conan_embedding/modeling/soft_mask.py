@@ -63,12 +63,13 @@ right padding give the same vectors, also for GPT-2's absolute position embeddin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 
-Schedule = Literal["linear", "accelerating", "decelerating", "hard", "causal"]
-Variant = Literal["L_over_i", "i_over_L"]
+# the names a config may give (one definition, in the config vocabulary)
+from conan_embedding.config.llm import Schedule, Variant
+
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 

@@ -15,7 +15,8 @@ How a run goes (:meth:`Engine.run`):
    it returns the numbers to log (``loss`` at least, already averaged over ranks), and
    may return ``samples`` and ``tokens`` (int: examples and non-padding tokens this rank
    processed): the engine sums those over ranks and logs ``samples_per_s``,
-   ``tokens_per_s`` and, on every step, ``peak_mem_mb`` (:data:`THROUGHPUT_KEYS`).
+   ``tokens_per_s`` and, on every step, ``peak_mem_mb``
+   (:data:`~conan_embedding.training.monitor.THROUGHPUT_KEYS`).
 2. The engine clips, steps AdamW and the learning-rate schedule (warmup, then linear or
    cosine decay), zeroes the gradients, then calls ``program.after_step(step)`` (dynamic
    hard negatives, held-out evaluation), logs a JSONL row (rank 0), updates trackers and
@@ -33,32 +34,17 @@ A step program is plain PyTorch around a few engine calls:
   runs it, so 1 process and 2 processes give the same trajectory with dropout on;
 - :func:`all_gather_with_grad`, :meth:`mean_over_ranks`, :meth:`broadcast_object`.
 
-Checkpoints (``checkpoints/step-NNNNNN/``, safetensors and JSON, never a pickle for the plain
-and DDP cases) are written by every rank into one hidden folder that rank 0 renames into
-place after a barrier: ``model.safetensors`` and ``optimizer.safetensors`` (rank 0; under
-FSDP/DeepSpeed ``accelerate/`` from ``Accelerator.save_state``, sharded per rank),
-``state.json`` (step, world size, schedule; written last), and per rank
-``rank-RRRRR.json`` / ``rank-RRRRR.safetensors`` (the program's cursors and negative state,
-CPU and this rank's CUDA RNG states). On resume rank 0 picks the newest complete checkpoint
-and every rank loads that same step. ``output_dir`` must be on a filesystem every rank sees
-(a shared filesystem across nodes); a rank that cannot see rank 0's folder stops with that
-message. FSDP and DeepSpeed also checkpoint the last step, before ``finish`` gathers the model.
-
-Trust boundary: under FSDP/DeepSpeed the ``accelerate/`` folder is what
-``Accelerator.save_state`` writes, which includes pickles (``random_states_*.pkl``,
-DeepSpeed's ``*.pt`` optimizer shards); resuming unpickles them, so resume only from
-checkpoints you wrote yourself. The plain and DDP layouts hold no pickle.
+Checkpoints (``checkpoints/step-NNNNNN/``, every ``checkpoint_every`` steps, and the last
+step of a sharded run) are :class:`~conan_embedding.training.checkpoint.Checkpointer`'s: it
+owns their layout, atomic rename, rotation, per-rank files and RNG states, and the
+no-pickle guarantee. ``output_dir`` must be on a filesystem every rank sees.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
-import os
-import random
-import shutil
 import sys
 import time
 import warnings
@@ -71,15 +57,23 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from conan_embedding.config import EngineConfig, OptimConfig
 from conan_embedding.runtime import resolve_device
-from conan_embedding.training.checkpoint import (
-    list_checkpoints,
-    optimizer_from_flat,
-    optimizer_to_flat,
+from conan_embedding.training.accelerate_state import forget_previous_stage_plugins
+from conan_embedding.training.checkpoint import Checkpointer, jsonable
+from conan_embedding.training.monitor import (
+    chosen_trackers,
+    speed_text,
+    step_throughput,
+)
+from conan_embedding.training.precision import (
+    enable_gradient_checkpointing,
+    load_full_state,
+    meta_skeleton,
+    set_tf32,
+    upcast_trainable,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,49 +96,6 @@ class LoopSettings:
     keep_checkpoints: int = 2
     description: str = "training"
     log_name: str = "train_log.jsonl"
-
-
-def stage_engine(
-    config: EngineConfig,
-    output_dir: Path,
-    *,
-    steps: int,
-    lr: float,
-    warmup_ratio: float,
-    weight_decay: float,
-    seed: int,
-    description: str,
-    scheduler: str = "linear",
-    checkpoint_every: int = 1000,
-    keep_checkpoints: int = 2,
-    log_name: str = "train_log.jsonl",
-    find_unused_parameters: bool = False,
-) -> Engine:
-    """An engine for a stage whose config spells its optimiser out flat (the LLM stages).
-
-    ``find_unused_parameters`` is the stage's DDP default (off: a decoder uses every
-    weight; a stage with unused trainable weights passes True); ``engine.find_unused_parameters``
-    in the config overrides it.
-    """
-    optim = OptimConfig(
-        lr=lr,
-        warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay,
-        max_steps=steps,
-        grad_clip=1.0,
-        scheduler=scheduler,
-    )
-    settings = LoopSettings(
-        output_dir=output_dir,
-        steps=steps,
-        optim=optim,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints,
-        description=description,
-        log_name=log_name,
-    )
-    return Engine(config, settings, find_unused_parameters=find_unused_parameters)
 
 
 @dataclass
@@ -171,123 +122,6 @@ class StepProgram(Protocol):
 
 
 # --------------------------------------------------------------------------- devices
-def _trackers(names: list[str]) -> list[str]:
-    """``auto`` = TensorBoard when installed, plus W&B when installed and logged in."""
-    import importlib.util
-
-    chosen: list[str] = []
-    for name in names:
-        if name != "auto":
-            chosen.append(name)
-            continue
-        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-            chosen.append("tensorboard")
-        if importlib.util.find_spec("wandb") and os.environ.get("WANDB_API_KEY"):
-            chosen.append("wandb")
-    return list(dict.fromkeys(chosen))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-THROUGHPUT_KEYS = ("samples_per_s", "tokens_per_s", "peak_mem_mb")
-"""Keys of a step's log record that measure the machine, not the training: a comparison of
-two runs' trajectories (1 vs 2 processes, resumed vs not) must leave them out."""
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process in MiB: CUDA's max allocated on a GPU, else max RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
-
-
-def _speed_text(record: dict[str, Any]) -> str:
-    """``123 samples/s 4567 tok/s 890 MB`` for the progress bar and the log line."""
-    parts = []
-    if "samples_per_s" in record:
-        parts.append(f"{record['samples_per_s']:.1f} samples/s")
-    if "tokens_per_s" in record:
-        parts.append(f"{record['tokens_per_s']:.0f} tok/s")
-    parts.append(f"{record.get('peak_mem_mb', 0):.0f} MB")
-    return " ".join(parts)
-
-
-def split_state(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
-    """Tensors and arrays of a nested dict go to safetensors, the rest stays JSON."""
-    tensors: dict[str, torch.Tensor] = {}
-    if isinstance(state, torch.Tensor | np.ndarray):
-        key = prefix or "value"
-        tensors[key] = torch.as_tensor(state).detach().cpu().contiguous()
-        return {"__tensor__": key}, tensors
-    if isinstance(state, dict):
-        out = {}
-        for k, v in state.items():
-            out[k], found = split_state(v, f"{prefix}.{k}" if prefix else str(k))
-            tensors.update(found)
-        return out, tensors
-    return _jsonable(state), tensors
-
-
-def merge_state(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(state, dict):
-        if set(state) == {"__tensor__"}:
-            return tensors[state["__tensor__"]]
-        return {k: merge_state(v, tensors) for k, v in state.items()}
-    return state
-
-
-_LAUNCHED_WITH_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-"""Whether the launcher (``accelerate launch`` with a DeepSpeed config) asked for DeepSpeed,
-read before any engine ran: accelerate writes the same variable itself whenever an
-``Accelerator`` gets a DeepSpeed plugin, so later it no longer tells the two apart."""
-
-
-def _forget_previous_stage_plugins() -> None:
-    """Undo what an earlier engine of this process left in accelerate's process-wide state.
-
-    One process may run several stages (the v2 demo). An ``Accelerator`` given a DeepSpeed
-    plugin sets ``ACCELERATE_USE_DEEPSPEED=true`` for the whole process, and the next
-    ``Accelerator`` would silently build a default ``DeepSpeedPlugin()`` from it. It also
-    writes its distributed type (DEEPSPEED, FSDP) into ``PartialState``, which survives the
-    engine's reset and which accelerate does not recompute, so a plain stage would go on
-    as DeepSpeed (or FSDP without its plugin). Called when this engine has no DeepSpeed of
-    its own; what the launcher asked for (DeepSpeed or FSDP from its environment) is kept.
-    """
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    if _LAUNCHED_WITH_DEEPSPEED:
-        return
-    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    shared = PartialState._shared_state
-    if shared.get("distributed_type") in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        state = PartialState()
-        if state.backend is None:
-            shared["distributed_type"] = DistributedType.NO
-        else:  # what PartialState itself chose for this launcher and device
-            _, shared["distributed_type"] = state._prepare_backend(state._cpu, False, state.backend)
-
-
-def set_tf32(enabled: bool, device: torch.device) -> None:
-    """TF32 for fp32 matmuls/convolutions on CUDA (``engine.tf32``), set either way so a
-    previous stage's choice does not leak into this one; nothing on other devices."""
-    if device.type != "cuda":
-        return
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    torch.backends.cudnn.allow_tf32 = enabled
-
-
 class Engine:
     """Owns devices, precision, processes, optimisation, checkpoints and logging for a run."""
 
@@ -335,7 +169,7 @@ class Engine:
             if not Path(config.deepspeed).is_file():
                 raise FileNotFoundError(f"engine.deepspeed: no such file {config.deepspeed}")
             deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=str(config.deepspeed))
-        trackers = _trackers(config.trackers)
+        trackers = chosen_trackers(config.trackers)
         # one process may run several stages (the v2 demo: pretrain, SFT, weak, supervised),
         # each with its own precision: accelerate keeps that choice in a process-wide
         # singleton, so forget it (the process group, PartialState, is kept)
@@ -343,7 +177,7 @@ class Engine:
 
         AcceleratorState._reset_state(reset_partial_state=False)
         if deepspeed_plugin is None:
-            _forget_previous_stage_plugins()
+            forget_previous_stage_plugins()
         # cpu=True is what makes torchrun on a CPU machine a MULTI_CPU (gloo, DDP) run
         # instead of N processes that each train alone; accelerate refuses DeepSpeed under
         # cpu=True, and DeepSpeed picks its device itself (DS_ACCELERATOR=cpu on a CPU
@@ -365,6 +199,9 @@ class Engine:
         self.optimizer: Any = None
         self.scheduler: Any = None
         self._skeleton: torch.nn.Module | None = None
+        self.checkpointer = Checkpointer(
+            self, self.output_dir / "checkpoints", keep=settings.keep_checkpoints
+        )
 
     # ------------------------------------------------------------------ processes
     @property
@@ -585,7 +422,7 @@ class Engine:
                     warnings.simplefilter("ignore", UserWarning)
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                record.update(self._throughput(record, step_began))
+                record.update(step_throughput(record, step_began, self.device, self.distributed))
                 record.update(program.after_step(step + 1) or {})
                 record["lr"] = self.scheduler.get_last_lr()[0]
                 record = {
@@ -595,12 +432,12 @@ class Engine:
                 history.append(record)
                 if self.is_main:
                     with open(log_path, "a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(_jsonable(record)) + "\n")
+                        handle.write(json.dumps(jsonable(record)) + "\n")
                 if self.trackers:
                     numbers = {k: v for k, v in record.items() if isinstance(v, int | float)}
                     self.accelerator.log(numbers, step=step + 1)
                 bar.update(1)
-                speed = _speed_text(record)
+                speed = speed_text(record)
                 bar.set_postfix_str(f"loss={loss_value:.4f} {speed}", refresh=False)
                 if self.is_main and (
                     (step + 1) % settings.log_every == 0 or not interactive and step == start
@@ -644,38 +481,6 @@ class Engine:
             if handler is not None:
                 logging.getLogger("conan_embedding").removeHandler(handler)
                 handler.close()
-
-    def _throughput(self, record: dict[str, Any], began: float) -> dict[str, Any]:
-        """The step's rates and peak memory (see :data:`THROUGHPUT_KEYS`).
-
-        A program's ``step()`` may report ``samples`` (examples) and ``tokens`` (non-padding
-        tokens) it processed on this rank; they are summed over ranks (one small all-reduce
-        per step, on every rank whatever it reported, so the ranks never disagree about the
-        collective) and replaced by the sums, and divided by the step's wall time (forward,
-        backward and optimizer, not ``after_step``: evaluation and mining are not
-        throughput). ``peak_mem_mb`` is this rank's peak since the run began: CUDA's
-        ``max_memory_allocated`` on a GPU, the process's max RSS elsewhere.
-        """
-        counts = [
-            float(record.get("samples", 0)),
-            float(record.get("tokens", 0)),
-            float("samples" in record),
-            float("tokens" in record),
-        ]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the optimizer step runs asynchronously
-        seconds = max(time.perf_counter() - began, 1e-9)
-        if self.distributed:
-            total = torch.tensor(counts, dtype=torch.float64, device=self.device)
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-            counts = total.tolist()
-        out: dict[str, Any] = {}
-        for index, key in enumerate(("samples", "tokens")):
-            if counts[index + 2]:  # some rank reported it
-                out[key] = int(counts[index])
-                out[f"{key}_per_s"] = counts[index] / seconds
-        out["peak_mem_mb"] = peak_memory_mb(self.device)
-        return out
 
     def _file_logging(self) -> logging.Handler | None:
         root = logging.getLogger("conan_embedding")
@@ -729,272 +534,21 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, program: StepProgram) -> Path:
-        directory = self.output_dir / "checkpoints"
-        final = directory / f"step-{step:06d}"
-        tmp = directory / f".tmp-step-{step:06d}"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.wait()
-        check_shared_folder(tmp, self.rank)
-        try:
-            if self.sharded_state:
-                self.accelerator.save_state(str(tmp / "accelerate"), safe_serialization=True)
-            elif self.is_main:
-                from safetensors.torch import save_model
-
-                save_model(self.unwrap(), str(tmp / "model.safetensors"))
-                tensors, meta = optimizer_to_flat(self.optimizer)
-                save_file(tensors, str(tmp / "optimizer.safetensors"))
-                (tmp / "optimizer.json").write_text(json.dumps(meta), encoding="utf-8")
-            self._save_rank_state(tmp, program)
-            self.wait()
-            if self.is_main:
-                sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
-                state = {"step": step, "world_size": self.world_size, "scheduler": sched}
-                (tmp / "state.json").write_text(json.dumps(_jsonable(state)), encoding="utf-8")
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-                for old in list_checkpoints(directory)[: -self.settings.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.wait()
-        return final
-
-    def _save_rank_state(self, folder: Path, program: StepProgram) -> None:
-        rng: dict[str, Any] = {"torch_cpu": torch.get_rng_state(), **cuda_rng_state(self.device)}
-        py_state = random.getstate()
-        np_state = np.random.get_state()
-        payload = {
-            "program": program.state_dict(),
-            "rng": rng,
-            "python_random": [py_state[0], list(py_state[1]), py_state[2]],
-            "numpy_random": {
-                "kind": np_state[0],
-                "keys": np_state[1].astype(np.int64),
-                "pos": int(np_state[2]),
-                "has_gauss": int(np_state[3]),
-                "cached_gaussian": float(np_state[4]),
-            },
-        }
-        meta, tensors = split_state(payload)
-        name = f"rank-{self.rank:05d}"
-        save_file(tensors, str(folder / f"{name}.safetensors"))
-        (folder / f"{name}.json").write_text(json.dumps(meta), encoding="utf-8")
+        """Write ``checkpoints/step-NNNNNN`` with ``program``'s state (every rank)."""
+        self.checkpointer.register("program", program)
+        return self.checkpointer.save(step)
 
     def _resume(self, program: StepProgram) -> int:
-        found = list_checkpoints(self.output_dir / "checkpoints") if self.is_main else []
-        chosen = str(found[-1]) if found else None
-        chosen = self.broadcast_object(chosen)
-        if chosen is None:
-            logger.info("no checkpoint in %s: starting from step 0", self.output_dir)
-            return 0
-        path = Path(chosen)
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        if state["world_size"] != self.world_size:
-            raise ValueError(
-                f"{path}: written by {state['world_size']} processes, resumed with "
-                f"{self.world_size}; resume with the same process count"
-            )
-        if self.sharded_state:
-            self.accelerator.load_state(str(path / "accelerate"))
-        else:
-            from safetensors.torch import load_model
-
-            # safetensors names the CPU "cpu" (accelerate's MULTI_CPU device is "cpu:0")
-            device = "cpu" if self.device.type == "cpu" else str(self.device)
-            load_model(self.unwrap(), str(path / "model.safetensors"), device=device)
-            meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
-            optimizer_from_flat(
-                self.optimizer, load_file(str(path / "optimizer.safetensors")), meta
-            )
-        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **state["scheduler"]})
-        name = f"rank-{self.rank:05d}"
-        meta = json.loads((path / f"{name}.json").read_text(encoding="utf-8"))
-        payload = merge_state(meta, load_file(str(path / f"{name}.safetensors")))
-        program.load_state_dict(payload["program"])
-        torch.set_rng_state(payload["rng"]["torch_cpu"])
-        cuda_state = pick_cuda_rng_state(payload["rng"], self.device)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, self.device)
-        version, internal, gauss = payload["python_random"]
-        random.setstate((version, tuple(internal), gauss))
-        nps = payload["numpy_random"]
-        keys = nps["keys"].numpy().astype(np.uint32)
-        np.random.set_state(
-            (nps["kind"], keys, nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
-        )
-        step = int(state["step"])
+        """Load the newest checkpoint into the model, optimizer, schedule, ``program`` and
+        RNGs; returns its step (0: none). The log keeps only the steps up to it."""
+        self.checkpointer.register("program", program)
+        step = self.checkpointer.resume()
         log_path = self.output_dir / self.settings.log_name
-        if self.is_main and log_path.exists():  # drop the killed run's steps past the checkpoint
+        if step and self.is_main and log_path.exists():  # drop the killed run's later steps
             kept = [
                 line
                 for line in log_path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line)["step"] <= step
             ]
             log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        logger.info("resumed from %s at step %d", path, step)
         return step
-
-
-def check_shared_folder(folder: Path, rank: int) -> None:
-    """Fail clearly when ``folder``, made by rank 0 before a barrier, is not visible here.
-
-    Every rank writes its own files into rank 0's checkpoint folder, so ``output_dir`` must
-    be on a filesystem every node sees; on node-local disks the other nodes would otherwise
-    die on a bare ``FileNotFoundError`` inside accelerate or safetensors.
-    """
-    if not folder.is_dir():
-        raise RuntimeError(
-            f"rank {rank} cannot see the checkpoint folder {folder} that rank 0 created: "
-            "output_dir must be on a filesystem every rank sees (a shared filesystem such "
-            "as NFS or Lustre for multi-node runs, not a node-local disk)"
-        )
-
-
-def upcast_trainable(model: torch.nn.Module) -> list[str]:
-    """Make every trainable floating parameter fp32 (in place); returns the names changed.
-
-    Why: a model loaded with ``torch_dtype: bfloat16`` would get AdamW straight over bf16
-    weights, with no fp32 master copy: at lr 2e-5 and weights ~0.05 (bf16's step there is
-    ~2.4e-4) most updates round to nothing and training stalls without an error. fp32
-    master weights plus autocast (``engine.mixed_precision: bf16``) computes in bf16 all
-    the same. Frozen parameters keep their dtype (they take no updates, and a frozen bf16
-    backbone is what saves the memory). Upcasting is always possible for floating
-    tensors, so this warns instead of refusing.
-    """
-    changed: list[str] = []
-    for name, parameter in model.named_parameters():
-        if (
-            parameter.requires_grad
-            and parameter.dtype.is_floating_point
-            and parameter.dtype != torch.float32
-        ):
-            parameter.data = parameter.data.float()
-            changed.append(name)
-    if changed:
-        logger.warning(
-            "%d trainable parameters were not float32 (e.g. %s): upcast to float32 so the "
-            "optimizer keeps full-precision weights; for bf16 compute set "
-            "engine.mixed_precision: bf16 instead of loading the model in bf16",
-            len(changed),
-            changed[0],
-        )
-    return changed
-
-
-def cuda_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """This rank's own CUDA generator state, keyed ``torch_cuda`` (empty off CUDA).
-
-    Only the rank's device: torchrun shows every rank all 8 GPUs, and saving all of them
-    made a resume with fewer visible devices (SLURM's per-task GPUs) fail.
-    """
-    if device.type != "cuda":
-        return {}
-    return {"torch_cuda": torch.cuda.get_rng_state(device)}
-
-
-def pick_cuda_rng_state(rng: dict[str, Any], device: torch.device) -> torch.Tensor | None:
-    """The CUDA RNG state for ``device`` from a checkpoint's rank file, or None.
-
-    New checkpoints hold ``torch_cuda``. Older ones hold ``torch_cuda_<i>`` for every visible
-    GPU: the rank's own index is ``device.index`` (LOCAL_RANK), taken from that key alone,
-    never by sorting the keys (which put 10 before 2).
-    """
-    if device.type != "cuda":
-        return None
-    if "torch_cuda" in rng:
-        return rng["torch_cuda"]
-    return rng.get(f"torch_cuda_{device.index or 0}")
-
-
-# --------------------------------------------------------------------------- consolidation
-def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose parameters live on the ``meta`` device (no memory).
-
-    Why: FSDP2's ``fully_shard`` turns the module itself into a sharded one (DTensor
-    parameters) and ZeRO-3 partitions its parameters in place, so once ``prepare`` has run
-    there is no plain module left to load the gathered weights into. The skeleton is taken
-    before ``prepare``; the parameters are swapped for meta tensors through ``deepcopy``'s
-    memo, so the copy never duplicates the weights (a 1.4B model would need 5.6 GB more).
-    Buffers are copied for real: they are small, and the non-persistent ones (rotary
-    frequencies, position ids) are not in any state dict. Tied parameters stay one object.
-    A ZeRO-3 parameter born partitioned (``zero3_init_flag``) has shape ``[0]``; its full
-    shape is ``ds_shape``.
-    """
-    memo: dict[int, Any] = {}
-    for parameter in model.parameters():  # remove_duplicate: a tied weight once
-        shape = tuple(getattr(parameter, "ds_shape", parameter.shape))
-        memo[id(parameter)] = torch.nn.Parameter(
-            torch.empty(shape, dtype=parameter.dtype, device="meta"),
-            requires_grad=parameter.requires_grad,
-        )
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as error:  # noqa: BLE001 - any copy failure gets the same advice
-        raise RuntimeError(
-            f"the engine keeps an unsharded skeleton of the model for FSDP/DeepSpeed runs "
-            f"(to save the trained weights at the end), but {type(model).__name__} cannot be "
-            f"deep-copied: {error}"
-        ) from error
-
-
-def load_full_state(skeleton: torch.nn.Module, full: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A fresh CPU module: a copy of ``skeleton`` (see :func:`meta_skeleton`) holding ``full``.
-
-    Each tensor is cast to the dtype the skeleton's parameter had before training (a
-    DeepSpeed bf16 run gathers 16-bit weights; the model was built fp32). ``assign=True``
-    replaces the meta tensors, which unties tied weights, so every group of names that
-    shared one parameter in the skeleton shares the loaded one again; a tied name missing
-    from ``full`` is filled that way too. Anything still on ``meta`` afterwards is an error
-    naming the keys, never a silently random weight.
-    """
-    model = copy.deepcopy(skeleton)  # meta parameters: free; the skeleton stays reusable
-    expected = model.state_dict(keep_vars=True)
-    unexpected = sorted(set(full) - set(expected))
-    if unexpected:
-        raise ValueError(f"gathered state has keys the model lacks: {unexpected[:5]}")
-    cast = {
-        k: v.detach().to(device="cpu", dtype=expected[k].dtype)
-        if v.is_floating_point() and expected[k].is_floating_point()
-        else v.detach().cpu()
-        for k, v in full.items()
-    }
-    groups: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(parameter), []).append(name)
-    model.load_state_dict(cast, strict=False, assign=True)
-    for names in groups.values():
-        present = [n for n in names if n in cast]
-        if len(names) < 2 or not present:
-            continue
-        source = model.get_parameter(present[0])
-        for name in names:
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._parameters[leaf] = source
-    still_meta = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
-    if still_meta:
-        raise ValueError(f"gathered state lacks weights for {still_meta[:5]}")
-    return model
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
-    """Turn on activation checkpointing in every Hugging Face model inside ``model``
-    (non-reentrant, so it composes with DDP and frozen embeddings); returns how many."""
-    from transformers import PreTrainedModel
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
-            module.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            count += 1
-    if not count:
-        raise ValueError(
-            "gradient_checkpointing: the model holds no Hugging Face model that supports it"
-        )
-    return count

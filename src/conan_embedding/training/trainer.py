@@ -55,13 +55,19 @@ from conan_embedding.losses import (
     matryoshka_loss,
 )
 from conan_embedding.losses.infonce import own_negative_scores
-from conan_embedding.mining.base import NegativeProvider, StaticNegatives
-from conan_embedding.modeling.embedder import build_embedder, save_embedder
+from conan_embedding.mining.base import (
+    NegativeProvider,
+    StaticNegatives,
+    restore_provider_states,
+    split_provider_states,
+)
+from conan_embedding.modeling.embedder import ReadmeWriter, build_embedder, save_embedder
 from conan_embedding.training.collectives import all_gather_no_grad, all_gather_with_grad
 from conan_embedding.training.engine import (
     Engine,
     LoopSettings,
     RunResult,
+    StepProgram,
     TrainingDivergedError,
 )
 
@@ -71,6 +77,31 @@ __all__ = ["Trainer", "TrainResult", "TrainingDivergedError", "encode_with_grad"
 
 _QUERIES, _DOCUMENTS = 0, 1
 """Which encode of a shard a dropout seed belongs to."""
+
+
+ReadmeFor = Callable[[dict[str, int]], str | ReadmeWriter]
+"""The saved model's ``README.md`` given the rows each task trained on (the model card,
+rendered by the layer above training: ``cli/train.py``); None keeps sentence-transformers'."""
+
+
+EngineCheck = Callable[[str, "int | None", bool], None]
+"""``check(distributed_type, zero_stage, distributed)``: raises for engine settings a step
+program cannot run under (accelerate's ``DistributedType`` value, the DeepSpeed ZeRO stage)."""
+
+
+@dataclass(frozen=True)
+class DeviceLayout:
+    """How another step program that composes a :class:`Trainer` lays tasks out on devices.
+
+    The plain trainer (``Trainer(config)``, no layout) cuts each task's global batch into
+    shards across processes and gathers candidates from every rank. A program with its own
+    device map (cross-GPU batch balance, :mod:`conan_embedding.training.cbb`) passes one: each
+    of its devices' batches is one unshared shard, a retrieval task's provider serves
+    ``negatives_per_query`` negatives, and ``check_engine`` refuses what it cannot run.
+    """
+
+    negatives_per_query: Callable[[TaskConfig], int]
+    check_engine: EngineCheck
 
 
 @dataclass
@@ -212,16 +243,21 @@ class Trainer:
         model: SentenceTransformer | None = None,
         negative_providers: dict[str, NegativeProvider] | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
+        *,
+        readme: ReadmeFor | None = None,
+        layout: DeviceLayout | None = None,
     ):
-        if config.cbb is not None and not self._handles_cbb():
+        if config.cbb is not None and layout is None:
             raise ValueError(
                 "the config has a 'cbb' section: train it with `conan-embed train CONFIG` "
-                "(the section selects training.distributed.CBBTrainer; under torchrun: "
+                "(the section selects training.cbb.CBBTrainer; under torchrun: "
                 "`torchrun ... -m conan_embedding.cli train CONFIG`), or remove the section"
             )
+        self.layout = layout
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.on_step = on_step
+        self.readme = readme
         set_seed(config.seed)
         mc = config.model
         # the model is built before the engine: under DeepSpeed ZeRO-3 with zero3_init_flag,
@@ -296,9 +332,6 @@ class Trainer:
         self.engine.prepare(self.model)
         self._decide_negatives_on_rank_0()
 
-    def _handles_cbb(self) -> bool:
-        return False
-
     def _engine_sharding(self) -> tuple[str, int | None]:
         """accelerate's distributed type (``"FSDP"``, ``"DEEPSPEED"``, ``"MULTI_GPU"``, ...) and
         the DeepSpeed ZeRO stage (None without DeepSpeed)."""
@@ -328,6 +361,8 @@ class Trainer:
             )
         ]
         check_dhnm_supported(*self._engine_sharding(), dynamic)
+        if self.layout is not None:
+            self.layout.check_engine(*self._engine_sharding(), self.engine.distributed)
 
     def _decide_negatives_on_rank_0(self) -> None:
         """Several processes: DHNM's rules (and any re-encoding) run on rank 0, which
@@ -350,6 +385,9 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup helpers
     def _setup_shards(self) -> None:
+        if self.layout is not None:  # the layout's owner puts each device's batch itself
+            self.shards, self.my_shards = 1, range(1)
+            return
         engine = self.engine
         self.shards = self.config.engine.shards or engine.world_size
         if self.shards % engine.world_size:
@@ -466,6 +504,8 @@ class Trainer:
         return plugin.zero3_init_context_manager(enable=False)
 
     def _default_provider(self, task: TaskConfig) -> NegativeProvider:
+        if self.layout is not None:
+            task = task.model_copy(update={"negatives": self.layout.negatives_per_query(task)})
         records = self.records[task.name]
         if task.dynamic_negatives.rule == "none":
             return StaticNegatives(records, task.negatives)
@@ -514,6 +554,8 @@ class Trainer:
         return torch.cat(out)
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        if self.layout is not None:  # a laid-out device's batch is its own: nothing crosses
+            return local
         return torch.cat(all_gather_with_grad(local))
 
     def _gathered_documents(
@@ -536,7 +578,7 @@ class Trainer:
         return self.my_shards.start * (batch // self.shards)
 
     # ----------------------------------------------------------------- losses per kind
-    def _loss(
+    def task_loss(
         self,
         task: TaskConfig,
         step: int,
@@ -687,12 +729,12 @@ class Trainer:
         tasks = {t.name: t for t in self.config.tasks}
         names = self.schedule.tasks_for_step(step)
         record: dict[str, float] = {}
-        self.step_counts = {"samples": 0, "tokens": 0}
+        self.reset_step_counts()
         local = torch.zeros(len(names), dtype=torch.float64)
         for index, name in enumerate(names):
             task = tasks[name]
             with self.engine.sync(last=index == len(names) - 1):
-                loss, stats = self._loss(task, step)
+                loss, stats = self.task_loss(task, step)
                 self.engine.check_finite(loss, f"task '{name}'", step)
                 self.engine.backward(task.weight * loss)
             local[index] = loss.item()
@@ -705,6 +747,11 @@ class Trainer:
         record["loss"] = total
         record.update(self.step_counts)  # this rank's texts and tokens (engine sums ranks)
         return record
+
+    def reset_step_counts(self) -> dict[str, int]:
+        """Start counting this step's texts and tokens (``step_counts``, returned)."""
+        self.step_counts = {"samples": 0, "tokens": 0}
+        return self.step_counts
 
     def after_step(self, step: int) -> dict[str, float]:
         record: dict[str, float] = {}
@@ -735,8 +782,6 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Sampler cursors and negative-provider state (DHNM arrays go to safetensors)."""
-        from conan_embedding.mining.dynamic import split_provider_states
-
         states, arrays = split_provider_states(self.providers)
         return {
             "streams": {k: s.state_dict() for k, s in self.streams.items()},
@@ -745,8 +790,6 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from conan_embedding.mining.dynamic import restore_provider_states
-
         for name, stream_state in state["streams"].items():
             self.streams[name].load_state_dict(stream_state)
         restore_provider_states(self.providers, state["providers"], state.get("provider_arrays"))
@@ -759,7 +802,6 @@ class Trainer:
         if model is None:
             return
         from conan_embedding.modeling.lora import merged
-        from conan_embedding.reporting.card import card_info_from_config, card_writer
 
         model[0].model = merged(model[0].model)
 
@@ -772,20 +814,24 @@ class Trainer:
                 "steps": self.config.optim.max_steps,
                 "processes": engine.world_size,
             },
-            readme=card_writer(card_info_from_config(self.config, rows)),
+            readme=self.readme(rows) if self.readme is not None else None,
         )
         plot_losses(self.output_dir / "train_log.jsonl", self.output_dir / "loss.png")
         logger.info("saved the model to %s after %.1f s", self.model_dir, result.seconds)
 
     # ----------------------------------------------------------------- entry point
-    def train(self, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    def train(
+        self, resume: bool = False, show_progress: bool = True, program: StepProgram | None = None
+    ) -> TrainResult:
+        """Run the stage on the engine; ``program`` (default: this trainer's own step) is a
+        step program composing this trainer, such as CBB's."""
         config = self.config
         if self.engine.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(
                 config.model_dump_json(indent=2), encoding="utf-8"
             )
-        result = self.engine.run(self, resume=resume, show_progress=show_progress)
+        result = self.engine.run(program or self, resume=resume, show_progress=show_progress)
         return TrainResult(
             self.output_dir,
             self.output_dir / "model",

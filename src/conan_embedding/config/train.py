@@ -1,0 +1,170 @@
+"""The embedding stages' config (weak / supervised / CBB): :class:`TrainConfig` and its
+parts, and :func:`load_config`, which reads one and resolves its task paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from conan_embedding.config.common import EngineConfig, LoraSettings, OptimConfig, StrictModel
+from conan_embedding.config.loader import load_yaml
+
+
+class ModelConfig(StrictModel):
+    name: str = "all-MiniLM-L6-v2"
+    pooling: Literal["cls", "mean", "lasttoken"] | None = None
+    dense_dim: int | None = None
+    normalize: bool = True
+    max_seq_length: int | None = 128
+    prompts: dict[str, str] = Field(default_factory=dict)
+    query_prompt: str | None = None
+    """Prompt name (key of ``prompts``) put before queries/first sentences; None = none."""
+    passage_prompt: str | None = None
+    freeze_word_embeddings: bool = False
+    lora: LoraSettings | None = None
+    """Train LoRA adapters on the backbone instead of every weight (merged when saved)."""
+    model_kwargs: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Passed to ``from_pretrained`` of the backbone, e.g. ``{torch_dtype: bfloat16,
+    attn_implementation: sdpa}``."""
+    matryoshka_dims: list[int] = Field(default_factory=list)
+    matryoshka_weights: list[float] | None = None
+
+
+class DynamicNegativesConfig(StrictModel):
+    """Dynamic hard negative mining (``mining.dynamic``); ``rule: none`` keeps negatives static."""
+
+    rule: Literal["none", "v1", "v2"] = "none"
+    pool_path: str | None = None
+    check_every: int = Field(100, gt=0)
+    """v1: check every N steps (paper: 100; the v2 paper says 1k)."""
+    v1_decay: float = 1.15
+    v1_abs_cap: float = 0.8
+    v1_current: Literal["encode", "observed"] = "encode"
+    """v1's "current" score: re-encode the sample's negatives at the check (the paper), or
+    reuse the last scores the loss computed (free, possibly stale)."""
+    v2_never_hard: float = 0.4
+    """v2: a negative whose score at assignment ``S_0`` is below this was never hard. The
+    paper's 0.4 assumes its model's score scale: set it under the pool's typical scores
+    (``conan-embed mine`` reports them) or use ``thresholds: pool_quantile``, else every
+    candidate counts as never hard and v2 walks down the pool to easier ones (measured with
+    MiniLM on STS-B, see tests/test_dynamic_integration.py)."""
+    v2_decay: float = 1.2
+    v2_abs_cap: float = 0.7
+    thresholds: Literal["absolute", "pool_quantile"] = "absolute"
+    """``absolute``: the numbers above are cosine scores (the papers'). ``pool_quantile``: the
+    same numbers are applied to each score's quantile ``F(s)`` in the pool's score distribution,
+    so the rule works on a model whose scores sit in a narrow band (e.g. me5-small, ~0.89)."""
+    initial_score: Literal["auto", "pool", "assignment"] = "auto"
+    """``S_0``: the pool's mined score (``pool``), the current model's score at assignment
+    (``assignment``), or ``auto``: the pool's when its meta matches the training model's."""
+    calibration_size: int = Field(1024, gt=0)
+    """``pool_quantile`` without pool scores on the model's scale: fit ``F`` on this many S_0."""
+    pool_offset: int = Field(10, ge=0)
+    remine_every: int = Field(0, ge=0)
+    """Beyond the paper: re-mine the pools with the current model every N steps (0 = off)."""
+    remine_relative_margin: float | None = 0.05
+    encode_batch: int = Field(256, gt=0)
+
+
+class TaskConfig(StrictModel):
+    name: str
+    kind: Literal["retrieval", "sts", "classification", "pairs"]
+    path: str
+    batch_size: int = Field(gt=0)
+    weight: float = Field(1.0, ge=0)
+    negatives: int = Field(0, ge=0)
+    """Hard negatives per query (retrieval) or other-label texts per text (classification)."""
+    max_rows: int | None = None
+    score_scale: float | None = None
+    """Divide STS gold scores by this (CoSENT only needs their order; kept for reporting)."""
+    in_batch_negatives: bool = True
+    dynamic_negatives: DynamicNegativesConfig = Field(default_factory=DynamicNegativesConfig)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> TaskConfig:
+        if self.kind in ("sts", "pairs") and self.negatives:
+            raise ValueError(f"task '{self.name}': {self.kind} tasks take no negatives")
+        return self
+
+
+class TeacherFilterConfig(StrictModel):
+    """Weak stage: drop pairs the teacher embedder scores below ``threshold`` (paper: 0.4)."""
+
+    model: str
+    threshold: float = 0.4
+    batch_size: int = 64
+
+
+class CBBConfig(StrictModel):
+    """Cross-GPU batch balance (``training.cbb``): every task in every step.
+
+    ``world_size`` devices, real (one ``torchrun`` process each) or virtual (one process steps
+    through them). ``task_ranks`` maps a task name to the devices that run it; when empty,
+    retrieval tasks run on devices ``0..W-2`` and every other task on the last one (all on
+    device 0 when ``W == 1``). Devices of a retrieval task share its queries and positives and
+    each holds ``negatives`` different hard negatives per query; ``beta`` weighs STS (CoSENT)
+    tasks: ``L = InfoNCE + beta * CoSENT``.
+    """
+
+    world_size: int = Field(2, ge=1)
+    task_ranks: dict[str, list[int]] = Field(default_factory=dict)
+    beta: float = Field(0.8, ge=0)
+    grad_cache: bool = True
+    """Virtual devices: encode each device's share twice (GradCache: memory of one device) or
+    all at once with their graphs (faster; needs memory for all of them)."""
+    in_batch_negatives: bool = False
+    """The paper's L_CBB: a query's denominator holds its positive and the N devices' negatives
+    of that query only. True adds the other queries' positives and negatives."""
+
+
+class TrainConfig(StrictModel):
+    stage: Literal["weak", "supervised"] = "supervised"
+    output_dir: str = "runs/train"
+    seed: int = 42
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    temperature: float = Field(0.05, gt=0)
+    task_schedule: Literal["round_robin", "random_task", "proportional", "all_tasks"] = (
+        "round_robin"
+    )
+    """How each step picks its task(s); every batch holds one task (task-homogeneous).
+    ``all_tasks`` steps through every task each step and sums their losses (the
+    single-process reading of Conan's cross-GPU batch balance)."""
+    tasks: list[TaskConfig] = Field(min_length=1)
+    teacher_filter: TeacherFilterConfig | None = None
+    cbb: CBBConfig | None = None
+    """Set to train with cross-GPU batch balance (``conan-embed train CONFIG``, or
+    ``torchrun ... -m conan_embedding.cli train CONFIG``);
+    ``task_schedule`` is then ignored (every task runs every step)."""
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    data_dir: str | None = None
+    """Relative task paths resolve against this folder (else the current directory)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        if self.stage == "weak" and any(t.kind not in ("pairs", "retrieval") for t in self.tasks):
+            raise ValueError("the weak stage trains on 'pairs' or 'retrieval' tasks only")
+        if self.teacher_filter is not None and self.stage != "weak":
+            raise ValueError("teacher_filter applies to the weak stage only")
+        return self
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> TrainConfig:
+    """Read and validate a training YAML (a path, or a packaged recipe name such as
+    ``minilm-v1`` or ``v1/full``); errors name the file and the offending key. Relative task
+    paths resolve against ``data_dir`` (else the current directory)."""
+    config = load_yaml(path, TrainConfig, overrides)
+    base = Path(config.data_dir) if config.data_dir else Path.cwd()
+    for task in config.tasks:
+        if not Path(task.path).is_absolute():
+            task.path = str((base / task.path).resolve())
+    return config
