@@ -82,12 +82,32 @@ class TaskConfig(StrictModel):
     """Divide STS gold scores by this (CoSENT only needs their order; kept for reporting)."""
     in_batch_negatives: bool = True
     dynamic_negatives: DynamicNegativesConfig = Field(default_factory=DynamicNegativesConfig)
+    false_negative_margin: float | None = Field(None, ge=0)
+    """Retrieval / pairs: leave out of a query's InfoNCE denominator every term scoring above
+    ``s(q, p) + margin`` (hard, in-batch, and the query-/passage-negative terms below); None =
+    off. 0.1 is Qwen3-Embedding's (arXiv:2506.05176, sec. 3.2; ms-swift's
+    ``INFONCE_FAKE_NEG_MARGIN``). Logged per step as ``masked_negatives/<task>``."""
+    query_negatives: bool = False
+    """Retrieval / pairs: the batch's other queries ``q_j`` join query ``i``'s denominator."""
+    passage_negatives: bool = False
+    """Retrieval / pairs: ``s(p_i, p_j)`` against the other queries' positives joins query
+    ``i``'s denominator (gte's improved contrastive loss; ``losses/infonce.py`` has the formula)."""
 
     @model_validator(mode="after")
     def _check_kind(self) -> TaskConfig:
         if self.kind in ("sts", "pairs") and self.negatives:
             raise ValueError(f"task '{self.name}': {self.kind} tasks take no negatives")
+        if self.kind not in ("retrieval", "pairs") and self.false_negative_control():
+            raise ValueError(
+                f"task '{self.name}': {', '.join(self.false_negative_control())} apply to "
+                f"retrieval and pairs tasks only, not {self.kind}"
+            )
         return self
+
+    def false_negative_control(self) -> list[str]:
+        """The false-negative options this task turns on (their config names)."""
+        out = ["false_negative_margin"] if self.false_negative_margin is not None else []
+        return out + [n for n in ("query_negatives", "passage_negatives") if getattr(self, n)]
 
 
 class TeacherFilterConfig(StrictModel):
@@ -155,6 +175,15 @@ class TrainConfig(StrictModel):
             raise ValueError("the weak stage trains on 'pairs' or 'retrieval' tasks only")
         if self.teacher_filter is not None and self.stage != "weak":
             raise ValueError("teacher_filter applies to the weak stage only")
+        if self.cbb is not None:
+            for task in self.tasks:
+                if task.false_negative_control():
+                    raise ValueError(
+                        f"task '{task.name}': {', '.join(task.false_negative_control())} "
+                        "(false-negative control) is not supported under CBB (the 'cbb' "
+                        "section): the CBB step does not pass it to its loss. Remove the "
+                        "setting, or train without 'cbb'"
+                    )
         return self
 
 

@@ -51,10 +51,9 @@ from conan_embedding.data.sampler import LabelIndex, TaskSchedule, TaskStream, c
 from conan_embedding.losses import (
     classification_as_retrieval_loss,
     cosent_loss,
-    info_nce_loss,
     matryoshka_loss,
 )
-from conan_embedding.losses.infonce import own_negative_scores
+from conan_embedding.losses.infonce import info_nce_loss_with_count, own_negative_scores
 from conan_embedding.mining.base import (
     NegativeProvider,
     StaticNegatives,
@@ -634,8 +633,11 @@ class Trainer:
             groups = ids[:size]
             neg_groups = ids[size:].reshape(size, n_neg) if n_neg else None
 
-            def loss_fn(qe, pe, ne=None):
-                return info_nce_loss(
+            q_all = self._gather(q) if task.query_negatives else None
+            masked: dict[int, torch.Tensor] = {}  # per Matryoshka width: terms masked
+
+            def loss_fn(qe, pe, ne=None, qa=None):
+                value, masked[qe.shape[-1]] = info_nce_loss_with_count(
                     qe,
                     pe,
                     ne,
@@ -644,9 +646,19 @@ class Trainer:
                     groups=groups,
                     negative_groups=neg_groups,
                     query_offset=offset,
+                    false_negative_margin=task.false_negative_margin,
+                    query_negatives=task.query_negatives,
+                    passage_negatives=task.passage_negatives,
+                    all_queries=qa,
                 )
+                return value
 
-            loss = matryoshka_loss(loss_fn, [q, p, n], dims, weights)
+            loss = matryoshka_loss(loss_fn, [q, p, n, q_all], dims, weights)
+            if task.false_negative_margin is not None:  # whole batch, widest Matryoshka dim
+                count = masked[max(masked)].reshape(1)
+                stats[f"masked_negatives/{task.name}"] = int(
+                    torch.cat(all_gather_no_grad(count)).sum()
+                )
             if n is not None:
                 own = n[offset : offset + q.shape[0]]
                 scores = own_negative_scores(q.detach(), own.detach())
