@@ -85,7 +85,7 @@ class TaskConfig(StrictModel):
     false_negative_margin: float | None = Field(None, ge=0)
     """Retrieval / pairs: leave out of a query's InfoNCE denominator every term scoring above
     ``s(q, p) + margin`` (hard, in-batch, and the query-/passage-negative terms below); None =
-    off. 0.1 is Qwen3-Embedding's (arXiv:2506.05176, sec. 3.2; ms-swift's
+    off. 0.1 is Qwen3-Embedding's (arXiv:2506.05176, its training objective; ms-swift's
     ``INFONCE_FAKE_NEG_MARGIN``). Logged per step as ``masked_negatives/<task>``."""
     query_negatives: bool = False
     """Retrieval / pairs: the batch's other queries ``q_j`` join query ``i``'s denominator."""

@@ -40,9 +40,9 @@ the denominator of query ``i`` becomes::
 (``m = None``: every ``m`` is 1.) The own positive is never masked. ``j`` runs over every
 query of the (gathered) batch; the passage-passage term pairs ``p_i`` with the *other
 queries' positives* only (gte's "improved contrastive loss", Li et al. 2023,
-arXiv:2308.03281, eq. 3, whose denominator also holds a reverse ``s(q_j, p_i)`` term that is
+arXiv:2308.03281, whose denominator also holds a reverse ``s(q_j, p_i)`` term that is
 not implemented here). The passage-passage mask reads the Qwen3-Embedding report
-(arXiv:2506.05176, sec. 3.2) literally: "``s_ij`` is the corresponding score of ``q_i, d_j`` or
+(arXiv:2506.05176, training objective) literally: "``s_ij`` is the corresponding score of ``q_i, d_j`` or
 ``q_i, q_j``", so ``p_j`` leaves ``p_i``'s term when it is a false negative *for q_i*
 (comparing ``s(p_i, p_j)`` with a query-passage threshold would mask most passage pairs,
 which sit higher on the cosine scale); ms-swift's ``INFONCE_INCLUDE_DD`` applies no margin to
