@@ -1,5 +1,6 @@
 """The ``data`` group: build training data (:mod:`conan_embedding.data.prepare` and
-:mod:`conan_embedding.data.builders`: clr, generate, filter)."""
+:mod:`conan_embedding.data.builders`: clr, generate, filter; export: a dataset input as
+JSONL)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import typer
 from conan_embedding.cli import DEVICE_HELP, cli_errors, load_settings
 
 data_app = typer.Typer(
-    help="Build training data: prepare, clr, generate, filter.", no_args_is_help=True
+    help="Build training data: prepare, clr, generate, filter, export.", no_args_is_help=True
 )
 
 
@@ -162,3 +163,39 @@ def data_filter(
         + (f"; {leaked} dropped first for evaluation overlap" if leaked else "")
         + f"; histogram {result['histogram_png']}; report {result['report']}"
     )
+
+
+@data_app.command("export")
+@cli_errors
+def data_export(
+    source: str = typer.Argument(
+        ..., help="save_to_disk folder, .parquet/.arrow file or hf://owner/name[:config][:split]."
+    ),
+    output: str = typer.Argument(..., help="JSONL to write (our schema of --kind)."),
+    kind: str = typer.Option("retrieval", help="retrieval, sts, classification or pairs."),
+    column: list[str] = typer.Option(
+        [], help="FIELD=COLUMN, e.g. --column query=question --column pos=answer (repeatable)."
+    ),
+    split: str | None = typer.Option(None, help="Split of a DatasetDict or hub dataset."),
+    streaming: bool = typer.Option(False, help="Read a hub dataset as it downloads."),
+    limit: int | None = typer.Option(None, help="Write only the first N rows."),
+) -> None:
+    """Write a dataset input as validated JSONL (for `mine` and other JSONL-only tools)."""
+    from conan_embedding.data.hf_sources import export_jsonl
+
+    columns = {}
+    for item in column:
+        field, sep, name = item.partition("=")
+        if not sep or not field or not name:
+            raise typer.BadParameter(f"--column {item!r}: expected FIELD=COLUMN")
+        columns[field] = name
+    count = export_jsonl(
+        source,
+        kind,  # type: ignore[arg-type]
+        output,
+        columns=columns,
+        split=split,
+        streaming=streaming,
+        limit=limit,
+    )
+    typer.echo(f"wrote {count} {kind} rows to {output}")

@@ -73,6 +73,16 @@ class TaskConfig(StrictModel):
     name: str
     kind: Literal["retrieval", "sts", "classification", "pairs"]
     path: str
+    """A JSONL file, or a dataset input (docs/data.md): a ``save_to_disk`` folder, a
+    ``.parquet``/``.arrow`` file or ``hf://owner/name[:config][:split]``."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Dataset inputs: schema field -> column, e.g. ``{query: question, pos: answer}``
+    (unmapped fields read the column of their own name)."""
+    split: str | None = None
+    """Dataset inputs: the split of a ``DatasetDict`` folder or hub dataset."""
+    streaming: bool = False
+    """Refused (kept so the reason is given): the trainer reads by index, and dataset inputs
+    are memory-mapped Arrow, which is already lazy (``data/hf_sources.py``)."""
     batch_size: int = Field(gt=0)
     weight: float = Field(1.0, ge=0)
     negatives: int = Field(0, ge=0)
@@ -102,12 +112,37 @@ class TaskConfig(StrictModel):
                 f"task '{self.name}': {', '.join(self.false_negative_control())} apply to "
                 f"retrieval and pairs tasks only, not {self.kind}"
             )
+        self._check_dataset_input()
         return self
 
     def false_negative_control(self) -> list[str]:
         """The false-negative options this task turns on (their config names)."""
         out = ["false_negative_margin"] if self.false_negative_margin is not None else []
         return out + [n for n in ("query_negatives", "passage_negatives") if getattr(self, n)]
+
+    def _check_dataset_input(self) -> None:
+        where = f"task '{self.name}' ({self.path})"
+        if self.streaming:
+            raise ValueError(
+                f"{where}: streaming: true is not supported: the trainer draws each step's "
+                "batch by index (seeded shuffle, a share per rank, exact resume), which an "
+                "iterable cannot give. Dataset inputs are memory-mapped Arrow and already lazy "
+                "(no row is held in memory; a hub dataset is downloaded once into the datasets "
+                "cache): remove streaming"
+            )
+        if (self.columns or self.split) and self.path.endswith((".jsonl", ".json", ".tsv")):
+            raise ValueError(
+                f"{where}: columns and split apply to dataset inputs (a save_to_disk folder, "
+                ".parquet, .arrow or hf://owner/name), not to a JSONL file"
+            )
+        dhnm = self.dynamic_negatives
+        if self.path.startswith("hf://") and dhnm.rule != "none" and dhnm.pool_path is None:
+            raise ValueError(
+                f"{where}: dynamic negatives need a mined pool, and `conan-embed mine` reads "
+                f"local files: `conan-embed data export {self.path} OUT.jsonl --kind "
+                f"{self.kind}`, `conan-embed mine OUT.jsonl MINED.jsonl`, then set "
+                "dynamic_negatives.pool_path to MINED.pool.json (or train on MINED.jsonl)"
+            )
 
 
 class TeacherFilterConfig(StrictModel):
@@ -194,6 +229,6 @@ def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> 
     config = load_yaml(path, TrainConfig, overrides)
     base = Path(config.data_dir) if config.data_dir else Path.cwd()
     for task in config.tasks:
-        if not Path(task.path).is_absolute():
+        if not task.path.startswith("hf://") and not Path(task.path).is_absolute():
             task.path = str((base / task.path).resolve())
     return config

@@ -127,6 +127,13 @@ def _record_type(kind: str) -> type[_Record]:
 
 
 def iter_records(path: str | os.PathLike[str], kind: TaskKind) -> Iterator[Record]:
+    """Every row of a records file in order, validated; a dataset input (a ``save_to_disk``
+    folder, ``.parquet``/``.arrow``, ``hf://``; ``data/hf_sources.py``) is read by its columns."""
+    from conan_embedding.data import hf_sources
+
+    if hf_sources.is_dataset_source(path):
+        yield from hf_sources.iter_dataset_records(path, kind)
+        return
     model = _record_type(kind)
     for line_no, raw in iter_json_objects(path):
         yield validated(model, raw, path, line_no)
@@ -307,8 +314,27 @@ class RecordDataset(Sequence[Any]):
         return count
 
 
-def open_records(path: str | os.PathLike[str], kind: TaskKind) -> RecordDataset:
-    """A lazy :class:`RecordDataset` over a JSONL file (rows validated when read)."""
+def open_records(
+    path: str | os.PathLike[str],
+    kind: TaskKind,
+    *,
+    columns: dict[str, str] | None = None,
+    split: str | None = None,
+) -> RecordDataset:
+    """A lazy :class:`RecordDataset` over a JSONL file (rows validated when read).
+
+    A dataset input (a ``save_to_disk`` folder, a ``.parquet``/``.arrow`` file or
+    ``hf://owner/name[:config][:split]``) gives the same lazy view over memory-mapped Arrow,
+    ``columns`` mapping schema fields to its columns (``data/hf_sources.py``)."""
+    from conan_embedding.data import hf_sources
+
+    if hf_sources.is_dataset_source(path):
+        return hf_sources.open_dataset_records(path, kind, columns=columns, split=split)
+    if columns or split:
+        raise ValueError(
+            f"{path}: columns and split apply to dataset inputs (a save_to_disk folder, "
+            ".parquet, .arrow or hf://owner/name), not to a JSONL file"
+        )
     return RecordDataset(path, kind)
 
 

@@ -561,8 +561,14 @@ def mine_file(
     encoding is shared by the processes (see the module docstring); rank 0 writes the outputs
     and returns the full statistics, the other ranks return once their share is encoded.
     """
+    from conan_embedding.data.hf_sources import export_hint, is_hub_name
     from conan_embedding.modeling.embedder import load_embedder
 
+    if is_hub_name(records_path):  # its key below is a file's size and time
+        raise ValueError(
+            f"{records_path}: mining reads local records (JSONL or a dataset file/folder): "
+            f"{export_hint(str(records_path))} first, then mine OUT.jsonl"
+        )
     config = config or MiningConfig()
     processes = join_processes(config.device)
     output = Path(output_path)
