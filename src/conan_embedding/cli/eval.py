@@ -11,9 +11,16 @@ from conan_embedding.cli import DEVICE_HELP, app, cli_errors
 @cli_errors
 def eval_command(
     model: str = typer.Argument(None, help="Model folder or name (e.g. all-MiniLM-L6-v2)."),
-    tasks: str | None = typer.Option(None, help="Comma-separated task names."),
+    tasks: str | None = typer.Option(
+        None,
+        help="Comma-separated task names: local tasks (--list, offline) and/or any mteb task "
+        "(mteb's data, downloaded when online).",
+    ),
     suite: str | None = typer.Option(
         None, help="mini-mteb | mini-cmteb | cross-lingual | sts | all."
+    ),
+    benchmark: str | None = typer.Option(
+        None, help='An mteb benchmark, expanded to its tasks (e.g. "MTEB(cmn, v1)").'
     ),
     output_dir: str = typer.Option("results/eval", help="mteb-layout results + summary.md/.png."),
     data_dir: str | None = typer.Option(None, help="Data folder (default ../shared/data)."),
@@ -32,7 +39,7 @@ def eval_command(
     list_tasks: bool = typer.Option(False, "--list", help="List tasks and suites, then exit."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
-    """Evaluate a model on local-data MTEB / C-MTEB tasks (mteb's own metric code)."""
+    """Evaluate a model on local-data MTEB / C-MTEB tasks, any mteb task or an mteb benchmark."""
     from conan_embedding.evaluation.tasks import SUITES, TASKS
 
     if list_tasks or model is None:
@@ -41,12 +48,19 @@ def eval_command(
                 f"{name:34s} {info.task_class.metadata.main_score:16s} {','.join(info.suites)}"
             )
         typer.echo("suites: " + ", ".join(sorted(SUITES)))
+        typer.echo(
+            "also: any mteb task name (--tasks) or mteb benchmark (--benchmark); "
+            "their data is downloaded by mteb, so they need the network once"
+        )
         return
     from conan_embedding.evaluation.report import write_summary
     from conan_embedding.evaluation.run import evaluate
 
-    names = ",".join(part for part in (tasks, suite) if part) or "mini-mteb"
-    scores = evaluate(model, names, output_dir=output_dir, data_dir=data_dir, max_corpus=max_corpus,
+    names = ",".join(part for part in (tasks, suite) if part) or (
+        None if benchmark else "mini-mteb"
+    )
+    scores = evaluate(model, names, benchmark=benchmark, output_dir=output_dir, data_dir=data_dir,
+                      max_corpus=max_corpus,
                       cache_dir=False if no_cache else cache_dir, batch_size=batch_size,
                       show_progress=progress, model_name=model_name,
                       symmetric_prompt=symmetric_prompt or None, num_threads=threads,

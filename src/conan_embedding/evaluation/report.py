@@ -40,6 +40,7 @@ class ModelScores:
     scores: dict[str, float] = field(default_factory=dict)
     capped: set[str] = field(default_factory=set)
     mteb_versions: set[str] = field(default_factory=set)
+    metrics: dict[str, str] = field(default_factory=dict)  # task -> main metric (run_info.json)
 
 
 def load_model_scores(folder: str | os.PathLike[str]) -> ModelScores:
@@ -65,6 +66,8 @@ def load_model_scores(folder: str | os.PathLike[str]) -> ModelScores:
     for task, task_info in info.get("tasks", {}).items():
         if task in result.scores and task_info.get("corpus_capped"):
             result.capped.add(task)
+        if task in result.scores and task_info.get("main_metric"):
+            result.metrics[task] = str(task_info["main_metric"])
     return result
 
 
@@ -111,7 +114,11 @@ def summary_table(models: list[ModelScores], *, with_published: bool = True) -> 
     for task in tasks:
         info = TASKS.get(task)
         marker = "" if info is None or info.comparable else " †"
-        metric = info.task_class.metadata.main_score if info else ""
+        metric = (
+            info.task_class.metadata.main_score
+            if info
+            else next((m.metrics[task] for m in models if task in m.metrics), "")
+        )
         row = [f"{task}{marker}", metric]
         for model in models:
             score = model.scores.get(task)

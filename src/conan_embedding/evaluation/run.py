@@ -8,7 +8,9 @@ the model, the embedding cache and the output files around it.
 How: the model (a SentenceTransformer, a folder, or a name resolved by
 :func:`conan_embedding.modeling.embedder.load_embedder`) is wrapped in
 :class:`~conan_embedding.evaluation.encoder.CachedEncoder`; each task is built from local files
-and run by ``mteb.evaluate(..., cache=None)``. With ``output_dir``, each task's
+and run by ``mteb.evaluate(..., cache=None)``; a name that is not local is mteb's own task (or
+a benchmark's tasks), resolved and checked for its data by
+:mod:`~conan_embedding.evaluation.selection` before the model loads. With ``output_dir``, each task's
 :class:`mteb.TaskResult` is written in mteb's own results layout
 ``<output_dir>/<model name>/<revision>/<Task>.json`` (the revision is the first 12 hex digits of
 the weight fingerprint), atomically, beside ``model_meta.json`` and ``run_info.json`` (the
@@ -28,7 +30,13 @@ import mteb
 
 from conan_embedding._io import atomic_path, write_json_atomic
 from conan_embedding.evaluation.encoder import CachedEncoder
-from conan_embedding.evaluation.tasks import TASKS, build_task, expand_task_names
+from conan_embedding.evaluation.selection import (
+    SelectedTask,
+    check_datasets_available,
+    load_mteb_data,
+    select_tasks,
+)
+from conan_embedding.evaluation.tasks import TASKS, LocalDataTask
 from conan_embedding.progress import progress
 from conan_embedding.provenance import loadavg, machine
 
@@ -76,10 +84,36 @@ def write_task_result(task_result: mteb.TaskResult, folder: Path) -> Path:
     return final
 
 
+def _task_facts(item: SelectedTask, task: mteb.AbsTask) -> dict[str, Any]:
+    """What ``run_info.json`` says about a task besides its score (source, caps, subsets)."""
+    if not isinstance(task, LocalDataTask):
+        return {
+            "source": "mteb",
+            "comparable_to_mteb": True,
+            "note": "",
+            "corpus_sizes": {},
+            "corpus_capped": False,
+            "pairs_capped": False,
+            "hf_subsets": list(task.hf_subsets),
+            "eval_splits": list(task.eval_splits),
+        }
+    return {
+        "source": "local",
+        "comparable_to_mteb": TASKS[item.name].comparable
+        and not task.corpus_capped
+        and not task.pairs_capped,
+        "note": task.note,
+        "corpus_sizes": task.corpus_sizes,
+        "corpus_capped": task.corpus_capped,
+        "pairs_capped": task.pairs_capped,
+    }
+
+
 def evaluate(
     model: SentenceTransformer | str | os.PathLike[str],
-    tasks: str | list[str] | tuple[str, ...],
+    tasks: str | list[str] | tuple[str, ...] | None,
     *,
+    benchmark: str | None = None,
     output_dir: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     max_corpus: int | None = None,
@@ -95,7 +129,12 @@ def evaluate(
     """Main score of each task as mteb reports it (a fraction: 0.8203 for 82.03).
 
     ``tasks`` are task or suite names (``mini-mteb``, ``mini-cmteb``, ``cross-lingual``,
-    ``all``, ``sts``). ``max_corpus`` caps retrieval corpora (relevant documents always kept;
+    ``all``, ``sts``): a local name runs on local data; any other mteb task name runs mteb's
+    task on its own data (downloaded by mteb when online). ``benchmark`` adds an mteb
+    benchmark's tasks (``"MTEB(cmn, v1)"``) with the subsets and splits mteb gives. Names and
+    data are checked before the model loads (:mod:`conan_embedding.evaluation.selection`):
+    an unknown name, or an mteb task whose data is not cached on an offline machine, fails
+    before anything is written. ``max_corpus`` caps retrieval corpora (relevant documents always kept;
     recorded in ``run_info.json``); ``max_pairs`` samples STS test sets longer than that (a
     seeded sample: an estimate, marked not comparable). ``cache_dir``: ``None`` uses :func:`default_cache_dir`,
     ``False`` disables the embedding cache. ``symmetric_prompt`` is the model prompt used
@@ -103,12 +142,16 @@ def evaluate(
     ``torch.set_num_threads`` for the process (on an oversubscribed CPU one thread encoded
     twice as fast as two here, as OpenMP threads spin waiting for each other). ``device``:
     where the encoder runs (``"auto"``: this rank's GPU when CUDA is available, else the CPU).
+    ``max_corpus`` and ``max_pairs`` apply to local tasks only.
     """
+    selected = select_tasks(tasks, benchmark)
+    check_datasets_available(selected)
+    if (max_corpus or max_pairs) and any(item.source == "mteb" for item in selected):
+        logger.warning("--max-corpus / max_pairs apply to local tasks only; mteb tasks run whole")
     if num_threads:
         import torch
 
         torch.set_num_threads(num_threads)
-    names = expand_task_names(tasks)
     st_model, name = _load_model(model, model_name)
     if cache_dir is None or cache_dir is True:
         cache_root: Path | None = default_cache_dir()
@@ -131,12 +174,14 @@ def evaluate(
 
     scores: dict[str, float] = {}
     task_info: dict[str, Any] = {}
-    for task_name in progress(
-        names, desc=f"evaluating {name}", disable=not show_progress or len(names) < 2
+    for item in progress(
+        selected, desc=f"evaluating {name}", disable=not show_progress or len(selected) < 2
     ):
-        task = build_task(task_name, data_dir=data_dir, max_corpus=max_corpus, max_pairs=max_pairs)
+        task_name = item.name
+        task = item.build(data_dir=data_dir, max_corpus=max_corpus, max_pairs=max_pairs)
         dataset = dict(task.metadata.dataset)
         encoded_before, started = encoder.encoded_texts, time.perf_counter()
+        load_mteb_data(item)
         hits_before = encoder.cache.hits if encoder.cache else 0
         result = mteb.evaluate(
             encoder,
@@ -152,13 +197,7 @@ def evaluate(
         task_info[task_name] = {
             "main_score": scores[task_name],
             "main_metric": task.metadata.main_score,
-            "comparable_to_mteb": TASKS[task_name].comparable
-            and not task.corpus_capped
-            and not task.pairs_capped,
-            "note": task.note,
-            "corpus_sizes": task.corpus_sizes,
-            "corpus_capped": task.corpus_capped,
-            "pairs_capped": task.pairs_capped,
+            **_task_facts(item, task),
             "texts_encoded": encoder.encoded_texts - encoded_before,
             "cache_hits": (encoder.cache.hits if encoder.cache else 0) - hits_before,
             "seconds": round(time.perf_counter() - started, 2),
