@@ -12,6 +12,11 @@ from pydantic import Field, model_validator
 from conan_embedding.config.common import EngineConfig, LoraSettings, OptimConfig, StrictModel
 from conan_embedding.config.loader import load_yaml
 
+TaskKind = Literal["retrieval", "sts", "classification", "pairs"]
+"""The kinds of training task, defined once: each has a record schema
+(``data/records.py::RECORD_TYPES``) and a :class:`~conan_embedding.training.task_kinds.TaskKindSpec`
+(texts, loss, model-card words) in ``training/task_kinds.py::TASK_KINDS``."""
+
 
 class ModelConfig(StrictModel):
     name: str = "all-MiniLM-L6-v2"
@@ -71,7 +76,7 @@ class DynamicNegativesConfig(StrictModel):
 
 class TaskConfig(StrictModel):
     name: str
-    kind: Literal["retrieval", "sts", "classification", "pairs"]
+    kind: TaskKind
     path: str
     """A JSONL file, or a dataset input (docs/data.md): a ``save_to_disk`` folder, a
     ``.parquet``/``.arrow`` file or ``hf://owner/name[:config][:split]``."""

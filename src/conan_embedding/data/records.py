@@ -39,17 +39,17 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from conan_embedding._io import atomic_open
+from conan_embedding.config.train import TaskKind
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
-TaskKind = Literal["retrieval", "sts", "classification", "pairs"]
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 

@@ -64,7 +64,8 @@ def run_cbb_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     from conan_embedding.config import load_config
     from conan_embedding.evaluation.run import evaluate
     from conan_embedding.training.cbb import CBBTrainer
-    from conan_embedding.training.trainer import Trainer, read_log
+    from conan_embedding.training.logs import read_log
+    from conan_embedding.training.trainer import Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -62,29 +62,24 @@ import torch.distributed as dist
 from sentence_transformers import SentenceTransformer
 
 from conan_embedding.config import TaskConfig, TrainConfig
-from conan_embedding.losses.cbb import cbb_info_nce_loss, merge_rank_negatives
-from conan_embedding.losses.cosent import cosent_loss
-from conan_embedding.losses.infonce import info_nce_loss, own_negative_scores
-from conan_embedding.losses.matryoshka import matryoshka_loss
+from conan_embedding.losses.cbb import merge_rank_negatives
+from conan_embedding.losses.infonce import own_negative_scores
 from conan_embedding.mining.base import NegativeProvider
 from conan_embedding.modeling.embedder import embedding_width
 from conan_embedding.training.collectives import all_gather_no_grad, all_gather_with_grad
 from conan_embedding.training.engine import Engine, RunResult
 from conan_embedding.training.gradcache import Chunk, encode_with_graphs, grad_cache_backward
+from conan_embedding.training.task_kinds import ENCODE_QUERIES, Encode, task_kind
 from conan_embedding.training.trainer import (
     DeviceLayout,
     ReadmeFor,
     Trainer,
     TrainResult,
-    _stable_text_ids,
     _task_key,
     encode_with_grad,
 )
 
 logger = logging.getLogger(__name__)
-
-SHARED_KINDS = ("retrieval",)
-"""Task kinds whose devices share queries/positives and pool negatives (the CBB part)."""
 
 _QUERIES, _POSITIVES, _NEGATIVES, _SECOND = 0, 1, 2, 3
 """Which encode of a device a dropout seed belongs to."""
@@ -121,7 +116,7 @@ class RankLayout:
         else:
             shared = tuple(range(world - 1))
             ranks = {
-                name: shared if kind in SHARED_KINDS else (world - 1,)
+                name: shared if task_kind(kind).shares_devices else (world - 1,)
                 for name, kind in kinds.items()
             }
         for name, devices in ranks.items():
@@ -318,7 +313,8 @@ class CBBTrainer:
     def task_weight(self, task: TaskConfig) -> float:
         """``w_t``: the task's weight, times ``beta`` for STS (``L = InfoNCE + beta * CoSENT``)."""
         assert self.config.cbb is not None
-        return task.weight * (self.config.cbb.beta if task.kind == "sts" else 1.0)
+        beta = self.config.cbb.beta if task_kind(task.kind).weighted_by_beta else 1.0
+        return task.weight * beta
 
     def _positions(self, name: str) -> list[int]:
         """The devices of ``name`` this process runs (all of them on virtual devices)."""
@@ -356,7 +352,7 @@ class CBBTrainer:
             task, index = self.tasks[name], names.index(name)
             n_devices = len(self.layout.task_ranks[name])
             with self.engine.sync(last=order == len(mine) - 1):
-                if task.kind in SHARED_KINDS:
+                if task_kind(task.kind).shares_devices:
                     value = self._shared_step(task, step, draws[name])
                     local[index] += value if self.virtual else value / n_devices
                 else:
@@ -365,7 +361,7 @@ class CBBTrainer:
                             self._data_parallel_step(task, step, draws[name], position) / n_devices
                         )
         for name in names:
-            if self.tasks[name].kind in SHARED_KINDS:
+            if task_kind(self.tasks[name].kind).shares_devices:
                 record.update(self._observe(self.tasks[name], step, draws[name]))
         values = local
         if not self.virtual:  # sum over ranks counts each group's loss once: mean over groups
@@ -381,7 +377,7 @@ class CBBTrainer:
     def _draw(self, task: TaskConfig, step: int) -> dict[str, Any]:
         """Every group's rows of the step (and negatives, for retrieval); this group's slice."""
         per_group = task.batch_size * (
-            1 if task.kind in SHARED_KINDS else len(self.layout.task_ranks[task.name])
+            1 if task_kind(task.kind).shares_devices else len(self.layout.task_ranks[task.name])
         )
         wanted = per_group * self.replicas
         if wanted > len(self.records[task.name]):
@@ -392,7 +388,7 @@ class CBBTrainer:
         rows = self.streams[task.name].next_indices(wanted)
         mine = slice(self.replica * per_group, (self.replica + 1) * per_group)
         draw: dict[str, Any] = {"rows": rows, "group_rows": rows[mine]}
-        if task.kind in SHARED_KINDS:
+        if task_kind(task.kind).shares_devices:
             negatives = self.providers[task.name].negatives(rows)
             wanted_neg = task.negatives * len(self.layout.task_ranks[task.name])
             got = {len(n) for n in negatives}
@@ -408,7 +404,8 @@ class CBBTrainer:
         """Factor on a device's loss so that DDP's mean over ranks is ``w_t * grad L_t``."""
         n_devices = len(self.layout.task_ranks[task.name])
         if self.virtual:  # one process: accumulate w_t * (mean over virtual devices)
-            return self.task_weight(task) / (1 if task.kind in SHARED_KINDS else n_devices)
+            shared = task_kind(task.kind).shares_devices
+            return self.task_weight(task) / (1 if shared else n_devices)
         return self.task_weight(task) * self.layout.world_size / n_devices
 
     def _backward(self, task: TaskConfig, loss: torch.Tensor, step: int) -> float:
@@ -419,29 +416,25 @@ class CBBTrainer:
     def _data_parallel_step(
         self, task: TaskConfig, step: int, draw: dict[str, Any], position: int
     ) -> float:
-        """Device ``position``'s own batch of a data-parallel task, under its own seeds."""
+        """Device ``position``'s own batch of a data-parallel task, under its own seeds: the
+        plain trainer's loss of its kind on this device's rows."""
         rows = draw["group_rows"][position * task.batch_size : (position + 1) * task.batch_size]
-        key = (step, _task_key(task.name), self.replica, position)
-        records = self.records[task.name]
-        if task.kind == "sts":
-            batch = [records[i] for i in rows]
-            with self.engine.seeded(*key, _QUERIES):
-                a = self._encode([r.sentence1 for r in batch], self.embedding.query_prompt)
-            with self.engine.seeded(*key, _SECOND):
-                b = self._encode([r.sentence2 for r in batch], self.embedding.query_prompt)
-            gold = torch.tensor([r.score for r in batch], dtype=torch.float32)
-            if task.score_scale:
-                gold = gold / task.score_scale
-            loss = matryoshka_loss(
-                lambda x, y: cosent_loss(x, y, gold, temperature=self.config.temperature),
-                [a, b],
-                self.config.model.matryoshka_dims,
-                self.config.model.matryoshka_weights,
-            )
-            return self._backward(task, loss, step)
-        # classification and pairs: the plain trainer's loss on this device's rows
-        loss, _ = self.embedding.task_loss(task, step, rows=rows, seed_key=(self.replica, position))
+        encode = None
+        if task_kind(task.kind).cbb_device_seeds:
+            encode = self._device_encode((step, _task_key(task.name), self.replica, position))
+        loss, _ = self.embedding.task_loss(
+            task, step, rows=rows, seed_key=(self.replica, position), encode=encode
+        )
         return self._backward(task, loss, step)
+
+    def _device_encode(self, key: tuple[int, ...]) -> Encode:
+        """One device's whole batch of a role under the seed ``(*key, role)``."""
+
+        def encode(role: int, texts_of: Any, prompt: str | None) -> torch.Tensor:
+            with self.engine.seeded(*key, _QUERIES if role == ENCODE_QUERIES else _SECOND):
+                return self._encode(texts_of(slice(None)), prompt)
+
+        return encode
 
     def _encode(self, texts: list[str], prompt: str | None, count: bool = True) -> torch.Tensor:
         counts = self.step_counts if count else None
@@ -452,34 +445,19 @@ class CBBTrainer:
         rows = draw["group_rows"]
         rng = np.random.default_rng([self.config.seed, step, len(task.name), self.replica])
         batch = [self.records[task.name][i] for i in rows]
-        positives = [r.pos[int(rng.integers(len(r.pos)))] for r in batch]
-        return [r.query for r in batch], positives, draw["negatives"]
+        queries, positives = task_kind(task.kind).texts(batch, rng)
+        return queries, positives, draw["negatives"]
 
     def _shared_loss_fn(self, task: TaskConfig, positives: list[str], negatives: list[list[str]]):
-        n_total = len(negatives[0]) if negatives else 0
-        flat = [t for negs in negatives for t in negs]
-        ids = _stable_text_ids(positives + flat)
-        groups = ids[: len(positives)]
-        neg_groups = ids[len(positives) :].reshape(len(positives), n_total) if n_total else None
-        tau = self.config.temperature
-        in_batch = self.config.cbb.in_batch_negatives
-
-        def loss_fn(q: torch.Tensor, p: torch.Tensor, *per_rank: torch.Tensor) -> torch.Tensor:
-            if not n_total:
-                return info_nce_loss(q, p, None, temperature=tau, in_batch=in_batch)
-            return cbb_info_nce_loss(
-                q,
-                p,
-                per_rank,
-                temperature=tau,
-                in_batch=in_batch,
-                groups=groups,
-                negative_groups=neg_groups,
-            )
-
-        dims = self.config.model.matryoshka_dims
-        weights = self.config.model.matryoshka_weights
-        return lambda embeddings: matryoshka_loss(loss_fn, embeddings, dims, weights)
+        assert self.config.cbb is not None
+        return task_kind(task.kind).pooled_loss(
+            positives,
+            negatives,
+            temperature=self.config.temperature,
+            in_batch=self.config.cbb.in_batch_negatives,
+            dims=self.config.model.matryoshka_dims,
+            weights=self.config.model.matryoshka_weights,
+        )
 
     def _shared_step(self, task: TaskConfig, step: int, draw: dict[str, Any]) -> float:
         queries, positives, negatives = self._shared_texts(task, draw, step)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -50,3 +51,10 @@ def all_gather_no_grad(tensor: torch.Tensor, group: Any = None) -> list[torch.Te
     out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, tensor.contiguous(), group=group)
     return out
+
+
+def all_gather_arrays(array: np.ndarray) -> np.ndarray:
+    """Every process's numpy array (any length) concatenated in rank order."""
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, array)
+    return np.concatenate(parts)

@@ -1,5 +1,5 @@
-"""What a finished run's ``train_log.jsonl`` says: the examples each task saw and how hard
-its negatives stayed.
+"""What a finished run's ``train_log.jsonl`` says: its rows (:func:`read_log`), its loss curve
+(:func:`plot_losses`), the examples each task saw and how hard its negatives stayed.
 
 Why: an ablation compares arms, and two arms are only comparable when they saw the same
 examples; under CBB the count depends on the device layout, not only on steps and batch.
@@ -10,24 +10,77 @@ result files.
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from conan_embedding._io import atomic_path
 
 if TYPE_CHECKING:
     from conan_embedding.config import TrainConfig
 
-__all__ = ["examples_seen", "negative_stats"]
+__all__ = ["examples_seen", "negative_stats", "plot_losses", "read_log"]
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``train_log.jsonl`` (none when the file does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+def plot_losses(log_path: str | Path, png_path: str | Path, window: int = 10) -> Path | None:
+    """Total and per-task loss (moving average over ``window`` steps) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_log(log_path)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    keys = ["loss"] + sorted({k for r in rows for k in r if k.startswith("loss/")})
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        if not pts:
+            continue
+        steps, values = zip(*pts, strict=True)
+        # the total alternates between tasks step by step: average over whole task cycles
+        width = window * max(1, len(keys) - 1) if key == "loss" else window
+        width = min(width, len(values))
+        smooth = np.convolve(values, np.ones(width) / width, "valid")
+        ax.plot(steps[len(steps) - len(smooth) :], smooth, label=key, lw=2 if key == "loss" else 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"loss (mean of {window} steps per task)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    try:
+        with atomic_path(png_path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return png_path
 
 
 def examples_seen(config: TrainConfig, log_path: Path) -> dict[str, dict[str, int]]:
     """Per task: the steps it ran (from ``train_log.jsonl``), its batch and devices, examples.
 
     A step ran a task when the log row holds ``loss/<task>``. Under CBB a data-parallel task
-    (STS, pairs) draws its own batch on each of its devices, a retrieval task one batch shared
-    by its devices (they split the negatives, not the queries).
+    (STS, classification, pairs) draws its own batch on each of its devices, a kind that
+    shares its devices (retrieval, ``TaskKindSpec.shares_devices``) one batch shared by them
+    (they split the negatives, not the queries).
     """
     from conan_embedding.training.cbb import RankLayout
-    from conan_embedding.training.trainer import read_log
+    from conan_embedding.training.task_kinds import task_kind
 
     rows = read_log(log_path)
     layout = RankLayout.from_config(config) if config.cbb is not None else None
@@ -35,8 +88,9 @@ def examples_seen(config: TrainConfig, log_path: Path) -> dict[str, dict[str, in
     for task in config.tasks:
         steps = sum(1 for row in rows if f"loss/{task.name}" in row)
         shared_by = len(layout.task_ranks[task.name]) if layout is not None else 1
-        devices = shared_by if task.kind != "retrieval" else 1
-        negatives = task.negatives * (shared_by if task.kind == "retrieval" else 1)
+        shared = task_kind(task.kind).shares_devices
+        devices = 1 if shared else shared_by
+        negatives = task.negatives * (shared_by if shared else 1)
         out[task.name] = {
             "steps": steps,
             "batch_size": task.batch_size,
@@ -55,12 +109,12 @@ def negative_stats(config: TrainConfig, log_path: Path) -> dict[str, dict[str, A
     Logs written before the trainer named provider stats per task carry one unprefixed
     ``dhnm/*`` set, which the last provider of a step overwrote: those counts are left out.
     """
-    from conan_embedding.training.trainer import read_log
+    from conan_embedding.training.task_kinds import task_kind
 
     rows = read_log(log_path)
     out: dict[str, dict[str, Any]] = {}
     for task in config.tasks:
-        if task.kind != "retrieval":
+        if not task_kind(task.kind).mined_negatives:
             continue
         scores = [row[f"{task.name}/neg_score"] for row in rows if f"{task.name}/neg_score" in row]
         totals = [row[k] for row in rows if (k := f"{task.name}/dhnm/replacements_total") in row]

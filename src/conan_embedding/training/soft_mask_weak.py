@@ -147,7 +147,7 @@ class SoftMaskWeakProgram:
             card_writer,
             llm_stages,
         )
-        from conan_embedding.training.trainer import plot_losses
+        from conan_embedding.training.logs import plot_losses
 
         # every rank (a gather under FSDP/DeepSpeed); the main rank gets a plain module: the
         # embedder itself, or a fresh CPU copy with the gathered weights when sharded

@@ -24,17 +24,15 @@ How a step runs:
    (``query_offset``), CoSENT covers every pair of the whole batch. DDP's gradient average then
    equals the gradient of the loss of the global batch, so 1 process and ``W`` processes
    follow the same trajectory.
-4. The losses (InfoNCE / CoSENT / classification-as-retrieval, wrapped in Matryoshka when
-   dims are set) are weighted and back-propagated; the negative provider sees the scores the
+4. Each task's kind (:mod:`~conan_embedding.training.task_kinds`) draws its texts and computes
+   its loss (InfoNCE / CoSENT / classification-as-retrieval, wrapped in Matryoshka when dims
+   are set); the losses are weighted and back-propagated; the negative provider sees the scores the
    loss used, gathered from every rank, so its decisions are the same on every rank.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,16 +42,10 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from conan_embedding._io import atomic_path
 from conan_embedding.config import TaskConfig, TrainConfig
-from conan_embedding.data.records import PairRecord, Record, RecordDataset, open_records
+from conan_embedding.data.builders.filter import keep_by_teacher
+from conan_embedding.data.records import Record, RecordDataset, open_records
 from conan_embedding.data.sampler import LabelIndex, TaskSchedule, TaskStream, cap_indices
-from conan_embedding.losses import (
-    classification_as_retrieval_loss,
-    cosent_loss,
-    matryoshka_loss,
-)
-from conan_embedding.losses.infonce import info_nce_loss_with_count, own_negative_scores
 from conan_embedding.mining.base import (
     NegativeProvider,
     StaticNegatives,
@@ -61,7 +53,7 @@ from conan_embedding.mining.base import (
     split_provider_states,
 )
 from conan_embedding.modeling.embedder import ReadmeWriter, build_embedder, save_embedder
-from conan_embedding.training.collectives import all_gather_no_grad, all_gather_with_grad
+from conan_embedding.training.collectives import all_gather_arrays, all_gather_with_grad
 from conan_embedding.training.engine import (
     Engine,
     LoopSettings,
@@ -69,14 +61,29 @@ from conan_embedding.training.engine import (
     StepProgram,
     TrainingDivergedError,
 )
+from conan_embedding.training.logs import plot_losses, read_log
+from conan_embedding.training.sharding import (
+    check_dhnm_supported,
+    engine_sharding,
+    name_fsdp_layers,
+    rank_device,
+    whole_weights,
+)
+from conan_embedding.training.task_kinds import Encode, LossContext, task_kind
+from conan_embedding.training.task_kinds import stable_text_ids as _stable_text_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "TrainResult", "TrainingDivergedError", "encode_with_grad", "read_log"]
-
-_QUERIES, _DOCUMENTS = 0, 1
-"""Which encode of a shard a dropout seed belongs to."""
-
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "TrainingDivergedError",
+    "_stable_text_ids",
+    "check_dhnm_supported",
+    "encode_with_grad",
+    "name_fsdp_layers",
+    "read_log",
+]
 
 ReadmeFor = Callable[[dict[str, int]], str | ReadmeWriter]
 """The saved model's ``README.md`` given the rows each task trained on (the model card,
@@ -110,15 +117,6 @@ class TrainResult:
     steps: int
     final_loss: float
     seconds: float
-
-
-def _rank_device(engine_device: str) -> str:
-    """This process's device before the engine exists: ``cuda:LOCAL_RANK`` on GPUs (what
-    accelerate will pick), else the engine's device kind."""
-    from conan_embedding.runtime import resolve_device
-
-    kind = resolve_device(engine_device, per_process=False).type
-    return str(resolve_device("auto")) if kind == "cuda" else kind
 
 
 def set_seed(seed: int) -> None:
@@ -159,12 +157,6 @@ def encode_with_grad(
     return (forward or model)(features)["sentence_embedding"].float()
 
 
-def _stable_text_ids(texts: Sequence[str]) -> torch.Tensor:
-    """Equal texts get equal ids, so a duplicate of a positive is never used as its negative."""
-    table: dict[str, int] = {}
-    return torch.tensor([table.setdefault(t, len(table)) for t in texts])
-
-
 def _take(records: Sequence[Record], positions: np.ndarray) -> Sequence[Record]:
     """The rows at ``positions``: a view of a lazy dataset (nothing read), a list otherwise."""
     if isinstance(records, RecordDataset):
@@ -176,61 +168,6 @@ def _task_key(name: str) -> int:
     import zlib
 
     return zlib.crc32(name.encode("utf-8"))
-
-
-def check_dhnm_supported(
-    distributed_type: str, zero_stage: int | None, dynamic_tasks: Sequence[str]
-) -> None:
-    """Refuse dynamic hard-negative mining where its rank-0 re-encoding would deadlock.
-
-    Why: DHNM's rules, re-scores and re-mining run on rank 0 alone while the other ranks wait
-    in a broadcast. With sharded parameters (FSDP, DeepSpeed ZeRO-3) every forward all-gathers
-    the weights from all ranks, so rank 0's lone forward waits for ranks that never join.
-    DDP and ZeRO-0/1/2 keep whole weights on every rank: no collective in a forward.
-    ``distributed_type`` is accelerate's ``DistributedType`` value (``"FSDP"``, ...).
-    """
-    if not dynamic_tasks:
-        return
-    if distributed_type == "FSDP":
-        setting = "FSDP"
-    elif distributed_type == "DEEPSPEED" and zero_stage == 3:
-        setting = "DeepSpeed ZeRO-3"
-    else:
-        return
-    names = ", ".join(f"'{name}'" for name in dynamic_tasks)
-    raise ValueError(
-        f"dynamic hard-negative mining (task {names}: dynamic_negatives.rule / remine_every) "
-        f"does not run under {setting}: rank 0 re-encodes texts alone, and with sharded "
-        "parameters every forward all-gathers weights from all ranks, so it deadlocks. "
-        "Launch with DDP (configs/accelerate/ddp.yaml or plain torchrun) or DeepSpeed ZeRO-2, "
-        "or set dynamic_negatives.rule: none (negatives mined offline)"
-    )
-
-
-def name_fsdp_layers(plugin: Any, model: torch.nn.Module) -> list[str]:
-    """Give FSDP's ``TRANSFORMER_BASED_WRAP`` the layer classes of ``model``'s backbone.
-
-    Why: accelerate takes the classes to wrap from ``model._no_split_modules`` when the
-    accelerate config names none, and a SentenceTransformer reports ``[]``: the whole encoder
-    becomes one FSDP unit, all-gathered at once (no per-layer sharding, DDP-like peak memory;
-    audit §11). The backbone (a transformers model) knows its layers (``BertLayer``,
-    ``Qwen2DecoderLayer``, ...). A list set in the accelerate config is kept, but only the
-    classes this model has: accelerate raises on a name the model lacks, so one shared config
-    can list the layers of several model families (none of them present: the backbone's own
-    are used). Returns the names set.
-    """
-    from accelerate.utils.dataclasses import get_module_class_from_name
-
-    def present(names: Any) -> list[str]:
-        return sorted(n for n in set(names or ()) if get_module_class_from_name(model, n))
-
-    names = present(plugin.transformer_cls_names_to_wrap)
-    if not names:  # none configured (or none of them here): the backbone's own
-        names = present(
-            {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
-        )
-    plugin.transformer_cls_names_to_wrap = names
-    return names
 
 
 class Trainer:
@@ -272,7 +209,7 @@ class Trainer:
             prompts=mc.prompts or None,
             matryoshka_dims=mc.matryoshka_dims or None,
             seed=config.seed,
-            device=_rank_device(config.engine.device),
+            device=rank_device(config.engine.device),
             model_kwargs=mc.model_kwargs or None,
         )
         if mc.freeze_word_embeddings:
@@ -309,11 +246,11 @@ class Trainer:
         self.label_index = {
             t.name: LabelIndex(self.records[t.name])
             for t in config.tasks
-            if t.kind == "classification"
+            if task_kind(t.kind).labelled
         }
         self.providers: dict[str, NegativeProvider] = dict(negative_providers or {})
         for task in config.tasks:
-            if task.kind == "retrieval" and task.name not in self.providers:
+            if task_kind(task.kind).mined_negatives and task.name not in self.providers:
                 self.providers[task.name] = self._default_provider(task)
         self.schedule = TaskSchedule(
             config.task_schedule,
@@ -332,12 +269,7 @@ class Trainer:
         self._decide_negatives_on_rank_0()
 
     def _engine_sharding(self) -> tuple[str, int | None]:
-        """accelerate's distributed type (``"FSDP"``, ``"DEEPSPEED"``, ``"MULTI_GPU"``, ...) and
-        the DeepSpeed ZeRO stage (None without DeepSpeed)."""
-        accelerator = self.engine.accelerator
-        plugin = accelerator.state.deepspeed_plugin
-        stage = None if plugin is None else int(plugin.zero_stage)
-        return str(accelerator.distributed_type.value), stage
+        return engine_sharding(self.engine.accelerator)
 
     def _fsdp_plugin(self) -> Any:
         """accelerate's FSDP plugin when the engine runs FSDP, else None."""
@@ -352,7 +284,7 @@ class Trainer:
         dynamic = [
             t.name
             for t in self.config.tasks
-            if t.kind == "retrieval"
+            if task_kind(t.kind).mined_negatives
             and (
                 isinstance(providers.get(t.name), DynamicNegatives)
                 or t.name not in providers
@@ -419,10 +351,9 @@ class Trainer:
         rank draws the *global* batch by index). The byte-offset index gives each rank random
         access for 12 bytes a row; a row is validated when it is read, so a malformed row
         raises ``file:line: field`` when a batch (or a full pass below) reaches it. A subclass
-        may return an eager list (tests compare the two trajectories). A dataset input
-        (``data/hf_sources.py``) is the same lazy view over memory-mapped Arrow.
+        may return an eager list (tests compare the two trajectories).
         """
-        return open_records(task.path, task.kind, columns=task.columns, split=task.split)
+        return open_records(task.path, task.kind)
 
     def _load_task(self, task: TaskConfig) -> Sequence[Record]:
         records = self._open_records(task)
@@ -430,7 +361,8 @@ class Trainer:
         if len(rows) < len(records):
             records = _take(records, rows)
         self.source_rows[task.name] = rows
-        if task.kind == "retrieval" and task.negatives and task.dynamic_negatives.rule == "none":
+        mined = task_kind(task.kind).mined_negatives
+        if mined and task.negatives and task.dynamic_negatives.rule == "none":
             # one streaming pass (it validates every row before the first step, too)
             short = [i for i, r in enumerate(records) if not r.neg]
             if short:
@@ -446,32 +378,23 @@ class Trainer:
         return records
 
     def _teacher_filter(self, task: TaskConfig, records: Sequence[Record]) -> Sequence[Record]:
-        """Keep the pairs the teacher scores at ``threshold`` or above.
-
-        Several processes: each rank scores its own contiguous share of the pairs and the
-        scores are gathered, so every rank keeps the same rows. Why not every rank scoring
-        everything (the work W times over), nor rank 0 alone (the others would wait in a
-        collective, and a large weak-stage file outlasts NCCL's 10-minute default timeout).
-        """
+        """Keep the pairs the teacher scores at ``threshold`` or above (each rank scores its
+        share, see :func:`~conan_embedding.data.builders.filter.keep_by_teacher`)."""
         tf = self.config.teacher_filter
+        assert tf is not None
         engine = self.engine
-        share = np.array_split(np.arange(len(records)), engine.world_size)[engine.rank]
-        scores = np.zeros(0, np.float32)
-        if len(share):
-            teacher = self._teacher_model()
-            queries, positives = [], []
-            for i in share:  # only the texts are held, never the records
-                r = records[int(i)]
-                queries.append(r.query)
-                positives.append(r.pos if isinstance(r, PairRecord) else r.pos[0])
-            q = teacher.encode(queries, batch_size=tf.batch_size, normalize_embeddings=True)
-            p = teacher.encode(positives, batch_size=tf.batch_size, normalize_embeddings=True)
-            scores = np.asarray((q * p).sum(axis=1), np.float32)
-        if engine.distributed:
-            parts: list[Any] = [None] * engine.world_size
-            torch.distributed.all_gather_object(parts, scores)
-            scores = np.concatenate(parts)
-        kept = _take(records, np.flatnonzero(scores >= tf.threshold))
+        kept = _take(
+            records,
+            keep_by_teacher(
+                records,  # type: ignore[arg-type]
+                self._teacher_model,
+                tf.threshold,
+                batch_size=tf.batch_size,
+                rank=engine.rank,
+                world=engine.world_size,
+                gather=all_gather_arrays if engine.distributed else None,
+            ),
+        )
         logger.info(
             "teacher filter on '%s': kept %d of %d pairs (threshold %.2f)",
             task.name,
@@ -488,20 +411,11 @@ class Trainer:
             from conan_embedding.modeling.embedder import load_embedder
 
             assert self.config.teacher_filter is not None
-            with self._whole_weights():
+            with whole_weights(self.engine.accelerator):
                 self._teacher = load_embedder(
                     self.config.teacher_filter.model, device=str(self.engine.device)
                 )
         return self._teacher
-
-    def _whole_weights(self) -> contextlib.AbstractContextManager:
-        """Models loaded inside get whole weights even under DeepSpeed ZeRO-3's
-        ``zero3_init_flag`` (which the engine's plugin turns on for every later
-        ``from_pretrained``): a model that is never prepared must not be born partitioned."""
-        plugin = self.engine.accelerator.state.deepspeed_plugin
-        if plugin is None:
-            return contextlib.nullcontext()
-        return plugin.zero3_init_context_manager(enable=False)
 
     def _default_provider(self, task: TaskConfig) -> NegativeProvider:
         if self.layout is not None:
@@ -584,9 +498,11 @@ class Trainer:
         step: int,
         rows: list[int] | None = None,
         seed_key: tuple[int, ...] = (),
+        encode: Encode | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """This rank's part of the task's loss for the step's global batch (see module doc)."""
-        records = self.records[task.name]
+        """This rank's part of the task's loss for the step's global batch (see module doc);
+        the task's kind (:mod:`~conan_embedding.training.task_kinds`) computes it. ``encode``
+        replaces this rank's sharded encode (a step program with its own seeds)."""
         if rows is None:
             rows = self.streams[task.name].next_indices(task.batch_size)
         size = len(rows)
@@ -595,146 +511,32 @@ class Trainer:
                 f"task '{task.name}' has {size} rows, fewer than a batch that splits into "
                 f"{self.shards} shards"
             )
-        rng = np.random.default_rng([self.config.seed, step, len(task.name)])
-        dims = self.config.model.matryoshka_dims
-        weights = self.config.model.matryoshka_weights
-        tau = self.config.temperature
-        offset = self._query_offset(size)
-        stats: dict[str, float] = {}
+        kind = task_kind(task.kind)
 
-        if task.kind in ("retrieval", "pairs"):
-            batch = [records[i] for i in rows]
-            queries = [r.query for r in batch]
-            if task.kind == "pairs":
-                positives = [r.pos for r in batch]
-            else:
-                positives = [r.pos[int(rng.integers(len(r.pos)))] for r in batch]
-            negatives = (
-                self.providers[task.name].negatives(rows) if task.kind == "retrieval" else []
-            )
-            n_neg = len(negatives[0]) if negatives and negatives[0] else 0
-            q = self._encode_shards(
-                task,
-                step,
-                _QUERIES,
-                lambda s: queries[s],
-                size,
-                self.query_prompt,
-                seed_key=seed_key,
-            )
+        def encode_shards(
+            role: int, texts_of: Callable[[slice], list[str]], prompt: str | None
+        ) -> torch.Tensor:
+            return self._encode_shards(task, step, role, texts_of, size, prompt, seed_key)
 
-            def documents(part: slice) -> list[str]:
-                return positives[part] + [t for negs in negatives[part] for t in negs[:n_neg]]
-
-            d = self._encode_shards(
-                task, step, _DOCUMENTS, documents, size, self.passage_prompt, seed_key=seed_key
-            )
-            p, n = self._gathered_documents(d, size, n_neg)
-            ids = _stable_text_ids(positives + [t for negs in negatives for t in negs[:n_neg]])
-            groups = ids[:size]
-            neg_groups = ids[size:].reshape(size, n_neg) if n_neg else None
-
-            q_all = self._gather(q) if task.query_negatives else None
-            masked: dict[int, torch.Tensor] = {}  # per Matryoshka width: terms masked
-
-            def loss_fn(qe, pe, ne=None, qa=None):
-                value, masked[qe.shape[-1]] = info_nce_loss_with_count(
-                    qe,
-                    pe,
-                    ne,
-                    temperature=tau,
-                    in_batch=task.in_batch_negatives,
-                    groups=groups,
-                    negative_groups=neg_groups,
-                    query_offset=offset,
-                    false_negative_margin=task.false_negative_margin,
-                    query_negatives=task.query_negatives,
-                    passage_negatives=task.passage_negatives,
-                    all_queries=qa,
-                )
-                return value
-
-            loss = matryoshka_loss(loss_fn, [q, p, n, q_all], dims, weights)
-            if task.false_negative_margin is not None:  # whole batch, widest Matryoshka dim
-                count = masked[max(masked)].reshape(1)
-                stats[f"masked_negatives/{task.name}"] = int(
-                    torch.cat(all_gather_no_grad(count)).sum()
-                )
-            if n is not None:
-                own = n[offset : offset + q.shape[0]]
-                scores = own_negative_scores(q.detach(), own.detach())
-                scores = torch.cat(all_gather_no_grad(scores)).cpu()
-                queries_now = torch.cat(all_gather_no_grad(q.detach())).cpu()
-                self.providers[task.name].observe(step, rows, scores, queries_now)
-                stats[f"{task.name}/neg_score"] = float(scores.mean())
-            return loss, stats
-
-        if task.kind == "sts":
-            batch = [records[i] for i in rows]
-            first, second = [r.sentence1 for r in batch], [r.sentence2 for r in batch]
-            a = self._gather(
-                self._encode_shards(
-                    task,
-                    step,
-                    _QUERIES,
-                    lambda s: first[s],
-                    size,
-                    self.query_prompt,
-                    seed_key=seed_key,
-                )
-            )
-            b = self._gather(
-                self._encode_shards(
-                    task,
-                    step,
-                    _DOCUMENTS,
-                    lambda s: second[s],
-                    size,
-                    self.query_prompt,
-                    seed_key=seed_key,
-                )
-            )
-            gold = torch.tensor([r.score for r in batch], dtype=torch.float32)
-            if task.score_scale:
-                gold = gold / task.score_scale
-            # every rank holds the whole batch's loss; DDP's mean over ranks keeps it as is
-            loss = matryoshka_loss(
-                lambda x, y: cosent_loss(x, y, gold, temperature=tau), [a, b], dims, weights
-            )
-            return loss, stats
-
-        # classification cast as retrieval
-        index = self.label_index[task.name]
-        positives = [index.positive(i, rng) for i in rows]
-        negatives = (
-            [index.negatives(i, task.negatives, rng) for i in rows] if task.negatives else []
+        context = LossContext(
+            task=task,
+            step=step,
+            rows=rows,
+            records=self.records[task.name],
+            rng=np.random.default_rng([self.config.seed, step, len(task.name)]),
+            temperature=self.config.temperature,
+            dims=self.config.model.matryoshka_dims,
+            weights=self.config.model.matryoshka_weights,
+            query_offset=self._query_offset(size),
+            query_prompt=self.query_prompt,
+            passage_prompt=self.passage_prompt,
+            encode=encode or encode_shards,
+            gather=self._gather,
+            gather_documents=lambda local, n_neg: self._gathered_documents(local, size, n_neg),
+            provider=self.providers.get(task.name) if kind.mined_negatives else None,
+            label_index=self.label_index.get(task.name),
         )
-        n_neg = task.negatives if negatives else 0
-        texts = [records[i].text for i in rows]
-        q = self._encode_shards(
-            task, step, _QUERIES, lambda s: texts[s], size, self.query_prompt, seed_key=seed_key
-        )
-
-        def others(part: slice) -> list[str]:
-            return [records[i].text for i in positives[part]] + [
-                records[j].text for negs in negatives[part] for j in negs
-            ]
-
-        d = self._encode_shards(
-            task, step, _DOCUMENTS, others, size, self.query_prompt, seed_key=seed_key
-        )
-        p, n = self._gathered_documents(d, size, n_neg)
-        labels = torch.as_tensor(index.ids[rows])
-        neg_labels = torch.as_tensor(index.ids[np.asarray(negatives)]) if negatives else None
-        loss = matryoshka_loss(
-            lambda qe, pe, ne=None: classification_as_retrieval_loss(
-                qe, pe, ne, labels, neg_labels, temperature=tau, query_offset=offset
-            ),
-            [q, p, n],
-            dims,
-            weights,
-        )
-        return loss, stats
+        return kind.loss(context), context.stats
 
     # ----------------------------------------------------------------- the step program
     def step(self, step: int) -> dict[str, float]:
@@ -852,48 +654,3 @@ class Trainer:
             result.final_loss,
             result.seconds,
         )
-
-
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
-
-
-def plot_losses(log_path: str | Path, png_path: str | Path, window: int = 10) -> Path | None:
-    """Total and per-task loss (moving average over ``window`` steps) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_log(log_path)
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    keys = ["loss"] + sorted({k for r in rows for k in r if k.startswith("loss/")})
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
-        if not pts:
-            continue
-        steps, values = zip(*pts, strict=True)
-        # the total alternates between tasks step by step: average over whole task cycles
-        width = window * max(1, len(keys) - 1) if key == "loss" else window
-        width = min(width, len(values))
-        smooth = np.convolve(values, np.ones(width) / width, "valid")
-        ax.plot(steps[len(steps) - len(smooth) :], smooth, label=key, lw=2 if key == "loss" else 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"loss (mean of {window} steps per task)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    try:
-        with atomic_path(png_path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
-    return png_path

@@ -20,10 +20,10 @@ scoring, so a filtered file is clean even when its input was built without the i
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -62,6 +62,53 @@ def pair_scores(
     qi = np.fromiter((q_row[t] for t in queries), dtype=np.int64, count=len(queries))
     pi = np.fromiter((p_row[t] for t in passages), dtype=np.int64, count=len(passages))
     return np.einsum("ij,ij->i", q_emb[qi], p_emb[pi]).astype(np.float32)
+
+
+def teacher_pair_scores(
+    teacher,
+    records: Sequence[PairRecord | RetrievalRecord],
+    positions: Sequence[int],
+    *,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Cosine of each record's query and its (first) positive under ``teacher``, for the
+    records at ``positions``: the weak stage's filter inside training (each rank scores its
+    share of a lazy dataset, so only the texts are held, never the records)."""
+    queries, positives = [], []
+    for i in positions:
+        r = records[int(i)]
+        queries.append(r.query)
+        positives.append(r.pos if isinstance(r, PairRecord) else r.pos[0])
+    q = teacher.encode(queries, batch_size=batch_size, normalize_embeddings=True)
+    p = teacher.encode(positives, batch_size=batch_size, normalize_embeddings=True)
+    return np.asarray((q * p).sum(axis=1), np.float32)
+
+
+def keep_by_teacher(
+    records: Sequence[PairRecord | RetrievalRecord],
+    teacher: Callable[[], Any],
+    threshold: float,
+    *,
+    batch_size: int = 64,
+    rank: int = 0,
+    world: int = 1,
+    gather: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Positions of the records whose :func:`teacher_pair_scores` reach ``threshold``.
+
+    Several processes: process ``rank`` of ``world`` scores its own contiguous share (loading
+    the model with ``teacher()`` only if it has one) and ``gather`` joins every share's scores
+    in rank order, so every process keeps the same rows. Why not every process scoring
+    everything (the work ``world`` times over), nor rank 0 alone (the others would wait in a
+    collective, and a large weak-stage file outlasts NCCL's 10-minute default timeout).
+    """
+    share = np.array_split(np.arange(len(records)), world)[rank]
+    scores = np.zeros(0, np.float32)
+    if len(share):
+        scores = teacher_pair_scores(teacher(), records, share, batch_size=batch_size)
+    if gather is not None:
+        scores = gather(scores)
+    return np.flatnonzero(scores >= threshold)
 
 
 @dataclass

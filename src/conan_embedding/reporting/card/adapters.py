@@ -2,8 +2,9 @@
 the folders it read (an LLM's stage history) or wrote (the saved model's modules).
 
 The card is only as true as these adapters: each fact comes from the config or a file, and
-what is unknown stays None (the card then says ``?``), never a guess. A new loss or task kind
-needs its words in :func:`_loss_name`.
+what is unknown stays None (the card then says ``?``), never a guess. A task's loss is in the
+words of its kind (``training/task_kinds.py``, ``TaskKindSpec.describe``) and of its loss
+(``losses/registry.py``, ``LossSpec.words``).
 """
 
 from __future__ import annotations
@@ -18,24 +19,13 @@ import yaml
 
 from conan_embedding.data.sources import prepared_source
 from conan_embedding.reporting.card.schema import CardInfo, CBBCard, SoftMaskCard, TaskCard
+from conan_embedding.training.task_kinds import task_kind
 
 
 # --------------------------------------------------------------------------- from a config
 def _loss_name(task: Any, stage: str, temperature: float, cbb: bool, beta: float) -> str:
     """The loss a task trains with, in words (what ``training.trainer`` / CBB compute)."""
-    tau = f"τ = {temperature:g}"
-    if task.kind == "sts":
-        return f"CoSENT ({tau})" + (f", weight β = {beta:g}" if cbb else "")
-    if task.kind == "classification":
-        extra = f", {task.negatives} other-label texts" if task.negatives else ""
-        return f"classification as retrieval (InfoNCE, {tau}{extra})"
-    parts = [f"InfoNCE ({tau}"]
-    if task.kind == "retrieval" and task.negatives:
-        plural = "s" if task.negatives != 1 else ""
-        parts.append(f", {task.negatives} hard negative{plural}" + (" per device" if cbb else ""))
-    if task.in_batch_negatives:
-        parts.append(", in-batch negatives")
-    return "".join(parts) + ")"
+    return task_kind(task.kind).describe(task, temperature, cbb, beta)
 
 
 def _data_source(path: str) -> str | None:
@@ -58,7 +48,7 @@ def _clr_report(path: str) -> dict[str, Any] | None:
 
 
 def _dhnm(task: Any) -> dict[str, Any] | None:
-    if task.kind != "retrieval":
+    if not task_kind(task.kind).mined_negatives:
         return None
     d = task.dynamic_negatives
     if d.rule == "none":
@@ -77,7 +67,8 @@ def _dhnm(task: Any) -> dict[str, Any] | None:
 
 
 def _cbb_devices(config: Any) -> dict[str, list[int]]:
-    """``cbb.task_ranks`` sorted, or the default: retrieval on ``0..W-2``, the rest on ``W-1``."""
+    """``cbb.task_ranks`` sorted, or the default: kinds that share devices (retrieval) on
+    ``0..W-2``, the rest on ``W-1`` (as ``training.cbb.RankLayout``)."""
     cbb = config.cbb
     if cbb.task_ranks:
         return {name: sorted(ranks) for name, ranks in cbb.task_ranks.items()}
@@ -85,7 +76,7 @@ def _cbb_devices(config: Any) -> dict[str, list[int]]:
     if world == 1:
         return {t.name: [0] for t in config.tasks}
     return {
-        t.name: list(range(world - 1)) if t.kind == "retrieval" else [world - 1]
+        t.name: list(range(world - 1)) if task_kind(t.kind).shares_devices else [world - 1]
         for t in config.tasks
     }
 

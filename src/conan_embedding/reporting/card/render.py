@@ -21,6 +21,7 @@ from conan_embedding.modeling.embedder import looks_like_local_path
 from conan_embedding.provenance import versions
 from conan_embedding.reporting.card.adapters import card_info_from_config, folder_facts
 from conan_embedding.reporting.card.schema import CardInfo
+from conan_embedding.training.task_kinds import task_kind
 
 if TYPE_CHECKING:
     from conan_embedding.config import TrainConfig
@@ -206,7 +207,7 @@ def render_model_card(
                 f"- **Dynamic hard negative mining (DHNM)** on `{t.name}`: rule {rule}; {_settings(settings)}."
             )
     else:
-        static = [t.name for t in info.tasks if t.kind == "retrieval" and t.negatives]
+        static = [t.name for t in info.tasks if task_kind(t.kind).mined_negatives and t.negatives]
         lines.append(
             "- **Dynamic hard negative mining (DHNM)**: not used"
             + (f" (static negatives on {', '.join(static)})." if static else ".")
