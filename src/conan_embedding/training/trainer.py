@@ -351,9 +351,10 @@ class Trainer:
         rank draws the *global* batch by index). The byte-offset index gives each rank random
         access for 12 bytes a row; a row is validated when it is read, so a malformed row
         raises ``file:line: field`` when a batch (or a full pass below) reaches it. A subclass
-        may return an eager list (tests compare the two trajectories).
+        may return an eager list (tests compare the two trajectories). A dataset input
+        (``data/hf_sources.py``) is the same lazy view over memory-mapped Arrow.
         """
-        return open_records(task.path, task.kind)
+        return open_records(task.path, task.kind, columns=task.columns, split=task.split)
 
     def _load_task(self, task: TaskConfig) -> Sequence[Record]:
         records = self._open_records(task)
