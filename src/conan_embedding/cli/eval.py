@@ -34,6 +34,13 @@ def eval_command(
     symmetric_prompt: str = typer.Option(
         "query", help="Prompt name for symmetric tasks ('' = none)."
     ),
+    prompt: list[str] = typer.Option(
+        [],
+        "--prompt",
+        help="TASK=PROMPT_NAME (repeatable): the model prompt of an mteb task's queries (both "
+        "sides of a symmetric task); TASK is a task name or type (STS, Retrieval). E.g. a "
+        "training task's instruction, saved as the prompt named after that task.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     threads: int | None = typer.Option(None, help="torch threads (1 is faster on a busy CPU)."),
     list_tasks: bool = typer.Option(False, "--list", help="List tasks and suites, then exit."),
@@ -56,6 +63,7 @@ def eval_command(
     from conan_embedding.evaluation.report import write_summary
     from conan_embedding.evaluation.run import evaluate
 
+    prompt_map = parse_prompt_map(prompt)
     names = ",".join(part for part in (tasks, suite) if part) or (
         None if benchmark else "mini-mteb"
     )
@@ -64,11 +72,22 @@ def eval_command(
                       cache_dir=False if no_cache else cache_dir, batch_size=batch_size,
                       show_progress=progress, model_name=model_name,
                       symmetric_prompt=symmetric_prompt or None, num_threads=threads,
-                      device=device)  # fmt: skip
+                      device=device, prompt_map=prompt_map)  # fmt: skip
     for name, score in scores.items():
         typer.echo(f"{name:34s} {100 * score:6.2f}")
     table, chart = write_summary(output_dir)
     typer.echo(f"results in {output_dir}; table {table}; chart {chart}")
+
+
+def parse_prompt_map(items: list[str]) -> dict[str, str]:
+    """``["STS=nli", "Retrieval=msmarco"]`` -> ``{"STS": "nli", "Retrieval": "msmarco"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        task, sep, name = item.partition("=")
+        if not sep or not task.strip() or not name.strip():
+            raise typer.BadParameter(f"--prompt takes TASK=PROMPT_NAME, got {item!r}")
+        out[task.strip()] = name.strip()
+    return out
 
 
 @app.command("compare")

@@ -28,6 +28,16 @@ class ModelConfig(StrictModel):
     query_prompt: str | None = None
     """Prompt name (key of ``prompts``) put before queries/first sentences; None = none."""
     passage_prompt: str | None = None
+    query_max_length: int | None = Field(None, gt=0)
+    """Tokens a query side text is cut at (queries of retrieval / pairs tasks, both texts of
+    sts and classification tasks); None = ``max_seq_length``. Saved with the model as
+    sentence-transformers' ``query_length`` (``encode_query`` honours it)."""
+    passage_max_length: int | None = Field(None, gt=0)
+    """Tokens a passage (positive, hard negative, mined corpus text) is cut at; None =
+    ``max_seq_length``. Saved as sentence-transformers' ``document_length``."""
+    instruction_template: str = "Instruct: {instruction}\nQuery: {text}"
+    """How a task's ``instruction`` wraps a query-side text (e5-mistral / Qwen3-Embedding's
+    form); ``{text}`` must end it, since the part before it is saved as a prompt prefix."""
     freeze_word_embeddings: bool = False
     lora: LoraSettings | None = None
     """Train LoRA adapters on the backbone instead of every weight (merged when saved)."""
@@ -36,6 +46,21 @@ class ModelConfig(StrictModel):
     attn_implementation: sdpa}``."""
     matryoshka_dims: list[int] = Field(default_factory=list)
     matryoshka_weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _check_template(self) -> ModelConfig:
+        template = self.instruction_template
+        if "{instruction}" not in template or not template.endswith("{text}"):
+            raise ValueError(
+                "model.instruction_template must contain '{instruction}' and end with "
+                f"'{{text}}' (its head is saved as a prompt prefix), got {template!r}"
+            )
+        return self
+
+    def instruction_prompt(self, instruction: str) -> str:
+        """The prompt prefix (text before the query) of a task's ``instruction``."""
+        head = self.instruction_template[: -len("{text}")]
+        return head.replace("{instruction}", instruction)
 
 
 class DynamicNegativesConfig(StrictModel):
@@ -107,6 +132,11 @@ class TaskConfig(StrictModel):
     passage_negatives: bool = False
     """Retrieval / pairs: ``s(p_i, p_j)`` against the other queries' positives joins query
     ``i``'s denominator (gte's improved contrastive loss; ``losses/infonce.py`` has the formula)."""
+    instruction: str | None = None
+    """A task instruction for the query side, wrapped by ``model.instruction_template``
+    (``Instruct: {instruction}\nQuery: {text}``): queries of retrieval / pairs tasks, both texts
+    of sts and classification tasks (symmetric, as e5-mistral). It replaces
+    ``model.query_prompt`` for this task and is saved as the model's prompt named after the task."""
 
     @model_validator(mode="after")
     def _check_kind(self) -> TaskConfig:
@@ -224,6 +254,17 @@ class TrainConfig(StrictModel):
                         "section): the CBB step does not pass it to its loss. Remove the "
                         "setting, or train without 'cbb'"
                     )
+            per_side = [
+                name
+                for name in ("query_max_length", "passage_max_length")
+                if getattr(self.model, name) is not None
+            ] + [f"tasks.{t.name}.instruction" for t in self.tasks if t.instruction]
+            if per_side:
+                raise ValueError(
+                    f"{', '.join(per_side)} is not supported under CBB (the 'cbb' section) yet: "
+                    "its step encodes with the model-wide prompts and length. Remove the "
+                    "setting, or train without 'cbb'"
+                )
         return self
 
 

@@ -39,6 +39,7 @@ from conan_embedding.modeling.embedder import (
     load_embedder,
     matryoshka_dims,
     resolve_model_path,
+    side_max_length,
 )
 from conan_embedding.runtime import ambient_autocast, autocast_for, resolve_device
 
@@ -122,6 +123,12 @@ class EmbeddingEngine:
         self.prompts: dict[str, str] = dict(getattr(model, "prompts", {}) or {})
         limit = model.max_seq_length or getattr(self.tokenizer, "model_max_length", 512)
         self.max_tokens = int(min(limit, 1_000_000))
+        self.side_tokens: dict[str, int] = {
+            side: n
+            for side in ("query", "passage")
+            if (n := side_max_length(model, side)) is not None
+        }
+        """The model's per-side token limits (``query`` / ``passage``), where it has them."""
         self.vocab_size = len(self.tokenizer)
         self._needs_token_types = "token_type_ids" in self.tokenizer.model_input_names
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -183,6 +190,12 @@ class EmbeddingEngine:
             raise ValueError(f"unknown prompt {prompt_name!r}; this model's prompts: {known}")
         return self.prompts[prompt_name] or None
 
+    def limit(self, side: str | None = None) -> int:
+        """Tokens an input of ``side`` (``query``, ``passage`` or ``document``; None: no side)
+        may hold: the model's length for that side, else its ``max_seq_length``."""
+        side = "passage" if side == "document" else side
+        return self.side_tokens.get(side or "", self.max_tokens)
+
     def _prompt_length(self, prompt: str | None) -> int | None:
         """Prompt tokens without a trailing special token, counted as sentence-transformers does."""
         if not prompt:
@@ -191,36 +204,48 @@ class EmbeddingEngine:
         return len(ids) - (bool(ids) and ids[-1] in set(self.tokenizer.all_special_ids))
 
     def tokenize(
-        self, texts: Sequence[str], prompt: str | None = None, *, truncate: bool = False
+        self,
+        texts: Sequence[str],
+        prompt: str | None = None,
+        *,
+        truncate: bool = False,
+        side: str | None = None,
     ) -> Tokenized:
         """Token ids of ``prompt + text`` with the model's special tokens.
 
         Without ``truncate`` a row longer than the model's limit raises :class:`InputTooLongError`
         (silently embedding half a document is worse than an error); with it, rows are cut to the
-        limit exactly as sentence-transformers cuts them.
+        limit exactly as sentence-transformers cuts them. The limit is ``side``'s (:meth:`limit`).
         """
+        limit = self.limit(side)
         full = [prompt + text for text in texts] if prompt else list(texts)
         encoded = self.tokenizer(
             full,
             add_special_tokens=True,
             truncation=truncate,
-            max_length=self.max_tokens if truncate else None,
+            max_length=limit if truncate else None,
             return_attention_mask=False,
             return_token_type_ids=False,
             verbose=False,
         )["input_ids"]
         if not truncate:
             for index, row in enumerate(encoded):
-                if len(row) > self.max_tokens:
-                    raise InputTooLongError(index, len(row), self.max_tokens)
+                if len(row) > limit:
+                    raise InputTooLongError(index, len(row), limit)
         return Tokenized(
             ids=[list(row) for row in encoded], prompt_length=self._prompt_length(prompt)
         )
 
     def tokenize_ids(
-        self, rows: Sequence[Sequence[int]], prompt: str | None = None, *, truncate: bool = False
+        self,
+        rows: Sequence[Sequence[int]],
+        prompt: str | None = None,
+        *,
+        truncate: bool = False,
+        side: str | None = None,
     ) -> Tokenized:
         """Pre-tokenised input (ids of this model's vocabulary, without special tokens)."""
+        limit = self.limit(side)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         before, after = special_token_frame(self.tokenizer)
         specials = len(before) + len(after)
@@ -233,10 +258,10 @@ class EmbeddingEngine:
                     f"0..{self.vocab_size - 1}"
                 )
             content = list(prompt_ids) + [int(t) for t in row]
-            room = self.max_tokens - specials
+            room = limit - specials
             if len(content) > room:
                 if not truncate:
-                    raise InputTooLongError(index, len(content) + specials, self.max_tokens)
+                    raise InputTooLongError(index, len(content) + specials, limit)
                 content = content[:room]
             out.append(before + content + after)
         return Tokenized(ids=out, prompt_length=self._prompt_length(prompt))
@@ -310,14 +335,16 @@ class EmbeddingEngine:
         batch_size: int | None = None,
         prompt: str | None = None,
         normalize: bool = False,
+        side: str | None = None,
     ) -> np.ndarray:
         """Embeddings of texts; ``prompt`` (a string) overrides ``prompt_name`` (a model prompt).
 
-        ``normalize`` L2-normalises every row (for models without a Normalize module).
+        ``normalize`` L2-normalises every row (for models without a Normalize module). ``side``
+        (``query`` / ``passage``) cuts at that side's length (:meth:`limit`).
         """
         if prompt is None:
             prompt = self.resolve_prompt(prompt_name)
-        tokens = self.tokenize(texts, prompt or None, truncate=truncate)
+        tokens = self.tokenize(texts, prompt or None, truncate=truncate, side=side)
         vectors = self.embed_ids(
             tokens.ids, tokens.prompt_length, dimensions=dimensions, batch_size=batch_size
         )

@@ -105,9 +105,15 @@ class TextEncoder:
         return self.engine.width
 
     def encode(
-        self, texts: Sequence[str], prompt: str | None = None, desc: str = "encoding"
+        self,
+        texts: Sequence[str],
+        prompt: str | None = None,
+        desc: str = "encoding",
+        *,
+        side: str | None = None,
     ) -> np.ndarray:
-        """One normalised row per input text (duplicates share one encoding)."""
+        """One normalised row per input text (duplicates share one encoding); ``side``
+        (``query`` / ``passage``) cuts them at the model's length for that side."""
         unique = list(dict.fromkeys(texts))
         if self.cache_dir is None:
             vectors = np.empty((len(unique), self.width), np.float32)
@@ -116,15 +122,16 @@ class TextEncoder:
                 total=len(unique), desc=desc, disable=not self.show_progress, unit="text"
             )
             for chunk in chunked(unique, self.chunk_size):
-                vectors[done : done + len(chunk)] = self._encode_chunk(chunk, prompt)
+                vectors[done : done + len(chunk)] = self._encode_chunk(chunk, prompt, side)
                 done += len(chunk)
                 bar.update(len(chunk))
             bar.close()
         else:
             store = self.encode_stream(
                 chunked(unique, self.chunk_size),
-                self.cache_dir / f"emb-{self.key(texts_fingerprint(unique), prompt)}",
+                self.cache_dir / f"emb-{self.key(texts_fingerprint(unique), prompt, side)}",
                 prompt=prompt,
+                side=side,
                 key=texts_fingerprint(unique),
                 expected=len(unique),
                 desc=desc,
@@ -135,14 +142,17 @@ class TextEncoder:
         position = {text: i for i, text in enumerate(unique)}
         return vectors[np.fromiter((position[t] for t in texts), dtype=np.int64, count=len(texts))]
 
-    def key(self, stream_key: str, prompt: str | None) -> str:
-        """The cache key of a stream under this model, backend and prompt (32 hex digits)."""
+    def key(self, stream_key: str, prompt: str | None, side: str | None = None) -> str:
+        """The cache key of a stream under this model, backend, prompt and, where the model
+        has one for ``side``, that side's length (32 hex digits)."""
         import hashlib
 
         # int8 / bf16 vectors (the backend's, or a caller's autocast) differ from fp32 ones:
         # they must not share cache entries
         precision = self.engine.precision
         identity = self.fingerprint + (f"|{precision}" if precision else "")
+        length = self.engine.side_tokens.get("passage" if side == "document" else side or "")
+        identity += f"|max_length={length}" if length is not None else ""
         payload = f"{identity}|{prompt or ''}|{stream_key}"
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
@@ -155,6 +165,7 @@ class TextEncoder:
         key: str,
         expected: int | None = None,
         desc: str = "encoding",
+        side: str | None = None,
     ) -> VectorFile:
         """Encode every chunk into the vector file at ``path``, resuming what is on disk.
 
@@ -162,7 +173,9 @@ class TextEncoder:
         the texts or of the source file): rows already on disk are skipped, not re-encoded.
         The whole stream is still iterated, so a reader's side effects happen on every run.
         """
-        store = VectorFile(path, key=self.key(key, prompt), width=self.width, expected=expected)
+        store = VectorFile(
+            path, key=self.key(key, prompt, side), width=self.width, expected=expected
+        )
         if store.complete:
             self.cache_hits += 1
             for _ in chunks:  # the caller's side effects (dedup, corpus file) still happen
@@ -177,7 +190,7 @@ class TextEncoder:
             end = position + len(chunk)
             if end > on_disk:
                 fresh = list(chunk[max(0, on_disk - position) :])
-                store.append(self._encode_chunk(fresh, prompt))
+                store.append(self._encode_chunk(fresh, prompt, side))
                 bar.update(len(fresh))
             position = end
         bar.close()
@@ -195,6 +208,7 @@ class TextEncoder:
         prompt: str | None = None,
         key: str,
         desc: str = "encoding",
+        side: str | None = None,
     ) -> VectorFile | None:
         """:meth:`encode_stream` spread over ``processes``; every rank must call it with the
         same ``chunks`` (each iterates the whole stream, encoding only its own chunks).
@@ -203,9 +217,9 @@ class TextEncoder:
         exactly :meth:`encode_stream`.
         """
         if processes.world == 1:
-            return self.encode_stream(chunks, path, prompt=prompt, key=key, desc=desc)
+            return self.encode_stream(chunks, path, prompt=prompt, key=key, desc=desc, side=side)
         base, rank, world = Path(path), processes.rank, processes.world
-        full_key = self.key(key, prompt)
+        full_key = self.key(key, prompt, side)
         # read-only: only rank 0 ever opens the merged file, after the barrier
         done = VectorFile.finished(base, key=full_key, width=self.width)
         sizes: list[int] = []
@@ -227,6 +241,7 @@ class TextEncoder:
                 prompt=prompt,
                 key=f"{key}|shard {rank} of {world}",
                 desc=f"{desc} (rank {rank})",
+                side=side,
             )
         processes.wait()  # one barrier on every path, so ranks cannot disagree on the count
         if not processes.is_main:
@@ -234,7 +249,7 @@ class TextEncoder:
         if done:
             merged = VectorFile(base, key=full_key, width=self.width)
         else:
-            merged = self._merge(base, full_key, sizes, prompt, key, world)
+            merged = self._merge(base, full_key, sizes, prompt, key, world, side)
         for leftover in base.parent.glob(f"{base.name}.shard-*-of-*.*"):
             leftover.unlink(missing_ok=True)
         return merged
@@ -247,12 +262,13 @@ class TextEncoder:
         prompt: str | None,
         key: str,
         world: int,
+        side: str | None = None,
     ) -> VectorFile:
         """Rank 0: the shards' rows in stream order into ``base`` (resumes a killed merge)."""
         shards = [
             VectorFile(
                 _shard_path(base, r, world),
-                key=self.key(f"{key}|shard {r} of {world}", prompt),
+                key=self.key(f"{key}|shard {r} of {world}", prompt, side),
                 width=self.width,
             )
             for r in range(world)
@@ -270,8 +286,10 @@ class TextEncoder:
             merged.finish()
         return merged
 
-    def _encode_chunk(self, texts: Sequence[str], prompt: str | None) -> np.ndarray:
-        return self.engine.embed(texts, prompt=prompt, normalize=True)
+    def _encode_chunk(
+        self, texts: Sequence[str], prompt: str | None, side: str | None = None
+    ) -> np.ndarray:
+        return self.engine.embed(texts, prompt=prompt, normalize=True, side=side)
 
     def dimension(self) -> int:
         return int(self.width)

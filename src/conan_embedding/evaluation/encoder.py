@@ -23,6 +23,13 @@ models expect ``query: `` on *both* sides of symmetric tasks (STS, classificatio
 bitext mining), where mteb asks for no prompt type at all; :class:`CachedEncoder` then uses the
 model's ``query`` prompt (``symmetric_prompt="query"``, configurable). A ``passage`` prompt is
 treated as mteb's ``document`` prompt, the name e5 models ship with.
+
+``prompt_map`` (``conan-embed eval --prompt TASK=PROMPT_NAME``) names the model prompt of an
+evaluation task's queries (and of both sides of a symmetric task), e.g. a training task's
+instruction saved as a model prompt; ``TASK`` is an mteb task name (``STSBenchmark``) or task
+type (``STS``, ``Retrieval``), the name winning. Documents keep the ``document`` / ``passage``
+prompt. Lengths: documents are cut at the model's passage length, everything else (queries,
+symmetric tasks) at its query length (``model.query_max_length`` / ``passage_max_length``).
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ class CachedEncoder(AbsEncoder):
         show_progress: bool = True,
         flush_every: int = 2048,
         device: str | torch.device | None = "auto",
+        prompt_map: dict[str, str] | None = None,
     ) -> None:
         self.model = model
         # the current torch thread count is kept (evaluate(num_threads=...) may have set it)
@@ -85,6 +93,13 @@ class CachedEncoder(AbsEncoder):
             update={"name": name, "revision": self.fingerprint[:12]}
         )
         self.model_prompts = normalized_prompts(model)
+        self.prompt_map = dict(prompt_map or {})
+        unknown = {k: v for k, v in self.prompt_map.items() if v not in self.model_prompts}
+        if unknown:
+            raise ValueError(
+                f"--prompt names prompts this model does not have: {unknown}; its prompts: "
+                f"{sorted(self.model_prompts) or 'none'}"
+            )
         self.symmetric_prompt = symmetric_prompt
         self.show_progress = show_progress
         self.cache_dir = cache_dir
@@ -107,6 +122,10 @@ class CachedEncoder(AbsEncoder):
     def resolve_prompt(
         self, task_metadata: TaskMetadata, prompt_type: PromptType | None
     ) -> str | None:
+        is_document = prompt_type is not None and prompt_type.value == "document"
+        mapped = self.prompt_map.get(task_metadata.name, self.prompt_map.get(task_metadata.type))
+        if mapped is not None and not is_document:
+            return self.model_prompts[mapped]
         name = get_prompt_name(self.model_prompts or None, task_metadata, prompt_type)
         if name is None and prompt_type is None and self.symmetric_prompt:
             name = self.symmetric_prompt if self.symmetric_prompt in self.model_prompts else None
@@ -124,9 +143,11 @@ class CachedEncoder(AbsEncoder):
     ) -> np.ndarray:
         texts = [text for batch in inputs for text in batch["text"]]
         prompt = self.resolve_prompt(task_metadata, prompt_type)
+        document = prompt_type is not None and prompt_type.value == "document"
         return self.encode_texts(
             texts,
             prompt=prompt,
+            side="passage" if document else "query",
             batch_size=int(kwargs.get("batch_size", 32)),
             desc=task_metadata.name,
         )
@@ -138,9 +159,14 @@ class CachedEncoder(AbsEncoder):
         prompt: str | None = None,
         batch_size: int = 32,
         desc: str = "encode",
+        side: str | None = None,
     ) -> np.ndarray:
-        """Embeddings of ``texts`` (float32, one row each), from the cache where possible."""
-        keys = [text_key(prompt, text) for text in texts]
+        """Embeddings of ``texts`` (float32, one row each), from the cache where possible;
+        ``side`` (``query`` / ``passage``) cuts them at the model's length for that side."""
+        length = self.engine.side_tokens.get(side or "")
+        # a side length is part of the key (vectors cut elsewhere are other vectors)
+        tag = f"{prompt or ''}\x00max_length={length}" if length is not None else prompt
+        keys = [text_key(tag, text) for text in texts]
         cache = self.cache
         if cache is not None:
             found, missing = cache.lookup(keys)
@@ -161,7 +187,7 @@ class CachedEncoder(AbsEncoder):
         for start in range(0, len(todo), self.flush_every):
             chunk = todo[start : start + self.flush_every]
             fresh = self.engine.embed(
-                [texts[i] for i in chunk], prompt=prompt, batch_size=batch_size
+                [texts[i] for i in chunk], prompt=prompt, batch_size=batch_size, side=side
             )
             if self.model.truncate_dim:  # as SentenceTransformer.encode: cut, no re-normalising
                 fresh = np.ascontiguousarray(fresh[:, : self.model.truncate_dim])

@@ -125,6 +125,7 @@ def evaluate(
     symmetric_prompt: str | None = "query",
     num_threads: int | None = None,
     device: str | None = "auto",
+    prompt_map: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Main score of each task as mteb reports it (a fraction: 0.8203 for 82.03).
 
@@ -142,7 +143,10 @@ def evaluate(
     ``torch.set_num_threads`` for the process (on an oversubscribed CPU one thread encoded
     twice as fast as two here, as OpenMP threads spin waiting for each other). ``device``:
     where the encoder runs (``"auto"``: this rank's GPU when CUDA is available, else the CPU).
-    ``max_corpus`` and ``max_pairs`` apply to local tasks only.
+    ``max_corpus`` and ``max_pairs`` apply to local tasks only. ``prompt_map``: an mteb task
+    name or type -> the model prompt of its queries (and both sides of symmetric tasks), e.g.
+    ``{"STS": "nli"}`` for a model trained with an instructed task ``nli``
+    (:class:`~conan_embedding.evaluation.encoder.CachedEncoder`).
     """
     selected = select_tasks(tasks, benchmark)
     check_datasets_available(selected)
@@ -166,6 +170,7 @@ def evaluate(
         symmetric_prompt=symmetric_prompt,
         show_progress=show_progress,
         device=device,
+        prompt_map=prompt_map,
     )
     meta = encoder.mteb_model_meta
     folder = (
@@ -222,6 +227,7 @@ def evaluate(
                 "max_pairs": max_pairs,
                 "symmetric_prompt": encoder.model_prompts.get(symmetric_prompt or ""),
                 "prompts": encoder.model_prompts,
+                "prompt_map": encoder.prompt_map,
                 "machine": {**machine(), "loadavg_at_end": loadavg()},
                 "tasks": {**previous.get("tasks", {}), **task_info},
             },

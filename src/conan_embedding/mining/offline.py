@@ -419,9 +419,10 @@ def _encode_inputs(
     positives = (p for r in records for p in r.pos)
     corpus_store = encoder.encode_shards(
         builder.chunks(_chain(base, positives)),
-        work / f"emb-{encoder.key(corpus_key, config.passage_prompt)}",
+        work / f"emb-{encoder.key(corpus_key, config.passage_prompt, 'passage')}",
         processes,
         prompt=config.passage_prompt,
+        side="passage",
         key=corpus_key,
         desc="encoding corpus",
     )
@@ -429,9 +430,10 @@ def _encode_inputs(
     query_key = texts_fingerprint(unique)
     query_store = encoder.encode_shards(
         chunked(unique, config.chunk_size),
-        work / f"emb-{encoder.key(query_key, config.query_prompt)}",
+        work / f"emb-{encoder.key(query_key, config.query_prompt, 'query')}",
         processes,
         prompt=config.query_prompt,
+        side="query",
         key=query_key,
         desc="encoding queries",
     )

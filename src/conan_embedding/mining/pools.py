@@ -300,6 +300,9 @@ class PoolMeta(BaseModel):
     query_prompt: str | None
     passage_prompt: str | None
     max_seq_length: int | None
+    query_max_length: int | None = None
+    passage_max_length: int | None = None
+    """The model's per-side token limits (``model.query_max_length`` / ``passage_max_length``)."""
 
     @classmethod
     def of(
@@ -307,6 +310,8 @@ class PoolMeta(BaseModel):
     ) -> PoolMeta:
         """The meta of ``model`` encoding with these prompt *texts* (not prompt names)."""
         import torch
+
+        from conan_embedding.modeling.embedder import side_max_length
 
         first = model[0]
         config = getattr(getattr(first, "auto_model", None), "config", None)
@@ -321,15 +326,16 @@ class PoolMeta(BaseModel):
             query_prompt=query_prompt or None,
             passage_prompt=passage_prompt or None,
             max_seq_length=model.max_seq_length,
+            query_max_length=side_max_length(model, "query"),
+            passage_max_length=side_max_length(model, "passage"),
         )
 
     def matches(self, other: PoolMeta, min_cosine: float = 0.999) -> bool:
         """Same prompts and max length, and probe embeddings at cosine >= ``min_cosine``."""
-        if (self.query_prompt, self.passage_prompt, self.max_seq_length) != (
-            other.query_prompt,
-            other.passage_prompt,
-            other.max_seq_length,
-        ):
+        mine = (self.query_prompt, self.passage_prompt, self.max_seq_length)
+        theirs = (other.query_prompt, other.passage_prompt, other.max_seq_length)
+        sides = (self.query_max_length, self.passage_max_length)
+        if mine != theirs or sides != (other.query_max_length, other.passage_max_length):
             return False
         if len(self.probe) != len(other.probe):
             return False

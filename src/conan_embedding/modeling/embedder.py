@@ -7,7 +7,9 @@ ecosystem opens our checkpoints, and the Dense projection is saved as a module o
 drop it and serve 1024-d vectors).
 
 Matryoshka dims and the training recipe are recorded beside the model in
-``conan_embedding.json``; query/passage prompts go in sentence-transformers' own ``prompts``.
+``conan_embedding.json``; query/passage prompts and task instructions go in
+sentence-transformers' own ``prompts``, per-side token limits in its ``query_length`` /
+``document_length`` (:func:`set_side_lengths`).
 """
 
 from __future__ import annotations
@@ -192,6 +194,44 @@ def set_matryoshka_dims(model: SentenceTransformer, dims: Sequence[int] | None) 
 
 def matryoshka_dims(model: SentenceTransformer) -> list[int]:
     return list(getattr(model, "conan_meta", {}).get("matryoshka_dims", []))
+
+
+Side = Literal["query", "passage"]
+_SIDE_ATTRS: dict[str, str] = {"query": "query_length", "passage": "document_length"}
+
+
+def set_side_lengths(model: SentenceTransformer, query: int | None, passage: int | None) -> None:
+    """Per-side token limits (None = ``max_seq_length``), saved with the model.
+
+    They live where sentence-transformers keeps them, the first module's ``query_length`` /
+    ``document_length`` (``sentence_bert_config.json``; ``encode_query`` / ``encode_document``
+    and a plain ``SentenceTransformer(path)`` honour them), and in ``conan_embedding.json``
+    for first modules without those attributes.
+    """
+    lengths = {"query": query, "passage": passage}
+    first = model[0]
+    for side, attr in _SIDE_ATTRS.items():
+        if hasattr(first, attr):
+            setattr(first, attr, lengths[side])
+    meta = {
+        k: v
+        for k, v in getattr(model, "conan_meta", {}).items()
+        if k not in ("query_max_length", "passage_max_length")
+    }
+    meta.update({f"{s}_max_length": n for s, n in lengths.items() if n is not None})
+    model.conan_meta = meta
+
+
+def side_max_length(model: SentenceTransformer, side: str | None) -> int | None:
+    """The token limit of ``side`` (``query`` / ``passage``; ``document`` is ``passage``) set by
+    :func:`set_side_lengths`, or None when the model has none (``max_seq_length`` applies)."""
+    side = "passage" if side == "document" else side
+    if side not in _SIDE_ATTRS:
+        return None
+    value = getattr(model[0], _SIDE_ATTRS[side], None)
+    if value is None:
+        value = getattr(model, "conan_meta", {}).get(f"{side}_max_length")
+    return int(value) if value is not None else None
 
 
 ReadmeWriter = Callable[[Path, str], object]

@@ -9,8 +9,11 @@ with a 5xx.
 How: ``POST /v1/embeddings`` takes ``input`` (a string, a list of strings, a token array or a
 list of token arrays of the model's own vocabulary), ``model``, ``dimensions``,
 ``encoding_format`` (``float`` or ``base64`` little-endian float32, as the OpenAI client asks
-by default) and the extension ``input_type`` (``query`` / ``passage``: selects the model's
-prompt). Each request is tokenised in the event loop (that also counts ``usage`` and enforces
+by default) and the extensions ``input_type`` (``query`` / ``passage``: selects the model's
+prompt and, for a model trained with ``query_max_length`` / ``passage_max_length``, the
+token limit of that side) and ``prompt_name`` (one of the model's prompts, e.g. a training
+task's instruction; an unknown name is a 400 listing the known ones; a named prompt reads
+its texts as queries unless ``input_type`` says otherwise or it is ``passage`` / ``document``). Each request is tokenised in the event loop (that also counts ``usage`` and enforces
 the length limit) and handed to :class:`~conan_embedding.serving.batching.MicroBatcher`, which
 joins concurrent requests into one forward pass. Limits: body bytes (413), inputs per request
 and tokens per input (400); an optional bearer API key (401). Errors have OpenAI's
@@ -98,7 +101,14 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     user: StrictStr | None = None
     input_type: Literal["query", "passage", "document"] | None = Field(
-        default=None, description="Extension: which of the model's prompts to prepend."
+        default=None,
+        description="Extension: which of the model's prompts to prepend, and which side's "
+        "token limit applies (the model's query / passage length).",
+    )
+    prompt_name: StrictStr | None = Field(
+        default=None,
+        description="Extension: one of the model's prompts (GET /v1/models lists them), e.g. a "
+        "training task's instruction; it overrides input_type's prompt.",
     )
 
 
@@ -128,6 +138,7 @@ class ModelCard(BaseModel):
     dimensions: int
     matryoshka_dimensions: list[int]
     max_input_tokens: int
+    prompts: list[str] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):
@@ -297,6 +308,7 @@ def create_app(engine: EmbeddingEngine, settings: ServerSettings | None = None) 
             dimensions=engine.width,
             matryoshka_dimensions=engine.matryoshka_dims,
             max_input_tokens=engine.max_tokens,
+            prompts=sorted(prompts),
         )
         return ModelList(data=[card])
 
@@ -366,6 +378,19 @@ def _tokenize(
     if input_type == "document" and "document" not in prompts:
         input_type = "passage"
     prompt = prompts.get(input_type) if input_type else None
+    side = None if input_type is None else "query" if input_type == "query" else "passage"
+    if request.prompt_name is not None:
+        if request.prompt_name not in prompts:
+            raise ApiError(
+                400,
+                f"prompt_name {request.prompt_name!r} is not one of this model's prompts: "
+                f"{sorted(prompts) or 'none'}",
+                param="prompt_name",
+                code="unknown_prompt",
+            )
+        prompt = prompts[request.prompt_name]
+        if side is None:
+            side = "passage" if request.prompt_name in ("passage", "document") else "query"
     try:
         if isinstance(raw[0], str):
             empty = next((i for i, text in enumerate(raw) if not text), None)
@@ -373,13 +398,13 @@ def _tokenize(
                 raise ApiError(
                     400, f"input[{empty}] is an empty string", param="input", code="empty_input"
                 )
-            return engine.tokenize(raw, prompt or None, truncate=settings.truncate)
+            return engine.tokenize(raw, prompt or None, truncate=settings.truncate, side=side)
         empty = next((i for i, row in enumerate(raw) if not row), None)
         if empty is not None:
             raise ApiError(
                 400, f"input[{empty}] is an empty token array", param="input", code="empty_input"
             )
-        return engine.tokenize_ids(raw, prompt or None, truncate=settings.truncate)
+        return engine.tokenize_ids(raw, prompt or None, truncate=settings.truncate, side=side)
     except InputTooLongError as err:
         raise ApiError(400, str(err), param="input", code="input_too_long") from None
     except ValueError as err:

@@ -127,6 +127,9 @@ class TaskKindSpec:
     """Under CBB each device's encodes are seeded ``(step, task, group, device, role)``, the
     CBB step's own layout (STS, as CBB has always run it: recorded runs stay reproducible);
     otherwise the trainer's shard seeds with ``(group, device)`` appended."""
+    symmetric: ClassVar[bool] = False
+    """Both texts are the query side (a task's instruction and ``model.query_max_length``
+    apply to both, the e5-mistral rule for symmetric tasks); else the second is a passage."""
 
     @property
     def loss_spec(self) -> LossSpec:
@@ -290,6 +293,7 @@ class _STS(TaskKindSpec):
     loss_name = "cosent"
     weighted_by_beta = True
     cbb_device_seeds = True
+    symmetric = True
 
     def loss(self, context: LossContext) -> torch.Tensor:
         c = context
@@ -317,6 +321,7 @@ class _Classification(TaskKindSpec):
     record_type = ClassificationRecord
     loss_name = "classification"
     labelled = True
+    symmetric = True
 
     def loss(self, context: LossContext) -> torch.Tensor:
         c, rows, records = context, context.rows, context.records

@@ -32,6 +32,7 @@ How a step runs:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,7 +53,12 @@ from conan_embedding.mining.base import (
     restore_provider_states,
     split_provider_states,
 )
-from conan_embedding.modeling.embedder import ReadmeWriter, build_embedder, save_embedder
+from conan_embedding.modeling.embedder import (
+    ReadmeWriter,
+    build_embedder,
+    save_embedder,
+    set_side_lengths,
+)
 from conan_embedding.training.collectives import all_gather_arrays, all_gather_with_grad
 from conan_embedding.training.engine import (
     Engine,
@@ -69,7 +75,7 @@ from conan_embedding.training.sharding import (
     rank_device,
     whole_weights,
 )
-from conan_embedding.training.task_kinds import Encode, LossContext, task_kind
+from conan_embedding.training.task_kinds import ENCODE_QUERIES, Encode, LossContext, task_kind
 from conan_embedding.training.task_kinds import stable_text_ids as _stable_text_ids
 
 logger = logging.getLogger(__name__)
@@ -133,6 +139,7 @@ def encode_with_grad(
     prompt: str | None = None,
     forward: torch.nn.Module | None = None,
     counts: dict[str, int] | None = None,
+    max_length: int | None = None,
 ) -> torch.Tensor:
     """Sentence embeddings with autograd (``model.encode`` runs without gradient).
 
@@ -141,10 +148,14 @@ def encode_with_grad(
     ``counts`` (if given) gains ``samples`` (texts encoded) and ``tokens`` (their non-padding
     tokens, the attention mask's sum): the engine's throughput numbers. This is the one place
     a training step tokenizes, so every stage built on it counts the same way.
+    ``max_length`` cuts each text (prompt included) at that many tokens instead of the model's
+    ``max_seq_length`` (the per-side lengths, ``model.query_max_length`` /
+    ``passage_max_length``).
     """
     if prompt:
         texts = [prompt + t for t in texts]
-    features = model.preprocess(list(texts))
+    kwargs: dict[str, Any] = {"max_length": max_length} if max_length else {}
+    features = model.preprocess(list(texts), **kwargs)
     if counts is not None:
         mask = features.get("attention_mask", features.get("input_ids"))
         counts["samples"] = counts.get("samples", 0) + len(texts)
@@ -234,6 +245,10 @@ class Trainer:
         self._check_engine_supported(negative_providers or {})
         self.query_prompt = self._prompt(mc.query_prompt)
         self.passage_prompt = self._prompt(mc.passage_prompt)
+        self.query_length, self.passage_length = mc.query_max_length, mc.passage_max_length
+        set_side_lengths(self.model, self.query_length, self.passage_length)
+        self.task_prompts = self._instruction_prompts()
+        """Per task with an ``instruction``: its query-side prompt (also a model prompt)."""
 
         self.source_rows: dict[str, np.ndarray | None] = {}
         """Per task, the file positions of the rows kept (None once a filter dropped some)."""
@@ -342,6 +357,30 @@ class Trainer:
         if name not in prompts:
             raise ValueError(f"prompt '{name}' is not among the model's prompts {sorted(prompts)}")
         return prompts[name]
+
+    def _instruction_prompts(self) -> dict[str, str]:
+        """Each instructed task's prompt, added to the model's prompts under the task's name
+        (saved in the sentence-transformers config: ``encode(prompt_name=task)`` applies it)."""
+        mc = self.config.model
+        out: dict[str, str] = {}
+        prompts = dict(self.model.prompts or {})
+        for task in self.config.tasks:
+            if not task.instruction:
+                continue
+            prompt = mc.instruction_prompt(task.instruction)
+            if prompts.get(task.name, prompt) != prompt:
+                raise ValueError(
+                    f"task '{task.name}' has an instruction, and the model already has a "
+                    f"different prompt named '{task.name}': rename the task or the prompt"
+                )
+            prompts[task.name] = out[task.name] = prompt
+        if out:
+            self.model.prompts = prompts
+        return out
+
+    def query_prompt_of(self, task: TaskConfig) -> str | None:
+        """The query-side prompt of ``task``: its instruction's, else ``model.query_prompt``."""
+        return self.task_prompts.get(task.name, self.query_prompt)
 
     def _open_records(self, task: TaskConfig) -> Sequence[Record]:
         """The task file as a lazy :class:`~conan_embedding.data.records.RecordDataset`.
@@ -452,6 +491,7 @@ class Trainer:
         batch: int,
         prompt: str | None,
         seed_key: tuple[int, ...] = (),
+        max_length: int | None = None,
     ) -> torch.Tensor:
         """This rank's shards of one kind of text, each under its own dropout seed."""
         out = []
@@ -464,6 +504,7 @@ class Trainer:
                         prompt,
                         self.forward_model,
                         counts=self.step_counts,
+                        max_length=max_length,
                     )
                 )
         return torch.cat(out)
@@ -514,10 +555,16 @@ class Trainer:
             )
         kind = task_kind(task.kind)
 
+        # the query side (queries; both texts of a symmetric kind) and the passage side
+        passage_length = self.query_length if kind.symmetric else self.passage_length
+
         def encode_shards(
             role: int, texts_of: Callable[[slice], list[str]], prompt: str | None
         ) -> torch.Tensor:
-            return self._encode_shards(task, step, role, texts_of, size, prompt, seed_key)
+            length = self.query_length if role == ENCODE_QUERIES else passage_length
+            return self._encode_shards(
+                task, step, role, texts_of, size, prompt, seed_key, max_length=length
+            )
 
         context = LossContext(
             task=task,
@@ -529,7 +576,7 @@ class Trainer:
             dims=self.config.model.matryoshka_dims,
             weights=self.config.model.matryoshka_weights,
             query_offset=self._query_offset(size),
-            query_prompt=self.query_prompt,
+            query_prompt=self.query_prompt_of(task),
             passage_prompt=self.passage_prompt,
             encode=encode or encode_shards,
             gather=self._gather,
@@ -573,27 +620,37 @@ class Trainer:
         record: dict[str, float] = {}
         for name, provider in self.providers.items():
             # per task ("bge/dhnm/replaced"): two DHNM tasks must not overwrite each other
-            stats = provider.on_step_end(step, self._encode_no_grad)
+            stats = provider.on_step_end(step, functools.partial(self._encode_no_grad, task=name))
             record.update({f"{name}/{key}": value for key, value in stats.items()})
         if self.on_step:
             self.on_step(step, record)
         return record
 
-    def _encode_no_grad(self, texts: Sequence[str], role: str | None = None) -> torch.Tensor:
-        """The current model's normalised rows, with the training prompt of ``role``
-        (``query`` / ``passage``) so DHNM's re-scores compare with the loss's scores."""
-        prompt = {"query": self.query_prompt, "passage": self.passage_prompt}.get(role or "")
-        was_training = self.model.training
+    def _encode_no_grad(
+        self, texts: Sequence[str], role: str | None = None, task: str | None = None
+    ) -> torch.Tensor:
+        """The current model's normalised rows, with the training prompt and length of ``role``
+        (``query`` / ``passage``; ``task``'s instruction on the query side) so DHNM's re-scores
+        compare with the loss's scores."""
+        query_prompt = self.task_prompts.get(task or "", self.query_prompt)
+        prompt = {"query": query_prompt, "passage": self.passage_prompt}.get(role or "")
+        length = {"query": self.query_length, "passage": self.passage_length}.get(role or "")
+        was_training, max_seq_length = self.model.training, self.model.max_seq_length
         self.model.eval()
-        with torch.no_grad():
-            out = self.model.encode(
-                [prompt + t for t in texts] if prompt else list(texts),
-                convert_to_tensor=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-                batch_size=64,
-            )
-        self.model.train(was_training)
+        if length:  # encode() takes no max_length: cut at the side's length for this call
+            self.model.max_seq_length = length
+        try:
+            with torch.no_grad():
+                out = self.model.encode(
+                    [prompt + t for t in texts] if prompt else list(texts),
+                    convert_to_tensor=True,
+                    normalize_embeddings=True,
+                    show_progress_bar=False,
+                    batch_size=64,
+                )
+        finally:
+            self.model.max_seq_length = max_seq_length
+            self.model.train(was_training)
         return out.float().cpu()
 
     def state_dict(self) -> dict[str, Any]:

@@ -133,6 +133,7 @@ def card_info_from_config(
             loss=_loss_name(t, config.stage, config.temperature, cbb is not None, beta),
             dhnm=_dhnm(t),
             clr=clr.get(t.name) or (_clr_report(t.path) if t.kind == "retrieval" else None),
+            instruction=t.instruction,
         )
         for t in config.tasks
     ]
@@ -152,7 +153,13 @@ def card_info_from_config(
             "dense_dim": mc.dense_dim,
             "normalize": mc.normalize,
             "max_seq_length": mc.max_seq_length,
-            "prompts": dict(mc.prompts),
+            "query_max_length": mc.query_max_length,
+            "passage_max_length": mc.passage_max_length,
+            "prompts": {
+                **mc.prompts,
+                **{t.name: mc.instruction_prompt(t.instruction) for t in tasks if t.instruction},
+            },
+            "instruction_template": mc.instruction_template,
             "query_prompt": mc.query_prompt,
             "passage_prompt": mc.passage_prompt,
             "freeze_word_embeddings": mc.freeze_word_embeddings,

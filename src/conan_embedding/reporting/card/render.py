@@ -122,6 +122,10 @@ def render_model_card(
             lines.append('passages = model.encode(["..."])')
     else:
         lines.append('embeddings = model.encode(["...", "..."])')
+    instructed = [t for t in info.tasks if t.instruction]
+    if instructed:
+        name = instructed[0].name
+        lines.append(f'instructed = model.encode(["..."], prompt_name="{name}")  # its instruction')
     if dims:
         lines.append(f'small = SentenceTransformer("path/to/this/folder", truncate_dim={dims[0]})')
     lines += ["```", ""]
@@ -133,6 +137,9 @@ def render_model_card(
     if width:
         model_rows.append(["output dimension", width])
     model_rows.append(["max sequence length (training)", info.model.get("max_seq_length")])
+    for side in ("query", "passage"):
+        if info.model.get(f"{side}_max_length") is not None:
+            model_rows.append([f"max {side} length (tokens)", info.model[f"{side}_max_length"]])
     if prompts:
         model_rows.append(["prompts", ", ".join(f"{k}: `{v}`" for k, v in prompts.items())])
     if query_prompt or passage_prompt:
@@ -183,6 +190,19 @@ def render_model_card(
     ]
     lines += _table(["task", "kind", "data", "rows used", "batch", "weight", "loss"], task_rows)
     lines.append("")
+    if instructed:
+        template = info.model.get("instruction_template") or "{instruction}"
+        lines += [
+            "### Instructions",
+            "",
+            f"Applied with the template `{template!r}` to queries (both texts of sts and "
+            "classification tasks); each is the model prompt named after its task "
+            '(`model.encode(texts, prompt_name="<task>")`, `conan-embed eval --prompt '
+            "TASK=<task>`, the server's `prompt_name`).",
+            "",
+        ]
+        lines += [f"- `{t.name}` ({t.kind}): {t.instruction}" for t in instructed]
+        lines.append("")
 
     lines += ["### Conan mechanisms", ""]
     if info.cbb is not None:

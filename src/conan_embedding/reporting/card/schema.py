@@ -40,6 +40,8 @@ class TaskCard(_Strict):
     """The DHNM rule and its settings; None when the task's negatives are static."""
     clr: dict[str, Any] | None = None
     """Cross-lingual retrieval data: its build report (translator, languages), when known."""
+    instruction: str | None = None
+    """The task's instruction (its query side; saved as the model prompt named ``name``)."""
 
 
 class CBBCard(_Strict):
@@ -74,7 +76,8 @@ class CardInfo(_Strict):
     task_schedule: str
     optim: dict[str, Any]
     model: dict[str, Any]
-    """pooling, dense_dim, normalize, max_seq_length, prompts, freeze_word_embeddings."""
+    """pooling, dense_dim, normalize, max_seq_length, query_max_length, passage_max_length,
+    prompts, instruction_template, freeze_word_embeddings."""
     matryoshka_dims: list[int] = Field(default_factory=list)
     matryoshka_weights: list[float] | None = None
     tasks: list[TaskCard]
