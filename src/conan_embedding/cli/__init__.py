@@ -137,6 +137,13 @@ def report_training(result: TrainResult) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"final loss {result.final_loss:.4f} after {result.steps} steps")
         typer.echo(f"model saved to {result.model_dir}")
+        if result.stopped:
+            typer.echo(result.stopped)
+        if result.best_step is not None:
+            typer.echo(
+                f"best validation {result.best_value:.6g} at step {result.best_step}: "
+                f"{result.output_dir / 'best'}"
+            )
 
 
 def int_list(text: str) -> list[int]:

@@ -46,16 +46,21 @@ def run_training(
     }
     cfg = load_config(config, given(overrides))
     readme = readme_for(cfg)
+    validate = None
+    if cfg.validation is not None:  # the evaluation layer scores validation.tasks
+        from conan_embedding.evaluation.validation import task_validator
+
+        validate = task_validator(cfg.validation)
     if cfg.cbb is not None:
         from conan_embedding.training.cbb import CBBTrainer
 
-        trainer: Trainer | CBBTrainer = CBBTrainer(cfg, readme=readme)
+        trainer: Trainer | CBBTrainer = CBBTrainer(cfg, readme=readme, validate=validate)
     elif require_cbb:
         raise ValueError(f"{config}: no 'cbb' section (see configs/cbb-demo.yaml)")
     else:
         from conan_embedding.training.trainer import Trainer
 
-        trainer = Trainer(cfg, readme=readme)
+        trainer = Trainer(cfg, readme=readme, validate=validate)
     report_training(trainer.train(resume=resume, show_progress=progress))
 
 

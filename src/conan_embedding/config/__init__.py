@@ -35,10 +35,13 @@ from conan_embedding.config.loader import (
 from conan_embedding.config.train import (
     CBBConfig,
     DynamicNegativesConfig,
+    EarlyStoppingConfig,
+    HeldoutConfig,
     ModelConfig,
     TaskConfig,
     TeacherFilterConfig,
     TrainConfig,
+    ValidationConfig,
     load_config,
 )
 
@@ -46,7 +49,9 @@ __all__ = [
     "CBBConfig",
     "ConfigError",
     "DynamicNegativesConfig",
+    "EarlyStoppingConfig",
     "EngineConfig",
+    "HeldoutConfig",
     "LoraSettings",
     "ModelConfig",
     "OptimConfig",
@@ -59,6 +64,7 @@ __all__ = [
     "TaskConfig",
     "TeacherFilterConfig",
     "TrainConfig",
+    "ValidationConfig",
     "WeakStageConfig",
     "drop_dotted",
     "load_config",

@@ -210,6 +210,85 @@ class CBBConfig(StrictModel):
     of that query only. True adds the other queries' positives and negatives."""
 
 
+class HeldoutConfig(StrictModel):
+    """Rows of the training files kept out of training to measure a validation loss on."""
+
+    fraction: float | None = Field(None, gt=0, lt=1)
+    """Share of each task's rows (after ``max_rows``) held out; or give ``rows``."""
+    rows: int | None = Field(None, gt=0)
+    """Rows held out per task (at most all but one batch of it)."""
+    tasks: list[str] = Field(default_factory=list)
+    """The training tasks to hold rows out of (empty: every retrieval, pairs and STS task;
+    classification tasks have no held-out loss)."""
+    batch_size: int | None = Field(None, gt=0)
+    """Rows per held-out loss batch (default: the task's ``batch_size``); in-batch negatives
+    come from the same batch, so keep it equal across runs you compare."""
+
+    @model_validator(mode="after")
+    def _one_size(self) -> HeldoutConfig:
+        if (self.fraction is None) == (self.rows is None):
+            raise ValueError("validation.heldout: give exactly one of fraction or rows")
+        return self
+
+
+class EarlyStoppingConfig(StrictModel):
+    patience: int = Field(gt=0)
+    """Validations in a row without an improvement of more than ``min_delta`` that stop the run."""
+    min_delta: float = Field(0.0, ge=0)
+
+
+class ValidationConfig(StrictModel):
+    """Validation during training (docs/training.md, "Validation during training").
+
+    Every ``every`` steps (and at the last step) the model is scored on ``tasks`` (local
+    evaluation tasks, by name; the evaluation layer passes the trainer its function) and/or on
+    a ``heldout`` slice of the training files (the training loss on rows never trained on).
+    ``metric`` picks the number that ranks validations: a task name (its mteb main score),
+    ``loss`` (the held-out loss, task-weighted) or ``loss/<task>``.
+    """
+
+    every: int = Field(gt=0)
+    tasks: list[str] = Field(default_factory=list)
+    max_pairs: int | None = Field(200, gt=0)
+    """STS tasks: score a seeded sample of this many pairs (speed; None = the whole set)."""
+    max_corpus: int | None = Field(2000, gt=0)
+    """Retrieval tasks: cap the corpus (relevant documents always kept; None = whole)."""
+    data_dir: str | None = None
+    """Where the tasks' local data lives (default: the evaluation's own data folder)."""
+    batch_size: int = Field(64, gt=0)
+    heldout: HeldoutConfig | None = None
+    metric: str | None = None
+    """Default: the first task's name, else ``loss``."""
+    mode: Literal["max", "min"] | None = None
+    """Default: ``min`` for ``loss`` metrics, ``max`` for task scores."""
+    keep_best: bool = True
+    """Save the best validation's model as ``<output_dir>/best`` (atomically, safetensors)."""
+    early_stopping: EarlyStoppingConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidationConfig:
+        if not self.tasks and self.heldout is None:
+            raise ValueError("validation: give tasks, heldout, or both")
+        if self.metric is None:
+            self.metric = self.tasks[0] if self.tasks else "loss"
+        is_loss = self.metric == "loss" or self.metric.startswith("loss/")
+        if is_loss and self.heldout is None:
+            raise ValueError(f"validation.metric '{self.metric}' needs validation.heldout")
+        if not is_loss and self.metric not in self.tasks:
+            raise ValueError(
+                f"validation.metric '{self.metric}' is neither 'loss', 'loss/<task>' nor one "
+                f"of validation.tasks {self.tasks}"
+            )
+        if self.mode is None:
+            self.mode = "min" if is_loss else "max"
+        return self
+
+    @property
+    def key(self) -> str:
+        """The metric as the log names it (``val/<metric>``)."""
+        return f"val/{self.metric}"
+
+
 class TrainConfig(StrictModel):
     stage: Literal["weak", "supervised"] = "supervised"
     output_dir: str = "runs/train"
@@ -235,6 +314,8 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, gt=0)
     data_dir: str | None = None
     """Relative task paths resolve against this folder (else the current directory)."""
+    validation: ValidationConfig | None = None
+    """Validation during training: curve in the log, best model kept, early stopping."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -265,7 +346,41 @@ class TrainConfig(StrictModel):
                     "its step encodes with the model-wide prompts and length. Remove the "
                     "setting, or train without 'cbb'"
                 )
+        if self.validation is not None and self.validation.heldout is not None:
+            self._check_heldout(self.validation)
         return self
+
+    def _check_heldout(self, validation: ValidationConfig) -> None:
+        kinds = {t.name: t.kind for t in self.tasks}
+        heldout = validation.heldout
+        assert heldout is not None
+        for name in heldout.tasks:
+            if name not in kinds:
+                raise ValueError(f"validation.heldout.tasks: no training task '{name}'")
+            if kinds[name] == "classification":
+                raise ValueError(
+                    f"validation.heldout.tasks: '{name}' is a classification task, which has "
+                    "no held-out loss (retrieval, pairs and sts tasks have)"
+                )
+        held = self.heldout_tasks()
+        if not held:
+            raise ValueError(
+                "validation.heldout: no retrieval, pairs or sts task to hold rows out of"
+            )
+        metric = validation.metric or ""
+        if metric.startswith("loss/") and metric[5:] not in held:
+            raise ValueError(f"validation.metric '{metric}': no held-out task '{metric[5:]}'")
+
+    def heldout_tasks(self) -> list[str]:
+        """The tasks ``validation.heldout`` holds rows out of (empty without it)."""
+        if self.validation is None or self.validation.heldout is None:
+            return []
+        chosen = self.validation.heldout.tasks
+        return [
+            t.name
+            for t in self.tasks
+            if (t.name in chosen if chosen else t.kind != "classification")
+        ]
 
 
 def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> TrainConfig:

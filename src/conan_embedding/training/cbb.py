@@ -78,6 +78,7 @@ from conan_embedding.training.trainer import (
     _task_key,
     encode_with_grad,
 )
+from conan_embedding.training.validation import Validate
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ class CBBTrainer:
         on_step: Any = None,
         *,
         readme: ReadmeFor | None = None,
+        validate: Validate | None = None,
     ):
         self.layout = RankLayout.from_config(config)
         self.embedding = Trainer(
@@ -229,6 +231,7 @@ class CBBTrainer:
             negative_providers,
             on_step,
             readme=readme,
+            validate=validate,
             layout=DeviceLayout(
                 # each of the task's N devices takes its own n of the N * n negatives per query
                 negatives_per_query=lambda task: (

@@ -21,6 +21,9 @@ How a run goes (:meth:`Engine.run`):
    cosine decay), zeroes the gradients, then calls ``program.after_step(step)`` (dynamic
    hard negatives, held-out evaluation), logs a JSONL row (rank 0), updates trackers and
    progress, and every ``checkpoint_every`` steps writes a checkpoint.
+   A program may end the run early (validation's early stopping): it calls
+   :meth:`Engine.request_stop` on every rank in ``after_step``; the engine logs the step,
+   says why in ``train.log`` and goes on to ``finish`` as after the last step.
 3. At the end ``program.finish(engine, summary)`` runs on every rank and saves
    :meth:`Engine.consolidated_model` (the gathered model under FSDP/DeepSpeed) on rank 0.
 
@@ -105,6 +108,9 @@ class RunResult:
     final_loss: float
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
+    """Why the run ended before ``settings.steps`` (:meth:`Engine.request_stop`), else None;
+    ``steps`` is then the last step run."""
 
 
 class StepProgram(Protocol):
@@ -202,6 +208,12 @@ class Engine:
         self.checkpointer = Checkpointer(
             self, self.output_dir / "checkpoints", keep=settings.keep_checkpoints
         )
+        self._stop: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current step (call it on EVERY rank, in ``after_step``):
+        the step is logged, then ``finish`` runs as after the last step."""
+        self._stop = reason
 
     # ------------------------------------------------------------------ processes
     @property
@@ -408,6 +420,8 @@ class Engine:
                 dynamic_ncols=True,
             )
             loss_value = float("nan")
+            self._stop = None
+            last_step = start
             for step in range(start, settings.steps):
                 step_began = time.perf_counter()
                 with self.autocast():
@@ -454,20 +468,27 @@ class Engine:
                 # a finished run leaves its model; checkpoints serve an interrupted one. A
                 # sharded run also checkpoints its last step: gathering the model in finish
                 # is the riskiest part of it, and a crash there must not lose the training
-                last = step + 1 == settings.steps
+                last_step = step + 1
+                last = step + 1 == settings.steps or self._stop is not None
                 if (
                     (step + 1) % settings.checkpoint_every == 0
                     and not last
                     or (last and self.sharded_state)
                 ):
                     self.save_checkpoint(step + 1, program)
+                if self._stop is not None:
+                    if self.is_main:
+                        logger.info("%s stopped at step %d: %s", settings.description,
+                                    step + 1, self._stop)  # fmt: skip
+                    break
             bar.close()
             result = RunResult(
-                steps=settings.steps,
+                steps=last_step if self._stop is not None else settings.steps,
                 start_step=start,
                 final_loss=loss_value,
                 seconds=time.perf_counter() - began,
                 history=history,
+                stopped=self._stop,
             )
             self.wait()
             program.finish(self, result)

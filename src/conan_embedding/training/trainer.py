@@ -77,6 +77,13 @@ from conan_embedding.training.sharding import (
 )
 from conan_embedding.training.task_kinds import ENCODE_QUERIES, Encode, LossContext, task_kind
 from conan_embedding.training.task_kinds import stable_text_ids as _stable_text_ids
+from conan_embedding.training.validation import (
+    HeldoutLoss,
+    Validate,
+    Validation,
+    check_validation_supported,
+    split_heldout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +98,12 @@ __all__ = [
     "read_log",
 ]
 
-ReadmeFor = Callable[[dict[str, int]], str | ReadmeWriter]
+ReadmeFor = Callable[..., str | ReadmeWriter]
 """The saved model's ``README.md`` given the rows each task trained on (the model card,
-rendered by the layer above training: ``cli/train.py``); None keeps sentence-transformers'."""
+rendered by the layer above training: ``cli/train.py``); None keeps sentence-transformers'.
+Called as ``readme(rows)``, or ``readme(rows, validation=summary)`` when the run validated
+(:meth:`~conan_embedding.training.validation.ValidationState.summary`: the curve, the best
+step), as :func:`conan_embedding.reporting.card.readme_for`'s writer accepts."""
 
 
 EngineCheck = Callable[[str, "int | None", bool], None]
@@ -123,6 +133,11 @@ class TrainResult:
     steps: int
     final_loss: float
     seconds: float
+    best_step: int | None = None
+    """The step of the best validation (``validation:``), saved as ``output_dir/best``."""
+    best_value: float | None = None
+    stopped: str | None = None
+    """Why the run ended early (early stopping), else None."""
 
 
 def set_seed(seed: int) -> None:
@@ -193,7 +208,11 @@ class Trainer:
         *,
         readme: ReadmeFor | None = None,
         layout: DeviceLayout | None = None,
+        validate: Validate | None = None,
     ):
+        """``validate``: the function that scores ``config.validation.tasks`` (the
+        evaluation layer's :func:`~conan_embedding.evaluation.validation.task_validator`;
+        training does not import evaluation); the held-out loss is built here."""
         if config.cbb is not None and layout is None:
             raise ValueError(
                 "the config has a 'cbb' section: train it with `conan-embed train CONFIG` "
@@ -253,6 +272,8 @@ class Trainer:
         self.source_rows: dict[str, np.ndarray | None] = {}
         """Per task, the file positions of the rows kept (None once a filter dropped some)."""
         self._teacher: SentenceTransformer | None = None
+        self.heldout_records: dict[str, Sequence[Record]] = {}
+        """Per task, the rows ``validation.heldout`` keeps out of training."""
         self.records = {t.name: self._load_task(t) for t in config.tasks}
         self._teacher = None  # the filter's model is freed once every task is loaded
         self.streams = {
@@ -282,6 +303,7 @@ class Trainer:
             logger.info("FSDP wraps the layer classes %s", name_fsdp_layers(fsdp, self.model))
         self.engine.prepare(self.model)
         self._decide_negatives_on_rank_0()
+        self.validation = self._build_validation(validate)
 
     def _engine_sharding(self) -> tuple[str, int | None]:
         return engine_sharding(self.engine.accelerator)
@@ -307,6 +329,8 @@ class Trainer:
             )
         ]
         check_dhnm_supported(*self._engine_sharding(), dynamic)
+        if self.config.validation is not None:
+            check_validation_supported(*self._engine_sharding())
         if self.layout is not None:
             self.layout.check_engine(*self._engine_sharding(), self.engine.distributed)
 
@@ -401,6 +425,8 @@ class Trainer:
         if len(rows) < len(records):
             records = _take(records, rows)
         self.source_rows[task.name] = rows
+        if task.name in self.config.heldout_tasks():
+            records = self._hold_out(task, records)
         mined = task_kind(task.kind).mined_negatives
         if mined and task.negatives and task.dynamic_negatives.rule == "none":
             # one streaming pass (it validates every row before the first step, too)
@@ -416,6 +442,89 @@ class Trainer:
         if not len(records):
             raise ValueError(f"task '{task.name}' has no rows left ({task.path})")
         return records
+
+    def _hold_out(self, task: TaskConfig, records: Sequence[Record]) -> Sequence[Record]:
+        """Keep ``validation.heldout``'s slice of the task out of training (the rows trained
+        on, the stream's indices and the negative pools all see only the rest)."""
+        heldout = self.config.validation.heldout  # type: ignore[union-attr]
+        assert heldout is not None
+        train, held = split_heldout(
+            len(records), heldout, self.config.seed, task.name, task.batch_size
+        )
+        self.heldout_records[task.name] = _take(records, held)
+        rows = self.source_rows[task.name]
+        self.source_rows[task.name] = None if rows is None else rows[train]
+        return _take(records, train)
+
+    def _build_validation(self, validate: Validate | None) -> Validation | None:
+        vc = self.config.validation
+        if vc is None:
+            return None
+        tasks = {t.name: t for t in self.config.tasks}
+        heldout = None
+        if vc.heldout is not None:
+            heldout = HeldoutLoss(
+                [(tasks[name], rows) for name, rows in self.heldout_records.items()],
+                self.config.temperature,
+                self.query_prompt,
+                self.passage_prompt,
+                vc.heldout.batch_size,
+            )
+        return Validation(vc, self.config.optim.max_steps, validate=validate, heldout=heldout)
+
+    def _validate(self, step: int) -> dict[str, float]:
+        """Validation at ``step`` when due (rank 0 scores, every rank records): the
+        ``val/...`` numbers to log; keeps the best model and requests early stopping."""
+        validation = self.validation
+        if validation is None or not validation.due(step):
+            return {}
+        engine = self.engine
+        metrics = validation.score(self.model) if engine.is_main else None
+        metrics = engine.broadcast_object(metrics)
+        best, stop = validation.record(step, metrics)
+        record = {f"val/{k}": v for k, v in metrics.items()}
+        if best and validation.config.keep_best:
+            self._save_best(step)
+        record["val/best_step"] = validation.state.best_step or step
+        if stop is not None:
+            engine.request_stop(stop)
+        return record
+
+    def _save_best(self, step: int) -> None:
+        """``<output_dir>/best``: the model of ``step`` (every rank: a collective when sharded)."""
+        import copy
+
+        from conan_embedding.modeling.lora import has_lora, merged
+
+        model = self.engine.consolidated_model(self.model)
+        if model is None:
+            return
+        if has_lora(model[0].model):  # merge a copy: training goes on with the adapters
+            model = copy.deepcopy(model)
+            model[0].model = merged(model[0].model)
+        state = self.validation.state  # type: ignore[union-attr]
+        was_training = self.model.training  # saving puts the model in eval mode (no dropout)
+        save_embedder(
+            model,
+            self.output_dir / "best",
+            extra_meta={
+                "stage": self.config.stage,
+                "step": step,
+                "validation": {"metric": state.metric, "value": state.best_value},
+            },
+            readme=self._readme(),
+        )
+        self.model.train(was_training)
+        logger.info("best val/%s = %.6g at step %d: saved to %s", state.metric,
+                    state.best_value, step, self.output_dir / "best")  # fmt: skip
+
+    def _readme(self) -> str | ReadmeWriter | None:
+        if self.readme is None:
+            return None
+        rows = {name: len(records) for name, records in self.records.items()}
+        if self.validation is None:
+            return self.readme(rows)
+        return self.readme(rows, validation=self.validation.state.summary())
 
     def _teacher_filter(self, task: TaskConfig, records: Sequence[Record]) -> Sequence[Record]:
         """Keep the pairs the teacher scores at ``threshold`` or above (each rank scores its
@@ -622,6 +731,7 @@ class Trainer:
             # per task ("bge/dhnm/replaced"): two DHNM tasks must not overwrite each other
             stats = provider.on_step_end(step, functools.partial(self._encode_no_grad, task=name))
             record.update({f"{name}/{key}": value for key, value in stats.items()})
+        record.update(self._validate(step))
         if self.on_step:
             self.on_step(step, record)
         return record
@@ -656,16 +766,21 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Sampler cursors and negative-provider state (DHNM arrays go to safetensors)."""
         states, arrays = split_provider_states(self.providers)
-        return {
+        state = {
             "streams": {k: s.state_dict() for k, s in self.streams.items()},
             "providers": states,
             "provider_arrays": arrays,
         }
+        if self.validation is not None:  # the curve, best step and patience counter
+            state["validation"] = self.validation.state.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, stream_state in state["streams"].items():
             self.streams[name].load_state_dict(stream_state)
         restore_provider_states(self.providers, state["providers"], state.get("provider_arrays"))
+        if self.validation is not None and "validation" in state:
+            self.validation.state.load_state_dict(state["validation"])
 
     def finish(self, engine: Engine, result: RunResult) -> None:
         # every rank: under FSDP/DeepSpeed this gathers the weights (a collective) into a
@@ -678,17 +793,21 @@ class Trainer:
 
         model[0].model = merged(model[0].model)
 
-        rows = {name: len(records) for name, records in self.records.items()}
         self.model_dir = save_embedder(
             model,
             self.output_dir / "model",
             extra_meta={
                 "stage": self.config.stage,
-                "steps": self.config.optim.max_steps,
+                "steps": result.steps,
                 "processes": engine.world_size,
             },
-            readme=self.readme(rows) if self.readme is not None else None,
+            readme=self._readme(),
         )
+        if self.validation is not None:
+            state = self.validation.state
+            logger.info("validation: best val/%s = %s at step %s%s", state.metric,
+                        state.best_value, state.best_step,
+                        f" ({state.stopped})" if state.stopped else "")  # fmt: skip
         plot_losses(self.output_dir / "train_log.jsonl", self.output_dir / "loss.png")
         logger.info("saved the model to %s after %.1f s", self.model_dir, result.seconds)
 
@@ -705,10 +824,14 @@ class Trainer:
                 config.model_dump_json(indent=2), encoding="utf-8"
             )
         result = self.engine.run(program or self, resume=resume, show_progress=show_progress)
+        state = self.validation.state if self.validation is not None else None
         return TrainResult(
             self.output_dir,
             self.output_dir / "model",
-            config.optim.max_steps,
+            result.steps,
             result.final_loss,
             result.seconds,
+            best_step=state.best_step if state else None,
+            best_value=state.best_value if state else None,
+            stopped=result.stopped,
         )

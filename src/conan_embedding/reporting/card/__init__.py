@@ -37,7 +37,13 @@ from conan_embedding.reporting.card.render import (
     render_model_card,
     write_model_card,
 )
-from conan_embedding.reporting.card.schema import CardInfo, CBBCard, SoftMaskCard, TaskCard
+from conan_embedding.reporting.card.schema import (
+    CardInfo,
+    CBBCard,
+    SoftMaskCard,
+    TaskCard,
+    ValidationCard,
+)
 
 __all__ = [
     "CARD_FILE",
@@ -45,6 +51,7 @@ __all__ = [
     "CardInfo",
     "SoftMaskCard",
     "TaskCard",
+    "ValidationCard",
     "card_info_from_config",
     "card_info_from_weak_stage",
     "card_writer",

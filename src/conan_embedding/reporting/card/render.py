@@ -20,7 +20,7 @@ from conan_embedding._io import write_text_atomic
 from conan_embedding.modeling.embedder import looks_like_local_path
 from conan_embedding.provenance import versions
 from conan_embedding.reporting.card.adapters import card_info_from_config, folder_facts
-from conan_embedding.reporting.card.schema import CardInfo
+from conan_embedding.reporting.card.schema import CardInfo, ValidationCard
 from conan_embedding.training.task_kinds import task_kind
 
 if TYPE_CHECKING:
@@ -53,6 +53,32 @@ def _settings(values: Mapping[str, Any]) -> str:
 
 def _format_score(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _validation_lines(v: ValidationCard, rows: int = 12) -> list[str]:
+    """The validation curve as a short table (at most ``rows`` steps, evenly spaced, the
+    best and the last always shown) and the best step."""
+    lines = ["## Validation during training", ""]
+    best = (
+        f"best `{v.metric}` {_format_score(v.best_value)} at step {v.best_step}"
+        if v.best_step is not None
+        else "no finite value"
+    )
+    lines.append(f"Every validation's `{v.metric}` ({v.mode} is better); {best}.")
+    if v.stopped:
+        lines.append(f"The run stopped early: {v.stopped}.")
+    lines.append("")
+    shown = list(range(len(v.curve)))
+    if len(shown) > rows:
+        picked = {round(i * (len(shown) - 1) / (rows - 1)) for i in range(rows)}
+        picked |= {i for i, (step, _) in enumerate(v.curve) if step == v.best_step}
+        shown = sorted(picked)
+    table = [
+        [step, _format_score(value) + (" (best)" if step == v.best_step else "")]
+        for step, value in (v.curve[i] for i in shown)
+    ]
+    lines += _table(["step", v.metric], table) + [""]
+    return lines
 
 
 def render_model_card(
@@ -256,6 +282,9 @@ def render_model_card(
         lines.append("- **Cross-lingual retrieval (CLR) data**: no task's data is marked as CLR.")
     lines.append("")
 
+    if info.validation is not None:
+        lines += _validation_lines(info.validation)
+
     if evaluation:
         lines += ["## Evaluation", ""]
         nested = any(isinstance(v, Mapping) for v in evaluation.values())
@@ -335,6 +364,16 @@ def card_writer(
 
 
 def readme_for(config: TrainConfig) -> ReadmeFor:
-    """What a trainer takes as ``readme=``: given the rows each task used, the card writer of
-    a model trained with ``config`` (the CLI, the demo and the experiments all pass it)."""
-    return lambda rows: card_writer(card_info_from_config(config, rows))
+    """What a trainer takes as ``readme=``: given the rows each task used (and the run's
+    validation summary, when it validated), the card writer of a model trained with
+    ``config`` (the CLI, the demo and the experiments all pass it)."""
+
+    def readme(
+        rows: dict[str, int], validation: Mapping[str, Any] | None = None
+    ) -> Callable[[Path], Path]:
+        info = card_info_from_config(config, rows)
+        if validation is not None:
+            info = info.model_copy(update={"validation": ValidationCard(**validation)})
+        return card_writer(info)
+
+    return readme

@@ -61,6 +61,19 @@ class SoftMaskCard(_Strict):
     steps: int
 
 
+class ValidationCard(_Strict):
+    """Validation during training (``validation:``): the curve and the best step."""
+
+    metric: str
+    mode: str
+    curve: list[tuple[int, float]]
+    """(step, metric) at every validation, in step order."""
+    best_step: int | None = None
+    best_value: float | None = None
+    stopped: str | None = None
+    """Why the run stopped early (early stopping), else None."""
+
+
 class CardInfo(_Strict):
     """Everything the card says about a run (JSON-serialisable)."""
 
@@ -84,6 +97,7 @@ class CardInfo(_Strict):
     cbb: CBBCard | None = None
     teacher_filter: dict[str, Any] | None = None
     soft_mask: SoftMaskCard | None = None
+    validation: ValidationCard | None = None
     notes: list[str] = Field(default_factory=list)
     """Further facts of the run, one bullet each under Training (e.g. LoRA settings)."""
     config_yaml: str | None = None
