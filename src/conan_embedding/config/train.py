@@ -137,6 +137,12 @@ class TaskConfig(StrictModel):
     (``Instruct: {instruction}\nQuery: {text}``): queries of retrieval / pairs tasks, both texts
     of sts and classification tasks (symmetric, as e5-mistral). It replaces
     ``model.query_prompt`` for this task and is saved as the model's prompt named after the task."""
+    mini_batch_size: int | None = Field(None, gt=0)
+    """GradCache (Gao et al., 2021; ``training/gradcache.py``): encode the batch in forwards of
+    at most this many texts, compute the loss on the cached embeddings, then re-encode each
+    mini-batch with its graph (same dropout) and back-propagate its part of the embedding
+    gradient. The same loss and gradients as the whole batch at once, at the activation
+    memory of one mini-batch (and about one more forward). None = off."""
 
     @model_validator(mode="after")
     def _check_kind(self) -> TaskConfig:
@@ -328,6 +334,11 @@ class TrainConfig(StrictModel):
             raise ValueError("teacher_filter applies to the weak stage only")
         if self.cbb is not None:
             for task in self.tasks:
+                if task.mini_batch_size is not None:
+                    raise ValueError(
+                        f"task '{task.name}': mini_batch_size (GradCache) is the plain "
+                        "trainer's; under CBB (the 'cbb' section) set cbb.grad_cache instead"
+                    )
                 if task.false_negative_control():
                     raise ValueError(
                         f"task '{task.name}': {', '.join(task.false_negative_control())} "

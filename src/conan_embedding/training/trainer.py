@@ -67,6 +67,7 @@ from conan_embedding.training.engine import (
     StepProgram,
     TrainingDivergedError,
 )
+from conan_embedding.training.gradcache import MiniBatchCache
 from conan_embedding.training.logs import plot_losses, read_log
 from conan_embedding.training.sharding import (
     check_dhnm_supported,
@@ -198,6 +199,10 @@ def _task_key(name: str) -> int:
 
 class Trainer:
     """Runs one embedding stage from a :class:`~conan_embedding.config.TrainConfig`."""
+
+    grad_cache_two_pass: bool = True
+    """GradCache tasks (``mini_batch_size``) run two passes; False encodes their mini-batches
+    with graphs in one pass (same numbers, the whole batch's activations: for checks)."""
 
     def __init__(
         self,
@@ -331,6 +336,14 @@ class Trainer:
         check_dhnm_supported(*self._engine_sharding(), dynamic)
         if self.config.validation is not None:
             check_validation_supported(*self._engine_sharding())
+        cached = [t.name for t in self.config.tasks if t.mini_batch_size is not None]
+        if cached and self._engine_sharding()[0] == "DEEPSPEED":
+            raise ValueError(
+                f"tasks {cached}: mini_batch_size (GradCache) does not run under DeepSpeed: "
+                "its second pass back-propagates each mini-batch's embedding gradient with "
+                "autograd, outside DeepSpeed's engine (which must own every backward). "
+                "Launch with DDP or FSDP, or remove mini_batch_size"
+            )
         if self.layout is not None:
             self.layout.check_engine(*self._engine_sharding(), self.engine.distributed)
 
@@ -601,21 +614,26 @@ class Trainer:
         prompt: str | None,
         seed_key: tuple[int, ...] = (),
         max_length: int | None = None,
+        cache: MiniBatchCache | None = None,
     ) -> torch.Tensor:
-        """This rank's shards of one kind of text, each under its own dropout seed."""
+        """This rank's shards of one kind of text, each under its own dropout seed; with a
+        ``cache`` (GradCache), each shard in mini-batches whose graphs are replayed later."""
+
+        def forward(texts: list[str], count: bool = True) -> torch.Tensor:
+            return encode_with_grad(
+                self.model,
+                texts,
+                prompt,
+                self.forward_model,
+                counts=self.step_counts if count else None,
+                max_length=max_length,
+            )
+
         out = []
         for shard, part in zip(self.my_shards, self._shard_slices(batch), strict=True):
             with self.engine.seeded(step, _task_key(task.name), shard, role, *seed_key):
-                out.append(
-                    encode_with_grad(
-                        self.model,
-                        texts_of_shard(part),
-                        prompt,
-                        self.forward_model,
-                        counts=self.step_counts,
-                        max_length=max_length,
-                    )
-                )
+                texts = texts_of_shard(part)
+                out.append(forward(texts) if cache is None else cache.encode(texts, forward))
         return torch.cat(out)
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
@@ -650,10 +668,13 @@ class Trainer:
         rows: list[int] | None = None,
         seed_key: tuple[int, ...] = (),
         encode: Encode | None = None,
+        cache: MiniBatchCache | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """This rank's part of the task's loss for the step's global batch (see module doc);
         the task's kind (:mod:`~conan_embedding.training.task_kinds`) computes it. ``encode``
-        replaces this rank's sharded encode (a step program with its own seeds)."""
+        replaces this rank's sharded encode (a step program with its own seeds). With a
+        ``cache`` (GradCache, :meth:`grad_cache`) the loss is computed on cached embeddings:
+        back-propagate it, then call ``cache.backward`` to reach the weights."""
         if rows is None:
             rows = self.streams[task.name].next_indices(task.batch_size)
         size = len(rows)
@@ -672,7 +693,7 @@ class Trainer:
         ) -> torch.Tensor:
             length = self.query_length if role == ENCODE_QUERIES else passage_length
             return self._encode_shards(
-                task, step, role, texts_of, size, prompt, seed_key, max_length=length
+                task, step, role, texts_of, size, prompt, seed_key, length, cache
             )
 
         context = LossContext(
@@ -706,9 +727,12 @@ class Trainer:
         for index, name in enumerate(names):
             task = tasks[name]
             with self.engine.sync(last=index == len(names) - 1):
-                loss, stats = self.task_loss(task, step)
+                cache = self.grad_cache(task)
+                loss, stats = self.task_loss(task, step, cache=cache)
                 self.engine.check_finite(loss, f"task '{name}'", step)
                 self.engine.backward(task.weight * loss)
+                if cache is not None:  # pass 2: the embeddings' gradients into the weights
+                    cache.backward(lambda: self.engine.sync(last=False))
             local[index] = loss.item()
             record.update(stats)
         values = self.engine.mean_over_ranks(local)
@@ -719,6 +743,21 @@ class Trainer:
         record["loss"] = total
         record.update(self.step_counts)  # this rank's texts and tokens (engine sums ranks)
         return record
+
+    def grad_cache(self, task: TaskConfig) -> MiniBatchCache | None:
+        """GradCache for ``task``'s step when it sets ``mini_batch_size`` (else None).
+
+        The loss's backward stops at the cached embeddings; :meth:`MiniBatchCache.backward`
+        replays each mini-batch with its graph, inside ``engine.sync(last=False)`` (DDP's
+        ``no_sync``) for all but the last, so gradients are reduced once per task as without
+        it. ``grad_cache_two_pass`` False (tests) encodes the same mini-batches with their graphs
+        in one pass instead: the reference the two passes equal.
+        """
+        if task.mini_batch_size is None:
+            return None
+        return MiniBatchCache(
+            task.mini_batch_size, self.engine.device, graphs=not self.grad_cache_two_pass
+        )
 
     def reset_step_counts(self) -> dict[str, int]:
         """Start counting this step's texts and tokens (``step_counts``, returned)."""
