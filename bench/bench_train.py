@@ -17,8 +17,11 @@ Each contender runs in a subprocess of its own, so its peak RSS (``ru_maxrss`` f
 ``os.wait4``) is its own. Step time is the wall time of the training call divided by the
 steps; the call includes each side's own set-up of the loop and the final save of the model
 (ours saves inside ``train()``, so the peer's timed block ends with ``model.save``). Model
-loading and data reading happen before the clock starts on both sides. With ``--rounds R``
-the contenders run R times in alternating order and the medians are reported.
+loading and data reading happen before the clock starts on both sides, and so do the imports
+the peer's trainer makes when it is built (:func:`warm_imports`: ``deepspeed``, which ours
+would otherwise import inside its clock, at the final save). With ``--rounds R`` the
+contenders run R times in alternating order and the medians are reported; the ratio lines
+name the library versions they were measured with.
 
 ``--dhnm-cbb`` also times our trainer on a retrieval task (the same queries, 1 hard negative
 each, mined from the base model's pool) twice: static negatives, and cross-GPU batch balance
@@ -77,6 +80,25 @@ def warmup_steps(steps: int) -> int:
 def peak_rss_mb() -> float:
     """This process's peak resident set size (Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def warm_imports() -> None:
+    """Import, before either clock, what the peer's ``SentenceTransformerTrainer`` imports when
+    it is built and ours only inside ``train()``: ``deepspeed`` when installed (transformers'
+    ``save_pretrained`` unwraps the model through accelerate, which imports it). A one-time
+    import per process is not step time; without this it lands in our clock only (about a
+    second on a loaded 2-core machine, i.e. 0.05 s/step at 20 steps)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        importlib.import_module("deepspeed")
+
+
+def version_text(machine: dict[str, Any]) -> str:
+    """``torch 2.x, transformers 5.x, ...``: the versions a ratio was measured with."""
+    names = ("torch", "transformers", "sentence-transformers", "accelerate")
+    return ", ".join(f"{name} {machine[name]}" for name in names if name in machine)
 
 
 def machine_info() -> dict[str, Any]:
@@ -249,6 +271,7 @@ def worker(name: str, spec_path: Path, out_path: Path) -> None:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    warm_imports()
     work, files, steps = Path(spec["work"]), spec["files"], spec["steps"]
     record = run_st(files, steps, work) if name == "st" else run_ours(name, files, steps, work)
     record.update(
@@ -359,7 +382,7 @@ def main() -> None:
     for name, figures in summary.items():
         print(f"{name:24s} {figures['seconds_per_step']:8.3f} {figures['peak_rss_mb']:12.0f}")
     for label, value in ratios.items():
-        print(f"{label}: {value:.3f}x")
+        print(f"{label}: {value:.3f}x ({version_text(machine)})")
 
     payload = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -378,6 +401,7 @@ def main() -> None:
         },
         "summary": summary,
         "ratios": ratios,
+        "ratios_measured_with": version_text(machine),
         "runs": runs,
     }
     out = Path(args.out)
