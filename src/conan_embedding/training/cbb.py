@@ -67,6 +67,7 @@ from conan_embedding.losses.infonce import own_negative_scores
 from conan_embedding.mining.base import NegativeProvider
 from conan_embedding.modeling.embedder import embedding_width
 from conan_embedding.training.collectives import all_gather_no_grad, all_gather_with_grad
+from conan_embedding.training.encode import encode_with_grad
 from conan_embedding.training.engine import Engine, RunResult
 from conan_embedding.training.gradcache import Chunk, encode_with_graphs, grad_cache_backward
 from conan_embedding.training.task_kinds import ENCODE_QUERIES, Encode, task_kind
@@ -76,7 +77,6 @@ from conan_embedding.training.trainer import (
     Trainer,
     TrainResult,
     _task_key,
-    encode_with_grad,
 )
 from conan_embedding.training.validation import Validate
 
@@ -467,13 +467,14 @@ class CBBTrainer:
         n = task.negatives
         key = (step, _task_key(task.name), self.replica)
         devices = self._positions(task.name)
+        prompts = self.embedding.prompts
         chunks = [
-            Chunk(queries, self.embedding.query_prompt, (*key, _QUERIES)),
-            Chunk(positives, self.embedding.passage_prompt, (*key, _POSITIVES)),
+            Chunk(queries, prompts.query, (*key, _QUERIES)),
+            Chunk(positives, prompts.passage, (*key, _POSITIVES)),
         ]
         for position in devices if n else []:
             share = [t for negs in negatives for t in negs[position * n : (position + 1) * n]]
-            chunks.append(Chunk(share, self.embedding.passage_prompt, (*key, _NEGATIVES, position)))
+            chunks.append(Chunk(share, prompts.passage, (*key, _NEGATIVES, position)))
         loss_of = self._shared_loss_fn(task, positives, negatives)
         batch = len(queries)
 

@@ -6,13 +6,21 @@ before the engine exists, FSDP's layer classes, whole weights for models never p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from conan_embedding.config import TrainConfig
+from conan_embedding.training.task_kinds import task_kind
+from conan_embedding.training.validation import check_validation_supported
+
+if TYPE_CHECKING:
+    from conan_embedding.mining.base import NegativeProvider
+
 __all__ = [
     "check_dhnm_supported",
+    "check_stage_supported",
     "engine_sharding",
     "name_fsdp_layers",
     "rank_device",
@@ -74,6 +82,40 @@ def check_dhnm_supported(
         "Launch with DDP (configs/accelerate/ddp.yaml or plain torchrun) or DeepSpeed ZeRO-2, "
         "or set dynamic_negatives.rule: none (negatives mined offline)"
     )
+
+
+def check_stage_supported(
+    sharding: tuple[str, int | None],
+    config: TrainConfig,
+    providers: Mapping[str, NegativeProvider],
+) -> None:
+    """Refuse, before anything expensive, what an embedding stage's ``config`` cannot run
+    under the engine's ``sharding`` (:func:`engine_sharding`): DHNM (a given
+    ``DynamicNegatives`` provider, or a task's ``dynamic_negatives`` without a given
+    provider) and validation with sharded parameters, GradCache under DeepSpeed."""
+    from conan_embedding.mining.dynamic import DynamicNegatives
+
+    dynamic = [
+        t.name
+        for t in config.tasks
+        if task_kind(t.kind).mined_negatives
+        and (
+            isinstance(providers.get(t.name), DynamicNegatives)
+            or t.name not in providers
+            and t.dynamic_negatives.rule != "none"
+        )
+    ]
+    check_dhnm_supported(*sharding, dynamic)
+    if config.validation is not None:
+        check_validation_supported(*sharding)
+    cached = [t.name for t in config.tasks if t.mini_batch_size is not None]
+    if cached and sharding[0] == "DEEPSPEED":
+        raise ValueError(
+            f"tasks {cached}: mini_batch_size (GradCache) does not run under DeepSpeed: "
+            "its second pass back-propagates each mini-batch's embedding gradient with "
+            "autograd, outside DeepSpeed's engine (which must own every backward). "
+            "Launch with DDP or FSDP, or remove mini_batch_size"
+        )
 
 
 def name_fsdp_layers(plugin: Any, model: torch.nn.Module) -> list[str]:

@@ -44,22 +44,16 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from conan_embedding.config import TaskConfig, TrainConfig
-from conan_embedding.data.builders.filter import keep_by_teacher
-from conan_embedding.data.records import Record, RecordDataset, open_records
-from conan_embedding.data.sampler import LabelIndex, TaskSchedule, TaskStream, cap_indices
+from conan_embedding.data.records import Record
+from conan_embedding.data.sampler import LabelIndex, TaskSchedule, TaskStream
 from conan_embedding.mining.base import (
     NegativeProvider,
-    StaticNegatives,
     restore_provider_states,
     split_provider_states,
 )
-from conan_embedding.modeling.embedder import (
-    ReadmeWriter,
-    build_embedder,
-    save_embedder,
-    set_side_lengths,
-)
-from conan_embedding.training.collectives import all_gather_arrays, all_gather_with_grad
+from conan_embedding.modeling.embedder import ReadmeWriter, build_embedder, save_embedder
+from conan_embedding.training.collectives import all_gather_with_grad
+from conan_embedding.training.encode import encode_no_grad, encode_with_grad
 from conan_embedding.training.engine import (
     Engine,
     LoopSettings,
@@ -69,22 +63,18 @@ from conan_embedding.training.engine import (
 )
 from conan_embedding.training.gradcache import MiniBatchCache
 from conan_embedding.training.logs import plot_losses, read_log
+from conan_embedding.training.prompts import Prompts
 from conan_embedding.training.sharding import (
     check_dhnm_supported,
+    check_stage_supported,
     engine_sharding,
     name_fsdp_layers,
     rank_device,
-    whole_weights,
 )
+from conan_embedding.training.task_data import TaskData, open_task_records
 from conan_embedding.training.task_kinds import ENCODE_QUERIES, Encode, LossContext, task_kind
 from conan_embedding.training.task_kinds import stable_text_ids as _stable_text_ids
-from conan_embedding.training.validation import (
-    HeldoutLoss,
-    Validate,
-    Validation,
-    check_validation_supported,
-    split_heldout,
-)
+from conan_embedding.training.validation import Validate, Validation
 
 logger = logging.getLogger(__name__)
 
@@ -147,48 +137,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def encode_with_grad(
-    model: SentenceTransformer,
-    texts: Sequence[str],
-    prompt: str | None = None,
-    forward: torch.nn.Module | None = None,
-    counts: dict[str, int] | None = None,
-    max_length: int | None = None,
-) -> torch.Tensor:
-    """Sentence embeddings with autograd (``model.encode`` runs without gradient).
-
-    ``forward`` is the module to call (the engine's DDP/FSDP wrapper of ``model``); the
-    result is float32 whatever the autocast precision, so losses are computed in float32.
-    ``counts`` (if given) gains ``samples`` (texts encoded) and ``tokens`` (their non-padding
-    tokens, the attention mask's sum): the engine's throughput numbers. This is the one place
-    a training step tokenizes, so every stage built on it counts the same way.
-    ``max_length`` cuts each text (prompt included) at that many tokens instead of the model's
-    ``max_seq_length`` (the per-side lengths, ``model.query_max_length`` /
-    ``passage_max_length``).
-    """
-    if prompt:
-        texts = [prompt + t for t in texts]
-    kwargs: dict[str, Any] = {"max_length": max_length} if max_length else {}
-    features = model.preprocess(list(texts), **kwargs)
-    if counts is not None:
-        mask = features.get("attention_mask", features.get("input_ids"))
-        counts["samples"] = counts.get("samples", 0) + len(texts)
-        if isinstance(mask, torch.Tensor):  # still on the CPU: no device sync
-            real = int(mask.sum()) if "attention_mask" in features else mask.numel()
-            counts["tokens"] = counts.get("tokens", 0) + real
-    features = {
-        k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()
-    }
-    return (forward or model)(features)["sentence_embedding"].float()
-
-
-def _take(records: Sequence[Record], positions: np.ndarray) -> Sequence[Record]:
-    """The rows at ``positions``: a view of a lazy dataset (nothing read), a list otherwise."""
-    if isinstance(records, RecordDataset):
-        return records.select(positions)
-    return [records[int(i)] for i in positions]
 
 
 def _task_key(name: str) -> int:
@@ -267,20 +215,11 @@ class Trainer:
             ),
         )
         self._check_engine_supported(negative_providers or {})
-        self.query_prompt = self._prompt(mc.query_prompt)
-        self.passage_prompt = self._prompt(mc.passage_prompt)
-        self.query_length, self.passage_length = mc.query_max_length, mc.passage_max_length
-        set_side_lengths(self.model, self.query_length, self.passage_length)
-        self.task_prompts = self._instruction_prompts()
-        """Per task with an ``instruction``: its query-side prompt (also a model prompt)."""
-
-        self.source_rows: dict[str, np.ndarray | None] = {}
-        """Per task, the file positions of the rows kept (None once a filter dropped some)."""
-        self._teacher: SentenceTransformer | None = None
-        self.heldout_records: dict[str, Sequence[Record]] = {}
-        """Per task, the rows ``validation.heldout`` keeps out of training."""
-        self.records = {t.name: self._load_task(t) for t in config.tasks}
-        self._teacher = None  # the filter's model is freed once every task is loaded
+        self.prompts = Prompts.install(self.model, config)
+        self.data = TaskData(config, self.engine, self._open_records)
+        self.records: dict[str, Sequence[Record]] = self.data.records
+        self.heldout_records = self.data.heldout_records
+        self.filter_report = self.data.filter_report
         self.streams = {
             t.name: TaskStream(t.name, len(self.records[t.name]), config.seed) for t in config.tasks
         }
@@ -289,10 +228,12 @@ class Trainer:
             for t in config.tasks
             if task_kind(t.kind).labelled
         }
-        self.providers: dict[str, NegativeProvider] = dict(negative_providers or {})
-        for task in config.tasks:
-            if task_kind(task.kind).mined_negatives and task.name not in self.providers:
-                self.providers[task.name] = self._default_provider(task)
+        self.providers = self.data.providers(
+            negative_providers or {},
+            self.model,
+            self.prompts,
+            layout.negatives_per_query if layout is not None else None,
+        )
         self.schedule = TaskSchedule(
             config.task_schedule,
             [t.name for t in config.tasks],
@@ -308,7 +249,9 @@ class Trainer:
             logger.info("FSDP wraps the layer classes %s", name_fsdp_layers(fsdp, self.model))
         self.engine.prepare(self.model)
         self._decide_negatives_on_rank_0()
-        self.validation = self._build_validation(validate)
+        self.validation = Validation.of(
+            config, validate, self.heldout_records, self.prompts.query, self.prompts.passage
+        )
 
     def _engine_sharding(self) -> tuple[str, int | None]:
         return engine_sharding(self.engine.accelerator)
@@ -321,31 +264,10 @@ class Trainer:
 
     def _check_engine_supported(self, providers: dict[str, NegativeProvider]) -> None:
         """Refuse, before anything expensive, what the engine's sharding cannot run."""
-        from conan_embedding.mining.dynamic import DynamicNegatives
-
-        dynamic = [
-            t.name
-            for t in self.config.tasks
-            if task_kind(t.kind).mined_negatives
-            and (
-                isinstance(providers.get(t.name), DynamicNegatives)
-                or t.name not in providers
-                and t.dynamic_negatives.rule != "none"
-            )
-        ]
-        check_dhnm_supported(*self._engine_sharding(), dynamic)
-        if self.config.validation is not None:
-            check_validation_supported(*self._engine_sharding())
-        cached = [t.name for t in self.config.tasks if t.mini_batch_size is not None]
-        if cached and self._engine_sharding()[0] == "DEEPSPEED":
-            raise ValueError(
-                f"tasks {cached}: mini_batch_size (GradCache) does not run under DeepSpeed: "
-                "its second pass back-propagates each mini-batch's embedding gradient with "
-                "autograd, outside DeepSpeed's engine (which must own every backward). "
-                "Launch with DDP or FSDP, or remove mini_batch_size"
-            )
+        sharding = self._engine_sharding()
+        check_stage_supported(sharding, self.config, providers)
         if self.layout is not None:
-            self.layout.check_engine(*self._engine_sharding(), self.engine.distributed)
+            self.layout.check_engine(*sharding, self.engine.distributed)
 
     def _decide_negatives_on_rank_0(self) -> None:
         """Several processes: DHNM's rules (and any re-encoding) run on rank 0, which
@@ -387,149 +309,10 @@ class Trainer:
         per_rank = self.shards // engine.world_size
         self.my_shards = range(engine.rank * per_rank, (engine.rank + 1) * per_rank)
 
-    def _prompt(self, name: str | None) -> str | None:
-        if name is None:
-            return None
-        prompts = self.model.prompts or {}
-        if name not in prompts:
-            raise ValueError(f"prompt '{name}' is not among the model's prompts {sorted(prompts)}")
-        return prompts[name]
-
-    def _instruction_prompts(self) -> dict[str, str]:
-        """Each instructed task's prompt, added to the model's prompts under the task's name
-        (saved in the sentence-transformers config: ``encode(prompt_name=task)`` applies it)."""
-        mc = self.config.model
-        out: dict[str, str] = {}
-        prompts = dict(self.model.prompts or {})
-        for task in self.config.tasks:
-            if not task.instruction:
-                continue
-            prompt = mc.instruction_prompt(task.instruction)
-            if prompts.get(task.name, prompt) != prompt:
-                raise ValueError(
-                    f"task '{task.name}' has an instruction, and the model already has a "
-                    f"different prompt named '{task.name}': rename the task or the prompt"
-                )
-            prompts[task.name] = out[task.name] = prompt
-        if out:
-            self.model.prompts = prompts
-        return out
-
-    def query_prompt_of(self, task: TaskConfig) -> str | None:
-        """The query-side prompt of ``task``: its instruction's, else ``model.query_prompt``."""
-        return self.task_prompts.get(task.name, self.query_prompt)
-
     def _open_records(self, task: TaskConfig) -> Sequence[Record]:
-        """The task file as a lazy :class:`~conan_embedding.data.records.RecordDataset`.
-
-        Why lazy: a weak-stage file has millions of pairs, and holding them all as pydantic
-        objects costs gigabytes per process (every rank holds the whole file, since every
-        rank draws the *global* batch by index). The byte-offset index gives each rank random
-        access for 12 bytes a row; a row is validated when it is read, so a malformed row
-        raises ``file:line: field`` when a batch (or a full pass below) reaches it. A subclass
-        may return an eager list (tests compare the two trajectories). A dataset input
-        (``data/hf_sources.py``) is the same lazy view over memory-mapped Arrow.
-        """
-        return open_records(task.path, task.kind, columns=task.columns, split=task.split)
-
-    def _load_task(self, task: TaskConfig) -> Sequence[Record]:
-        records = self._open_records(task)
-        rows = cap_indices(len(records), task.max_rows, self.config.seed, task.name)
-        if len(rows) < len(records):
-            records = _take(records, rows)
-        self.source_rows[task.name] = rows
-        if task.name in self.config.heldout_tasks():
-            records = self._hold_out(task, records)
-        mined = task_kind(task.kind).mined_negatives
-        if mined and task.negatives and task.dynamic_negatives.rule == "none":
-            # one streaming pass (it validates every row before the first step, too)
-            short = [i for i, r in enumerate(records) if not r.neg]
-            if short:
-                raise ValueError(
-                    f"{task.path}: task '{task.name}' wants {task.negatives} negatives but "
-                    f"{len(short)} rows have none (first: row {short[0] + 1})"
-                )
-        if self.config.teacher_filter is not None:
-            records = self._teacher_filter(task, records)
-            self.source_rows[task.name] = None
-        if not len(records):
-            raise ValueError(f"task '{task.name}' has no rows left ({task.path})")
-        return records
-
-    def _hold_out(self, task: TaskConfig, records: Sequence[Record]) -> Sequence[Record]:
-        """Keep ``validation.heldout``'s slice of the task out of training (the rows trained
-        on, the stream's indices and the negative pools all see only the rest)."""
-        heldout = self.config.validation.heldout  # type: ignore[union-attr]
-        assert heldout is not None
-        train, held = split_heldout(
-            len(records), heldout, self.config.seed, task.name, task.batch_size
-        )
-        self.heldout_records[task.name] = _take(records, held)
-        rows = self.source_rows[task.name]
-        self.source_rows[task.name] = None if rows is None else rows[train]
-        return _take(records, train)
-
-    def _build_validation(self, validate: Validate | None) -> Validation | None:
-        vc = self.config.validation
-        if vc is None:
-            return None
-        tasks = {t.name: t for t in self.config.tasks}
-        heldout = None
-        if vc.heldout is not None:
-            heldout = HeldoutLoss(
-                [(tasks[name], rows) for name, rows in self.heldout_records.items()],
-                self.config.temperature,
-                self.query_prompt,
-                self.passage_prompt,
-                vc.heldout.batch_size,
-            )
-        return Validation(vc, self.config.optim.max_steps, validate=validate, heldout=heldout)
-
-    def _validate(self, step: int) -> dict[str, float]:
-        """Validation at ``step`` when due (rank 0 scores, every rank records): the
-        ``val/...`` numbers to log; keeps the best model and requests early stopping."""
-        validation = self.validation
-        if validation is None or not validation.due(step):
-            return {}
-        engine = self.engine
-        metrics = validation.score(self.model) if engine.is_main else None
-        metrics = engine.broadcast_object(metrics)
-        best, stop = validation.record(step, metrics)
-        record = {f"val/{k}": v for k, v in metrics.items()}
-        if best and validation.config.keep_best:
-            self._save_best(step)
-        record["val/best_step"] = validation.state.best_step or step
-        if stop is not None:
-            engine.request_stop(stop)
-        return record
-
-    def _save_best(self, step: int) -> None:
-        """``<output_dir>/best``: the model of ``step`` (every rank: a collective when sharded)."""
-        import copy
-
-        from conan_embedding.modeling.lora import has_lora, merged
-
-        model = self.engine.consolidated_model(self.model)
-        if model is None:
-            return
-        if has_lora(model[0].model):  # merge a copy: training goes on with the adapters
-            model = copy.deepcopy(model)
-            model[0].model = merged(model[0].model)
-        state = self.validation.state  # type: ignore[union-attr]
-        was_training = self.model.training  # saving puts the model in eval mode (no dropout)
-        save_embedder(
-            model,
-            self.output_dir / "best",
-            extra_meta={
-                "stage": self.config.stage,
-                "step": step,
-                "validation": {"metric": state.metric, "value": state.best_value},
-            },
-            readme=self._readme(),
-        )
-        self.model.train(was_training)
-        logger.info("best val/%s = %.6g at step %d: saved to %s", state.metric,
-                    state.best_value, step, self.output_dir / "best")  # fmt: skip
+        """The task file (:func:`~conan_embedding.training.task_data.open_task_records`, lazy);
+        a subclass may return an eager list (tests compare the two trajectories)."""
+        return open_task_records(task)
 
     def _readme(self) -> str | ReadmeWriter | None:
         if self.readme is None:
@@ -538,66 +321,6 @@ class Trainer:
         if self.validation is None:
             return self.readme(rows)
         return self.readme(rows, validation=self.validation.state.summary())
-
-    def _teacher_filter(self, task: TaskConfig, records: Sequence[Record]) -> Sequence[Record]:
-        """Keep the pairs the teacher scores at ``threshold`` or above (each rank scores its
-        share, see :func:`~conan_embedding.data.builders.filter.keep_by_teacher`)."""
-        tf = self.config.teacher_filter
-        assert tf is not None
-        engine = self.engine
-        kept = _take(
-            records,
-            keep_by_teacher(
-                records,  # type: ignore[arg-type]
-                self._teacher_model,
-                tf.threshold,
-                batch_size=tf.batch_size,
-                rank=engine.rank,
-                world=engine.world_size,
-                gather=all_gather_arrays if engine.distributed else None,
-            ),
-        )
-        logger.info(
-            "teacher filter on '%s': kept %d of %d pairs (threshold %.2f)",
-            task.name,
-            len(kept),
-            len(records),
-            tf.threshold,
-        )
-        self.filter_report = {"task": task.name, "kept": len(kept), "total": len(records)}
-        return kept
-
-    def _teacher_model(self) -> SentenceTransformer:
-        """The teacher filter's model, loaded once for all tasks with whole weights."""
-        if self._teacher is None:
-            from conan_embedding.modeling.embedder import load_embedder
-
-            assert self.config.teacher_filter is not None
-            with whole_weights(self.engine.accelerator):
-                self._teacher = load_embedder(
-                    self.config.teacher_filter.model, device=str(self.engine.device)
-                )
-        return self._teacher
-
-    def _default_provider(self, task: TaskConfig) -> NegativeProvider:
-        if self.layout is not None:
-            task = task.model_copy(update={"negatives": self.layout.negatives_per_query(task)})
-        records = self.records[task.name]
-        if task.dynamic_negatives.rule == "none":
-            return StaticNegatives(records, task.negatives)
-        from conan_embedding.mining.dynamic import build_dynamic_negatives
-        from conan_embedding.mining.offline import PoolMeta
-
-        if not hasattr(self, "_trained_with"):  # the pool's scores count as S_0 if they match
-            self._trained_with = PoolMeta.of(self.model, self.query_prompt, self.passage_prompt)
-        return build_dynamic_negatives(
-            records,
-            task.negatives,
-            task.dynamic_negatives,
-            task.path,
-            rows=self.source_rows.get(task.name),
-            trained_with=self._trained_with,
-        )
 
     # ----------------------------------------------------------------- sharded encoding
     def _shard_slices(self, batch: int) -> list[slice]:
@@ -686,12 +409,13 @@ class Trainer:
         kind = task_kind(task.kind)
 
         # the query side (queries; both texts of a symmetric kind) and the passage side
-        passage_length = self.query_length if kind.symmetric else self.passage_length
+        prompts = self.prompts
+        passage_length = prompts.query_length if kind.symmetric else prompts.passage_length
 
         def encode_shards(
             role: int, texts_of: Callable[[slice], list[str]], prompt: str | None
         ) -> torch.Tensor:
-            length = self.query_length if role == ENCODE_QUERIES else passage_length
+            length = prompts.query_length if role == ENCODE_QUERIES else passage_length
             return self._encode_shards(
                 task, step, role, texts_of, size, prompt, seed_key, length, cache
             )
@@ -706,8 +430,8 @@ class Trainer:
             dims=self.config.model.matryoshka_dims,
             weights=self.config.model.matryoshka_weights,
             query_offset=self._query_offset(size),
-            query_prompt=self.query_prompt_of(task),
-            passage_prompt=self.passage_prompt,
+            query_prompt=prompts.query_of(task.name),
+            passage_prompt=prompts.passage,
             encode=encode or encode_shards,
             gather=self._gather,
             gather_documents=lambda local, n_neg: self._gathered_documents(local, size, n_neg),
@@ -770,7 +494,17 @@ class Trainer:
             # per task ("bge/dhnm/replaced"): two DHNM tasks must not overwrite each other
             stats = provider.on_step_end(step, functools.partial(self._encode_no_grad, task=name))
             record.update({f"{name}/{key}": value for key, value in stats.items()})
-        record.update(self._validate(step))
+        if self.validation is not None:
+            record.update(
+                self.validation.at_step(
+                    step,
+                    self.engine,
+                    self.model,
+                    best_dir=self.output_dir / "best",
+                    stage=self.config.stage,
+                    readme=self._readme,
+                )
+            )
         if self.on_step:
             self.on_step(step, record)
         return record
@@ -781,26 +515,8 @@ class Trainer:
         """The current model's normalised rows, with the training prompt and length of ``role``
         (``query`` / ``passage``; ``task``'s instruction on the query side) so DHNM's re-scores
         compare with the loss's scores."""
-        query_prompt = self.task_prompts.get(task or "", self.query_prompt)
-        prompt = {"query": query_prompt, "passage": self.passage_prompt}.get(role or "")
-        length = {"query": self.query_length, "passage": self.passage_length}.get(role or "")
-        was_training, max_seq_length = self.model.training, self.model.max_seq_length
-        self.model.eval()
-        if length:  # encode() takes no max_length: cut at the side's length for this call
-            self.model.max_seq_length = length
-        try:
-            with torch.no_grad():
-                out = self.model.encode(
-                    [prompt + t for t in texts] if prompt else list(texts),
-                    convert_to_tensor=True,
-                    normalize_embeddings=True,
-                    show_progress_bar=False,
-                    batch_size=64,
-                )
-        finally:
-            self.model.max_seq_length = max_seq_length
-            self.model.train(was_training)
-        return out.float().cpu()
+        prompt, length = self.prompts.of_role(role, task)
+        return encode_no_grad(self.model, texts, prompt, length)
 
     def state_dict(self) -> dict[str, Any]:
         """Sampler cursors and negative-provider state (DHNM arrays go to safetensors)."""

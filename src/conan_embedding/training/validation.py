@@ -7,8 +7,8 @@ Scores on evaluation tasks (mteb) are the evaluation layer's: that layer builds 
 (:func:`conan_embedding.evaluation.validation.task_validator`) and the trainer takes it as
 ``validate``; training never imports evaluation (docs/architecture.md).
 
-How a validation runs (:meth:`Validation.run`, called from the trainer's ``after_step`` at the
-steps :meth:`Validation.due` names): rank 0 scores the model (eval mode, no gradient, the
+How a validation runs (:meth:`Validation.at_step`, called from the trainer's ``after_step``, at
+the steps :meth:`Validation.due` names): rank 0 scores the model (eval mode, no gradient, the
 training RNGs untouched, so a run with validation trains exactly like one without) while
 the other ranks wait in the broadcast of its numbers (the engine's ``timeout_minutes`` bounds
 that wait); every rank then updates the same :class:`ValidationState`, so all of them agree
@@ -18,17 +18,20 @@ on the best step and on stopping.
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import math
 import random
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from conan_embedding.config import TaskConfig, ValidationConfig
+from conan_embedding.config import TaskConfig, TrainConfig, ValidationConfig
 from conan_embedding.config.train import HeldoutConfig
 from conan_embedding.losses import cosent_loss
 from conan_embedding.losses.infonce import info_nce_loss
@@ -37,6 +40,10 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
     from conan_embedding.data.records import Record
+    from conan_embedding.modeling.embedder import ReadmeWriter
+    from conan_embedding.training.engine import Engine
+
+logger = logging.getLogger(__name__)
 
 Validate = Callable[["SentenceTransformer"], dict[str, float]]
 """A validation function: the model in, named numbers out (higher or lower is better as the
@@ -294,3 +301,92 @@ class Validation:
                 f"{self.state.best_step} ({self.state.best_value:.6g})"
             )
         return best, self.state.stopped
+
+    @classmethod
+    def of(
+        cls,
+        config: TrainConfig,
+        validate: Validate | None,
+        heldout_records: dict[str, Sequence[Record]],
+        query_prompt: str | None,
+        passage_prompt: str | None,
+    ) -> Validation | None:
+        """The run's validation (None without ``validation:``): ``validate``'s task scores and
+        the held-out loss on ``heldout_records``, with the training prompts."""
+        vc = config.validation
+        if vc is None:
+            return None
+        tasks = {t.name: t for t in config.tasks}
+        heldout = None
+        if vc.heldout is not None:
+            heldout = HeldoutLoss(
+                [(tasks[name], rows) for name, rows in heldout_records.items()],
+                config.temperature,
+                query_prompt,
+                passage_prompt,
+                vc.heldout.batch_size,
+            )
+        return cls(vc, config.optim.max_steps, validate=validate, heldout=heldout)
+
+    def at_step(
+        self,
+        step: int,
+        engine: Engine,
+        model: SentenceTransformer,
+        *,
+        best_dir: Path,
+        stage: str,
+        readme: Callable[[], str | ReadmeWriter | None],
+    ) -> dict[str, float]:
+        """Validation at ``step`` when due (rank 0 scores, every rank records): the
+        ``val/...`` numbers to log; keeps the best model (:meth:`save_best`) and requests
+        early stopping."""
+        if not self.due(step):
+            return {}
+        metrics = self.score(model) if engine.is_main else None
+        metrics = engine.broadcast_object(metrics)
+        best, stop = self.record(step, metrics)
+        record = {f"val/{k}": v for k, v in metrics.items()}
+        if best and self.config.keep_best:
+            self.save_best(step, engine, model, best_dir, stage=stage, readme=readme)
+        record["val/best_step"] = self.state.best_step or step
+        if stop is not None:
+            engine.request_stop(stop)
+        return record
+
+    def save_best(
+        self,
+        step: int,
+        engine: Engine,
+        model: SentenceTransformer,
+        folder: Path,
+        *,
+        stage: str,
+        readme: Callable[[], str | ReadmeWriter | None],
+    ) -> None:
+        """``folder`` (``<output_dir>/best``): the model of ``step`` (every rank: a collective
+        when sharded)."""
+        from conan_embedding.modeling.embedder import save_embedder
+        from conan_embedding.modeling.lora import has_lora, merged
+
+        saved = engine.consolidated_model(model)
+        if saved is None:
+            return
+        if has_lora(saved[0].model):  # merge a copy: training goes on with the adapters
+            saved = copy.deepcopy(saved)
+            saved[0].model = merged(saved[0].model)
+        state = self.state
+        was_training = model.training  # saving puts the model in eval mode (no dropout)
+        save_embedder(
+            saved,
+            folder,
+            extra_meta={
+                "stage": stage,
+                "step": step,
+                "validation": {"metric": state.metric, "value": state.best_value},
+            },
+            readme=readme(),
+        )
+        model.train(was_training)
+        logger.info("best val/%s = %.6g at step %d: saved to %s", state.metric,
+                    state.best_value, step, folder)  # fmt: skip
