@@ -961,19 +961,19 @@ def worker_train(args: argparse.Namespace) -> dict:
 def row_f(ctx: Ctx) -> dict:
     """Under bf16 autocast the loss scores are float32; bf16-loaded weights train in float32."""
     import conan_embedding.losses.infonce as infonce
-    import conan_embedding.training.trainer as trainer_module
+    import conan_embedding.training.task_kinds as kinds_module
 
-    saved = infonce.candidate_scores, trainer_module.own_negative_scores
+    saved = infonce.candidate_scores, kinds_module.own_negative_scores
     try:
         return _row_f(ctx)
     finally:  # the CPU rows share a process
-        infonce.candidate_scores, trainer_module.own_negative_scores = saved
+        infonce.candidate_scores, kinds_module.own_negative_scores = saved
 
 
 def _row_f(ctx: Ctx) -> dict:
     """Under bf16 autocast the loss scores are float32; bf16-loaded weights train in float32."""
     import conan_embedding.losses.infonce as infonce
-    import conan_embedding.training.trainer as trainer_module
+    import conan_embedding.training.task_kinds as kinds_module
     from conan_embedding.config import load_config
     from conan_embedding.toy import linear_output_dtypes
     from conan_embedding.training.trainer import Trainer
@@ -987,14 +987,14 @@ def _row_f(ctx: Ctx) -> dict:
         return out
 
     infonce.candidate_scores = candidate_scores
-    real_own = trainer_module.own_negative_scores
+    real_own = kinds_module.own_negative_scores
 
     def own_negative_scores(*a, **k):
         out = real_own(*a, **k)
         scores.append(str(out.dtype))
         return out
 
-    trainer_module.own_negative_scores = own_negative_scores
+    kinds_module.own_negative_scores = own_negative_scores
     cfg = trainer_config(
         ctx.work, ctx.fx["bert"], ctx.device, 2, precision="bf16", schedule="all_tasks"
     )
