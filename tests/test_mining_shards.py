@@ -36,13 +36,13 @@ rank = int(os.environ["RANK"])
 real_encode = TextEncoder._encode_chunk
 started = []
 
-def logged_encode(self, texts, prompt):
+def logged_encode(self, texts, prompt, side=None):
     started.append(len(texts))
     with open(f"{log}.rank{rank}", "a") as handle:  # closed: on disk before any kill
         handle.write(f"{len(texts)}\\n")
     if rank == 1 and len(started) == kill_at:  # mid-encode: this chunk never reaches the disk
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_encode(self, texts, prompt)
+    return real_encode(self, texts, prompt, side)
 
 TextEncoder._encode_chunk = logged_encode
 sys.argv = ["conan-embed", *sys.argv[3:]]
@@ -195,9 +195,9 @@ def test_the_merge_is_the_one_process_file_and_resumes(tmp_path, tiny_bert):
     encoded: list[int] = []
     real_encode = encoder._encode_chunk
 
-    def counted_encode(texts, prompt):
+    def counted_encode(texts, prompt, side=None):
         encoded.append(len(texts))
-        return real_encode(texts, prompt)
+        return real_encode(texts, prompt, side)
 
     encoder._encode_chunk = counted_encode
     texts = list(dict.fromkeys(_sentences(60, 9)))
