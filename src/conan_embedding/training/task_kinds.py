@@ -19,6 +19,7 @@ and ``context.options`` (what a step program adds).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_args
@@ -108,8 +109,9 @@ class LossContext:
         return matryoshka_loss(fn, embeddings, list(self.dims), self.weights)
 
 
-class TaskKindSpec:
-    """One task kind. Subclasses set the class attributes and implement :meth:`loss`."""
+class TaskKindSpec(ABC):
+    """One task kind. Subclasses set the class attributes and implement :meth:`loss` and
+    :meth:`describe`."""
 
     name: ClassVar[str]
     record_type: ClassVar[type]
@@ -137,15 +139,15 @@ class TaskKindSpec:
 
     def texts(self, batch: Sequence[Any], rng: np.random.Generator) -> tuple[list[str], list[str]]:
         """The queries and positives of ``batch`` (kinds of query-document pairs)."""
-        raise NotImplementedError(f"task kind {self.name!r} has no query-document pairs")
+        raise TypeError(f"task kind {self.name!r} has no query-document pairs")
 
+    @abstractmethod
     def loss(self, context: LossContext) -> torch.Tensor:
         """This process's part of the loss of ``context.rows``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def describe(self, task: Any, temperature: float, cbb: bool, beta: float) -> str:
         """The loss a task of this kind trains with, in words (the model card's column)."""
-        raise NotImplementedError
 
     def pooled_loss(
         self,
@@ -158,7 +160,7 @@ class TaskKindSpec:
         weights: Sequence[float] | None,
     ) -> LossFn:
         """CBB: the loss of ``[q, p, *per_device_negatives]`` (kinds with ``shares_devices``)."""
-        raise NotImplementedError(f"task kind {self.name!r} does not pool devices under CBB")
+        raise TypeError(f"task kind {self.name!r} does not pool devices under CBB")
 
 
 class _Retrieval(TaskKindSpec):
