@@ -2,13 +2,16 @@
 
 ``from conan_embedding.config import X`` is the package's API for every name below:
 :mod:`.loader` (reading YAML, ``base:`` / ``set:`` / ``drop:``, one error format),
-:mod:`.common` (the ``optim:`` / ``engine:`` / ``lora:`` blocks every stage shares),
+:mod:`.common` (the ``optim:`` / ``engine:`` / ``lora:`` blocks and the checkpoint keys every stage
+shares),
 :mod:`.train` (the embedding stages) and :mod:`.llm` (the Conan-v2 stages).
 """
 
 from __future__ import annotations
 
 from conan_embedding.config.common import (
+    CheckpointFields,
+    CheckpointSettings,
     EngineConfig,
     LoraSettings,
     OptimConfig,
@@ -47,6 +50,8 @@ from conan_embedding.config.train import (
 
 __all__ = [
     "CBBConfig",
+    "CheckpointFields",
+    "CheckpointSettings",
     "ConfigError",
     "DynamicNegativesConfig",
     "EarlyStoppingConfig",

@@ -56,6 +56,31 @@ class OptimConfig(StrictModel):
     scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
 
 
+class CheckpointSettings(StrictModel):
+    """When a stage checkpoints and how many it keeps: the one home of checkpoint options,
+    read by ``training/checkpoint.py::Checkpointer`` and the engine's loop. A new option
+    (asynchronous saves, say) is a field here and its use there; every stage's config
+    exposes it through :class:`CheckpointFields`."""
+
+    every: int | None = Field(None, gt=0)
+    """Steps between checkpoints; ``None``: none during the run. A finished run leaves its
+    model instead; a sharded run (FSDP, ZeRO-3) also checkpoints its last step."""
+    keep: int = Field(2, gt=0)
+    """The newest checkpoints kept; older ones are deleted after each save."""
+
+
+class CheckpointFields(BaseModel):
+    """The checkpoint keys every stage's YAML spells the same way (``checkpoint_every``,
+    ``keep_checkpoints``); a stage re-declares a field only to change its default."""
+
+    checkpoint_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+
+    @property
+    def checkpoint(self) -> CheckpointSettings:
+        return CheckpointSettings(every=self.checkpoint_every, keep=self.keep_checkpoints)
+
+
 class EngineConfig(StrictModel):
     """Devices, precision and processes (``training.engine``); the same for every stage.
 

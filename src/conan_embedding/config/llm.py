@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from conan_embedding.config.common import (
+    CheckpointFields,
     EngineConfig,
     LoraSettings,
     OptimConfig,
@@ -44,8 +45,9 @@ _THREADS = {"threads": "engine.threads"}
 _SAVE_EVERY = {"save_every": "checkpoint_every"}
 
 
-class StageConfig(StrictModel):
-    """What every v2 stage shares: the ``optim:`` / ``engine:`` blocks and the older flat keys.
+class StageConfig(CheckpointFields, StrictModel):
+    """What every v2 stage shares: the ``optim:`` / ``engine:`` blocks, the checkpoint keys
+    (:class:`CheckpointFields`) and the older flat keys.
 
     ``OPTIM_DEFAULTS`` are the stage's own defaults for the ``optim:`` keys a file leaves out
     (pretraining's learning rate is not stage 4's); ``FLAT_KEYS`` maps each older flat key to
@@ -112,8 +114,7 @@ class PretrainConfig(StageConfig):
     eval_every: int = 100
     eval_blocks: int = 32
     holdout_every: int = 50
-    checkpoint_every: int = Field(500, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
+    checkpoint_every: int | None = Field(500, gt=0)
     seed: int = 0
 
 
@@ -141,8 +142,7 @@ class SFTConfig(StageConfig):
     micro_batch_size: int | None = None
     eval_every: int = 100
     eval_rows: int = 128
-    checkpoint_every: int = Field(500, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
+    checkpoint_every: int | None = Field(500, gt=0)
     seed: int = 0
 
 
@@ -182,8 +182,7 @@ class WeakStageConfig(StageConfig):
     teacher_threshold: float = 0.4
     teacher_query_prompt: str = ""
     teacher_passage_prompt: str = ""
-    checkpoint_every: int = Field(1000, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
+    checkpoint_every: int | None = Field(1000, gt=0)
     seed: int = 0
 
 
@@ -219,7 +218,4 @@ class SupervisedStageConfig(StageConfig):
     prompt: str | None = None
     """Prompt on queries and passages: a model saved with prompts (e5: ``query: ``) trains with
     the one it is scored with."""
-    checkpoint_every: int | None = Field(None, gt=0)
-    """``None``: one checkpoint, at the last step."""
-    keep_checkpoints: int = Field(2, gt=0)
     seed: int = 0

@@ -9,7 +9,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from conan_embedding.config.common import EngineConfig, LoraSettings, OptimConfig, StrictModel
+from conan_embedding.config.common import (
+    CheckpointFields,
+    EngineConfig,
+    LoraSettings,
+    OptimConfig,
+    StrictModel,
+)
 from conan_embedding.config.loader import load_yaml
 
 TaskKind = Literal["retrieval", "sts", "classification", "pairs"]
@@ -295,7 +301,7 @@ class ValidationConfig(StrictModel):
         return f"val/{self.metric}"
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(CheckpointFields, StrictModel):
     stage: Literal["weak", "supervised"] = "supervised"
     output_dir: str = "runs/train"
     seed: int = 42
@@ -315,8 +321,7 @@ class TrainConfig(StrictModel):
     ``torchrun ... -m conan_embedding.cli train CONFIG``);
     ``task_schedule`` is then ignored (every task runs every step)."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    checkpoint_every: int = Field(50, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
+    checkpoint_every: int | None = Field(50, gt=0)
     log_every: int = Field(10, gt=0)
     data_dir: str | None = None
     """Relative task paths resolve against this folder (else the current directory)."""

@@ -210,8 +210,7 @@ def train_causal_lm(
         steps=steps,
         optim=config.optim,
         seed=config.seed,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints,
+        checkpoint=config.checkpoint,
         description=description,
         log_name="log.jsonl",
     )

@@ -47,11 +47,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:
+    from conan_embedding.config import CheckpointSettings
     from conan_embedding.training.engine import Engine
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+CHECKPOINTS = "checkpoints"
+"""The folder under a run's ``output_dir`` that holds its checkpoints."""
+
+
+def checkpoint_dir(output_dir: str | os.PathLike[str]) -> Path:
+    """Where a run writing to ``output_dir`` keeps its checkpoints."""
+    return Path(output_dir) / CHECKPOINTS
+
+
+def discard_checkpoints(output_dir: str | os.PathLike[str]) -> None:
+    """Delete a run's checkpoints (a finished experiment that will never ``--resume``)."""
+    shutil.rmtree(checkpoint_dir(output_dir), ignore_errors=True)
 
 
 class Stateful(Protocol):
@@ -220,11 +233,21 @@ class Checkpointer:
     Collective: :meth:`save` and :meth:`resume` must be called on every rank.
     """
 
-    def __init__(self, engine: Engine, directory: Path, keep: int) -> None:
+    def __init__(self, engine: Engine, output_dir: Path, settings: CheckpointSettings) -> None:
         self.engine = engine
-        self.directory = Path(directory)
-        self.keep = keep
+        self.directory = checkpoint_dir(output_dir)
+        self.settings = settings
+        self.keep = settings.keep
         self._registered: dict[str, Stateful] = {}
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether the loop saves after ``step``: every ``settings.every`` steps but the last
+        (a finished run leaves its model), and the last step of a sharded run (gathering the
+        model at the end is the riskiest part of it, and a crash there must not lose the run)."""
+        if last:
+            return self.engine.sharded_state
+        every = self.settings.every
+        return every is not None and step % every == 0
 
     def register(self, name: str, obj: Stateful) -> None:
         """Save ``obj.state_dict()`` in each rank's file under ``name``, restore it on resume

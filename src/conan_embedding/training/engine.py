@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from conan_embedding.config import EngineConfig, OptimConfig
+from conan_embedding.config import CheckpointSettings, EngineConfig, OptimConfig
 from conan_embedding.runtime import resolve_device
 from conan_embedding.training.accelerate_state import forget_previous_stage_plugins
 from conan_embedding.training.checkpoint import Checkpointer, jsonable
@@ -95,8 +95,7 @@ class LoopSettings:
     optim: OptimConfig
     seed: int = 42
     log_every: int = 10
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
+    checkpoint: CheckpointSettings = field(default_factory=lambda: CheckpointSettings(every=50))
     description: str = "training"
     log_name: str = "train_log.jsonl"
 
@@ -205,9 +204,7 @@ class Engine:
         self.optimizer: Any = None
         self.scheduler: Any = None
         self._skeleton: torch.nn.Module | None = None
-        self.checkpointer = Checkpointer(
-            self, self.output_dir / "checkpoints", keep=settings.keep_checkpoints
-        )
+        self.checkpointer = Checkpointer(self, self.output_dir, settings.checkpoint)
         self._stop: str | None = None
 
     def request_stop(self, reason: str) -> None:
@@ -465,16 +462,10 @@ class Engine:
                         record["lr"],
                         speed,
                     )
-                # a finished run leaves its model; checkpoints serve an interrupted one. A
-                # sharded run also checkpoints its last step: gathering the model in finish
-                # is the riskiest part of it, and a crash there must not lose the training
+                # a finished run leaves its model; checkpoints serve an interrupted one
                 last_step = step + 1
                 last = step + 1 == settings.steps or self._stop is not None
-                if (
-                    (step + 1) % settings.checkpoint_every == 0
-                    and not last
-                    or (last and self.sharded_state)
-                ):
+                if self.checkpointer.due(step + 1, last):
                     self.save_checkpoint(step + 1, program)
                 if self._stop is not None:
                     if self.is_main:

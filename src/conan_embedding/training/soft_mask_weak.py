@@ -207,8 +207,7 @@ def train_weak_stage(
         steps=config.optim.max_steps,
         optim=config.optim,
         seed=config.seed,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints,
+        checkpoint=config.checkpoint,
         description=f"weak stage ({config.schedule})",
     )
     # every trainable weight reaches the loss (the decoder body, its final norm; frozen

@@ -64,8 +64,8 @@ def supervised_train_config(config: SupervisedStageConfig) -> TrainConfig:
         engine=config.engine,
         task_schedule="all_tasks",
         tasks=tasks,
-        # by default one checkpoint, at the end: stage 4 is short and reruns from scratch
-        checkpoint_every=config.checkpoint_every or max(config.optim.max_steps, 1),
+        # by default no checkpoint during the run: stage 4 is short and reruns from scratch
+        checkpoint_every=config.checkpoint_every,
         keep_checkpoints=config.keep_checkpoints,
     )
 

@@ -209,8 +209,7 @@ class Trainer:
                 optim=config.optim,
                 seed=config.seed,
                 log_every=config.log_every,
-                checkpoint_every=config.checkpoint_every,
-                keep_checkpoints=config.keep_checkpoints,
+                checkpoint=config.checkpoint,
                 description=f"{config.stage} training",
             ),
         )

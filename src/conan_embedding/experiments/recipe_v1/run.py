@@ -16,7 +16,6 @@ short, and :func:`run_ablation` runs them all and regenerates the results page.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from conan_embedding.experiments.recipe_v1.inputs import (
 )
 from conan_embedding.experiments.recipe_v1.report import backfill_negative_stats, write_results
 from conan_embedding.experiments.runner import Arm, read_result, write_result
+from conan_embedding.training.checkpoint import discard_checkpoints
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -186,7 +186,7 @@ def run_arm(
         }
         del trainer
         # checkpoints only serve --resume, which an arm run never uses; each is ~0.6 GB for me5
-        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        discard_checkpoints(output_dir)
         trained.append(Path(result.model_dir))
         return trained[0], facts
 
