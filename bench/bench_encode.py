@@ -153,8 +153,8 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from conan_embedding.data.sources import resolve_data_dir
+    from conan_embedding.encoding.backends.onnx import export_onnx
     from conan_embedding.encoding.engine import EmbeddingEngine
-    from conan_embedding.encoding.onnx import export_onnx
     from conan_embedding.modeling.embedder import resolve_model_path
 
     threads = os.cpu_count() or 1

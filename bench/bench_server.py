@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "server.json"))
     args = parser.parse_args()
 
-    from conan_embedding.encoding.onnx import export_onnx
+    from conan_embedding.encoding.backends.onnx import export_onnx
     from conan_embedding.modeling.embedder import resolve_model_path
 
     model_path = resolve_model_path(args.model)

@@ -39,6 +39,7 @@ def main() -> None:
     import torch
 
     from conan_embedding.data.sources import resolve_data_dir
+    from conan_embedding.encoding.backends import get_backend
     from conan_embedding.encoding.engine import EmbeddingEngine
     from conan_embedding.encoding.tokens import token_batches
     from conan_embedding.mining.index import build_index, search
@@ -51,7 +52,7 @@ def main() -> None:
     engine = EmbeddingEngine(
         model,
         backend=args.backend,
-        onnx_dir=args.onnx_dir if args.backend != "torch" else None,
+        onnx_dir=args.onnx_dir if get_backend(args.backend).needs_export else None,
         batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens,
         device="cpu",
@@ -77,13 +78,13 @@ def main() -> None:
             padded += features["input_ids"].numel()
             real += int(features["attention_mask"].sum())
             with torch.inference_mode():
-                if engine._onnx_runner is None:
+                # a backend that runs only the transformer (TransformerThenHead) exposes it
+                transformer = getattr(engine.runner, "transformer", None)
+                if transformer is None:
                     hidden = timed("transformer", model[0], features)
                     features = hidden
                 else:
-                    features["token_embeddings"] = timed(
-                        "transformer", engine._onnx_runner, features
-                    )
+                    features["token_embeddings"] = timed("transformer", transformer, features)
                 for module in list(model)[1:]:
                     features = timed("head", module, features)
             out[batch] = features["sentence_embedding"].numpy()

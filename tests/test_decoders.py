@@ -341,8 +341,8 @@ def test_saved_model_encodes_bidirectionally_through_sentence_transformers(arch,
 @pytest.mark.parametrize(("arch", "pooling"), [("gemma3", "mean"), ("gpt2", "lasttoken")])
 def test_server_engine_and_onnx_encode_the_saved_model_bidirectionally(arch, pooling, tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is in the `onnx` extra")
+    from conan_embedding.encoding.backends.onnx import export_onnx
     from conan_embedding.encoding.engine import EmbeddingEngine
-    from conan_embedding.encoding.onnx import export_onnx
 
     folder = save_tiny_lm(arch, tmp_path / "lm")
     embedder = LLMEmbedder.from_llm(folder, pooling=pooling, max_len=16)

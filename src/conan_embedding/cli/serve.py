@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from conan_embedding.cli import DEVICE_HELP, app, cli_errors
+from conan_embedding.cli import DEVICE_HELP, app, backend_help, cli_errors, export_dir_help
 
 
 @app.command("serve")
@@ -14,8 +14,8 @@ def serve_command(
     model: str = typer.Argument(..., help="A sentence-transformers folder (or a PyPI model name)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="TCP port."),
-    backend: str = typer.Option("torch", help="torch | torch-bf16 | onnx | onnx-int8"),
-    onnx_dir: str | None = typer.Option(None, help="Folder of an `export-onnx` run."),
+    backend: str = typer.Option("torch", help=backend_help()),
+    onnx_dir: str | None = typer.Option(None, help=export_dir_help()),
     name: str | None = typer.Option(None, help="Model id clients send (default: folder name)."),
     api_key: str | None = typer.Option(
         None, envvar="CONAN_API_KEY", help="Require this bearer key."
@@ -68,8 +68,8 @@ def encode_command(
     field: str = typer.Option("text", help="The text field (jsonl) or column (parquet)."),
     prompt_name: str | None = typer.Option(None, help="One of the model's prompts, e.g. query."),
     dimensions: int | None = typer.Option(None, help="Matryoshka size (truncate + re-normalise)."),
-    backend: str = typer.Option("torch", help="torch | torch-bf16 | onnx | onnx-int8"),
-    onnx_dir: str | None = typer.Option(None, help="Folder of an `export-onnx` run."),
+    backend: str = typer.Option("torch", help=backend_help()),
+    onnx_dir: str | None = typer.Option(None, help=export_dir_help()),
     batch_size: int = typer.Option(32, help="Rows per forward pass."),
     chunk_rows: int = typer.Option(4096, help="Rows per resumable chunk."),
     restart: bool = typer.Option(False, help="Discard a partial run instead of resuming it."),

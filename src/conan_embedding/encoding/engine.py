@@ -6,8 +6,9 @@ projection (1024-d served instead of 1792-d). So the engine never rebuilds the p
 tokenises with the model's own tokenizer, runs the model's first module (the transformer) on a
 backend, and then runs every remaining module of the saved sentence-transformers model
 (Pooling, Dense, Normalize, ...) exactly as ``SentenceTransformer.forward`` would. Swapping the
-backend (torch, torch under bf16 autocast, ONNX fp32, ONNX int8) only swaps how the
-transformer runs, which is where the time goes.
+backend (torch, torch under bf16 autocast, ONNX fp32, ONNX int8, or any other registered in
+:mod:`conan_embedding.encoding.backends`) only swaps how the transformer runs, which is where
+the time goes; the engine asks the backend, never compares its name.
 
 How: texts are tokenised once into id lists (that is also how the server counts tokens and
 enforces its length limit), then :meth:`EmbeddingEngine.embed_ids` cuts the rows into token
@@ -15,8 +16,9 @@ batches (:func:`~conan_embedding.encoding.tokens.token_batches`: sorted by token
 ``batch_size`` rows and ``max_batch_tokens`` padded tokens each), runs them on ``device``
 (``"auto"``: this process's GPU, else the CPU; :mod:`conan_embedding.runtime`), and
 restores the caller's order. Matryoshka truncation is ``e[:d] / ||e[:d]||`` (truncate, then
-re-normalise). An ONNX backend needs an export: the model folder's, or (for a model that only
-lives in memory, e.g. during mining) one made once into ``onnx_dir`` keyed by its weights.
+re-normalise). A backend that runs an export (ONNX) needs one: the model folder's, or (for a
+model that only lives in memory, e.g. during mining) one made once into ``onnx_dir`` keyed by
+its weights.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from conan_embedding.encoding.onnx import OnnxTransformer, ensure_onnx_export
+from conan_embedding.encoding.backends import InferenceBackend, Runner, get_backend
 from conan_embedding.encoding.tokens import special_token_frame, token_batches
 from conan_embedding.modeling.embedder import (
     embedding_width,
@@ -41,13 +43,11 @@ from conan_embedding.modeling.embedder import (
     resolve_model_path,
     side_max_length,
 )
-from conan_embedding.runtime import ambient_autocast, autocast_for, resolve_device
+from conan_embedding.runtime import resolve_device
 
-Backend = Literal["torch", "torch-bf16", "onnx", "onnx-int8"]
-BACKENDS: tuple[str, ...] = ("torch", "torch-bf16", "onnx", "onnx-int8")
-TORCH_BACKENDS: tuple[str, ...] = ("torch", "torch-bf16")
-"""Backends that run the model's own torch modules (``torch-bf16``: under bf16 autocast, on a
-GPU as on a CPU with AVX512-BF16 / AMX; vectors at cosine ~0.9999 to float32 ones)."""
+Backend = str
+"""A registered backend's name (:func:`~conan_embedding.encoding.backends.backend_names`:
+``torch``, ``torch-bf16``, ``onnx``, ``onnx-int8``, ...)."""
 
 
 class InputTooLongError(ValueError):
@@ -103,15 +103,15 @@ class EmbeddingEngine:
         device: str | torch.device | None = "auto",
         concurrent_batches: bool | None = None,
     ):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+        inference = get_backend(backend)
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         self.device = resolve_device(device)
         self.model = model.eval()
-        if backend in TORCH_BACKENDS and model.device != self.device:
+        if inference.runs_torch_modules and model.device != self.device:
             self.model.to(self.device)
         self.backend: Backend = backend
+        self.inference_backend: InferenceBackend = inference
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.threads = threads or default_threads()
@@ -133,30 +133,24 @@ class EmbeddingEngine:
         self._needs_token_types = "token_type_ids" in self.tokenizer.model_input_names
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._left_pad = getattr(self.tokenizer, "padding_side", "right") == "left"
-        self._head = list(model)[1:]  # Pooling, Dense, Normalize...: run as saved, never rebuilt
-        self._onnx_runner = None
-        # ONNX on the CPU: ``threads`` batches at once on single-threaded kernels (ORT releases
-        # the GIL) instead of one batch on ``threads`` intra-op threads, which wait for each
-        # other after every small matrix product and stall whenever another process takes a core
+        # e.g. ONNX on the CPU: ``threads`` batches at once on single-threaded kernels (ORT
+        # releases the GIL) instead of one batch on ``threads`` intra-op threads, which wait for
+        # each other after every small matrix product and stall whenever another process takes
+        # a core (InferenceBackend.concurrent_cpu_batches)
         self.concurrent = (
             concurrent_batches
             if concurrent_batches is not None
-            else backend not in TORCH_BACKENDS and self.device.type == "cpu" and self.threads > 1
+            else inference.concurrent_cpu_batches and self.device.type == "cpu" and self.threads > 1
         )
         self._workers: ThreadPoolExecutor | None = None
-        self._autocast = "bf16" if backend == "torch-bf16" else "no"
-        if backend not in TORCH_BACKENDS:
-            if model_path is None and onnx_dir is None:
-                raise ValueError("an ONNX backend needs the model folder (model_path) or onnx_dir")
-            folder = ensure_onnx_export(
-                model_path, out_dir=onnx_dir, int8=backend == "onnx-int8", model=model
-            )
-            self._onnx_runner = OnnxTransformer(
-                folder,
-                int8=backend == "onnx-int8",
-                threads=1 if self.concurrent else self.threads,
-                device=self.device,
-            )
+        self.runner: Runner = inference.load(
+            self.model,
+            model_path=model_path,
+            export_dir=onnx_dir,
+            device=self.device,
+            threads=1 if self.concurrent else self.threads,
+        )
+        """Padded features -> sentence embeddings, the backend's way (the model's own head)."""
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads)
 
@@ -166,13 +160,7 @@ class EmbeddingEngine:
         (this backend's autocast, or a caller's autocast around the torch backend), ``fp16``;
         None for float32. Embedding caches key by it, so such vectors never stand in for
         float32 ones (nor the reverse)."""
-        if self.backend == "onnx-int8":
-            return "int8"
-        if self.backend == "torch-bf16":
-            return "bf16"
-        if self.backend == "torch":
-            return ambient_autocast(self.device)
-        return None
+        return self.inference_backend.precision(self.device)
 
     @classmethod
     def from_path(cls, model: str | os.PathLike[str], **kwargs: Any) -> EmbeddingEngine:
@@ -280,19 +268,13 @@ class EmbeddingEngine:
         features = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if self._needs_token_types:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
-        if self._onnx_runner is None and self.device.type != "cpu":
+        if self.inference_backend.runs_torch_modules and self.device.type != "cpu":
             features = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
         return features
 
     @torch.inference_mode()
     def _forward(self, features: dict[str, Any]) -> torch.Tensor:
-        if self._onnx_runner is None:
-            with autocast_for(self.device, self._autocast):
-                return self.model(features)["sentence_embedding"]
-        features["token_embeddings"] = self._onnx_runner(features)
-        for module in self._head:
-            features = module(features)
-        return features["sentence_embedding"]
+        return self.runner(features)
 
     def embed_ids(
         self,

@@ -25,9 +25,11 @@ never repeated and never restarted from zero:
   encoding; the rerun must use the same process count to reuse the shards;
 - **backend**: ``"torch"``, ``"torch-bf16"`` (bf16 autocast: on a GPU, or a CPU with
   AVX512-BF16, faster; cosine ~0.9999), ``"onnx"`` (fused fp32 graph; same vectors, cosine >
-  0.9999) or ``"onnx-int8"`` (weights quantised: faster, slightly different vectors); vectors
-  of another precision never share a cache entry with fp32 ones; ``device`` as everywhere
-  (``"auto"`` = this rank's GPU, else CPU).
+  0.9999), ``"onnx-int8"`` (weights quantised: faster, slightly different vectors) or any
+  other registered backend (:mod:`conan_embedding.encoding.backends`); one that runs an export
+  gets one made once under the cache folder; vectors of another precision never share a
+  cache entry with fp32 ones; ``device`` as everywhere (``"auto"`` = this rank's GPU, else
+  CPU).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from conan_embedding.encoding.backends import get_backend
 from conan_embedding.encoding.cache import VectorFile, model_fingerprint, texts_fingerprint
-from conan_embedding.encoding.engine import TORCH_BACKENDS, Backend, EmbeddingEngine
+from conan_embedding.encoding.engine import Backend, EmbeddingEngine
 from conan_embedding.progress import progress
 from conan_embedding.runtime import Processes
 
@@ -90,7 +93,7 @@ class TextEncoder:
         self.engine = EmbeddingEngine(
             model,
             backend=backend,
-            onnx_dir=onnx_dir if backend not in TORCH_BACKENDS else None,
+            onnx_dir=onnx_dir if get_backend(backend).needs_export else None,
             batch_size=batch_size,
             max_batch_tokens=max_batch_tokens,
             device=device,

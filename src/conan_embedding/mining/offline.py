@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from conan_embedding.data.records import (
     RetrievalRecord,
@@ -78,6 +78,7 @@ from conan_embedding.data.records import (
     text_field,
     write_records,
 )
+from conan_embedding.encoding.backends import get_backend
 from conan_embedding.encoding.cache import VectorFile, texts_fingerprint
 from conan_embedding.encoding.engine import Backend
 from conan_embedding.encoding.texts import TextEncoder, chunked
@@ -147,6 +148,12 @@ class MiningConfig(BaseModel):
     hnsw_m: int = Field(32, gt=0)
     hnsw_ef_search: int = Field(256, gt=0)
     pq_m: int | None = Field(None, gt=0)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        get_backend(name)  # a ValueError naming the registered backends
+        return name
 
     @model_validator(mode="after")
     def _check_window(self) -> MiningConfig:

@@ -8,8 +8,9 @@ integer dot-product units (VNNI) at a small quality cost that ``bench/bench_enco
 
 How: only module 0 of the sentence-transformers model (the transformer) is exported, through
 the model's own forward, with dynamic batch and sequence axes. Pooling, the Dense projection and
-normalisation stay the saved modules and run after it in :mod:`conan_embedding.encoding.engine`,
-so an exported model can never lose its projection. The route is ``torch.onnx.export`` +
+normalisation stay the saved modules and run after it
+(:class:`~conan_embedding.encoding.backends.TransformerThenHead`), so an exported model can
+never lose its projection. The route is ``torch.onnx.export`` +
 ``onnxruntime`` (its transformer optimizer and ``quantize_dynamic``): ``optimum`` and
 ``sentence-transformers[onnx]`` would downgrade transformers and sentence-transformers here.
 
@@ -17,6 +18,11 @@ Files, in ``<model>/onnx/`` or a cache folder: ``model.onnx`` (fp32, fused), ``m
 and ``conan_onnx.json`` (source fingerprint, inputs, and the measured export error). A model that
 exists only in memory (mined with straight after training, say) is exported into
 ``<onnx_dir>/model-<weights fingerprint>/``, so changed weights never reuse a stale graph.
+
+Backends: ``onnx`` (the fused fp32 graph: the same vectors as torch) and ``onnx-int8`` (the
+quantised graph: faster, slightly different vectors), :class:`OnnxBackend` below. Torch,
+numpy and onnxruntime are imported where they are used, so listing the backends stays cheap
+(:mod:`conan_embedding.encoding.backends`).
 """
 
 from __future__ import annotations
@@ -28,15 +34,18 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-import torch
-from sentence_transformers import SentenceTransformer
+from conan_embedding.encoding.backends import (
+    InferenceBackend,
+    Runner,
+    TransformerThenHead,
+    register_backend,
+)
 
-from conan_embedding._io import atomic_path
-from conan_embedding.encoding.tokens import special_token_frame
-from conan_embedding.modeling.embedder import load_embedder, resolve_model_path
+if TYPE_CHECKING:
+    import torch
+    from sentence_transformers import SentenceTransformer
 
 MANIFEST = "conan_onnx.json"
 FP32_FILE = "model.onnx"
@@ -60,17 +69,21 @@ def default_cache_dir(model_path: str | os.PathLike[str]) -> Path:
     return base / "onnx" / f"{Path(model_path).name}-{source_fingerprint(model_path)}"
 
 
-class _TransformerGraph(torch.nn.Module):
+def _transformer_graph(transformer: torch.nn.Module, input_names: list[str]) -> torch.nn.Module:
     """Module 0 through its own sentence-transformers forward: ids in, token embeddings out."""
+    import torch
 
-    def __init__(self, transformer: torch.nn.Module, input_names: list[str]):
-        super().__init__()
-        self.transformer, self.input_names = transformer, input_names
+    class _TransformerGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer, self.input_names = transformer, input_names
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.transformer(dict(zip(self.input_names, inputs, strict=True)))[
-            "token_embeddings"
-        ]
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.transformer(dict(zip(self.input_names, inputs, strict=True)))[
+                "token_embeddings"
+            ]
+
+    return _TransformerGraph()
 
 
 def _input_names(model: SentenceTransformer) -> list[str]:
@@ -82,6 +95,11 @@ def _input_names(model: SentenceTransformer) -> list[str]:
 
 def _probe_features(model: SentenceTransformer, names: list[str], seed: int = 0) -> dict:
     """Two rows of different lengths, so the traced graph sees padding and a real mask."""
+    import numpy as np
+    import torch
+
+    from conan_embedding.encoding.tokens import special_token_frame
+
     generator = np.random.default_rng(seed)
     vocab = len(model.tokenizer)
     special = set(model.tokenizer.all_special_ids)
@@ -97,8 +115,10 @@ def _probe_features(model: SentenceTransformer, names: list[str], seed: int = 0)
 
 
 def _export_fp32(model: SentenceTransformer, path: Path) -> list[str]:
+    import torch
+
     names = _input_names(model)
-    graph = _TransformerGraph(model[0], names).eval()
+    graph = _transformer_graph(model[0], names).eval()
     probe = _probe_features(model, names)
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["token_embeddings"] = {0: "batch", 1: "sequence"}
@@ -147,6 +167,8 @@ def export_transformer_graph(model: SentenceTransformer, path: str | os.PathLike
     The graph maps the tokenizer's ids and masks to ``token_embeddings``; it is written to a
     temp file beside ``path`` and renamed, so a crash never leaves a graph a later run trusts.
     """
+    from conan_embedding._io import atomic_path
+
     with atomic_path(path, suffix=".tmp") as tmp:
         names = _export_fp32(model, tmp)
         _fuse_transformer_ops(model, tmp)
@@ -175,6 +197,8 @@ def quantize_int8(source: Path, target: Path, per_channel: bool = False) -> None
 
 def _max_abs_error(model: SentenceTransformer, path: Path, names: list[str]) -> float:
     """Largest |onnx - torch| over the real (unmasked) tokens of a probe of new shapes."""
+    import torch
+
     runner = OnnxTransformer.from_file(path, threads=1)
     probe = _probe_features(model, names, seed=1)
     with torch.inference_mode():
@@ -203,6 +227,8 @@ def export_onnx(
     Files are written in a temp folder and moved in when complete, so a crash never leaves a
     half-written graph behind that a later run would trust.
     """
+    from conan_embedding.modeling.embedder import load_embedder, resolve_model_path
+
     if model_path is None:
         if model is None or out_dir is None:
             raise ValueError("export_onnx without a model folder needs `model` and `out_dir`")
@@ -254,6 +280,8 @@ def ensure_onnx_export(
     model: SentenceTransformer | None = None,
 ) -> Path:
     """A folder with an up-to-date export: ``out_dir``, ``<model>/onnx``, or a fresh cache export."""
+    from conan_embedding.modeling.embedder import resolve_model_path
+
     wanted = INT8_FILE if int8 else FP32_FILE
 
     def usable(folder: Path) -> bool:
@@ -310,6 +338,9 @@ class OnnxTransformer:
         return runner
 
     def __call__(self, features: dict[str, Any]) -> torch.Tensor:
+        import numpy as np
+        import torch
+
         feeds = {
             name: np.ascontiguousarray(features[name].numpy(), dtype=np.int64)
             for name in self.input_names
@@ -341,3 +372,66 @@ def _session(path: Path, threads: int | None, device: torch.device | None = None
         else:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
     return ort.InferenceSession(str(path), options, providers=providers)
+
+
+@register_backend
+class OnnxBackend(InferenceBackend):
+    """The exported transformer in ONNX Runtime (fused fp32 graph), then the saved head.
+
+    On the CPU with several threads the engine runs that many batches at once on
+    single-threaded sessions (ORT releases the GIL) instead of one batch on ``threads``
+    intra-op threads, which wait for each other after every small matrix product and stall
+    whenever another process takes a core.
+    """
+
+    name = "onnx"
+    needs_export = True
+    concurrent_cpu_batches = True
+    extra = "onnx"
+    list_order = 10
+    int8: ClassVar[bool] = False
+    """Runs the int8 (dynamic-quantised) graph instead of the fp32 one."""
+
+    def export(
+        self,
+        model_path: str | os.PathLike[str] | None,
+        out_dir: str | os.PathLike[str] | None = None,
+        *,
+        model: SentenceTransformer | None = None,
+        int8: bool = True,
+        per_channel: bool = False,
+        **options: Any,
+    ) -> Path:
+        """:func:`export_onnx`: the fused fp32 graph and (``int8``) the quantised one."""
+        if options:
+            raise TypeError(f"backend {self.name!r}: unknown export options {sorted(options)}")
+        self.require("onnx")
+        self.require("onnxruntime")
+        return export_onnx(model_path, out_dir, int8=int8, per_channel=per_channel, model=model)
+
+    def load(
+        self,
+        model: SentenceTransformer,
+        *,
+        model_path: str | os.PathLike[str] | None,
+        export_dir: str | os.PathLike[str] | None,
+        device: torch.device,
+        threads: int,
+    ) -> Runner:
+        if model_path is None and export_dir is None:
+            raise ValueError("an ONNX backend needs the model folder (model_path) or onnx_dir")
+        self.require("onnxruntime")
+        folder = ensure_onnx_export(model_path, out_dir=export_dir, int8=self.int8, model=model)
+        transformer = OnnxTransformer(folder, int8=self.int8, threads=threads, device=device)
+        return TransformerThenHead(transformer, model)
+
+    def precision(self, device: torch.device) -> str | None:
+        return "int8" if self.int8 else None
+
+
+@register_backend
+class OnnxInt8Backend(OnnxBackend):
+    """The int8 graph (MatMul weights quantised): faster on a CPU, slightly different vectors."""
+
+    name = "onnx-int8"
+    int8 = True
