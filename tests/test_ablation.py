@@ -254,7 +254,7 @@ def test_prepared_recipe_pools_record_how_they_were_mined(tiny_model, tmp_path, 
     sts = [
         STSRecord(sentence1=_sentence(i), sentence2=_sentence(i, 1), score=1.0) for i in range(8)
     ]
-    for source in recipe_inputs.PREPARE_SOURCES:  # present, so nothing is downloaded or prepared
+    for source in recipe_inputs.prepare_sources():  # present, so nothing is downloaded or prepared
         write_records(data / f"{source}.jsonl", sts)
     write_records(data / "parallel-en-zh.jsonl", _parallel(40))
     bge = [

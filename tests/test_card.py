@@ -228,15 +228,15 @@ def test_save_embedder_takes_card_text_or_the_older_card_argument(tmp_path, tiny
     assert (old / "conan_card.json").is_file()
 
 
-def test_the_card_source_table_matches_what_prepare_writes():
-    """The card quotes ``data.sources.PREPARED_FILES`` (data layer) so it needs no builders
-    import; ``data/prepare.py::SOURCES`` is built from that table, one reader per output."""
-    from conan_embedding.data.prepare import READERS, SOURCES
-    from conan_embedding.data.sources import PREPARED_FILES, prepared_source
+def test_the_card_quotes_the_one_prepare_table():
+    """The card says where a prepared task file came from through ``data/prepare.py``'s one
+    source table (output, kind, reader, public file)."""
+    from conan_embedding.data.prepare import SOURCES, prepared_source
+    from conan_embedding.reporting.card.adapters import _data_source
 
-    assert {s.output: (s.kind, s.relative) for s in SOURCES} == PREPARED_FILES
-    assert READERS.keys() == PREPARED_FILES.keys()
-    assert [s.reader for s in SOURCES] == [READERS[s.output] for s in SOURCES]
+    assert len({s.output for s in SOURCES}) == len(SOURCES)
+    for source in SOURCES:
+        assert _data_source(f"runs/data/{source.output}.jsonl") == source.relative
     assert prepared_source("runs/data/cnsd-stsb-train.jsonl") == "sts/cnsd-stsb.train.data"
     assert prepared_source("elsewhere/mine.jsonl") is None
 

