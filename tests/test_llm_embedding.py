@@ -300,3 +300,20 @@ def test_weak_finish_exports_the_engines_consolidated_model(tiny_llm, tmp_path, 
     assert calls == [True]
     model = SentenceTransformer(str(tmp_path / "weak" / "model"), device="cpu")
     assert torch.all(model[0].auto_model.norm.weight == 0.25)
+
+
+def test_lora_by_default_adapts_every_linear_layer_of_any_family(tiny_llm, tiny_bert):
+    """``target_modules: all-linear`` (the default) gives a Llama decoder the projections the
+    old explicit list named, and a BERT encoder its own: no per-family list to maintain."""
+    from conan_embedding.modeling.lora import add_lora
+
+    def adapted(backbone) -> set[str]:
+        wrapped = add_lora(backbone, LoraSettings(r=2))
+        names = [n for n, _ in wrapped.named_parameters() if ".lora_A." in n]
+        return {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in names}
+
+    llama = LLMEmbedder.from_llm(tiny_llm / "model").backbone
+    assert adapted(llama) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                              "down_proj"}  # fmt: skip
+    bert = SentenceTransformer(str(tiny_bert), device="cpu")[0].auto_model
+    assert {"query", "key", "value"} <= adapted(bert)

@@ -32,17 +32,10 @@ class LoraSettings(StrictModel):
     r: int = Field(16, gt=0)
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: list[str] = Field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or ``all-linear`` (peft: every linear layer of the backbone but
+    an output head): on a Llama/Qwen/Gemma/Mistral decoder that is q/k/v/o and gate/up/down,
+    on a BERT encoder query/key/value/dense, so a new model family needs no list here."""
 
 
 class OptimConfig(StrictModel):

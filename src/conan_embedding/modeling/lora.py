@@ -19,6 +19,18 @@ from conan_embedding.config import LoraSettings
 __all__ = ["add_lora", "merged", "has_lora"]
 
 
+def lora_targets(settings: LoraSettings) -> str | list[str]:
+    """What peft's ``LoraConfig.target_modules`` gets: ``all-linear`` as is, else the names."""
+    targets = settings.target_modules
+    return targets if isinstance(targets, str) else list(targets)
+
+
+def target_description(settings: LoraSettings) -> str:
+    """The targets in words, for the model card."""
+    targets = settings.target_modules
+    return "every linear layer" if targets == "all-linear" else ", ".join(targets)
+
+
 def add_lora(backbone: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
     """``backbone`` wrapped with LoRA adapters on ``settings.target_modules``."""
     from peft import LoraConfig, get_peft_model
@@ -27,7 +39,7 @@ def add_lora(backbone: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modu
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=lora_targets(settings),
         bias="none",
     )
     try:

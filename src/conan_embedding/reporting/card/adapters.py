@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from conan_embedding.data.prepare import prepared_source
+from conan_embedding.modeling.lora import target_description
 from conan_embedding.reporting.card.schema import CardInfo, CBBCard, SoftMaskCard, TaskCard
 from conan_embedding.training.task_kinds import task_kind
 
@@ -225,7 +226,7 @@ def card_info_from_weak_stage(
     if config.lora is not None:
         notes.append(
             f"LoRA r {config.lora.r}, alpha {config.lora.alpha}, dropout {config.lora.dropout}, "
-            f"on {', '.join(config.lora.target_modules)} (merged into the saved weights)"
+            f"on {target_description(config.lora)} (merged into the saved weights)"
         )
     if getattr(config, "freeze_embeddings", False):
         notes.append("Input embedding matrix frozen (kept as loaded)")
