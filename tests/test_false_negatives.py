@@ -336,10 +336,12 @@ def test_config_fields_default_off_and_validate():
         TaskConfig(**_task(kind="classification", false_negative_margin=0.1))
 
 
-def test_cbb_refuses_false_negative_control_naming_the_setting():
-    with pytest.raises(ValidationError, match="'t': query_negatives .*not supported under CBB"):
-        TrainConfig(tasks=[_task(query_negatives=True)], cbb={"world_size": 1})
-    TrainConfig(tasks=[_task()], cbb={"world_size": 1})  # off: fine
+def test_cbb_accepts_false_negative_control():
+    """The CBB step passes the options to its loss (tests/test_cbb_options.py checks it)."""
+    on = {"false_negative_margin": 0.1, "query_negatives": True, "passage_negatives": True}
+    config = TrainConfig(tasks=[_task(**on)], cbb={"world_size": 1})
+    assert config.tasks[0].false_negative_control() == list(on)
+    TrainConfig(tasks=[_task(**on, kind="pairs")], cbb={"world_size": 2})
 
 
 # --------------------------------------------------------------------------- trainer

@@ -105,7 +105,7 @@ def trained(tiny_bert: Path, tmp_path_factory) -> tuple[Path, TrainConfig]:
 # ----------------------------------------------------------------------------- config
 
 
-def test_config_template_and_cbb_refusal(tiny_bert: Path, tmp_path: Path):
+def test_config_template_and_cbb(tiny_bert: Path, tmp_path: Path):
     config = TrainConfig.model_validate(_config(tmp_path, tiny_bert))
     assert config.model.instruction_prompt("x") == "Instruct: x\nQuery: "
     custom = {**_config(tmp_path, tiny_bert)}
@@ -114,10 +114,11 @@ def test_config_template_and_cbb_refusal(tiny_bert: Path, tmp_path: Path):
     custom["model"]["instruction_template"] = "{text} <{instruction}>"
     with pytest.raises(ValueError, match="end with"):
         TrainConfig.model_validate(custom)
-    cbb = _config(tmp_path, tiny_bert, query_max_length=4)
+    # CBB encodes with the same prompts and lengths (tests/test_cbb_options.py checks it)
+    cbb = _config(tmp_path, tiny_bert, query_max_length=4, passage_max_length=6)
     cbb["cbb"] = {"world_size": 1}
-    with pytest.raises(ValueError, match="query_max_length.*instruction.*not supported under CBB"):
-        TrainConfig.model_validate(cbb)
+    config = TrainConfig.model_validate(cbb)
+    assert config.model.query_max_length == 4 and config.tasks[0].instruction == INSTRUCTION
 
 
 # ----------------------------------------------------------------------------- training

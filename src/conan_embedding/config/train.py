@@ -344,24 +344,6 @@ class TrainConfig(CheckpointFields, StrictModel):
                         f"task '{task.name}': mini_batch_size (GradCache) is the plain "
                         "trainer's; under CBB (the 'cbb' section) set cbb.grad_cache instead"
                     )
-                if task.false_negative_control():
-                    raise ValueError(
-                        f"task '{task.name}': {', '.join(task.false_negative_control())} "
-                        "(false-negative control) is not supported under CBB (the 'cbb' "
-                        "section): the CBB step does not pass it to its loss. Remove the "
-                        "setting, or train without 'cbb'"
-                    )
-            per_side = [
-                name
-                for name in ("query_max_length", "passage_max_length")
-                if getattr(self.model, name) is not None
-            ] + [f"tasks.{t.name}.instruction" for t in self.tasks if t.instruction]
-            if per_side:
-                raise ValueError(
-                    f"{', '.join(per_side)} is not supported under CBB (the 'cbb' section) yet: "
-                    "its step encodes with the model-wide prompts and length. Remove the "
-                    "setting, or train without 'cbb'"
-                )
         if self.validation is not None and self.validation.heldout is not None:
             self._check_heldout(self.validation)
         return self

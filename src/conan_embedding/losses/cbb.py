@@ -31,6 +31,13 @@ gathered and merged along the per-query axis, so positives stay first;
 ``tests/test_cbb.py`` checks the result against a literal loop over the formula and shows the
 interleaved layout failing that check.
 
+False-negative control (``false_negative_margin``, ``query_negatives``, ``passage_negatives``;
+:mod:`conan_embedding.losses.infonce` has the formula) applies to the merged candidates, so a
+negative of any device scoring above ``s(x_i, y_i+) + m`` leaves the one denominator it sits
+in, exactly as in one device's loss over the same candidates. The query-query and
+passage-passage terms need no gathering: every device of a task holds the whole batch's
+queries and positives (the CBB contract), so those terms are the one-device terms.
+
 Example::
 
     per_rank = [negs_rank0, negs_rank1]          # each [B, n, d], same queries
@@ -44,7 +51,7 @@ from collections.abc import Sequence
 import torch
 
 from conan_embedding.losses.cosent import cosent_loss
-from conan_embedding.losses.infonce import info_nce_loss
+from conan_embedding.losses.infonce import info_nce_loss_with_count
 from conan_embedding.losses.precision import float32_loss
 
 DEFAULT_BETA = 0.8
@@ -78,6 +85,9 @@ def cbb_info_nce_loss(
     in_batch: bool = True,
     groups: torch.Tensor | None = None,
     negative_groups: torch.Tensor | None = None,
+    false_negative_margin: float | None = None,
+    query_negatives: bool = False,
+    passage_negatives: bool = False,
 ) -> torch.Tensor:
     """The retrieval term of ``L_CBB``: InfoNCE whose denominators hold every device's negatives.
 
@@ -85,16 +95,55 @@ def cbb_info_nce_loss(
     from all ``N`` devices); ``in_batch=True`` adds the other queries' positives and negatives,
     as :func:`~conan_embedding.losses.infonce.info_nce_loss` does on one device.
     ``negative_groups`` is ``[B, sum_k n_k]`` in the merged order (device-major per query).
+    The false-negative options are those of :func:`cbb_info_nce_loss_with_count`.
     """
-    negatives = merge_rank_negatives(per_rank_negatives)
-    return info_nce_loss(
+    loss, _ = cbb_info_nce_loss_with_count(
         query,
         positive,
-        negatives if negatives.shape[1] else None,
+        per_rank_negatives,
         temperature=temperature,
         in_batch=in_batch,
         groups=groups,
-        negative_groups=negative_groups if negatives.shape[1] else None,
+        negative_groups=negative_groups,
+        false_negative_margin=false_negative_margin,
+        query_negatives=query_negatives,
+        passage_negatives=passage_negatives,
+    )
+    return loss
+
+
+@float32_loss
+def cbb_info_nce_loss_with_count(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    per_rank_negatives: Sequence[torch.Tensor],
+    *,
+    temperature: float = 0.05,
+    in_batch: bool = True,
+    groups: torch.Tensor | None = None,
+    negative_groups: torch.Tensor | None = None,
+    false_negative_margin: float | None = None,
+    query_negatives: bool = False,
+    passage_negatives: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cbb_info_nce_loss` and the number of denominator terms the false-negative margin
+    removed over the merged candidates (see
+    :func:`~conan_embedding.losses.infonce.info_nce_loss_with_count`). No devices, or devices
+    without negatives: the in-batch / own-positive InfoNCE of one device."""
+    negatives = merge_rank_negatives(per_rank_negatives) if per_rank_negatives else None
+    if negatives is not None and not negatives.shape[1]:
+        negatives = None
+    return info_nce_loss_with_count(
+        query,
+        positive,
+        negatives,
+        temperature=temperature,
+        in_batch=in_batch,
+        groups=groups,
+        negative_groups=negative_groups if negatives is not None else None,
+        false_negative_margin=false_negative_margin,
+        query_negatives=query_negatives,
+        passage_negatives=passage_negatives,
     )
 
 

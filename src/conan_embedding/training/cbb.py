@@ -33,6 +33,15 @@ How (group ``g``, device ``k`` of the group; task ``t`` on the devices ``R_t``, 
 4. DHNM: the negative scores of each group are gathered to every rank, which observes all of
    them in group order; so every rank's provider makes the same decisions by construction.
 
+Every encode takes the plain trainer's prompt and token limit of its side
+(:meth:`~conan_embedding.training.prompts.Prompts.of_role` with
+:meth:`~conan_embedding.training.task_kinds.TaskKindSpec.side`: a task's instruction and
+``model.query_max_length`` on the query side, ``passage_max_length`` on the passage side), and
+a retrieval task's false-negative control (``false_negative_margin``, ``query_negatives``,
+``passage_negatives``) applies to the union of the devices' candidates: the same terms as one
+plain step over those candidates leave the denominator (:mod:`conan_embedding.losses.cbb`).
+``masked_negatives/<task>`` counts them once per group, summed over groups.
+
 Engines: DDP (torchrun, ddp.yaml) or one process; DeepSpeed ZeRO-2 only when every rank runs
 exactly one task; FSDP, ZeRO-3, and DeepSpeed on virtual devices are refused before the first
 step (:func:`check_cbb_supported` says why).
@@ -70,7 +79,13 @@ from conan_embedding.training.collectives import all_gather_no_grad, all_gather_
 from conan_embedding.training.encode import encode_with_grad
 from conan_embedding.training.engine import Engine, RunResult
 from conan_embedding.training.gradcache import Chunk, encode_with_graphs, grad_cache_backward
-from conan_embedding.training.task_kinds import ENCODE_QUERIES, Encode, task_kind
+from conan_embedding.training.task_kinds import (
+    ENCODE_DOCUMENTS,
+    ENCODE_QUERIES,
+    Encode,
+    TaskKindSpec,
+    task_kind,
+)
 from conan_embedding.training.trainer import (
     DeviceLayout,
     ReadmeFor,
@@ -349,6 +364,7 @@ class CBBTrainer:
         draws = {name: self._draw(self.tasks[name], step) for name in names}
         mine = [name for name in names if self._positions(name)]
         local = torch.zeros(len(names), dtype=torch.float64)
+        masked = torch.zeros(len(names), dtype=torch.float64)  # false-negative counts, summed
         record: dict[str, float] = {}
         self.step_counts = self.embedding.reset_step_counts()
         for order, name in enumerate(mine):
@@ -356,23 +372,30 @@ class CBBTrainer:
             n_devices = len(self.layout.task_ranks[name])
             with self.engine.sync(last=order == len(mine) - 1):
                 if task_kind(task.kind).shares_devices:
-                    value = self._shared_step(task, step, draws[name])
+                    value, count = self._shared_step(task, step, draws[name])
                     local[index] += value if self.virtual else value / n_devices
+                    masked[index] += count
                 else:
                     for position in self._positions(name):
-                        local[index] += (
-                            self._data_parallel_step(task, step, draws[name], position) / n_devices
-                        )
+                        value, count = self._data_parallel_step(task, step, draws[name], position)
+                        local[index] += value / n_devices
+                        masked[index] += count
         for name in names:
             if task_kind(self.tasks[name].kind).shares_devices:
                 record.update(self._observe(self.tasks[name], step, draws[name]))
-        values = local
+        values, counts = local, masked
         if not self.virtual:  # sum over ranks counts each group's loss once: mean over groups
-            values = self.engine.mean_over_ranks(local) * self.engine.world_size / self.replicas
+            summed = (
+                self.engine.mean_over_ranks(torch.cat([local, masked])) * self.engine.world_size
+            )
+            values, counts = summed[: len(names)] / self.replicas, summed[len(names) :]
         total = 0.0
         for index, name in enumerate(names):
             record[f"loss/{name}"] = float(values[index])
             total += self.task_weight(self.tasks[name]) * float(values[index])
+            if self.tasks[name].false_negative_margin is not None:
+                # every group's batch, as the plain trainer counts its whole global batch
+                record[f"masked_negatives/{name}"] = round(float(counts[index]))
         record["loss"] = total
         record.update(self.step_counts)  # this rank's texts and tokens (engine sums ranks)
         return record
@@ -418,30 +441,44 @@ class CBBTrainer:
 
     def _data_parallel_step(
         self, task: TaskConfig, step: int, draw: dict[str, Any], position: int
-    ) -> float:
+    ) -> tuple[float, int]:
         """Device ``position``'s own batch of a data-parallel task, under its own seeds: the
-        plain trainer's loss of its kind on this device's rows."""
+        plain trainer's loss of its kind on this device's rows; returns the loss and the
+        terms the false-negative margin masked in that batch (pairs tasks)."""
         rows = draw["group_rows"][position * task.batch_size : (position + 1) * task.batch_size]
         encode = None
-        if task_kind(task.kind).cbb_device_seeds:
-            encode = self._device_encode((step, _task_key(task.name), self.replica, position))
-        loss, _ = self.embedding.task_loss(
+        kind = task_kind(task.kind)
+        if kind.cbb_device_seeds:
+            key = (step, _task_key(task.name), self.replica, position)
+            encode = self._device_encode(key, task.name, kind)
+        loss, stats = self.embedding.task_loss(
             task, step, rows=rows, seed_key=(self.replica, position), encode=encode
         )
-        return self._backward(task, loss, step)
+        count = int(stats.get(f"masked_negatives/{task.name}", 0))
+        return self._backward(task, loss, step), count
 
-    def _device_encode(self, key: tuple[int, ...]) -> Encode:
-        """One device's whole batch of a role under the seed ``(*key, role)``."""
+    def _device_encode(self, key: tuple[int, ...], task: str, kind: TaskKindSpec) -> Encode:
+        """One device's whole batch of a role under the seed ``(*key, role)``, at the token
+        limit of the role's side (the kind's loss passes the task's prompt)."""
 
         def encode(role: int, texts_of: Any, prompt: str | None) -> torch.Tensor:
+            _, length = self.embedding.prompts.of_role(kind.side(role), task)
             with self.engine.seeded(*key, _QUERIES if role == ENCODE_QUERIES else _SECOND):
-                return self._encode(texts_of(slice(None)), prompt)
+                return self._encode(texts_of(slice(None)), prompt, max_length=length)
 
         return encode
 
-    def _encode(self, texts: list[str], prompt: str | None, count: bool = True) -> torch.Tensor:
+    def _encode(
+        self,
+        texts: list[str],
+        prompt: str | None,
+        count: bool = True,
+        max_length: int | None = None,
+    ) -> torch.Tensor:
         counts = self.step_counts if count else None
-        return encode_with_grad(self.model, texts, prompt, self.forward_model, counts=counts)
+        return encode_with_grad(
+            self.model, texts, prompt, self.forward_model, counts=counts, max_length=max_length
+        )
 
     # ------------------------------------------------------------------ retrieval, shared
     def _shared_texts(self, task: TaskConfig, draw: dict[str, Any], step: int):
@@ -451,32 +488,53 @@ class CBBTrainer:
         queries, positives = task_kind(task.kind).texts(batch, rng)
         return queries, positives, draw["negatives"]
 
-    def _shared_loss_fn(self, task: TaskConfig, positives: list[str], negatives: list[list[str]]):
+    def _shared_loss_fn(
+        self,
+        task: TaskConfig,
+        positives: list[str],
+        negatives: list[list[str]],
+        stats: dict[str, float],
+    ):
         assert self.config.cbb is not None
         return task_kind(task.kind).pooled_loss(
+            task,
             positives,
             negatives,
             temperature=self.config.temperature,
             in_batch=self.config.cbb.in_batch_negatives,
             dims=self.config.model.matryoshka_dims,
             weights=self.config.model.matryoshka_weights,
+            stats=stats,
         )
 
-    def _shared_step(self, task: TaskConfig, step: int, draw: dict[str, Any]) -> float:
+    def _shared_step(self, task: TaskConfig, step: int, draw: dict[str, Any]) -> tuple[float, int]:
+        """The group's loss of a retrieval task (every device's negatives in each query's
+        denominator); returns it and the terms the false-negative margin masked, counted on
+        the task's first device of the group only (every device computes the same loss)."""
         queries, positives, negatives = self._shared_texts(task, draw, step)
         n = task.negatives
         key = (step, _task_key(task.name), self.replica)
         devices = self._positions(task.name)
-        prompts = self.embedding.prompts
+        # the plain trainer's prompt and token limit per side (the task's instruction on the
+        # query side), so a CBB run and a plain run encode the same texts
+        kind, prompts = task_kind(task.kind), self.embedding.prompts
+        q_prompt, q_length = prompts.of_role(kind.side(ENCODE_QUERIES), task.name)
+        d_prompt, d_length = prompts.of_role(kind.side(ENCODE_DOCUMENTS), task.name)
         chunks = [
-            Chunk(queries, prompts.query, (*key, _QUERIES)),
-            Chunk(positives, prompts.passage, (*key, _POSITIVES)),
+            Chunk(queries, q_prompt, (*key, _QUERIES), q_length),
+            Chunk(positives, d_prompt, (*key, _POSITIVES), d_length),
         ]
         for position in devices if n else []:
             share = [t for negs in negatives for t in negs[position * n : (position + 1) * n]]
-            chunks.append(Chunk(share, prompts.passage, (*key, _NEGATIVES, position)))
-        loss_of = self._shared_loss_fn(task, positives, negatives)
+            chunks.append(Chunk(share, d_prompt, (*key, _NEGATIVES, position), d_length))
+        stats: dict[str, float] = {}
+        loss_of = self._shared_loss_fn(task, positives, negatives, stats)
         batch = len(queries)
+        first = self.virtual or self.device_index == self.layout.task_ranks[task.name][0]
+
+        def counted(value: float) -> tuple[float, int]:
+            masked = int(stats.get(f"masked_negatives/{task.name}", 0))
+            return value, masked if first else 0
 
         def shaped(embeddings: list[torch.Tensor]) -> list[torch.Tensor]:
             return embeddings[:2] + [e.reshape(batch, n, -1) for e in embeddings[2:]]
@@ -492,7 +550,7 @@ class CBBTrainer:
                 else []
             )
             draw["scores"], draw["queries"] = self._scores(q, per_rank), q.detach().cpu()
-            return self._backward(task, loss_of([q, p, *per_rank]), step)
+            return counted(self._backward(task, loss_of([q, p, *per_rank]), step))
         if self.config.cbb.grad_cache:  # peak memory of one chunk's activations
             value, embeddings = grad_cache_backward(self._encode_chunk, chunks, backward_loss)
         else:  # one pass: every device's activations at once
@@ -501,11 +559,11 @@ class CBBTrainer:
         embeddings = shaped(embeddings)
         draw["scores"] = self._scores(embeddings[0], embeddings[2:])
         draw["queries"] = embeddings[0].detach().cpu()
-        return value
+        return counted(value)
 
     def _encode_chunk(self, chunk: Chunk, count: bool = True) -> torch.Tensor:
         with self.engine.seeded(*chunk.seed):
-            return self._encode(chunk.texts, chunk.prompt, count)
+            return self._encode(chunk.texts, chunk.prompt, count, chunk.max_length)
 
     @staticmethod
     def _scores(q: torch.Tensor, per_rank: Sequence[torch.Tensor]) -> torch.Tensor | None:

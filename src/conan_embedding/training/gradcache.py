@@ -30,11 +30,13 @@ import torch
 
 @dataclass(frozen=True)
 class Chunk:
-    """Texts encoded together, with their prompt and the seed key of their dropout."""
+    """Texts encoded together, with their prompt, token limit (None: ``max_seq_length``)
+    and the seed key of their dropout."""
 
     texts: list[str]
     prompt: str | None
     seed: tuple[int, ...]
+    max_length: int | None = None
 
 
 EncodeChunk = Callable[[Chunk, bool], torch.Tensor]

@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from conan_embedding.data.records import (
     STSRecord,
 )
 from conan_embedding.data.sampler import LabelIndex
+from conan_embedding.losses.cbb import cbb_info_nce_loss_with_count
 from conan_embedding.losses.infonce import info_nce_loss_with_count, own_negative_scores
 from conan_embedding.losses.matryoshka import matryoshka_loss
 from conan_embedding.losses.registry import LossSpec, loss_spec
@@ -93,6 +94,10 @@ class LossContext:
     gather_documents: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
     """``(local, n)``: the gathered positives ``[B, d]`` and negatives ``[B, n, d]`` of an
     encode laid out per shard as [positives, n negatives each]."""
+    gather_no_grad: Callable[[torch.Tensor], list[torch.Tensor]] = all_gather_no_grad
+    """Every process's copy of a tensor, without gradient (counts and DHNM's scores); a step
+    program whose devices each hold their own batch (CBB) returns ``[local]``, since its
+    devices do not all run the task and a collective over all of them would hang."""
     provider: NegativeProvider | None = None
     label_index: LabelIndex | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -137,6 +142,12 @@ class TaskKindSpec(ABC):
     def loss_spec(self) -> LossSpec:
         return loss_spec(self.loss_name)
 
+    def side(self, role: int) -> Literal["query", "passage"]:
+        """The side an encode of ``role`` is on (its prompt and token limit:
+        :meth:`~conan_embedding.training.prompts.Prompts.of_role`): the queries, and every
+        text of a :attr:`symmetric` kind, are the query side; the rest the passage side."""
+        return "query" if role == ENCODE_QUERIES or self.symmetric else "passage"
+
     def texts(self, batch: Sequence[Any], rng: np.random.Generator) -> tuple[list[str], list[str]]:
         """The queries and positives of ``batch`` (kinds of query-document pairs)."""
         raise TypeError(f"task kind {self.name!r} has no query-document pairs")
@@ -151,6 +162,7 @@ class TaskKindSpec(ABC):
 
     def pooled_loss(
         self,
+        task: TaskConfig,
         positives: list[str],
         negatives: list[list[str]],
         *,
@@ -158,8 +170,11 @@ class TaskKindSpec(ABC):
         in_batch: bool,
         dims: Sequence[int],
         weights: Sequence[float] | None,
+        stats: dict[str, float] | None = None,
     ) -> LossFn:
-        """CBB: the loss of ``[q, p, *per_device_negatives]`` (kinds with ``shares_devices``)."""
+        """CBB: the loss of ``[q, p, *per_device_negatives]`` (kinds with ``shares_devices``)
+        for ``task``'s group batch, with the task's loss options; what it reports for the
+        log (``masked_negatives/<task>``, for the group's batch) goes to ``stats``."""
         raise TypeError(f"task kind {self.name!r} does not pool devices under CBB")
 
 
@@ -221,13 +236,13 @@ class _Retrieval(TaskKindSpec):
         if c.task.false_negative_margin is not None:  # whole batch, widest Matryoshka dim
             count = masked[max(masked)].reshape(1)
             c.stats[f"masked_negatives/{c.task.name}"] = int(
-                torch.cat(all_gather_no_grad(count)).sum()
+                torch.cat(c.gather_no_grad(count)).sum()
             )
         if n is not None and c.provider is not None:
             own = n[c.query_offset : c.query_offset + q.shape[0]]
             scores = own_negative_scores(q.detach(), own.detach())
-            scores = torch.cat(all_gather_no_grad(scores)).cpu()
-            queries_now = torch.cat(all_gather_no_grad(q.detach())).cpu()
+            scores = torch.cat(c.gather_no_grad(scores)).cpu()
+            queries_now = torch.cat(c.gather_no_grad(q.detach())).cpu()
             c.provider.observe(c.step, c.rows, scores, queries_now)
             c.stats[f"{c.task.name}/neg_score"] = float(scores.mean())
         return loss
@@ -245,6 +260,7 @@ class _Retrieval(TaskKindSpec):
 
     def pooled_loss(
         self,
+        task: TaskConfig,
         positives: list[str],
         negatives: list[list[str]],
         *,
@@ -252,27 +268,39 @@ class _Retrieval(TaskKindSpec):
         in_batch: bool,
         dims: Sequence[int],
         weights: Sequence[float] | None,
+        stats: dict[str, float] | None = None,
     ) -> LossFn:
         n_total = len(negatives[0]) if negatives else 0
         ids = stable_text_ids(positives + [t for negs in negatives for t in negs])
         groups = ids[: len(positives)]
         neg_groups = ids[len(positives) :].reshape(len(positives), n_total) if n_total else None
-        plain, pooled = self.loss_spec.function, loss_spec("cbb").function
+        masked: dict[int, torch.Tensor] = {}  # per Matryoshka width: denominator terms masked
 
         def loss_fn(q: torch.Tensor, p: torch.Tensor, *per_rank: torch.Tensor) -> torch.Tensor:
-            if not n_total:
-                return plain(q, p, None, temperature=temperature, in_batch=in_batch)
-            return pooled(
+            # the loss over the union of every device's candidates (losses/cbb.py), with the
+            # false-negative options as the plain trainer passes them (loss above)
+            value, masked[q.shape[-1]] = cbb_info_nce_loss_with_count(
                 q,
                 p,
-                per_rank,
+                per_rank if n_total else [],
                 temperature=temperature,
                 in_batch=in_batch,
                 groups=groups,
                 negative_groups=neg_groups,
+                false_negative_margin=task.false_negative_margin,
+                query_negatives=task.query_negatives,
+                passage_negatives=task.passage_negatives,
             )
+            return value
 
-        return lambda embeddings: matryoshka_loss(loss_fn, embeddings, list(dims), weights)
+        def loss_of(embeddings: list[torch.Tensor]) -> torch.Tensor:
+            loss = matryoshka_loss(loss_fn, embeddings, list(dims), weights)
+            if stats is not None and task.false_negative_margin is not None:
+                # the group's whole batch at the widest width, as the plain trainer logs it
+                stats[f"masked_negatives/{task.name}"] = int(masked[max(masked)])
+            return loss
+
+        return loss_of
 
 
 class _Pairs(_Retrieval):

@@ -52,7 +52,7 @@ from conan_embedding.mining.base import (
     split_provider_states,
 )
 from conan_embedding.modeling.embedder import ReadmeWriter, build_embedder, save_embedder
-from conan_embedding.training.collectives import all_gather_with_grad
+from conan_embedding.training.collectives import all_gather_no_grad, all_gather_with_grad
 from conan_embedding.training.encode import encode_no_grad, encode_with_grad
 from conan_embedding.training.engine import (
     Engine,
@@ -72,7 +72,7 @@ from conan_embedding.training.sharding import (
     rank_device,
 )
 from conan_embedding.training.task_data import TaskData, open_task_records
-from conan_embedding.training.task_kinds import ENCODE_QUERIES, Encode, LossContext, task_kind
+from conan_embedding.training.task_kinds import Encode, LossContext, task_kind
 from conan_embedding.training.task_kinds import stable_text_ids as _stable_text_ids
 from conan_embedding.training.validation import Validate, Validation
 
@@ -363,6 +363,11 @@ class Trainer:
             return local
         return torch.cat(all_gather_with_grad(local))
 
+    def _gather_no_grad(self, local: torch.Tensor) -> list[torch.Tensor]:
+        if self.layout is not None:  # as _gather: the layout's owner sums its devices itself
+            return [local]
+        return all_gather_no_grad(local)
+
     def _gathered_documents(
         self, local: torch.Tensor, batch: int, n_neg: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -409,12 +414,11 @@ class Trainer:
 
         # the query side (queries; both texts of a symmetric kind) and the passage side
         prompts = self.prompts
-        passage_length = prompts.query_length if kind.symmetric else prompts.passage_length
 
         def encode_shards(
             role: int, texts_of: Callable[[slice], list[str]], prompt: str | None
         ) -> torch.Tensor:
-            length = prompts.query_length if role == ENCODE_QUERIES else passage_length
+            _, length = prompts.of_role(kind.side(role), task.name)
             return self._encode_shards(
                 task, step, role, texts_of, size, prompt, seed_key, length, cache
             )
@@ -434,6 +438,7 @@ class Trainer:
             encode=encode or encode_shards,
             gather=self._gather,
             gather_documents=lambda local, n_neg: self._gathered_documents(local, size, n_neg),
+            gather_no_grad=self._gather_no_grad,
             provider=self.providers.get(task.name) if kind.mined_negatives else None,
             label_index=self.label_index.get(task.name),
         )
