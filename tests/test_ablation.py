@@ -166,6 +166,51 @@ def test_full_shares_moves_only_batch_shares_toward_bq_and_parallel_pairs():
     ]
 
 
+def test_issue_27_arms_each_change_one_mechanism_of_full():
+    """Re-mining DHNM, false-negative masking and instructions each differ from full in their
+    own keys only, so a score difference is that mechanism's."""
+    assert _differences("full-remine") == {
+        "tasks.bge.dynamic_negatives.remine_every",
+        "tasks.clr.dynamic_negatives.remine_every",
+    }
+    remine = _load("full-remine")
+    assert {t.dynamic_negatives.remine_every for t in remine.tasks if t.kind == "retrieval"} == {
+        155
+    }
+    assert _differences("full-fnmask") == {
+        "tasks.bge.false_negative_margin",
+        "tasks.clr.false_negative_margin",
+    }
+    instruct = _differences("full-instruct")
+    assert {k for k in instruct if not k.startswith("eval_prompts.")} == {
+        "tasks.bge.instruction",
+        "tasks.cnsd-sts.instruction",
+        "tasks.zh-pairs.instruction",
+    }
+    assert _load("full-instruct").eval_prompts == {
+        "STS": "cnsd-sts",
+        "Retrieval": "bge",
+        "Reranking": "bge",
+    }
+
+
+def test_full_tatoeba_gives_the_parallel_pairs_the_baseline_batch_on_their_own_device():
+    shares, remedy = _load("full-shares"), _load("full-tatoeba")
+    pairs = {t.name: t for t in remedy.tasks}["parallel-pairs"]
+    assert (
+        pairs.batch_size
+        == 32
+        == {t.name: t for t in _load("baseline").tasks}["parallel-pairs"].batch_size
+    )
+    assert remedy.cbb.world_size == shares.cbb.world_size + 1
+    owners = [name for name, ranks in remedy.cbb.task_ranks.items() if 4 in ranks]
+    assert owners == ["parallel-pairs"]
+    same = {k: v for k, v in _flatten(shares.model_dump()).items() if "parallel-pairs" not in k}
+    other = _flatten(remedy.model_dump())
+    changed = {k for k, v in same.items() if other.get(k) != v} - {"output_dir"}
+    assert changed == {"cbb.world_size"}
+
+
 def test_minus_cbb_keeps_examples_and_negatives_of_full():
     diff = _differences("minus-cbb")
     assert all(
@@ -387,6 +432,27 @@ def test_run_arm_end_to_end_writes_the_result_json(tiny_model, tmp_path, data_di
         (tmp_path / "work" / "arms" / "full-bf16-s3" / "config.json").read_text(encoding="utf-8")
     )
     assert trained["engine"]["mixed_precision"] == "bf16"
+
+    # an arm trained with instructions is scored with them: its eval_prompts reach evaluate
+    instructed = run_arm(
+        "full-instruct",
+        seed=3,
+        work_dir=tmp_path / "work",
+        steps=1,
+        threads=1,
+        eval_tasks=["STSBenchmark"],
+        model_dir=model_dir,
+        overrides={"model.matryoshka_dims": [8, 16, 32], "model.max_seq_length": 32},
+        settings=settings,
+    )
+    torch.set_num_threads(threads)
+    assert instructed["eval_prompts"] == {"STS": "cnsd-sts", "Retrieval": "bge", "Reranking": "bge"}
+    run_info = next(
+        (tmp_path / "work" / "arms" / "full-instruct-s3" / "eval").rglob("run_info.json")
+    )
+    assert (
+        json.loads(run_info.read_text(encoding="utf-8"))["prompt_map"] == instructed["eval_prompts"]
+    )
 
 
 def _fake_result(arm: str, seed: int | None, base: float) -> dict[str, Any]:

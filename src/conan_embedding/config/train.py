@@ -327,6 +327,12 @@ class TrainConfig(CheckpointFields, StrictModel):
     """Relative task paths resolve against this folder (else the current directory)."""
     validation: ValidationConfig | None = None
     """Validation during training: curve in the log, best model kept, early stopping."""
+    eval_prompts: dict[str, str] = Field(default_factory=dict)
+    """How the trained model is evaluated: an mteb task name or type (``STS``, ``Retrieval``,
+    ``BitextMining``) -> the model prompt for its queries (both sides of a symmetric task):
+    a task with an ``instruction`` (its prompt is named after it) or a ``model.prompts`` key.
+    ``conan-embed recipe run`` passes it as ``evaluate(prompt_map=...)``, so an arm trained
+    with instructions is scored with them."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -346,6 +352,13 @@ class TrainConfig(CheckpointFields, StrictModel):
                     )
         if self.validation is not None and self.validation.heldout is not None:
             self._check_heldout(self.validation)
+        known = {t.name for t in self.tasks if t.instruction} | set(self.model.prompts)
+        unknown = {k: v for k, v in self.eval_prompts.items() if v not in known}
+        if unknown:
+            raise ValueError(
+                f"eval_prompts {unknown}: no such prompt; the trained model's prompts are "
+                f"{sorted(known)} (tasks with an instruction, and model.prompts)"
+            )
         return self
 
     def _check_heldout(self, validation: ValidationConfig) -> None:

@@ -79,9 +79,15 @@ def _eval_model(model_dir: Path, max_seq_length: int) -> SentenceTransformer:
     return model
 
 
-def _scorer(eval_tasks: Sequence[str], output_dir: Path, name: str, settings: EvalSettings) -> Any:
+def _scorer(
+    eval_tasks: Sequence[str],
+    output_dir: Path,
+    name: str,
+    settings: EvalSettings,
+    prompt_map: dict[str, str] | None = None,
+) -> Any:
     """The runner's ``evaluate``: the model at the evaluation length, under the arm's autocast,
-    scores in points (4 decimals)."""
+    with the arm's ``eval_prompts`` (instructions it trained with), scores in points."""
 
     def score(model_dir: Path) -> dict[str, Any]:
         from conan_embedding.evaluation.run import evaluate
@@ -96,10 +102,12 @@ def _scorer(eval_tasks: Sequence[str], output_dir: Path, name: str, settings: Ev
                 data_dir=settings.data_dir,
                 model_name=name,
                 show_progress=settings.show_progress,
+                prompt_map=prompt_map or None,
             )
         return {
             "eval_max_seq_length": model.max_seq_length,
             "eval_mixed_precision": settings.mixed_precision,
+            **({"eval_prompts": prompt_map} if prompt_map else {}),
             "scores": {task: round(100 * value, 4) for task, value in scores.items()},
         }
 
@@ -195,7 +203,9 @@ def run_arm(
         Arm(
             name=name,
             train=train,
-            evaluate=_scorer(eval_tasks, output_dir / "eval", name, settings),
+            evaluate=_scorer(
+                eval_tasks, output_dir / "eval", name, settings, dict(config.eval_prompts)
+            ),
             record={"arm": arm, "seed": seed, "config": str(config_path)},
             result_path=result_path,
         ),
