@@ -175,7 +175,7 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
     }
     remine = _load("full-remine")
     assert {t.dynamic_negatives.remine_every for t in remine.tasks if t.kind == "retrieval"} == {
-        155
+        100
     }
     assert _differences("full-fnmask") == {
         "tasks.bge.false_negative_margin",
