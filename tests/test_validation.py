@@ -229,3 +229,55 @@ def test_validation_config_defaults_and_heldout_task_checks(tmp_path, tiny_bert)
         _config(tmp_path, tiny_bert, 4, {"every": 2, "heldout": {"rows": 4, "tasks": ["cls"]}})
     with pytest.raises(ConfigError, match="no held-out task"):
         _config(tmp_path, tiny_bert, 4, {"every": 2, "heldout": {"rows": 4}, "metric": "loss/cls"})
+
+
+def _validated_rank(rank: int, world: int, port: int, config_path: str) -> None:
+    """One torchrun-like process of a run with validation (rank 0 scores, all ranks obey)."""
+    import torch.distributed as dist
+    from tests.test_distributed import join_as_rank
+
+    join_as_rank(rank, world, port)
+    try:
+        trainer = Trainer(load_config(config_path))
+        assert trainer.engine.world_size == world
+        result = trainer.train(show_progress=False)
+        Path(config_path).with_name(f"rank{rank}.json").write_text(
+            json.dumps({"steps": result.steps, "best_step": result.best_step}), encoding="utf-8"
+        )
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_validate_like_one_and_stop_together(tmp_path, tiny_bert):
+    """Under data parallel the main rank scores the held-out rows and every rank follows its
+    best-step and early-stopping decisions: the curve, the best step and the stop equal one
+    process's with the same shards (the same trajectory), and no rank waits at a collective."""
+    import torch.multiprocessing as mp
+    from tests.test_distributed import free_port
+
+    validation = {
+        "every": 2,
+        "heldout": {"rows": 8},
+        "early_stopping": {"patience": 2, "min_delta": NEVER},
+    }
+    runs = {}
+    for name in ("one", "two"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = _config(folder, tiny_bert, 20, validation, engine={"shards": 2})
+        path = folder / "config.yaml"
+        if name == "one":
+            runs[name] = Trainer(config).train(show_progress=False).output_dir
+            continue
+        mp.spawn(_validated_rank, args=(2, free_port(), str(path)), nprocs=2, join=True)
+        ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+        assert ranks == [{"steps": 6, "best_step": 2}] * 2  # both ranks stopped at step 6
+        runs[name] = Path(config.output_dir)
+    one, two = (_val_rows(runs[n]) for n in ("one", "two"))
+    assert [s for s, _ in two] == [s for s, _ in one] == [2, 4, 6]
+    for (_, a), (_, b) in zip(one, two, strict=True):
+        assert b == pytest.approx(a, abs=1e-4)
+    best = json.loads((runs["two"] / "best" / "conan_embedding.json").read_text())
+    assert best["step"] == 2
