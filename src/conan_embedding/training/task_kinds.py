@@ -178,6 +178,26 @@ class TaskKindSpec(ABC):
         raise TypeError(f"task kind {self.name!r} does not pool devices under CBB")
 
 
+def candidate_groups(
+    positives: Sequence[str], negatives: Sequence[Sequence[str]], n_neg: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text ids of the positives ``[B]`` and of each row's first ``n_neg`` negatives
+    ``[B, n_neg]`` (None without negatives): equal texts share an id, so InfoNCE never counts
+    a copy of a row's positive as its negative."""
+    ids = stable_text_ids(list(positives) + [t for negs in negatives for t in negs[:n_neg]])
+    size = len(positives)
+    return ids[:size], ids[size:].reshape(size, n_neg) if n_neg else None
+
+
+def false_negative_options(task: Any) -> dict[str, Any]:
+    """A task's false-negative control, as the InfoNCE losses take it (losses/infonce.py)."""
+    return {
+        "false_negative_margin": task.false_negative_margin,
+        "query_negatives": task.query_negatives,
+        "passage_negatives": task.passage_negatives,
+    }
+
+
 class _Retrieval(TaskKindSpec):
     """Query, one of its positives, mined hard negatives: InfoNCE."""
 
@@ -192,7 +212,7 @@ class _Retrieval(TaskKindSpec):
         return [r.query for r in batch], [r.pos[int(rng.integers(len(r.pos)))] for r in batch]
 
     def loss(self, context: LossContext) -> torch.Tensor:
-        c, size = context, context.size
+        c = context
         queries, positives = self.texts([c.records[i] for i in c.rows], c.rng)
         negatives = c.provider.negatives(c.rows) if c.provider is not None else []
         n_neg = len(negatives[0]) if negatives and negatives[0] else 0
@@ -202,9 +222,7 @@ class _Retrieval(TaskKindSpec):
             return positives[part] + [t for negs in negatives[part] for t in negs[:n_neg]]
 
         p, n = c.gather_documents(c.encode(ENCODE_DOCUMENTS, documents, c.passage_prompt), n_neg)
-        ids = stable_text_ids(positives + [t for negs in negatives for t in negs[:n_neg]])
-        groups = ids[:size]
-        neg_groups = ids[size:].reshape(size, n_neg) if n_neg else None
+        groups, neg_groups = candidate_groups(positives, negatives, n_neg)
         # the whole batch's queries, when they are each other's negatives (false-negative
         # control, losses/infonce.py)
         q_all = c.gather(q) if c.task.query_negatives else None
@@ -225,10 +243,8 @@ class _Retrieval(TaskKindSpec):
                 groups=groups,
                 negative_groups=neg_groups,
                 query_offset=c.query_offset,
-                false_negative_margin=c.task.false_negative_margin,
-                query_negatives=c.task.query_negatives,
-                passage_negatives=c.task.passage_negatives,
                 all_queries=qa,
+                **false_negative_options(c.task),
             )
             return value
 
@@ -271,9 +287,7 @@ class _Retrieval(TaskKindSpec):
         stats: dict[str, float] | None = None,
     ) -> LossFn:
         n_total = len(negatives[0]) if negatives else 0
-        ids = stable_text_ids(positives + [t for negs in negatives for t in negs])
-        groups = ids[: len(positives)]
-        neg_groups = ids[len(positives) :].reshape(len(positives), n_total) if n_total else None
+        groups, neg_groups = candidate_groups(positives, negatives, n_total)
         masked: dict[int, torch.Tensor] = {}  # per Matryoshka width: denominator terms masked
 
         def loss_fn(q: torch.Tensor, p: torch.Tensor, *per_rank: torch.Tensor) -> torch.Tensor:
@@ -287,9 +301,7 @@ class _Retrieval(TaskKindSpec):
                 in_batch=in_batch,
                 groups=groups,
                 negative_groups=neg_groups,
-                false_negative_margin=task.false_negative_margin,
-                query_negatives=task.query_negatives,
-                passage_negatives=task.passage_negatives,
+                **false_negative_options(task),
             )
             return value
 
