@@ -81,6 +81,19 @@ def seeded_split(
     )
 
 
+def labelled_reviews(path: Path, fields: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The ``review`` and ``label`` columns of a headed review CSV, empty reviews skipped (one
+    review of the OnlineShopping corpus is empty)."""
+    texts, labels = [], []
+    for _line, row in read_delimited(
+        path, fields=fields, delimiter=",", quoting=csv.QUOTE_MINIMAL, header=True
+    ):
+        if row["review"].strip():
+            texts.append(row["review"])
+            labels.append(row["label"])
+    return texts, labels
+
+
 class LocalWaimai(LocalDataTask, Waimai):
     """Waimai reviews, our own seeded 8,000 / 1,000 split; mteb's probe (32 per label)."""
 
@@ -90,14 +103,7 @@ class LocalWaimai(LocalDataTask, Waimai):
     note = "own seeded split of the corpus C-MTEB samples from"
 
     def build_dataset(self) -> dict[str, Any]:
-        path = self.path(self.data_files[0])
-        texts, labels = [], []
-        for _line, row in read_delimited(
-            path, fields=("label", "review"), delimiter=",", quoting=csv.QUOTE_MINIMAL, header=True
-        ):
-            if row["review"].strip():
-                texts.append(row["review"])
-                labels.append(row["label"])
+        texts, labels = labelled_reviews(self.path(self.data_files[0]), ("label", "review"))
         return seeded_split(texts, labels, n_train=8000, n_test=1000)
 
 
@@ -111,17 +117,7 @@ class LocalOnlineShopping(LocalDataTask, OnlineShopping):
 
     def build_dataset(self) -> dict[str, Any]:
         path = self.path(self.data_files[0])
-        texts, labels = [], []
-        for _line, row in read_delimited(
-            path,
-            fields=("cat", "label", "review"),
-            delimiter=",",
-            quoting=csv.QUOTE_MINIMAL,
-            header=True,
-        ):
-            if row["review"].strip():  # one review in the corpus is empty
-                texts.append(row["review"])
-                labels.append(row["label"])
+        texts, labels = labelled_reviews(path, ("cat", "label", "review"))
         return seeded_split(texts, labels, n_train=8000, n_test=1000)
 
 
