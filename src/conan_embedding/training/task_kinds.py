@@ -114,6 +114,10 @@ class LossContext:
         return matryoshka_loss(fn, embeddings, list(self.dims), self.weights)
 
 
+SideEncode = Callable[[list[str], Literal["query", "passage"]], torch.Tensor]
+"""``encode(texts, side)``: embeddings of texts as queries or as passages (validation's)."""
+
+
 class TaskKindSpec(ABC):
     """One task kind. Subclasses set the class attributes and implement :meth:`loss` and
     :meth:`describe`."""
@@ -159,6 +163,13 @@ class TaskKindSpec(ABC):
     @abstractmethod
     def describe(self, task: Any, temperature: float, cbb: bool, beta: float) -> str:
         """The loss a task of this kind trains with, in words (the model card's column)."""
+
+    def heldout_loss(
+        self, task: TaskConfig, batch: Sequence[Any], encode: SideEncode, temperature: float
+    ) -> torch.Tensor:
+        """The task's loss on held-out rows, without gradient or randomness (validation):
+        ``encode(texts, side)`` embeds texts as the ``query`` or ``passage`` side."""
+        raise TypeError(f"a {self.name!r} task has no held-out loss")
 
     def pooled_loss(
         self,
@@ -263,6 +274,30 @@ class _Retrieval(TaskKindSpec):
             c.stats[f"{c.task.name}/neg_score"] = float(scores.mean())
         return loss
 
+    def heldout_positive(self, record: Any) -> str:
+        return record.pos[0]
+
+    def heldout_loss(
+        self, task: TaskConfig, batch: Sequence[Any], encode: SideEncode, temperature: float
+    ) -> torch.Tensor:
+        positives = [self.heldout_positive(r) for r in batch]
+        negatives = [r.neg for r in batch] if self.mined_negatives else []
+        n_neg = min([task.negatives, *(len(negs) for negs in negatives)]) if negatives else 0
+        q = encode([r.query for r in batch], "query")
+        d = encode(positives + [t for negs in negatives for t in negs[:n_neg]], "passage")
+        n = d[len(batch) :].reshape(len(batch), n_neg, -1) if n_neg else None
+        groups, neg_groups = candidate_groups(positives, negatives, n_neg)
+        value, _ = info_nce_loss_with_count(
+            q,
+            d[: len(batch)],
+            n,
+            temperature=temperature,
+            in_batch=task.in_batch_negatives,
+            groups=groups,
+            negative_groups=neg_groups,
+        )
+        return value
+
     def describe(self, task: Any, temperature: float, cbb: bool, beta: float) -> str:
         parts = [f"{self.loss_spec.words} (τ = {temperature:g}"]
         if self.mined_negatives and task.negatives:
@@ -326,6 +361,9 @@ class _Pairs(_Retrieval):
     def texts(self, batch: Sequence[Any], rng: np.random.Generator) -> tuple[list[str], list[str]]:
         return [r.query for r in batch], [r.pos for r in batch]
 
+    def heldout_positive(self, record: Any) -> str:
+        return record.pos
+
 
 class _STS(TaskKindSpec):
     """Sentence pairs with graded scores: CoSENT over every pair of the (gathered) batch."""
@@ -349,6 +387,14 @@ class _STS(TaskKindSpec):
         function = self.loss_spec.function
         # every rank holds the whole batch's loss; DDP's mean over ranks keeps it as is
         return c.matryoshka(lambda x, y: function(x, y, gold, temperature=c.temperature), [a, b])
+
+    def heldout_loss(
+        self, task: TaskConfig, batch: Sequence[Any], encode: SideEncode, temperature: float
+    ) -> torch.Tensor:
+        a = encode([r.sentence1 for r in batch], "query")  # symmetric: both texts as queries
+        b = encode([r.sentence2 for r in batch], "query")
+        gold = torch.tensor([r.score for r in batch], dtype=torch.float32)
+        return self.loss_spec.function(a, b, gold, temperature=temperature)
 
     def describe(self, task: Any, temperature: float, cbb: bool, beta: float) -> str:
         words = f"{self.loss_spec.words} (τ = {temperature:g})"

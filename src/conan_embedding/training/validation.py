@@ -33,8 +33,7 @@ import torch
 
 from conan_embedding.config import TaskConfig, TrainConfig, ValidationConfig
 from conan_embedding.config.train import HeldoutConfig
-from conan_embedding.losses import cosent_loss
-from conan_embedding.losses.infonce import info_nce_loss
+from conan_embedding.training.task_kinds import task_kind
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -116,34 +115,13 @@ class HeldoutLoss:
         ).float()
 
     def _batch_loss(self, model: SentenceTransformer, task: TaskConfig, batch: list[Any]) -> float:
-        tau = self.temperature
-        if task.kind == "sts":
-            a = self._encode(model, [r.sentence1 for r in batch], self.query_prompt)
-            b = self._encode(model, [r.sentence2 for r in batch], self.query_prompt)
-            gold = torch.tensor([r.score for r in batch], dtype=torch.float32)
-            return float(cosent_loss(a, b, gold, temperature=tau))
-        queries = [r.query for r in batch]
-        positives = [r.pos if task.kind == "pairs" else r.pos[0] for r in batch]
-        n_neg = (
-            min([task.negatives, *(len(r.neg) for r in batch)]) if task.kind == "retrieval" else 0
-        )
-        q = self._encode(model, queries, self.query_prompt)
-        docs = positives + [t for r in batch for t in r.neg[:n_neg]]
-        d = self._encode(model, docs, self.passage_prompt)
-        p = d[: len(batch)]
-        n = d[len(batch) :].reshape(len(batch), n_neg, -1) if n_neg else None
-        table: dict[str, int] = {}
-        ids = torch.tensor([table.setdefault(t, len(table)) for t in docs])
-        value = info_nce_loss(
-            q,
-            p,
-            n,
-            temperature=tau,
-            in_batch=task.in_batch_negatives,
-            groups=ids[: len(batch)],
-            negative_groups=ids[len(batch) :].reshape(len(batch), n_neg) if n_neg else None,
-        )
-        return float(value)
+        """The task kind's own held-out loss (``TaskKindSpec.heldout_loss``)."""
+
+        def encode(texts: list[str], side: str) -> torch.Tensor:
+            prompt = self.query_prompt if side == "query" else self.passage_prompt
+            return self._encode(model, texts, prompt)
+
+        return float(task_kind(task.kind).heldout_loss(task, batch, encode, self.temperature))
 
 
 # --------------------------------------------------------------------------- bookkeeping
