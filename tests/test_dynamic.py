@@ -406,6 +406,26 @@ def test_remine_rebuilds_pools_with_the_current_model():
     assert fresh.pool(0) == provider.pool(0) and fresh.pools_remined
 
 
+def test_remine_times_itself_and_skips_the_last_step():
+    """A re-mine logs how long it took; none runs after the run's last step (nothing would
+    train on its pools, and on a large corpus one costs as much as many steps)."""
+    records, pools = _data(samples=2, pool_size=12)
+    config = DHNMConfig(rule="v2", pool_offset=0, remine_every=5, remine_relative_margin=None)
+    provider = DynamicNegatives(records, 2, pools, config, last_step=10)
+    calls: list[int] = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        return torch.nn.functional.normalize(torch.rand(len(texts), 3), dim=-1)
+
+    stats = provider.on_step_end(5, encode)
+    assert provider.pools_remined and stats["dhnm/remine_seconds"] >= 0
+    remined_at_5 = len(calls)
+    stats = provider.on_step_end(10, encode)  # the last step: a multiple of 5, not re-mined
+    assert "dhnm/remine_seconds" not in stats
+    assert sum(calls[remined_at_5:]) < len(provider.corpus)  # scores only, no corpus encode
+
+
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 

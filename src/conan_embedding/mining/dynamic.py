@@ -78,6 +78,7 @@ import base64
 import inspect
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,7 @@ class DynamicNegatives:
         *,
         pool_meta: PoolMeta | None = None,
         trained_with: PoolMeta | None = None,
+        last_step: int | None = None,
     ):
         config = config if config is not None else DHNMConfig(rule="v2")
         if config.rule == "none":
@@ -197,6 +199,9 @@ class DynamicNegatives:
             raise ValueError(f"{len(pools)} pools for {len(records)} records: mine them together")
         self.records, self.n = records, n  # a lazy dataset stays lazy: passes stream it
         self.config = config
+        self.last_step = last_step
+        """The run's last step: no re-mining after it (nothing would train on the new pools,
+        and one re-mine of a large corpus costs as much as many steps)."""
         self.use_pool_scores = self._resolve_initial_score(pool_meta, trained_with)
         # Every text a sample can hold gets a corpus id; state refers to ids, not texts.
         texts: dict[str, int] = {}
@@ -438,8 +443,11 @@ class DynamicNegatives:
         if config.rule == "v1" and step % config.check_every == 0 and bool(self.pending.any()):
             self._v1_check(encode)
         self._score_assigned(encode)
-        if config.remine_every and step % config.remine_every == 0:
+        last = self.last_step is not None and step >= self.last_step
+        if config.remine_every and step % config.remine_every == 0 and not last:
+            began = time.perf_counter()
             self.remine(encode)
+            self._since_log["remine_seconds"] += time.perf_counter() - began
         if self._sync is not None:
             self._broadcast()
         return self._log()
@@ -603,6 +611,7 @@ class DynamicNegatives:
             "score_count": 0.0,
             "remines": 0.0,
             "remine_kept_old": 0.0,
+            "remine_seconds": 0.0,
         }
 
     def _log(self) -> dict[str, float]:
@@ -620,6 +629,7 @@ class DynamicNegatives:
             out["dhnm/neg_score"] = since["score_sum"] / since["score_count"]
         if since["remines"]:  # only on re-mining steps: a 0 elsewhere would read as "none kept"
             out["dhnm/remine_kept_old"] = float(since["remine_kept_old"])
+            out["dhnm/remine_seconds"] = round(since["remine_seconds"], 3)
         self._since_log = self._empty_log()
         return out
 
@@ -826,6 +836,7 @@ def build_dynamic_negatives(
     *,
     rows: Sequence[int] | None = None,
     trained_with: PoolMeta | None = None,
+    last_step: int | None = None,
 ) -> DynamicNegatives:
     """The trainer's factory: the pool file is ``config.pool_path`` or ``<records>.pool.jsonl``.
     When the task kept a subset of the file's records (``max_rows``), ``rows`` are their
@@ -863,5 +874,11 @@ def build_dynamic_negatives(
             raise ValueError(f"{pool_path}: no pool for query {missing[0][:60]!r}")
         pools = [by_query[r.query] for r in records]
     return DynamicNegatives(
-        records, n, pools, config, pool_meta=read_pool_meta(pool_path), trained_with=trained_with
+        records,
+        n,
+        pools,
+        config,
+        pool_meta=read_pool_meta(pool_path),
+        trained_with=trained_with,
+        last_step=last_step,
     )

@@ -192,5 +192,6 @@ class TaskData:
                 task.path,
                 rows=self.source_rows.get(task.name),
                 trained_with=trained_with,
+                last_step=self.config.optim.max_steps,
             )
         return out
