@@ -1027,14 +1027,15 @@ def _row_f(ctx: Ctx) -> dict:
 # =========================================================================== row G
 def dhnm_config(folder: Path, model: Path, device: str, precision: str = "bf16") -> dict:
     """DHNM v2 on the toy pool: a "never hard" bar of 0.99 (a random model replaces often),
-    checked every step, pools re-mined every 2 steps, 4 steps."""
+    checked every step, pools re-mined every 2 steps, 5 steps (re-mined at 2 and 4: never
+    after the last step)."""
     from conan_embedding.toy import toy_dhnm_config, write_toy_pools
 
     config = toy_dhnm_config(
         folder / "run",
         model,
         write_toy_pools(folder),
-        steps=4,
+        steps=5,
         checkpoint_every=2,
         rule="v2",
         check_every=1,
