@@ -9,8 +9,6 @@ against one device holding all four.
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -229,20 +227,11 @@ def _fn_cbb_config(folder: Path, model: Path, task_ranks: dict[str, list[int]]) 
 def _rank_step(rank: int, world: int, port: int, config_path: str, out: str) -> None:
     """One torchrun-like gloo process: step 0's record and gradients to ``out``."""
     import torch.distributed as dist
+    from tests.test_distributed import join_as_rank
 
     from conan_embedding.config import load_config
 
-    os.environ.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
-    torch.set_num_threads(1)
+    join_as_rank(rank, world, port)
     try:
         trainer = CBBTrainer(load_config(config_path))
         assert trainer.engine.world_size == world
@@ -269,10 +258,11 @@ def test_two_gloo_processes_count_and_mask_like_virtual_devices(tmp_path):
 
     model = build_tiny_bert(tmp_path / "bert", dropout=0.2)
     config_path = _fn_cbb_config(tmp_path, model, {"ret": [0, 1], "sts": [0], "pairs": [1]})
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    mp.spawn(_rank_step, args=(2, port, str(config_path), str(tmp_path)), nprocs=2, join=True)
+    from tests.test_distributed import free_port
+
+    mp.spawn(
+        _rank_step, args=(2, free_port(), str(config_path), str(tmp_path)), nprocs=2, join=True
+    )
     record, expected = _step(CBBTrainer(load_config(config_path)))
     assert record["masked_negatives/ret"] > 0 and record["masked_negatives/pairs"] > 0
     for rank in range(2):
