@@ -188,12 +188,14 @@ def run_st_trainer(
     started = time.perf_counter()
     output = trainer.train()
     model.save(str(output_dir / "model"))
+    durations = clock.durations()
     return {
         "train_seconds": time.perf_counter() - started,
         "steps": output.global_step,
         "final_loss": output.training_loss,
         "rss_after_setup_mb": setup_rss,
-        "steady_step_seconds": steady_step_seconds(clock.durations()),
+        "steady_step_seconds": steady_step_seconds(durations),
+        "step_seconds": [round(d, 4) for d in durations],
     }
 
 
@@ -209,12 +211,14 @@ def run_our_trainer(config: Any) -> dict[str, Any]:
     setup_rss = peak_rss_mb()
     started = time.perf_counter()
     result = trainer.train(show_progress=False)
+    durations = our_step_seconds(Path(config.output_dir))
     return {
         "train_seconds": time.perf_counter() - started,
         "steps": result.steps,
         "final_loss": result.final_loss,
         "rss_after_setup_mb": setup_rss,
-        "steady_step_seconds": steady_step_seconds(our_step_seconds(Path(config.output_dir))),
+        "steady_step_seconds": steady_step_seconds(durations),
+        "step_seconds": [round(d, 4) for d in durations],
     }
 
 

@@ -12,7 +12,8 @@ pairs of ``retrieval/bge_finetune_data.jsonl`` from ``../shared/data``, in the s
 64, AdamW lr 2e-5 with 5 % warmup then linear decay, weight decay 0.001, gradient clip 1.0,
 fp32 on the CPU, for ``--steps`` optimizer steps. Ours is a ``TrainConfig`` with one ``pairs``
 task (weak stage, in-batch InfoNCE, temperature 0.05) run by the public
-``Trainer(config).train(show_progress=False)``.
+``Trainer(config).train(show_progress=False)``, with no tracker and no ``loss.png``
+(``engine.trackers: []``, ``loss_plot: false``): the peer writes neither.
 
 Each contender runs in a subprocess of its own, so its peak RSS (``ru_maxrss`` from
 ``os.wait4``) is its own. Step time is the wall time of the training call divided by the
@@ -131,8 +132,10 @@ def our_config(name: str, files: dict[str, str], steps: int, out: Path):
         "temperature": TEMPERATURE,
         "checkpoint_every": steps + 1,  # no checkpoint inside the timed run
         "log_every": 10,
-        # the same work as the peer's report_to="none": no TensorBoard writer
+        # the same work as the peer's report_to="none": no TensorBoard writer, and no
+        # loss.png (the peer draws none; the curve is in train_log.jsonl either way)
         "engine": {"trackers": []},
+        "loss_plot": False,
     }
     if name == "ours":
         task = {"name": "pairs", "kind": "pairs", "path": files["pairs"], "batch_size": BATCH}

@@ -323,6 +323,10 @@ class TrainConfig(CheckpointFields, StrictModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     checkpoint_every: int | None = Field(50, gt=0)
     log_every: int = Field(10, gt=0)
+    loss_plot: bool = True
+    """Draw ``loss.png`` from ``train_log.jsonl`` when the run ends (matplotlib: about half a
+    second to a second on a small CPU). Off: the log alone, which holds the same figures
+    (``conan_embedding.training.logs.plot_losses`` draws it later)."""
     data_dir: str | None = None
     """Relative task paths resolve against this folder (else the current directory)."""
     validation: ValidationConfig | None = None

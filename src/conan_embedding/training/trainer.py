@@ -567,7 +567,8 @@ class Trainer:
             logger.info("validation: best val/%s = %s at step %s%s", state.metric,
                         state.best_value, state.best_step,
                         f" ({state.stopped})" if state.stopped else "")  # fmt: skip
-        plot_losses(self.output_dir / "train_log.jsonl", self.output_dir / "loss.png")
+        if self.config.loss_plot:
+            plot_losses(self.output_dir / "train_log.jsonl", self.output_dir / "loss.png")
         logger.info("saved the model to %s after %.1f s", self.model_dir, result.seconds)
 
     # ----------------------------------------------------------------- entry point
