@@ -426,6 +426,51 @@ def test_remine_times_itself_and_skips_the_last_step():
     assert sum(calls[remined_at_5:]) < len(provider.corpus)  # scores only, no corpus encode
 
 
+_SYNC_CASES = {
+    "v1": DHNMConfig(rule="v1", check_every=2, v1_current="observed", initial_score="pool"),
+    "v2-assignment": DHNMConfig(rule="v2", initial_score="assignment"),
+    "v2-quantile": DHNMConfig(rule="v2", thresholds="pool_quantile", calibration_size=4),
+    "v2-remine": DHNMConfig(
+        rule="v2", initial_score="pool", remine_every=5, remine_relative_margin=None
+    ),
+}
+
+
+def _hashed_encoder(calls: list | None = None):
+    """Every text its own fixed random direction (seeded by its CRC), the same in any process:
+    a re-mine's pools then depend on every row landing where it belongs."""
+    import zlib
+
+    def encode(texts, role=None):
+        if calls is not None:
+            calls.append((role, list(texts)))
+        rows = [
+            torch.randn(4, generator=torch.Generator().manual_seed(zlib.crc32(t.encode())))
+            for t in texts
+        ]
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+    return encode
+
+
+def _run_sync_case(name: str, rank: int, calls: list, sync: bool) -> DynamicNegatives:
+    """Ten steps of ``name`` as rank ``rank`` sees them (``sync``: under ``sync_from(0)``)."""
+    records, pools = _data(pool_size=40)
+    provider = DynamicNegatives(records, 2, pools, _SYNC_CASES[name])
+    if sync:
+        provider.sync_from(0)
+    encoder = _hashed_encoder(calls) if name == "v2-remine" else _one_hot_encoder(calls)
+    for step in range(10):
+        # both ranks train on the same rows (CBB) but see scores that differ slightly:
+        # on their own they would disagree where a score sits at a threshold
+        ids = [step % 3, (step + 1) % 3]
+        scores = _scores(step, ids, rank) + (0.3 if rank and step == 3 else 0.0)
+        queries = torch.tensor([[1.0, 0.1 * s + rank] for s in ids])
+        provider.observe(step, ids, scores, query_embeddings=queries)
+        provider.on_step_end(step + 1, encoder)
+    return provider
+
+
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -434,26 +479,16 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     try:
         records, pools = _data(pool_size=40)
-        cases = {
-            "v1": DHNMConfig(rule="v1", check_every=2, v1_current="observed", initial_score="pool"),
-            "v2-assignment": DHNMConfig(rule="v2", initial_score="assignment"),
-            "v2-quantile": DHNMConfig(rule="v2", thresholds="pool_quantile", calibration_size=4),
-            "v2-remine": DHNMConfig(rule="v2", initial_score="pool", remine_every=5),
-        }
-        for name, config in cases.items():
-            provider = DynamicNegatives(records, 2, pools, config)
-            provider.sync_from(0)
+        for name in _SYNC_CASES:
             calls: list = []
-            for step in range(10):
-                # both ranks train on the same rows (CBB) but see scores that differ slightly:
-                # on their own they would disagree where a score sits at a threshold
-                ids = [step % 3, (step + 1) % 3]
-                scores = _scores(step, ids, rank) + (0.3 if rank and step == 3 else 0.0)
-                queries = torch.tensor([[1.0, 0.1 * s + rank] for s in ids])
-                provider.observe(step, ids, scores, query_embeddings=queries)
-                provider.on_step_end(step + 1, _one_hot_encoder(calls))
+            provider = _run_sync_case(name, rank, calls, sync=True)
             tensors = {k: v.tolist() for k, v in provider.state_tensors().items()}
-            out = {"state": tensors, "encoded": len(calls), "negatives": provider.negatives([0])}
+            out = {
+                "state": tensors,
+                "encoded": sum(len(texts) for _, texts in calls),
+                "negatives": provider.negatives([0]),
+                "corpus": len(provider.corpus),
+            }
             with open(f"{out_dir}/{name}-{rank}.json", "w") as handle:
                 json.dump(out, handle)
         # a task that runs on rank 0 only: on rank 1 its provider is inert (no re-mining)
@@ -476,14 +511,26 @@ def test_rank_zero_decides_for_every_rank(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    for name in ("v1", "v2-assignment", "v2-quantile", "v2-remine"):
+    for name in _SYNC_CASES:
         rank0 = json.loads((tmp_path / f"{name}-0.json").read_text())
         rank1 = json.loads((tmp_path / f"{name}-1.json").read_text())
         assert rank0["state"] == rank1["state"], name
         assert rank0["negatives"] == rank1["negatives"]
         assert sum(rank0["state"]["replacements"]) > 0, name
-        assert rank1["encoded"] == 0  # the follower neither decides nor encodes
-    assert "pool_ids" in json.loads((tmp_path / "v2-remine-1.json").read_text())["state"]
+        # the group decides as rank 0 alone would: the same state as one process
+        reference = _run_sync_case(name, 0, [], sync=False)
+        as_text = {k: v.tolist() for k, v in reference.state_tensors().items()}
+        assert json.dumps(rank0["state"], sort_keys=True) == json.dumps(as_text, sort_keys=True)
+        if name != "v2-remine":
+            assert rank1["encoded"] == 0  # the follower neither decides nor encodes
+    # re-mining (steps 5 and 10) is the one encode the follower shares: the second half of
+    # the corpus, of the 3 queries and of their 3 positives, each time
+    # (a real re-mine: q0's new pool draws from the whole corpus, not its mined c0-* pool)
+    assert not all(reference.corpus[i].startswith("c0-") for i in reference.pool(0))
+    remine = json.loads((tmp_path / "v2-remine-1.json").read_text())
+    corpus = remine["corpus"]
+    assert remine["encoded"] == 2 * ((corpus - corpus // 2) + 2 + 2)
+    assert "pool_ids" in remine["state"]
 
 
 # ---------------------------------------------------------------- GPU index and idle syncs (§8)

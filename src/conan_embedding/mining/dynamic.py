@@ -61,7 +61,9 @@ Several ranks (cross-GPU batch balance: the ranks of a retrieval task share its 
 their negatives' scores): their scores may differ in the last bits, so their decisions could
 too. After :meth:`sync_from` the source rank alone decides (and encodes); at the end of each
 :meth:`on_step_end` it broadcasts the rows it changed (one safetensors payload) and every other
-rank of the group overwrites its own with them.
+rank of the group overwrites its own with them. A re-mine's encoding (corpus, queries,
+positives) is the one piece every rank shares: each encodes a slice and the slices are
+gathered, so on W ranks a re-mine costs each about 1/W of the encoding.
 
 Beyond the papers: ``remine_every > 0`` re-mines every pool with the current model
 (ANCE-style): corpus and queries re-encoded in ``encode_batch`` chunks and searched with FAISS
@@ -76,6 +78,7 @@ from __future__ import annotations
 
 import base64
 import inspect
+import itertools
 import logging
 import math
 import time
@@ -436,15 +439,18 @@ class DynamicNegatives:
         if self._inert:
             return {}
         self._role = _accepts_role(encode)
+        config = self.config
+        last = self.last_step is not None and step >= self.last_step
+        remine_now = bool(config.remine_every) and step % config.remine_every == 0 and not last
         if self._follower():
+            if remine_now:  # this rank's share of the re-mine's encoding, for the source
+                self._remine_vectors(encode)
             self._receive()
             return self._log()
-        config = self.config
         if config.rule == "v1" and step % config.check_every == 0 and bool(self.pending.any()):
             self._v1_check(encode)
         self._score_assigned(encode)
-        last = self.last_step is not None and step >= self.last_step
-        if config.remine_every and step % config.remine_every == 0 and not last:
+        if remine_now:
             began = time.perf_counter()
             self.remine(encode)
             self._since_log["remine_seconds"] += time.perf_counter() - began
@@ -511,6 +517,37 @@ class DynamicNegatives:
             out = encode(chunk, role=role) if self._role else encode(chunk)
             parts.append(F.normalize(torch.as_tensor(out).detach().float().cpu(), dim=-1))
         return torch.cat(parts) if parts else torch.zeros((0, 1))
+
+    def _encode_shared(self, encode: EncodeFn, texts: Sequence[str], role: str) -> torch.Tensor:
+        """:meth:`_encode` of ``texts``, shared out over the sync group's ranks: each encodes
+        one contiguous slice and every rank gets all rows back, in order (``all_gather``; the
+        slices are padded to one length). Alone (no group): :meth:`_encode`. A collective:
+        every rank of the group calls it with the same texts."""
+        if self._sync is None or not texts:
+            return self._encode(encode, texts, role)
+        _, group, device = self._sync
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        bounds = [len(texts) * r // world for r in range(world + 1)]
+        local = self._encode(encode, texts[bounds[rank] : bounds[rank + 1]], role)
+        # a rank whose slice is empty (fewer texts than ranks) does not know the width
+        dim = torch.tensor([local.shape[1] if len(local) else 0], device=device)
+        dist.all_reduce(dim, op=dist.ReduceOp.MAX, group=group)
+        longest = max(b - a for a, b in itertools.pairwise(bounds))
+        padded = torch.zeros(longest, int(dim.item()), device=device)
+        padded[: len(local)] = local.to(device)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([part[: bounds[r + 1] - bounds[r]].cpu() for r, part in enumerate(parts)])
+
+    def _remine_vectors(self, encode: EncodeFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The re-mine's encodes, shared over the ranks (every rank of the group calls it):
+        the corpus, the queries and the positives (flattened in record order)."""
+        positives = [p for record in self.records for p in record.pos]
+        return (
+            self._encode_shared(encode, self.corpus, "passage"),
+            self._encode_shared(encode, [r.query for r in self.records], "query"),
+            self._encode_shared(encode, positives, "passage"),
+        )
 
     def _rescore(self, ids: torch.Tensor, encode: EncodeFn) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos(query, negative)`` of ``ids`` with the current model, and the query rows."""
@@ -737,6 +774,9 @@ class DynamicNegatives:
         is re-scored with the current model (order unchanged), so ``S_0`` of what it hands out
         is on the same scale as the new pools'. The number of such queries is logged as
         ``dhnm/remine_kept_old``.
+
+        Under :meth:`sync_from` the source rank runs it from :meth:`on_step_end` while every
+        other rank of the group encodes its share there (:meth:`_remine_vectors`).
         """
         self._role = _accepts_role(encode)
         width = self._remine_width
@@ -747,15 +787,12 @@ class DynamicNegatives:
             num_negatives=1,
             relative_margin=self.config.remine_relative_margin,
         )
-        corpus_vecs = self._encode(encode, self.corpus, "passage").numpy()
-        query_vecs = self._encode(encode, [r.query for r in self.records], "query").numpy()
+        corpus_vecs, query_vecs, pos_vecs = (v.numpy() for v in self._remine_vectors(encode))
         lookup = {t: i for i, t in enumerate(self.corpus)}
         excluded = [
             {lookup[t] for t in (*record.pos, record.query) if t in lookup}
             for record in self.records
         ]
-        positives = [p for record in self.records for p in record.pos]
-        pos_vecs = self._encode(encode, positives, "passage").numpy()
         positive_scores = np.empty(len(self.records), np.float32)
         at = 0
         for sid, record in enumerate(self.records):

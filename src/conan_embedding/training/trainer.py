@@ -269,8 +269,9 @@ class Trainer:
             self.layout.check_engine(*sharding, self.engine.distributed)
 
     def _decide_negatives_on_rank_0(self) -> None:
-        """Several processes: DHNM's rules (and any re-encoding) run on rank 0, which
-        broadcasts the rows it changed; every rank then draws the same negatives."""
+        """Several processes: DHNM's rules (and their re-scoring) run on rank 0, which
+        broadcasts the rows it changed; every rank then draws the same negatives. A re-mine's
+        encoding is shared: every rank encodes a slice of the corpus and queries."""
         from conan_embedding.mining.dynamic import DynamicNegatives
 
         for provider in self.providers.values():
