@@ -194,6 +194,16 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
     }
 
 
+def test_minus_cbb_remine_is_minus_cbb_with_re_mining_only():
+    minus_cbb, remine = _load("minus-cbb"), _load("minus-cbb-remine")
+    assert remine.cbb is None and remine.task_schedule == minus_cbb.task_schedule
+    for before, after in zip(minus_cbb.tasks, remine.tasks, strict=True):
+        every = 100 if before.kind == "retrieval" else 0
+        assert after.dynamic_negatives.remine_every == every
+        unchanged = after.dynamic_negatives.model_copy(update={"remine_every": 0})
+        assert after.model_copy(update={"dynamic_negatives": unchanged}) == before
+
+
 def test_full_tatoeba_gives_the_parallel_pairs_the_baseline_batch_on_their_own_device():
     shares, remedy = _load("full-shares"), _load("full-tatoeba")
     pairs = {t.name: t for t in remedy.tasks}["parallel-pairs"]
