@@ -103,7 +103,7 @@ class EngineConfig(StrictModel):
     threads: int | None = Field(None, gt=0)
     timeout_minutes: int | None = Field(30, gt=0)
     """How long a collective may wait for the slowest rank before the process group gives up
-    (NCCL's watchdog, gloo's timeout). 30 minutes: rank 0 alone re-mines hard negatives or
+    (NCCL's watchdog, gloo's timeout). 30 minutes: rank 0 alone searches a re-mine's index or
     saves the model while the others wait at a broadcast or barrier, which NCCL's own
     10-minute default kills on a large corpus. ``None``: torch's default for the backend."""
     find_unused_parameters: bool | None = None
