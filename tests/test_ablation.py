@@ -204,6 +204,17 @@ def test_minus_cbb_remine_is_minus_cbb_with_re_mining_only():
         assert after.model_copy(update={"dynamic_negatives": unchanged}) == before
 
 
+def test_full_remine_tatoeba_is_full_tatoeba_with_full_remines_re_mining():
+    tatoeba, combined = _load("full-tatoeba"), _load("full-remine-tatoeba")
+    remine = {t.name: t.dynamic_negatives for t in _load("full-remine").tasks}
+    assert combined.cbb == tatoeba.cbb
+    for before, after in zip(tatoeba.tasks, combined.tasks, strict=True):
+        if before.name in ("bge", "clr"):
+            assert after.dynamic_negatives == remine[before.name]
+            before = before.model_copy(update={"dynamic_negatives": remine[before.name]})
+        assert after == before
+
+
 def test_full_tatoeba_gives_the_parallel_pairs_the_baseline_batch_on_their_own_device():
     shares, remedy = _load("full-shares"), _load("full-tatoeba")
     pairs = {t.name: t for t in remedy.tasks}["parallel-pairs"]

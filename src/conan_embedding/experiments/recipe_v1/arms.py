@@ -41,9 +41,18 @@ ABLATION_ARMS = (
     "minus-clr",
 )
 """What ``conan-embed recipe ablation`` runs when no ``--arms`` are given."""
-RECIPE_ARMS = ("full", "full-shares")
-"""Arms that are the whole recipe (``full-shares``: full with the baseline's data shares);
-each gets a difference line against the baseline run the same way."""
+RECIPE_ARMS = (
+    "full",
+    "full-shares",
+    "full-remine",
+    "full-fnmask",
+    "full-instruct",
+    "full-tatoeba",
+    "full-remine-tatoeba",
+)
+"""Arms that are the whole recipe (``full-shares``: full with the baseline's data shares; the
+issue #27 arms: full with one remedy each, and their combination); each with results gets a
+difference line against the baseline run the same way."""
 ARM_ORDER = ("base", *ABLATION_ARMS[:3], "full-shares", *ABLATION_ARMS[3:])
 """Table order; also the arms a ``--tag`` run name is split back into (``full-shares-620``)."""
 

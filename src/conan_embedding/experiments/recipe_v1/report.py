@@ -38,6 +38,7 @@ from conan_embedding.experiments.recipe_v1.arms import (
     RECIPE_ARMS,
     RECIPE_TASKS,
     REGENERATE_COMMAND,
+    recipe_config_dir,
     resolve_arm,
 )
 from conan_embedding.experiments.runner import write_result
@@ -85,9 +86,10 @@ class ArmSummary:
 
 def _split_tag(name: str) -> tuple[str | None, str]:
     """``full-620`` -> (``full``, ``620``): the :data:`ARM_ORDER` arm a ``--tag`` run was made
-    from (the longest that prefixes it) and its tag; (None, name) for any other arm."""
+    from (the longest that prefixes it) and its tag; (None, name) for any other arm, and for
+    a packaged arm whose name only looks like one (``full-remine`` is an arm, not a tag)."""
     arms = [arm for arm in ARM_ORDER if name.startswith(f"{arm}-")]
-    if not arms:
+    if not arms or (recipe_config_dir() / f"{name}.yaml").is_file():
         return None, name
     arm = max(arms, key=len)
     return arm, name[len(arm) + 1 :]
