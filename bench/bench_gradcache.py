@@ -118,6 +118,7 @@ def run_ours(name: str, spec: dict[str, Any]) -> dict[str, Any]:
             "checkpoint_every": steps + 1,
             "log_every": 10,
             "engine": {"trackers": [], "device": "cpu"},
+            "loss_plot": False,  # the peer draws no loss.png either (bench_train.py)
             "tasks": [task],
         }
     )
