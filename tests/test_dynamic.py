@@ -391,14 +391,22 @@ def test_remine_rebuilds_pools_with_the_current_model():
                 out.append([0.3, 0.3, 0.9])
         return torch.nn.functional.normalize(torch.tensor(out), dim=-1)
 
-    provider.on_step_end(5, encode)
+    assert provider.negatives([0]) == [["orig-0-0", "orig-0-1"]]
+    stats = provider.on_step_end(5, encode)
     assert provider.pools_remined and provider.use_pool_scores
-    # the held negatives' S_0 is their score under the current model: cos(q0, orig-0-k)
-    held = encode(["q0", "orig-0-0"])
-    assert provider.s0[0].tolist() == pytest.approx([float(held[0] @ held[1])] * 2)
     assert provider.corpus[provider.pool(0)[0]] == "c0-21"
     assert provider.corpus[provider.pool(1)[0]] == "c1-15"
     assert provider.pool_scores[0] == pytest.approx(1.0)
+    # every query now holds its new pool's head (the current model's hardest), S_0 = its pool
+    # scores, and the next replacement comes after it: the swap reaches the query's next draw
+    for sid in (0, 1):
+        head = provider.pool(sid)[:2]
+        assert provider.assigned[sid].tolist() == head
+        start = int(provider.pool_offsets[sid])
+        assert provider.s0[sid].tolist() == pytest.approx(provider.pool_scores[start : start + 2])
+        assert int(provider.pointer[sid]) == 2
+    assert provider.negatives([0])[0][0] == "c0-21" and provider.s0[0, 0] == pytest.approx(1.0)
+    assert stats["dhnm/remine_reassigned"] == 2.0 and stats["dhnm/remine_kept_old"] == 0.0
     tensors = provider.state_tensors()
     assert tensors["pool_ids"].tolist() == provider.pool_ids.tolist()
     fresh = DynamicNegatives(records, 2, pools, provider.config)
@@ -643,9 +651,10 @@ def test_remine_keeps_the_old_pool_where_the_margin_leaves_too_few_candidates():
 
 
 def test_remine_mixes_new_and_kept_pools_each_on_the_current_scale():
-    """q0's new pool passes the margin and replaces the old one (pointer back to its head);
-    q1's positive scores below all its candidates, so q1 keeps its old pool, its place in it,
-    and gets the current model's scores; the quantile grid is fitted on the pools in use."""
+    """q0's new pool passes the margin and replaces the old one (q0 holds its head, the
+    pointer past it); q1's positive scores below all its candidates, so q1 keeps its old pool,
+    its place in it and its negatives, and gets the current model's scores; the quantile grid
+    is fitted on the pools in use."""
     records, pools = _data(samples=2, pool_size=12)
     config = DHNMConfig(rule="v2", pool_offset=0, remine_every=5, thresholds="pool_quantile")
     provider = DynamicNegatives(records, 2, pools, config)
@@ -676,8 +685,13 @@ def test_remine_mixes_new_and_kept_pools_each_on_the_current_scale():
     assert provider.pool(1) == old_q1
     q1_scores = provider.pool_scores[provider.pool_offsets[1] : provider.pool_offsets[2]]
     assert q1_scores.tolist() == pytest.approx([0.6] * 12)
-    assert provider.pointer.tolist() == [0, 3]
+    assert provider.pointer.tolist() == [2, 3]
+    assert log["dhnm/remine_reassigned"] == 1.0
+    assert provider.assigned[0].tolist() == provider.pool(0)[:2]
+    assert provider.negatives([1]) == [["orig-1-0", "orig-1-1"]]  # q1 keeps what it held
+    assert provider.s0[1].tolist() == pytest.approx([0.0, 0.0])  # ... scored now: cos(q1, e_2)
     assert torch.equal(provider._grid, quantile_grid(provider.pool_scores))
     fresh = DynamicNegatives(records, 2, pools, config)
     fresh.load_state_dict(provider.state_dict())
-    assert fresh.pool(1) == old_q1 and fresh.pointer.tolist() == [0, 3]
+    assert fresh.pool(1) == old_q1 and fresh.pointer.tolist() == [2, 3]
+    assert fresh.negatives([0]) == provider.negatives([0])

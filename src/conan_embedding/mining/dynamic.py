@@ -68,7 +68,8 @@ gathered, so on W ranks a re-mine costs each about 1/W of the encoding.
 Beyond the papers: ``remine_every > 0`` re-mines every pool with the current model
 (ANCE-style): corpus and queries re-encoded in ``encode_batch`` chunks and searched with FAISS
 (:mod:`conan_embedding.mining.index`, queries in chunks: no queries x corpus matrix), same
-false-negative filters and window; the new pools' scores are then ``S_0``'s source. Where the
+false-negative filters and window; every query then holds its new pool's first ``n``
+candidates (the current model's hardest in the window), whose pool scores are ``S_0``. Where the
 false-negative margin leaves a query too few candidates (a barely trained model scores its
 negatives about as high as its positive), that query keeps its previous pool, re-scored:
 :meth:`remine` says when, and ``dhnm/remine_kept_old`` counts them.
@@ -648,6 +649,7 @@ class DynamicNegatives:
             "score_count": 0.0,
             "remines": 0.0,
             "remine_kept_old": 0.0,
+            "remine_reassigned": 0.0,
             "remine_seconds": 0.0,
         }
 
@@ -666,6 +668,7 @@ class DynamicNegatives:
             out["dhnm/neg_score"] = since["score_sum"] / since["score_count"]
         if since["remines"]:  # only on re-mining steps: a 0 elsewhere would read as "none kept"
             out["dhnm/remine_kept_old"] = float(since["remine_kept_old"])
+            out["dhnm/remine_reassigned"] = float(since["remine_reassigned"])
             out["dhnm/remine_seconds"] = round(since["remine_seconds"], 3)
         self._since_log = self._empty_log()
         return out
@@ -757,13 +760,18 @@ class DynamicNegatives:
 
     # ----------------------------------------------------------------- ANCE-style re-mining
     def remine(self, encode: EncodeFn, window: tuple[int, int] | None = None) -> None:
-        """Rebuild every pool with the current model; pointers restart at the new pools' head.
+        """Rebuild every pool with the current model, and give every query its new pool's head.
 
-        Texts are encoded in ``encode_batch`` chunks and searched with FAISS in query chunks;
-        the new pools' scores become the source of ``S_0`` (they are the current model's), the
-        held negatives' ``S_0`` becomes their current score, and ``pool_quantile`` re-fits ``F``
-        on the pools now in use. The window is ranks ``pool_offset`` to ``pool_offset`` plus the
-        widest mined pool (at least ``n``), unless ``window`` says otherwise.
+        Texts are encoded in ``encode_batch`` chunks and searched with FAISS in query chunks.
+        Each query's negatives become the first ``n`` candidates of its new pool (ANCE: from
+        its next draw on it trains against the current model's hardest candidates in the
+        window, not the mining model's), with their new pool scores as ``S_0``, and its pointer
+        moves past them. Only swapping the pools would change nothing a run trains on until the
+        rule replaces a negative at a query's draw, and a query is drawn about once in a short
+        run: a 200-step recipe run with re-mining at step 100 trained the very same weights as
+        the run without it. ``pool_quantile`` re-fits ``F`` on the pools now in use. The window
+        is ranks ``pool_offset`` to ``pool_offset`` plus the widest mined pool (at least ``n``),
+        unless ``window`` says otherwise. Logged: ``dhnm/remine_reassigned`` queries.
 
         A query keeps its previous pool, and its pointer in it, when its new pool offers fewer
         than ``n`` candidates it does not hold and fewer than the rest of its previous pool
@@ -772,7 +780,8 @@ class DynamicNegatives:
         when the false-negative margin (``remine_relative_margin``) drops nearly everything: on
         a barely trained model the negatives score about as high as the positive. The kept pool
         is re-scored with the current model (order unchanged), so ``S_0`` of what it hands out
-        is on the same scale as the new pools'. The number of such queries is logged as
+        is on the same scale as the new pools', and so is ``S_0`` of the negatives it keeps
+        holding (their score now). The number of such queries is logged as
         ``dhnm/remine_kept_old``.
 
         Under :meth:`sync_from` the source rank runs it from :meth:`on_step_end` while every
@@ -808,41 +817,62 @@ class DynamicNegatives:
         ids, scores, offsets, pointer, kept = self._new_or_kept_pools(
             windows, query_vecs, corpus_vecs
         )
-        if kept:
+        if kept.any():
             logger.warning(
                 "DHNM re-mine: %d of %d queries kept their previous pool (re-scored): the "
                 "false-negative margin left them fewer than %d candidates",
-                kept,
+                int(kept.sum()),
                 len(self.records),
                 self.n,
             )
         self._set_pools(ids, offsets, scores)
-        # the held negatives are re-assigned on the new scale: S_0 = their score now
+        # what a query keeps holding is put on the new scale: S_0 = its score now
         held = corpus_vecs[self.assigned.numpy()]  # [S, n, dim]
         self.s0 = torch.from_numpy(np.einsum("sd,snd->sn", query_vecs, held)).float()
         self.current.fill_(math.nan)
         self.pointer = pointer
+        reassigned = self._take_new_heads(~kept)
         self.pools_remined = True
         self._since_log["remines"] += 1
-        self._since_log["remine_kept_old"] += kept
+        self._since_log["remine_kept_old"] += int(kept.sum())
+        self._since_log["remine_reassigned"] += reassigned
         self.use_pool_scores = True
         if self.config.thresholds == "pool_quantile":
             self._grid = quantile_grid(scores)
             self._calibration = []
         self._full_sync = True
 
+    def _take_new_heads(self, rows: torch.Tensor) -> int:
+        """Queries ``rows`` (a mask) hold the first ``n`` candidates of their pool, ``S_0`` their
+        pool scores, the pointer past them; a pool with fewer than ``n`` leaves the query what
+        it holds. Returns how many queries took new negatives."""
+        taken = 0
+        for sid in rows.nonzero().flatten().tolist():
+            drawn, position = self._next_candidates(sid, 0, set(), self.n)
+            if len(drawn) < self.n:
+                continue
+            self.assigned[sid] = torch.tensor([cand for cand, _ in drawn], dtype=torch.int64)
+            self.s0[sid] = torch.tensor([score for _, score in drawn], dtype=torch.float32)
+            self.pointer[sid] = position
+            self.pending[sid] = False  # v1 judges the new negatives from their first draw on
+            for slot in range(self.n):
+                self._to_score.pop((sid, slot), None)
+            taken += 1
+        return taken
+
     def _new_or_kept_pools(
         self,
         windows: Sequence[Sequence[tuple[int, float, int]]],
         query_vecs: np.ndarray,
         corpus_vecs: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor, int]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
         """Per query the new window or, by :meth:`remine`'s rule, its previous pool re-scored:
-        ``(ids, scores, offsets, pointer, number kept)``."""
+        ``(ids, scores, offsets, pointer, kept)``, ``kept`` a mask of the queries that kept
+        theirs."""
         ids_parts: list[np.ndarray] = []
         score_parts: list[np.ndarray] = []
         pointer = torch.zeros_like(self.pointer)
-        kept = 0
+        kept = torch.zeros(len(windows), dtype=torch.bool)
         for sid, window in enumerate(windows):
             held = set(self.assigned[sid].tolist())
             fresh = sum(cid not in held for cid, _, _ in window)
@@ -854,7 +884,7 @@ class DynamicNegatives:
                 # the current model's scores: S_0 and F stay on one scale across all pools
                 score_parts.append((corpus_vecs[old] @ query_vecs[sid]).astype(np.float32))
                 pointer[sid] = self.pointer[sid]
-                kept += 1
+                kept[sid] = True
             else:
                 ids_parts.append(np.asarray([c for c, _, _ in window], np.int64))
                 score_parts.append(np.asarray([s for _, s, _ in window], np.float32))
