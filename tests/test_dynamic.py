@@ -414,6 +414,21 @@ def test_remine_rebuilds_pools_with_the_current_model():
     assert fresh.pool(0) == provider.pool(0) and fresh.pools_remined
 
 
+def test_remine_encodes_a_positive_that_is_a_corpus_text_once():
+    """A positive that is another query's candidate takes the corpus row: a re-mine encodes
+    the corpus, the queries and only the positives outside the corpus."""
+    records, pools = _data(samples=3, pool_size=12)
+    records[0] = RetrievalRecord(query="q0", pos=["c1-12"], neg=records[0].neg)
+    config = DHNMConfig(rule="v2", pool_offset=0, remine_relative_margin=None)
+    provider = DynamicNegatives(records, 2, pools, config)
+    calls: list = []
+    provider.remine(_one_hot_encoder(calls))
+    passages = [t for role, texts in calls if role == "passage" for t in texts]
+    assert sorted(passages) == sorted([*provider.corpus, "p1", "p2"])
+    # q0's positive is excluded from its own new pool, as a positive outside the corpus is
+    assert provider.corpus.index("c1-12") not in provider.pool(0)
+
+
 def test_remine_times_itself_and_skips_the_last_step():
     """A re-mine logs how long it took; none runs after the run's last step (nothing would
     train on its pools, and on a large corpus one costs as much as many steps)."""
@@ -531,10 +546,10 @@ def test_rank_zero_decides_for_every_rank(tmp_path):
         assert json.dumps(rank0["state"], sort_keys=True) == json.dumps(as_text, sort_keys=True)
         if name != "v2-remine":
             assert rank1["encoded"] == 0  # the follower neither decides nor encodes
+        else:  # a real re-mine: q0's new pool draws from the whole corpus, not its c0-* pool
+            assert not all(reference.corpus[i].startswith("c0-") for i in reference.pool(0))
     # re-mining (steps 5 and 10) is the one encode the follower shares: the second half of
     # the corpus, of the 3 queries and of their 3 positives, each time
-    # (a real re-mine: q0's new pool draws from the whole corpus, not its mined c0-* pool)
-    assert not all(reference.corpus[i].startswith("c0-") for i in reference.pool(0))
     remine = json.loads((tmp_path / "v2-remine-1.json").read_text())
     corpus = remine["corpus"]
     assert remine["encoded"] == 2 * ((corpus - corpus // 2) + 2 + 2)

@@ -230,6 +230,7 @@ class DynamicNegatives:
             offsets.append(len(ids))
             self._initial_scores.append(mined)
         self.corpus = list(texts)
+        self._corpus_ids = texts  # text -> corpus id
         self._set_pools(
             np.asarray(ids, np.int64), np.asarray(offsets, np.int64), np.asarray(scores, np.float32)
         )
@@ -288,7 +289,7 @@ class DynamicNegatives:
         self._dirty: set[int] = set()
         self._full_sync = False
         self._since_log = self._empty_log()
-        lookup = {t: i for i, t in enumerate(self.corpus)}
+        lookup = self._corpus_ids
         assigned, pointer = [], [0] * size
         for sid, record in enumerate(self.records):
             if record.neg:
@@ -542,13 +543,21 @@ class DynamicNegatives:
 
     def _remine_vectors(self, encode: EncodeFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The re-mine's encodes, shared over the ranks (every rank of the group calls it):
-        the corpus, the queries and the positives (flattened in record order)."""
+        the corpus, the queries and the positives (flattened in record order). A positive that
+        is also a corpus text (another query's candidate: most of them, when a pool was mined
+        from the records' own texts) takes the corpus row instead of being encoded again."""
+        corpus = self._encode_shared(encode, self.corpus, "passage")
+        queries = self._encode_shared(encode, [r.query for r in self.records], "query")
         positives = [p for record in self.records for p in record.pos]
-        return (
-            self._encode_shared(encode, self.corpus, "passage"),
-            self._encode_shared(encode, [r.query for r in self.records], "query"),
-            self._encode_shared(encode, positives, "passage"),
-        )
+        missing = list(dict.fromkeys(p for p in positives if p not in self._corpus_ids))
+        extra = self._encode_shared(encode, missing, "passage")
+        rows = {text: extra[i] for i, text in enumerate(missing)}
+        if not positives:
+            return corpus, queries, torch.zeros((0, corpus.shape[1]))
+        stacked = [
+            corpus[self._corpus_ids[p]] if p in self._corpus_ids else rows[p] for p in positives
+        ]
+        return corpus, queries, torch.stack(stacked)
 
     def _rescore(self, ids: torch.Tensor, encode: EncodeFn) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos(query, negative)`` of ``ids`` with the current model, and the query rows."""
@@ -797,7 +806,7 @@ class DynamicNegatives:
             relative_margin=self.config.remine_relative_margin,
         )
         corpus_vecs, query_vecs, pos_vecs = (v.numpy() for v in self._remine_vectors(encode))
-        lookup = {t: i for i, t in enumerate(self.corpus)}
+        lookup = self._corpus_ids
         excluded = [
             {lookup[t] for t in (*record.pos, record.query) if t in lookup}
             for record in self.records
