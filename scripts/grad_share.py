@@ -59,13 +59,14 @@ def measure(arm: str, work_dir: Path, model: str, steps: int, seed: int) -> dict
         params = [p for p in trainer.forward_model.parameters() if p.requires_grad]
         names = [t.name for t in config.tasks]
         weights = {n: trainer.tasks[n].weight for n in names}
+        step_weights = {n: trainer.task_weight(trainer.tasks[n]) for n in names}  # w_t, with beta
         per_step: list[dict[str, Any]] = []
         for step in range(1, steps + 1):
             streams = {n: s.state_dict() for n, s in trainer.streams.items()}
             grads: dict[str, torch.Tensor] = {}
             losses: dict[str, float] = {}
             for only in names:
-                for n in names:
+                for n in names:  # the others still run (the step runs every task), weighted 0
                     trainer.tasks[n].weight = weights[n] if n == only else 0.0
                     trainer.streams[n].load_state_dict(streams[n])
                 for p in params:
@@ -79,7 +80,7 @@ def measure(arm: str, work_dir: Path, model: str, steps: int, seed: int) -> dict
             for n in names:
                 g = grads[n]
                 row["tasks"][n] = {
-                    "weight": trainer.task_weight(trainer.tasks[n]) if weights[n] else 0.0,
+                    "weight": step_weights[n],
                     "norm": float(g.norm()),
                     "share": float(g @ total) / total_sq,
                     "cos_with_sum": float(g @ total) / (float(g.norm()) * total_sq**0.5 + 1e-30),
