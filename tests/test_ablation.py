@@ -192,6 +192,9 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
         "Retrieval": "bge",
         "Reranking": "bge",
     }
+    assert _differences("full-beta02") == {"cbb.beta"}
+    assert _differences("full-gradbal") == {"cbb.grad_balance"}
+    assert _load("full-gradbal").cbb.grad_balance == "norm"
 
 
 def test_minus_cbb_remine_is_minus_cbb_with_re_mining_only():

@@ -220,6 +220,11 @@ class CBBConfig(StrictModel):
     in_batch_negatives: bool = False
     """The paper's L_CBB: a query's denominator holds its positive and the N devices' negatives
     of that query only. True adds the other queries' positives and negatives."""
+    grad_balance: Literal["none", "norm"] = "none"
+    """``norm`` rescales each task's gradient to ``w_t * M`` (``M`` the mean of the tasks'
+    gradient norms) before the optimizer step, so the weights set each task's share of the
+    step whatever its loss scale (:mod:`conan_embedding.training.grad_balance`); virtual
+    devices only."""
 
 
 class HeldoutConfig(StrictModel):

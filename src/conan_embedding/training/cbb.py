@@ -29,7 +29,9 @@ How (group ``g``, device ``k`` of the group; task ``t`` on the devices ``R_t``, 
    negatives; every device computes the same ``L_t``.
 3. Each rank back-propagates ``S / N * w_t * L_t`` for its tasks (``w_t = beta`` for STS) and
    DDP averages gradients over all ``W = G * S`` ranks: the step's gradient is
-   ``1/G * sum_g sum_t w_t * grad L_t^g``.
+   ``1/G * sum_g sum_t w_t * grad L_t^g``. On virtual devices ``cbb.grad_balance: norm``
+   rescales each task's part to the norm ``w_t * M`` first
+   (:mod:`conan_embedding.training.grad_balance`).
 4. DHNM: the negative scores of each group are gathered to every rank, which observes all of
    them in group order; so every rank's provider makes the same decisions by construction.
 
@@ -78,6 +80,7 @@ from conan_embedding.modeling.embedder import embedding_width
 from conan_embedding.training.collectives import all_gather_no_grad, all_gather_with_grad
 from conan_embedding.training.encode import encode_with_grad
 from conan_embedding.training.engine import Engine, RunResult
+from conan_embedding.training.grad_balance import TaskGradientBalance
 from conan_embedding.training.gradcache import Chunk, encode_with_graphs, grad_cache_backward
 from conan_embedding.training.task_kinds import (
     ENCODE_DOCUMENTS,
@@ -169,6 +172,7 @@ def check_cbb_supported(
     zero_stage: int | None,
     tasks_per_rank: Sequence[int],
     virtual: bool,
+    grad_balance: str = "none",
 ) -> None:
     """Refuse the engine settings under which CBB would hang or train wrongly.
 
@@ -183,8 +187,18 @@ def check_cbb_supported(
       two tasks runs two backwards against one elsewhere: the same hang. One task per device
       is fine;
     - virtual devices (one process) call ``backward`` outside DeepSpeed's engine in the
-      GradCache pass, skipping its loss scaling, gradient flush and accumulation boundary.
+      GradCache pass, skipping its loss scaling, gradient flush and accumulation boundary;
+    - ``grad_balance`` other than ``none`` on real devices: a rank holds only its share of a
+      task's gradient, and the task's norm would need an all-reduce of a whole gradient per
+      task (not built).
     """
+    if grad_balance != "none" and not virtual:
+        raise ValueError(
+            f"cbb.grad_balance: {grad_balance} runs on virtual devices only (one process, "
+            "`conan-embed train CONFIG`): on real devices a rank holds only its share of a "
+            "task's gradient, and the task's norm would need an all-reduce per task. Drop "
+            "cbb.grad_balance, or run the group's devices in one process"
+        )
     if distributed_type == "FSDP":
         raise ValueError(
             "CBB does not run under FSDP (the accelerate config's distributed_type): CBB devices "
@@ -240,6 +254,7 @@ class CBBTrainer:
         validate: Validate | None = None,
     ):
         self.layout = RankLayout.from_config(config)
+        self.config_grad_balance = config.cbb.grad_balance if config.cbb else "none"
         self.embedding = Trainer(
             config,
             model,
@@ -264,6 +279,7 @@ class CBBTrainer:
                 f"cbb.world_size is {group_size} but {engine.world_size} processes were started: "
                 "the process count must be a multiple of it (groups of cbb.world_size devices)"
             )
+        self._balance: TaskGradientBalance | None = None
         self.replicas = 1 if self.virtual else engine.world_size // group_size
         self.replica = 0 if self.virtual else engine.rank // group_size
         self.device_index: int | None = None if self.virtual else engine.rank % group_size
@@ -293,6 +309,7 @@ class CBBTrainer:
             zero_stage,
             [len(layout.tasks_of(rank)) for rank in range(layout.world_size)],
             virtual=not distributed,
+            grad_balance=self.config_grad_balance,
         )
 
     # ------------------------------------------------------------------ what the trainer holds
@@ -367,6 +384,9 @@ class CBBTrainer:
         masked = torch.zeros(len(names), dtype=torch.float64)  # false-negative counts, summed
         record: dict[str, float] = {}
         self.step_counts = self.embedding.reset_step_counts()
+        balance = self._gradient_balance()
+        if balance is not None:
+            balance.start()
         for order, name in enumerate(mine):
             task, index = self.tasks[name], names.index(name)
             n_devices = len(self.layout.task_ranks[name])
@@ -380,6 +400,10 @@ class CBBTrainer:
                         value, count = self._data_parallel_step(task, step, draws[name], position)
                         local[index] += value / n_devices
                         masked[index] += count
+            if balance is not None:
+                balance.add(name, self.task_weight(task))
+        if balance is not None:
+            record.update({f"grad_norm/{n}": norm for n, norm in balance.finish().items()})
         for name in names:
             if task_kind(self.tasks[name].kind).shares_devices:
                 record.update(self._observe(self.tasks[name], step, draws[name]))
@@ -399,6 +423,15 @@ class CBBTrainer:
         record["loss"] = total
         record.update(self.step_counts)  # this rank's texts and tokens (engine sums ranks)
         return record
+
+    def _gradient_balance(self) -> TaskGradientBalance | None:
+        """``cbb.grad_balance``'s balancer over the trainable parameters, or None."""
+        assert self.config.cbb is not None
+        if self.config.cbb.grad_balance == "none":
+            return None
+        if self._balance is None:
+            self._balance = TaskGradientBalance(self.forward_model.parameters())
+        return self._balance
 
     def _draw(self, task: TaskConfig, step: int) -> dict[str, Any]:
         """Every group's rows of the step (and negatives, for retrieval); this group's slice."""
