@@ -31,19 +31,24 @@ def _own_gradients(model: torch.nn.Linear, x: torch.Tensor, weights: list[float]
     return grads
 
 
-def test_balance_gives_each_task_its_weight_times_the_mean_norm():
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.0])
+def test_balance_gives_each_task_its_weight_times_the_mean_norm(alpha):
+    """alpha 1: every part has norm w_t * M; 0.5: the geometric mean of that and its own
+    norm; 0: the plain sum."""
     torch.manual_seed(0)
     model, x = torch.nn.Linear(5, 3), torch.randn(8, 5)
     weights = [1.0, 0.8, 0.0]  # a zero-weight task adds nothing and is left out of M
     own = _own_gradients(model, x, weights)
     norms = [float(g.norm()) for g in own]
     mean = (norms[0] + norms[1]) / 2
-    expected = mean * (weights[0] * own[0] / norms[0] + weights[1] * own[1] / norms[1])
+    expected = sum(own[t] * (weights[t] * mean / norms[t]) ** alpha for t in (0, 1))
+    if alpha == 0.0:
+        torch.testing.assert_close(expected, own[0] + own[1])
 
     carried = [torch.full_like(p, 0.5) for p in model.parameters()]
     for p, c in zip(model.parameters(), carried, strict=True):
         p.grad = c.clone()
-    balance = TaskGradientBalance(model.parameters())
+    balance = TaskGradientBalance(model.parameters(), alpha=alpha)
     balance.start()
     for index, weight in enumerate(weights):
         (weight * _losses(model, x)[index]).backward()
@@ -53,8 +58,7 @@ def test_balance_gives_each_task_its_weight_times_the_mean_norm():
     got = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(got, expected + 0.5, rtol=1e-5, atol=1e-6)
     assert logged == pytest.approx({"t0": norms[0], "t1": norms[1], "t2": 0.0}, rel=1e-6)
-    # the balanced parts have norms w_t * M: the big task no longer drowns the small one
-    assert norms[0] / norms[1] > 100
+    assert norms[0] / norms[1] > 100  # fully balanced, the big task no longer drowns the small
     with pytest.raises(ValueError, match="added twice"):
         balance.start()
         balance.add("a", 1.0)
@@ -120,6 +124,11 @@ def test_balanced_cbb_run_trains_and_logs_every_tasks_norm(tmp_path, bert):
     rows = [json.loads(line) for line in (result.output_dir / "train_log.jsonl").open()]
     norms = [[row[f"grad_norm/{t}"] for t in ("ret", "sts")] for row in rows if "step" in row]
     assert len(norms) == 1 and all(math.isfinite(n) and n > 0 for n in norms[0])
+
+
+def test_balance_alpha_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="alpha"):
+        TaskGradientBalance(torch.nn.Linear(2, 2).parameters(), alpha=1.5)
 
 
 def test_balance_is_refused_on_real_devices():

@@ -225,6 +225,9 @@ class CBBConfig(StrictModel):
     gradient norms) before the optimizer step, so the weights set each task's share of the
     step whatever its loss scale (:mod:`conan_embedding.training.grad_balance`); virtual
     devices only."""
+    grad_balance_alpha: float = Field(1.0, ge=0, le=1)
+    """How far ``grad_balance: norm`` goes: each task's norm becomes ``||g_t|| ** (1 - alpha)
+    * (w_t M) ** alpha`` (1: fully balanced, 0: the plain sum)."""
 
 
 class HeldoutConfig(StrictModel):

@@ -430,7 +430,9 @@ class CBBTrainer:
         if self.config.cbb.grad_balance == "none":
             return None
         if self._balance is None:
-            self._balance = TaskGradientBalance(self.forward_model.parameters())
+            self._balance = TaskGradientBalance(
+                self.forward_model.parameters(), alpha=self.config.cbb.grad_balance_alpha
+            )
         return self._balance
 
     def _draw(self, task: TaskConfig, step: int) -> dict[str, Any]:

@@ -11,7 +11,12 @@ task gets. Balance takes each task's direction and lets the weight alone set its
     g = M * sum_t w_t * g_t / ||g_t||,     g_t = w_t grad L_t,     M = mean_t ||g_t||
 
 ``M`` (the mean norm over the tasks with a non-zero gradient) keeps the step about as large as
-an average task's, so clipping and Adam see gradients of the usual size. A task with a zero
+an average task's, so clipping and Adam see gradients of the usual size. ``alpha``
+(``cbb.grad_balance_alpha``) goes part of the way: each task's part is
+``g_t * (w_t M / ||g_t||) ** alpha``, whose norm is the geometric mean
+``||g_t|| ** (1 - alpha) * (w_t M) ** alpha`` of its own norm and its balanced one; ``alpha = 1``
+is the formula above and ``alpha = 0`` the plain sum. Why a middle: full balance lifts a task
+whose loss is nearly solved (InfoNCE at 0.01) to the size of one that is not, noise included. A task with a zero
 gradient adds nothing and does not count in ``M``. It is GradNorm's aim (Chen et al., 2018)
 without its learned weights: the norms are measured on the step's own gradients, so nothing
 lags and nothing is learned.
@@ -45,7 +50,10 @@ import torch
 class TaskGradientBalance:
     """Gives every task of a step a gradient of norm ``w_t * M`` before the optimizer step."""
 
-    def __init__(self, parameters: Iterable[torch.nn.Parameter]):
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], alpha: float = 1.0):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"gradient balance alpha must be in [0, 1], got {alpha}")
+        self.alpha = alpha
         self.parameters = [p for p in parameters if p.requires_grad]
         self._carried: list[torch.Tensor | None] = []
         self._sum: list[torch.Tensor | None] = []
@@ -71,7 +79,7 @@ class TaskGradientBalance:
         # a zero gradient (zero weight or loss) adds nothing; a non-finite one is passed on
         # as it is, for the engine's finite check and the fp16 scaler to see
         balanced = norm > 0 and math.isfinite(norm)
-        factor = weight / norm if balanced else float(norm > 0)
+        factor = (weight / norm) ** self.alpha if balanced else float(norm > 0)
         for index, (p, grad) in enumerate(zip(self.parameters, grads, strict=True)):
             if grad is None:
                 continue
@@ -83,7 +91,7 @@ class TaskGradientBalance:
     def finish(self) -> dict[str, float]:
         """Write ``M * sum + set-aside`` onto the parameters; returns every task's norm."""
         live = [n for n in self.norms.values() if n > 0 and math.isfinite(n)]
-        scale = sum(live) / len(live) if live else 0.0
+        scale = (sum(live) / len(live)) ** self.alpha if live else 0.0
         for p, total, carried in zip(self.parameters, self._sum, self._carried, strict=True):
             if total is not None:
                 total.mul_(scale)
