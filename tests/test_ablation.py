@@ -195,6 +195,7 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
     assert _differences("full-beta02") == {"cbb.beta"}
     assert _differences("full-gradbal") == {"cbb.grad_balance"}
     assert _load("full-gradbal").cbb.grad_balance == "norm"
+    assert _differences("full-gradbal-half") == {"cbb.grad_balance", "cbb.grad_balance_alpha"}
 
 
 def test_minus_cbb_remine_is_minus_cbb_with_re_mining_only():
