@@ -196,6 +196,12 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
     assert _differences("full-gradbal") == {"cbb.grad_balance"}
     assert _load("full-gradbal").cbb.grad_balance == "norm"
     assert _differences("full-gradbal-half") == {"cbb.grad_balance", "cbb.grad_balance_alpha"}
+    tatoeba = _flatten(_load("full-tatoeba").model_dump())
+    combined = _flatten(_load("full-tatoeba-gradbal").model_dump())
+    assert {k for k in tatoeba | combined if tatoeba.get(k) != combined.get(k)} == {
+        "output_dir",
+        "cbb.grad_balance",
+    }
 
 
 def test_minus_cbb_remine_is_minus_cbb_with_re_mining_only():
