@@ -202,6 +202,11 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
         "output_dir",
         "cbb.grad_balance",
     }
+    half = _flatten(_load("full-tatoeba-gradbal-half").model_dump())
+    assert {k for k in combined | half if combined.get(k) != half.get(k)} == {
+        "output_dir",
+        "cbb.grad_balance_alpha",
+    }
 
 
 def test_minus_cbb_remine_is_minus_cbb_with_re_mining_only():
