@@ -254,6 +254,7 @@ class CBBTrainer:
         validate: Validate | None = None,
     ):
         self.layout = RankLayout.from_config(config)
+        # read by _check_engine, which the Trainer below calls before self.config is set
         self.config_grad_balance = config.cbb.grad_balance if config.cbb else "none"
         self.embedding = Trainer(
             config,
