@@ -73,8 +73,8 @@ class TaskGradientBalance:
         if task in self.norms:
             raise ValueError(f"task '{task}' was added twice in one step")
         grads = [p.grad for p in self.parameters]
-        present = [g.detach().float() for g in grads if g is not None]
-        norm = float(torch.nn.utils.get_total_norm(present)) if present else 0.0
+        squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+        norm = math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
         self.norms[task] = norm
         # a zero gradient (zero weight or loss) adds nothing; a non-finite one is passed on
         # as it is, for the engine's finite check and the fp16 scaler to see
