@@ -1,6 +1,7 @@
-"""Per-task gradient balance (``cbb.grad_balance: norm``): the balanced gradient is
-``M * sum_t w_t g_t / ||g_t||`` of the tasks' own gradients, on a toy module and in a CBB step
-on virtual devices; real devices are refused."""
+"""Per-task gradient balance (``cbb.grad_balance: norm | loss_rate``): the balanced gradient
+is ``M * sum_t w_t g_t / ||g_t||`` of the tasks' own gradients (times ``rho_t``, the task's
+relative loss rate, with ``loss_rate``), on a toy module and in a CBB step on virtual devices;
+real devices are refused."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from conan_embedding.config import TrainConfig
 from conan_embedding.toy import build_tiny_bert, toy_cbb_config
 from conan_embedding.training.cbb import CBBTrainer, check_cbb_supported
-from conan_embedding.training.grad_balance import TaskGradientBalance
+from conan_embedding.training.grad_balance import LossRate, TaskGradientBalance
 
 
 def _losses(model: torch.nn.Linear, x: torch.Tensor) -> list[torch.Tensor]:
@@ -136,3 +137,79 @@ def test_balance_is_refused_on_real_devices():
         check_cbb_supported("MULTI_CPU", None, [1, 1], False, grad_balance="norm")
     check_cbb_supported("NO", None, [2, 1], True, grad_balance="norm")
     check_cbb_supported("MULTI_CPU", None, [1, 1], False, grad_balance="none")
+
+
+def test_loss_rate_divides_the_smoothed_loss_by_the_mean_of_the_first_losses():
+    rate = LossRate(warmup=3, smoothing=0.5)
+    assert rate.rate("a") == 1.0  # before any loss
+    assert rate.update("a", 2.0) == pytest.approx(1.0)  # L(0) 2, EMA 2
+    assert rate.update("a", 4.0) == pytest.approx(3.0 / 3.0)  # L(0) 3, EMA 3
+    assert rate.update("a", 6.0) == pytest.approx(4.5 / 4.0)  # L(0) 4, EMA 4.5
+    assert rate.update("a", 0.5) == pytest.approx(2.5 / 4.0)  # L(0) stays 4 after warmup
+    assert rate.update("a", float("nan")) == pytest.approx(2.5 / 4.0)  # a skipped step
+    assert rate.update("b", 0.0) == 1.0  # a loss that starts at zero has no rate
+    restored = LossRate(warmup=3, smoothing=0.5)
+    restored.load_state_dict(json.loads(json.dumps(rate.state_dict())))
+    assert restored.update("a", 1.0) == pytest.approx(rate.update("a", 1.0))
+    with pytest.raises(ValueError, match="smoothing"):
+        LossRate(smoothing=1.0)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_loss_rate_balance_gives_each_task_its_weight_times_its_relative_rate(alpha):
+    """With warmup 1 and no smoothing ``r_t = L_t / L_t(0)``; each part's target norm is
+    ``w_t * rho_t * M`` with ``rho_t = r_t / mean(r)`` over the tasks with a gradient."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(5, 3), torch.randn(8, 5)
+    weights = [1.0, 0.8, 0.0]
+    own = _own_gradients(model, x, weights)
+    norms = [float(g.norm()) for g in own]
+    losses = [float(loss.detach()) for loss in _losses(model, x)]
+    initial = [2.0 * losses[0], 0.25 * losses[1], 1.0]  # task 0 has shed half, task 1 grown
+    rates = [losses[t] / initial[t] for t in range(3)]
+    mean_rate, mean_norm = (rates[0] + rates[1]) / 2, (norms[0] + norms[1]) / 2
+    expected = sum(
+        own[t] * (weights[t] * rates[t] / mean_rate * mean_norm / norms[t]) ** alpha for t in (0, 1)
+    )
+
+    loss_rate = LossRate(warmup=1, smoothing=0.0)
+    loss_rate.load_state_dict(
+        {
+            "initial": {f"t{t}": initial[t] for t in range(3)},
+            "seen": {f"t{t}": 1 for t in range(3)},
+            "smoothed": {f"t{t}": initial[t] for t in range(3)},
+        }
+    )
+    balance = TaskGradientBalance(model.parameters(), alpha=alpha, loss_rate=loss_rate)
+    balance.start()
+    for index, weight in enumerate(weights):
+        (weight * _losses(model, x)[index]).backward()
+        balance.add(f"t{index}", weight, loss=losses[index])
+    balance.finish()
+
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert balance.rates == pytest.approx({f"t{t}": rates[t] for t in range(3)})
+    # the task with 8x the other's rate gets 8x its weighted share at alpha 1
+    assert rates[1] / rates[0] == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="loss value"):
+        balance.start()
+        balance.add("t0", 1.0)
+
+
+def test_loss_rate_cbb_steps_log_rates_and_the_checkpoint_keeps_the_starting_losses(tmp_path, bert):
+    trainer = _trainer(tmp_path, bert, "loss_rate")
+    trainer.model.train()
+    first = trainer.step(0)
+    assert first["loss_rate/ret"] == pytest.approx(1.0)  # L(0) is the first loss itself
+    assert first["loss_rate/sts"] == pytest.approx(1.0)
+    trainer.forward_model.zero_grad(set_to_none=True)
+    second = trainer.step(1)
+    state = trainer.state_dict()
+    starting = state["loss_rate"]["initial"]
+    assert starting["ret"] == pytest.approx((first["loss/ret"] + second["loss/ret"]) / 2)
+    assert starting["sts"] == pytest.approx((first["loss/sts"] + second["loss/sts"]) / 2)
+
+    resumed = _trainer(tmp_path / "resumed", bert, "loss_rate")
+    resumed.load_state_dict(state)
+    assert resumed._gradient_balance().loss_rate.state_dict() == state["loss_rate"]

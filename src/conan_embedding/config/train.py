@@ -220,14 +220,15 @@ class CBBConfig(StrictModel):
     in_batch_negatives: bool = False
     """The paper's L_CBB: a query's denominator holds its positive and the N devices' negatives
     of that query only. True adds the other queries' positives and negatives."""
-    grad_balance: Literal["none", "norm"] = "none"
+    grad_balance: Literal["none", "norm", "loss_rate"] = "none"
     """``norm`` rescales each task's gradient to ``w_t * M`` (``M`` the mean of the tasks'
     gradient norms) before the optimizer step, so the weights set each task's share of the
-    step whatever its loss scale (:mod:`conan_embedding.training.grad_balance`); virtual
-    devices only."""
+    step whatever its loss scale; ``loss_rate`` to ``w_t * rho_t * M``, where ``rho_t`` is the
+    task's loss against its start relative to the other tasks', so a task that has shed its
+    loss gets less (:mod:`conan_embedding.training.grad_balance`); virtual devices only."""
     grad_balance_alpha: float = Field(1.0, ge=0, le=1)
-    """How far ``grad_balance: norm`` goes: each task's norm becomes ``||g_t|| ** (1 - alpha)
-    * (w_t M) ** alpha`` (1: fully balanced, 0: the plain sum)."""
+    """How far ``grad_balance`` goes: each task's norm becomes ``||g_t|| ** (1 - alpha)
+    * target ** alpha`` (1: fully balanced, 0: the plain sum)."""
 
 
 class HeldoutConfig(StrictModel):

@@ -29,8 +29,9 @@ How (group ``g``, device ``k`` of the group; task ``t`` on the devices ``R_t``, 
    negatives; every device computes the same ``L_t``.
 3. Each rank back-propagates ``S / N * w_t * L_t`` for its tasks (``w_t = beta`` for STS) and
    DDP averages gradients over all ``W = G * S`` ranks: the step's gradient is
-   ``1/G * sum_g sum_t w_t * grad L_t^g``. On virtual devices ``cbb.grad_balance: norm``
-   rescales each task's part to the norm ``w_t * M`` first
+   ``1/G * sum_g sum_t w_t * grad L_t^g``. On virtual devices ``cbb.grad_balance`` rescales
+   each task's part to the norm ``w_t * M`` first (``norm``), or ``w_t * rho_t * M`` with the
+   task's relative loss rate ``rho_t`` (``loss_rate``)
    (:mod:`conan_embedding.training.grad_balance`).
 4. DHNM: the negative scores of each group are gathered to every rank, which observes all of
    them in group order; so every rank's provider makes the same decisions by construction.
@@ -80,7 +81,7 @@ from conan_embedding.modeling.embedder import embedding_width
 from conan_embedding.training.collectives import all_gather_no_grad, all_gather_with_grad
 from conan_embedding.training.encode import encode_with_grad
 from conan_embedding.training.engine import Engine, RunResult
-from conan_embedding.training.grad_balance import TaskGradientBalance
+from conan_embedding.training.grad_balance import LossRate, TaskGradientBalance
 from conan_embedding.training.gradcache import Chunk, encode_with_graphs, grad_cache_backward
 from conan_embedding.training.task_kinds import (
     ENCODE_DOCUMENTS,
@@ -364,10 +365,17 @@ class CBBTrainer:
         return self.embedding.after_step(step)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.embedding.state_dict()
+        state = self.embedding.state_dict()
+        balance = self._gradient_balance()
+        if balance is not None and balance.loss_rate is not None:  # L_t(0) outlives a resume
+            state["loss_rate"] = balance.loss_rate.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.embedding.load_state_dict(state)
+        balance = self._gradient_balance()
+        if balance is not None and balance.loss_rate is not None and "loss_rate" in state:
+            balance.loss_rate.load_state_dict(state["loss_rate"])
 
     def finish(self, engine: Engine, result: RunResult) -> None:
         self.embedding.finish(engine, result)
@@ -402,9 +410,10 @@ class CBBTrainer:
                         local[index] += value / n_devices
                         masked[index] += count
             if balance is not None:
-                balance.add(name, self.task_weight(task))
+                balance.add(name, self.task_weight(task), loss=float(local[index]))
         if balance is not None:
             record.update({f"grad_norm/{n}": norm for n, norm in balance.finish().items()})
+            record.update({f"loss_rate/{n}": rate for n, rate in balance.rates.items()})
         for name in names:
             if task_kind(self.tasks[name].kind).shares_devices:
                 record.update(self._observe(self.tasks[name], step, draws[name]))
@@ -431,8 +440,11 @@ class CBBTrainer:
         if self.config.cbb.grad_balance == "none":
             return None
         if self._balance is None:
+            by_loss = self.config.cbb.grad_balance == "loss_rate"
             self._balance = TaskGradientBalance(
-                self.forward_model.parameters(), alpha=self.config.cbb.grad_balance_alpha
+                self.forward_model.parameters(),
+                alpha=self.config.cbb.grad_balance_alpha,
+                loss_rate=LossRate() if by_loss else None,
             )
         return self._balance
 

@@ -1,4 +1,4 @@
-"""Per-task gradient balance for the CBB step (``cbb.grad_balance: norm``).
+"""Per-task gradient balance for the CBB step (``cbb.grad_balance: norm | loss_rate``).
 
 Why: a CBB step back-propagates ``sum_t w_t grad L_t``, and the tasks' gradients differ in
 size by an order of magnitude that grows during training. On multilingual-e5-small after 200
@@ -21,6 +21,21 @@ gradient adds nothing and does not count in ``M``. It is GradNorm's aim (Chen et
 without its learned weights: the norms are measured on the step's own gradients, so nothing
 lags and nothing is learned.
 
+``loss_rate`` gives a task less the more of its loss it has already shed. Full ``norm``
+balance drives the retrieval losses of the ``full`` recipe from 0.8 to 0.01 within 40 steps
+and then keeps feeding them half the step (``docs/results.md``, issue #27). Here each task's
+target norm is ``w_t * rho_t * M`` instead of ``w_t * M``::
+
+    rho_t = r_t / mean_s r_s,     r_t = EMA_0.9(L_t) / L_t(0)
+
+with ``L_t(0)`` the mean of the task's first ten losses (one first loss is too noisy to
+divide by for a whole run) and the mean over the tasks with a non-zero gradient. A task at
+a tenth of its starting loss gets a tenth of the share of one that has not moved; a task whose
+loss rises (CoSENT under balance) gets more. ``r_t`` is GradNorm's inverse training rate,
+used as the target directly instead of through learned weights. The rates are part of the
+trainer's checkpoint (:meth:`TaskGradientBalance.state_dict`), so a resumed run keeps its
+``L_t(0)``.
+
 How: before the step, gradients already on the parameters are set aside; after each task's
 backward the parameters hold that task's gradient alone, whose norm is taken and whose
 normalised, weighted copy joins one running sum; at the end the parameters receive
@@ -37,6 +52,11 @@ Example::
         (weight * loss).backward()
         balance.add(name, weight)
     norms = balance.finish()  # {task: ||w_t grad L_t||}; the parameters hold g
+
+    # loss_rate: pass each task's loss value as well
+    balance = TaskGradientBalance(model.parameters(), loss_rate=LossRate())
+    ...
+        balance.add(name, weight, loss=float(loss))
 """
 
 from __future__ import annotations
@@ -47,31 +67,92 @@ from collections.abc import Iterable
 import torch
 
 
-class TaskGradientBalance:
-    """Gives every task of a step a gradient of norm ``w_t * M`` before the optimizer step."""
+class LossRate:
+    """Each task's loss against where it started: ``r_t = EMA(L_t) / L_t(0)``.
 
-    def __init__(self, parameters: Iterable[torch.nn.Parameter], alpha: float = 1.0):
+    ``L_t(0)`` is the mean of the task's first ``warmup`` finite losses (so ``r_t`` is about 1
+    while they come in); the EMA keeps ``smoothing`` of its last value at each step.
+    """
+
+    def __init__(self, warmup: int = 10, smoothing: float = 0.9):
+        if warmup < 1 or not 0.0 <= smoothing < 1.0:
+            raise ValueError(
+                f"loss rate needs warmup >= 1 and smoothing in [0, 1), got {warmup}, {smoothing}"
+            )
+        self.warmup, self.smoothing = warmup, smoothing
+        self.initial: dict[str, float] = {}
+        self.seen: dict[str, int] = {}
+        self.smoothed: dict[str, float] = {}
+
+    def update(self, task: str, loss: float) -> float:
+        """Take this step's loss of ``task``; returns its rate ``r_t``. A non-finite loss
+        (a step the engine will skip) leaves the state as it was."""
+        if math.isfinite(loss):
+            seen = self.seen.get(task, 0)
+            if seen < self.warmup:  # running mean of the first losses
+                self.initial[task] = (self.initial.get(task, 0.0) * seen + loss) / (seen + 1)
+                self.seen[task] = seen + 1
+            previous = self.smoothed.get(task, loss)
+            self.smoothed[task] = self.smoothing * previous + (1 - self.smoothing) * loss
+        return self.rate(task)
+
+    def rate(self, task: str) -> float:
+        """``r_t``; 1 before the task's first loss or while its starting loss is zero."""
+        initial = self.initial.get(task, 0.0)
+        return self.smoothed[task] / initial if initial > 0 else 1.0
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        return {
+            "initial": dict(self.initial),
+            "seen": dict(self.seen),
+            "smoothed": dict(self.smoothed),
+        }
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        self.initial = {k: float(v) for k, v in state["initial"].items()}
+        self.seen = {k: int(v) for k, v in state["seen"].items()}
+        self.smoothed = {k: float(v) for k, v in state["smoothed"].items()}
+
+
+class TaskGradientBalance:
+    """Gives every task of a step a gradient of norm ``w_t * M`` (times ``rho_t`` with a
+    :class:`LossRate`) before the optimizer step."""
+
+    def __init__(
+        self,
+        parameters: Iterable[torch.nn.Parameter],
+        alpha: float = 1.0,
+        loss_rate: LossRate | None = None,
+    ):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"gradient balance alpha must be in [0, 1], got {alpha}")
         self.alpha = alpha
+        self.loss_rate = loss_rate
         self.parameters = [p for p in parameters if p.requires_grad]
         self._carried: list[torch.Tensor | None] = []
         self._sum: list[torch.Tensor | None] = []
         self.norms: dict[str, float] = {}
+        self.rates: dict[str, float] = {}
 
     def start(self) -> None:
         """Set aside what the parameters hold, so the first task's gradient is its own."""
         self._carried = [p.grad for p in self.parameters]
         self._sum = [None] * len(self.parameters)
-        self.norms = {}
+        self.norms, self.rates = {}, {}
         for p in self.parameters:
             p.grad = None
 
-    def add(self, task: str, weight: float) -> float:
+    def add(self, task: str, weight: float, loss: float | None = None) -> float:
         """Take the gradient the parameters hold since the last call as task ``task``'s
-        (weight ``weight`` already applied); returns its norm."""
+        (weight ``weight`` already applied; ``loss``, its value, with a loss rate); returns
+        its norm."""
         if task in self.norms:
             raise ValueError(f"task '{task}' was added twice in one step")
+        if self.loss_rate is not None:
+            if loss is None:
+                raise ValueError(f"the loss-rate balance needs task '{task}''s loss value")
+            self.rates[task] = self.loss_rate.update(task, loss)
+            weight = weight * self.rates[task]  # rho_t's numerator; finish divides by the mean
         grads = [p.grad for p in self.parameters]
         squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
         norm = math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
@@ -90,8 +171,12 @@ class TaskGradientBalance:
 
     def finish(self) -> dict[str, float]:
         """Write ``M * sum + set-aside`` onto the parameters; returns every task's norm."""
-        live = [n for n in self.norms.values() if n > 0 and math.isfinite(n)]
-        scale = (sum(live) / len(live)) ** self.alpha if live else 0.0
+        live = [t for t, n in self.norms.items() if n > 0 and math.isfinite(n)]
+        mean_norm = sum(self.norms[t] for t in live) / len(live) if live else 0.0
+        if self.rates and live:  # rho_t = r_t / mean of the live tasks' r
+            mean_rate = sum(self.rates[t] for t in live) / len(live)
+            mean_norm = mean_norm / mean_rate if mean_rate > 0 else 0.0
+        scale = mean_norm**self.alpha if live else 0.0
         for p, total, carried in zip(self.parameters, self._sum, self._carried, strict=True):
             if total is not None:
                 total.mul_(scale)
