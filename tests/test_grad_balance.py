@@ -213,3 +213,38 @@ def test_loss_rate_cbb_steps_log_rates_and_the_checkpoint_keeps_the_starting_los
     resumed = _trainer(tmp_path / "resumed", bert, "loss_rate")
     resumed.load_state_dict(state)
     assert resumed._gradient_balance().loss_rate.state_dict() == state["loss_rate"]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_loss_rate_run_resumes_on_the_uninterrupted_rates(tmp_path, bert, monkeypatch):
+    """The starting losses travel in the checkpoint: steps after a resume see the same rates
+    (and so the same gradients and losses) as a run that was never stopped."""
+    from conan_embedding.training.engine import Engine
+
+    def run(folder: Path, resume: bool = False) -> dict[int, dict]:
+        raw = toy_cbb_config(folder, bert, steps=4, grad_balance="loss_rate")
+        CBBTrainer(TrainConfig.model_validate(raw)).train(resume=resume, show_progress=False)
+        rows = [json.loads(line) for line in (folder / "run" / "train_log.jsonl").open()]
+        return {row["step"]: row for row in rows if "step" in row}
+
+    straight = run(tmp_path / "straight")
+    save = Engine.save_checkpoint
+
+    def save_then_die(self, step, program):
+        path = save(self, step, program)
+        if step == 2:
+            raise _Killed
+        return path
+
+    monkeypatch.setattr(Engine, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(Engine, "save_checkpoint", save)
+    resumed = run(tmp_path / "killed", resume=True)
+    assert straight[4]["loss_rate/ret"] != pytest.approx(1.0, abs=1e-3)  # the rate has moved
+    for step in (3, 4):
+        for key in ("loss_rate/ret", "loss_rate/sts", "loss"):
+            assert resumed[step][key] == pytest.approx(straight[step][key], rel=1e-5), (step, key)
