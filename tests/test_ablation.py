@@ -198,6 +198,12 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
     assert _differences("full-gradbal-half") == {"cbb.grad_balance", "cbb.grad_balance_alpha"}
     assert _differences("full-gradbal-rate") == {"cbb.grad_balance"}
     assert _load("full-gradbal-rate").cbb.grad_balance == "loss_rate"
+    remine = _flatten(_load("full-remine").model_dump())
+    remine_rate = _flatten(_load("full-remine-gradbal-rate").model_dump())
+    assert {k for k in remine | remine_rate if remine.get(k) != remine_rate.get(k)} == {
+        "output_dir",
+        "cbb.grad_balance",
+    }
     tatoeba = _flatten(_load("full-tatoeba").model_dump())
     combined = _flatten(_load("full-tatoeba-gradbal").model_dump())
     assert {k for k in tatoeba | combined if tatoeba.get(k) != combined.get(k)} == {
