@@ -215,6 +215,11 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
         "output_dir",
         "cbb.grad_balance_alpha",
     }
+    rate = _flatten(_load("full-tatoeba-gradbal-rate").model_dump())
+    assert {k for k in combined | rate if combined.get(k) != rate.get(k)} == {
+        "output_dir",
+        "cbb.grad_balance",
+    }
 
 
 def test_minus_cbb_remine_is_minus_cbb_with_re_mining_only():
