@@ -32,9 +32,10 @@ with ``L_t(0)`` the mean of the task's first ten losses (one first loss is too n
 divide by for a whole run) and the mean over the tasks with a non-zero gradient. A task at
 a tenth of its starting loss gets a tenth of the share of one that has not moved; a task whose
 loss rises (CoSENT under balance) gets more. ``r_t`` is GradNorm's inverse training rate,
-used as the target directly instead of through learned weights. The rates are part of the
-trainer's checkpoint (:meth:`TaskGradientBalance.state_dict`), so a resumed run keeps its
-``L_t(0)``.
+used as the target directly instead of through learned weights. On the ``full`` recipe it
+settles the retrieval losses at 0.12-0.15 (bge) and 0.03-0.04 (CLR), between the plain sum's
+0.19 / 0.09 and ``norm``'s 0.013 / 0.004. The rates (:meth:`LossRate.state_dict`) are part
+of the CBB trainer's checkpoint, so a resumed run keeps its ``L_t(0)``.
 
 How: before the step, gradients already on the parameters are set aside; after each task's
 backward the parameters hold that task's gradient alone, whose norm is taken and whose
