@@ -28,8 +28,8 @@ target norm is ``w_t * rho_t * M`` instead of ``w_t * M``::
 
     rho_t = r_t / mean_s r_s,     r_t = EMA_0.9(L_t) / L_t(0)
 
-with ``L_t(0)`` the mean of the task's first ten losses (one first loss is too noisy to
-divide by for a whole run) and the mean over the tasks with a non-zero gradient. A task at
+where ``L_t(0)`` is the mean of the task's first ten losses (one first loss is too noisy to
+divide by for a whole run) and ``mean_s`` runs over the tasks with a non-zero gradient. A task at
 a tenth of its starting loss gets a tenth of the share of one that has not moved; a task whose
 loss rises (CoSENT under balance) gets more. ``r_t`` is GradNorm's inverse training rate,
 used as the target directly instead of through learned weights. On the ``full`` recipe it
@@ -173,11 +173,12 @@ class TaskGradientBalance:
     def finish(self) -> dict[str, float]:
         """Write ``M * sum + set-aside`` onto the parameters; returns every task's norm."""
         live = [t for t, n in self.norms.items() if n > 0 and math.isfinite(n)]
-        mean_norm = sum(self.norms[t] for t in live) / len(live) if live else 0.0
-        if self.rates and live:  # rho_t = r_t / mean of the live tasks' r
+        # M, or M / mean(r) with a loss rate: add() put each r_t in, so this makes rho_t
+        target = sum(self.norms[t] for t in live) / len(live) if live else 0.0
+        if self.rates and live:
             mean_rate = sum(self.rates[t] for t in live) / len(live)
-            mean_norm = mean_norm / mean_rate if mean_rate > 0 else 0.0
-        scale = mean_norm**self.alpha if live else 0.0
+            target = target / mean_rate if mean_rate > 0 else 0.0
+        scale = target**self.alpha if live else 0.0
         for p, total, carried in zip(self.parameters, self._sum, self._carried, strict=True):
             if total is not None:
                 total.mul_(scale)
