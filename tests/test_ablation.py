@@ -220,6 +220,16 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
         "output_dir",
         "cbb.grad_balance",
     }
+    for floored, parent in (
+        ("full-tatoeba-gradbal-floor", "full-tatoeba-gradbal-rate"),
+        ("full-gradbal-floor", "full-gradbal-rate"),
+    ):
+        child, base = _flatten(_load(floored).model_dump()), _flatten(_load(parent).model_dump())
+        assert {k for k in child | base if child.get(k) != base.get(k)} == {
+            "output_dir",
+            "cbb.grad_balance_rate_floor",
+        }
+        assert child["cbb.grad_balance_rate_floor"] == 0.3
 
 
 def test_minus_cbb_remine_is_minus_cbb_with_re_mining_only():

@@ -155,10 +155,11 @@ def test_loss_rate_divides_the_smoothed_loss_by_the_mean_of_the_first_losses():
         LossRate(smoothing=1.0)
 
 
-@pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_loss_rate_balance_gives_each_task_its_weight_times_its_relative_rate(alpha):
+@pytest.mark.parametrize(("alpha", "floor"), [(1.0, 0.0), (0.5, 0.0), (1.0, 1.0), (0.5, 1.0)])
+def test_loss_rate_balance_gives_each_task_its_weight_times_its_relative_rate(alpha, floor):
     """With warmup 1 and no smoothing ``r_t = L_t / L_t(0)``; each part's target norm is
-    ``w_t * rho_t * M`` with ``rho_t = r_t / mean(r)`` over the tasks with a gradient."""
+    ``w_t * rho_t * M`` with ``rho_t = c_t / mean(c)`` over the tasks with a gradient, where
+    ``c_t = max(r_t, floor)``: a floor of 1 lifts the task at rate 0.5, not the one at 4."""
     torch.manual_seed(0)
     model, x = torch.nn.Linear(5, 3), torch.randn(8, 5)
     weights = [1.0, 0.8, 0.0]
@@ -167,9 +168,11 @@ def test_loss_rate_balance_gives_each_task_its_weight_times_its_relative_rate(al
     losses = [float(loss.detach()) for loss in _losses(model, x)]
     initial = [2.0 * losses[0], 0.25 * losses[1], 1.0]  # task 0 has shed half, task 1 grown
     rates = [losses[t] / initial[t] for t in range(3)]
-    mean_rate, mean_norm = (rates[0] + rates[1]) / 2, (norms[0] + norms[1]) / 2
+    counted = [max(rate, floor) for rate in rates]
+    mean_rate, mean_norm = (counted[0] + counted[1]) / 2, (norms[0] + norms[1]) / 2
     expected = sum(
-        own[t] * (weights[t] * rates[t] / mean_rate * mean_norm / norms[t]) ** alpha for t in (0, 1)
+        own[t] * (weights[t] * counted[t] / mean_rate * mean_norm / norms[t]) ** alpha
+        for t in (0, 1)
     )
 
     loss_rate = LossRate(warmup=1, smoothing=0.0)
@@ -180,7 +183,9 @@ def test_loss_rate_balance_gives_each_task_its_weight_times_its_relative_rate(al
             "smoothed": {f"t{t}": initial[t] for t in range(3)},
         }
     )
-    balance = TaskGradientBalance(model.parameters(), alpha=alpha, loss_rate=loss_rate)
+    balance = TaskGradientBalance(
+        model.parameters(), alpha=alpha, loss_rate=loss_rate, rate_floor=floor
+    )
     balance.start()
     for index, weight in enumerate(weights):
         (weight * _losses(model, x)[index]).backward()
@@ -195,6 +200,17 @@ def test_loss_rate_balance_gives_each_task_its_weight_times_its_relative_rate(al
     with pytest.raises(ValueError, match="loss value"):
         balance.start()
         balance.add("t0", 1.0)
+
+
+def test_a_rate_floor_needs_the_loss_rate_balance(tmp_path):
+    with pytest.raises(ValueError, match="needs a loss rate"):
+        TaskGradientBalance(torch.nn.Linear(2, 2).parameters(), rate_floor=0.3)
+    config = toy_cbb_config(tmp_path, tmp_path / "model", grad_balance="norm")
+    config["cbb"]["grad_balance_rate_floor"] = 0.3
+    with pytest.raises(ValueError, match="grad_balance_rate_floor"):
+        TrainConfig.model_validate(config)
+    config["cbb"]["grad_balance"] = "loss_rate"
+    assert TrainConfig.model_validate(config).cbb.grad_balance_rate_floor == 0.3
 
 
 def test_loss_rate_cbb_steps_log_rates_and_the_checkpoint_keeps_the_starting_losses(tmp_path, bert):

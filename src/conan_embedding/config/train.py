@@ -229,6 +229,18 @@ class CBBConfig(StrictModel):
     grad_balance_alpha: float = Field(1.0, ge=0, le=1)
     """How far ``grad_balance`` goes: each task's norm becomes ``||g_t|| ** (1 - alpha)
     * target ** alpha`` (1: fully balanced, 0: the plain sum)."""
+    grad_balance_rate_floor: float = Field(0.0, ge=0, le=1)
+    """``loss_rate`` only: a task's rate counts as at least this, so a task that has shed
+    nearly all its loss keeps some share of the step (0: no floor)."""
+
+    @model_validator(mode="after")
+    def _floor_needs_loss_rate(self) -> CBBConfig:
+        if self.grad_balance_rate_floor > 0 and self.grad_balance != "loss_rate":
+            raise ValueError(
+                f"cbb.grad_balance_rate_floor ({self.grad_balance_rate_floor}) bounds the "
+                f"loss_rate balance; cbb.grad_balance is {self.grad_balance!r}"
+            )
+        return self
 
 
 class HeldoutConfig(StrictModel):

@@ -445,6 +445,7 @@ class CBBTrainer:
                 self.forward_model.parameters(),
                 alpha=self.config.cbb.grad_balance_alpha,
                 loss_rate=LossRate() if by_loss else None,
+                rate_floor=self.config.cbb.grad_balance_rate_floor,
             )
         return self._balance
 
