@@ -77,13 +77,14 @@ def test_every_recipe_config_validates():
 
 def test_arms_are_overrides_of_full_and_package_data():
     """Every arm but the baseline (a different recipe) is ``base: full`` (or an arm based on
-    it) plus overrides; the arms ship in the package (recipe_config_dir is not the checkout)."""
+    it) plus overrides, and the baseline's variants are ``base: baseline``; the arms ship in the
+    package (recipe_config_dir is not the checkout)."""
     assert recipe_config_dir().parts[-3:] == ("conan_embedding", "recipes", "v1")
     bases = {arm: yaml.safe_load((recipe_config_dir() / f"{arm}.yaml").read_text()).get("base")
              for arm in ARMS}  # fmt: skip
     assert bases.pop("full") is None and bases.pop("baseline") is None
     for arm, base in bases.items():
-        while base != "full":
+        while base not in ("full", "baseline"):
             assert base in bases, (arm, base)
             base = bases[base]
     assert resolve_arm("configs/recipe/full.yaml") == ("full", recipe_config_dir() / "full.yaml")
@@ -230,6 +231,16 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
             "cbb.grad_balance_rate_floor",
         }
         assert child["cbb.grad_balance_rate_floor"] == 0.3
+    for fast, parent in (
+        ("full-tatoeba-gradbal-floor-lr4", "full-tatoeba-gradbal-floor"),
+        ("baseline-lr4", "baseline"),
+    ):
+        child, base = _flatten(_load(fast).model_dump()), _flatten(_load(parent).model_dump())
+        assert {k for k in child | base if child.get(k) != base.get(k)} == {
+            "output_dir",
+            "optim.lr",
+        }
+        assert child["optim.lr"] == 2 * base["optim.lr"]
 
 
 def test_minus_cbb_remine_is_minus_cbb_with_re_mining_only():
