@@ -230,9 +230,13 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
     for fast, parent in (
         ("full-tatoeba-gradbal-floor-lr4", "full-tatoeba-gradbal-floor"),
         ("baseline-lr4", "baseline"),
+        ("full-gradbal-rate-lr4", "full-gradbal-rate"),
     ):
         assert _differences(fast, parent) == {"optim.lr"}
         assert _load(fast).optim.lr == 2 * _load(parent).optim.lr
+    clr8 = "full-tatoeba-gradbal-floor-lr4-clr8"
+    assert _differences(clr8, "full-tatoeba-gradbal-floor-lr4") == {"tasks.clr.batch_size"}
+    assert next(t for t in _load(clr8).tasks if t.name == "clr").batch_size == 8
 
 
 def test_minus_cbb_remine_is_minus_cbb_with_re_mining_only():
