@@ -595,6 +595,40 @@ def test_write_results_table_equals_the_jsons_and_keeps_the_analysis(tmp_path):
     assert page.read_text(encoding="utf-8") == text
 
 
+def test_the_bar_table_ranks_every_arm_against_its_own_baseline(tmp_path):
+    """Issue #27's bar: +2.0 on the average, two seeds, no row below the baseline."""
+    results = tmp_path / "results"
+    results.mkdir()
+    one_row_low = _fake_result("full-tatoeba", 42, 63.0)
+    one_row_low["scores"]["BQ"] = 58.0  # mean of the seeds 61.50, the baseline's 62.00
+    for name, record in {
+        "baseline-s42.json": _fake_result("baseline", 42, 60.0),
+        "baseline-s43.json": _fake_result("baseline", 43, 60.0),
+        "full-s42.json": _fake_result("full", 42, 62.0),
+        "full-s43.json": _fake_result("full", 43, 62.5),  # +2.25, two seeds, nothing below
+        "full-remine-s42.json": _fake_result("full-remine", 42, 63.0),  # one seed only
+        "full-tatoeba-s42.json": one_row_low,
+        "full-tatoeba-s43.json": _fake_result("full-tatoeba", 43, 63.0),
+        "baseline-620-s42.json": _fake_result("baseline-620", 42, 70.0),
+        "full-620-s42.json": _fake_result("full-620", 42, 69.0),  # against baseline-620
+    }.items():
+        (results / name).write_text(json.dumps(record), encoding="utf-8")
+    text = write_results(results, tmp_path / "results.md", chart=False).read_text("utf-8")
+    section = text.split("## Every arm against the bar of issue #27", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0].strip("| ") for r in rows[1:]] == [
+        "full-remine",
+        "full-tatoeba",
+        "full",
+        "full-620",
+    ]  # best gain first; the baselines are not rows
+    assert rows[1] == "| full-remine | 1 | baseline | 66.00 | +3.00 |  | none | no |"
+    assert rows[2] == "| full-tatoeba | 2 | baseline | 65.50 | +2.50 | 0.50 | BQ -0.50 | no |"
+    assert rows[3] == "| full | 2 | baseline | 65.25 | +2.25 | 0.25 | none | yes |"
+    assert rows[4].startswith("| full-620 | 1 | baseline-620 | 72.00 | -1.00 |  | ")
+    assert rows[4].endswith(" | no |") and "STSB -1.00" in rows[4]
+
+
 def _negatives(rule: str, replacements: float | None, first: float) -> dict[str, Any]:
     return {
         "rule": rule, "replacements": replacements, "pool_exhausted": None,

@@ -7,7 +7,7 @@ regenerate; ``conan-embed recipe report`` rewrites it from ``bench/results/recip
 How: :func:`load_results` groups the JSONs by arm (seeds together, tagged runs such as
 ``full-620`` after the plain arms); :func:`write_results` renders the score table with the
 difference lines and the rows quoted from issue #9, the chart, the paper-shaped ablation,
-the truncated-dimension scores, the hard-negative statistics, the examples seen and the runs'
+every arm against issue #27's bar, the truncated-dimension scores, the hard-negative statistics, the examples seen and the runs'
 provenance. The hand-written analysis between the ``<!-- analysis -->`` markers survives
 regeneration. :func:`backfill_negative_stats` adds the hard-negative statistics to JSONs
 written before they were recorded, where the arm's train log is still on disk.
@@ -272,6 +272,54 @@ def _full_baseline_pairs(by_name: dict[str, ArmSummary]) -> list[tuple[str, str]
     return pairs
 
 
+BAR_GAIN = 2.0
+"""Issue #27's bar: the seven-row average at least this far above the baseline's (mean of
+:data:`BAR_SEEDS` seeds), with no row below the baseline's."""
+BAR_SEEDS = 2
+
+
+def _baseline_of(name: str) -> str:
+    """The baseline an arm is measured against: ``baseline`` for the plain arms, the same tag's
+    baseline (``baseline-620``) for a ``--tag`` run."""
+    arm, tag = _split_tag(name)
+    return "baseline" if arm is None else f"baseline-{tag}"
+
+
+def _bar_table(arms: list[ArmSummary]) -> str:
+    """Every arm with all seven rows against its baseline, best average gain first: the gain,
+    the rows below the baseline (by how much) and whether it clears :data:`BAR_GAIN`."""
+    by_name = {s.arm: s for s in arms}
+    rows = []
+    for summary in arms:
+        baseline = by_name.get(_baseline_of(summary.arm))
+        if summary.arm in ("base", _baseline_of(summary.arm)) or baseline is None:
+            continue
+        average, reference = summary.average(), baseline.average()
+        if average is None or reference is None:
+            continue
+        gaps = {t: summary.mean(t) - baseline.mean(t) for t in RECIPE_TASKS}  # type: ignore[operator]
+        below = [
+            f"{t} {g:+.2f}" for t, g in sorted(gaps.items(), key=lambda kv: kv[1]) if g < -0.005
+        ]
+        seeds = len(summary.seeds)
+        clears = seeds >= BAR_SEEDS and average - reference >= BAR_GAIN and not below
+        rows.append((average - reference, summary, baseline.arm, below, clears))
+    lines = [
+        "| arm | seeds | against | average | gain | half-range | rows below the baseline | "
+        f"clears +{BAR_GAIN:.1f} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for gain, summary, baseline_name, below, clears in sorted(rows, key=lambda r: -r[0]):
+        spread = summary.average_half_range()
+        lines.append(
+            f"| {summary.arm} | {len(summary.seeds)} | {baseline_name} | "
+            f"{summary.average():.2f} | {gain:+.2f} | "
+            f"{'' if spread is None else f'{spread:.2f}'} | {', '.join(below) or 'none'} | "
+            f"{'yes' if clears else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _precision(mixed_precision: str | None) -> str:
     return "fp32" if mixed_precision in (None, "no") else mixed_precision
 
@@ -463,6 +511,14 @@ Runs made before DHNM took S_0 at assignment (issue #16) show their commit in th
 in those, DHNM could not act in full-data runs (full-620 and minus-dhnm-620 are one model).
 
 {_paper_shape_table(arms)}
+## Every arm against the bar of issue #27
+
+The bar: the seven-row average at least +{BAR_GAIN:.1f} above the baseline trained the same way
+(same steps and tag), mean of {BAR_SEEDS} seeds, and no row below the baseline's. Every arm with all
+seven rows, best gain first; "half-range" is the arm's own seed spread (the baseline's is in
+the table above); a row is "below" when its mean is under the baseline's mean.
+
+{_bar_table(arms)}
 ## Matryoshka: the same models with embeddings cut short
 
 Scores of each arm's model with its embedding truncated to the first `dims` values
