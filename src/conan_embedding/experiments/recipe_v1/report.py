@@ -7,8 +7,8 @@ regenerate; ``conan-embed recipe report`` rewrites it from ``bench/results/recip
 How: :func:`load_results` groups the JSONs by arm (seeds together, tagged runs such as
 ``full-620`` after the plain arms); :func:`write_results` renders the score table with the
 difference lines and the rows quoted from issue #9, the chart, the paper-shaped ablation,
-every arm against issue #27's bar, the truncated-dimension scores, the hard-negative statistics, the examples seen and the runs'
-provenance. The hand-written analysis between the ``<!-- analysis -->`` markers survives
+every arm against issue #27's bar, the truncated-dimension scores, the hard-negative
+statistics, the examples seen and the runs' provenance. The hand-written analysis between the ``<!-- analysis -->`` markers survives
 regeneration. :func:`backfill_negative_stats` adds the hard-negative statistics to JSONs
 written before they were recorded, where the arm's train log is still on disk.
 """
