@@ -234,6 +234,11 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
     ):
         assert _differences(fast, parent) == {"optim.lr"}
         assert _load(fast).optim.lr == 2 * _load(parent).optim.lr
+    higher_floor = "full-tatoeba-gradbal-floor07-lr4"
+    assert _differences(higher_floor, "full-tatoeba-gradbal-floor-lr4") == {
+        "cbb.grad_balance_rate_floor"
+    }
+    assert _load(higher_floor).cbb.grad_balance_rate_floor == 0.7
     clr8 = "full-tatoeba-gradbal-floor-lr4-clr8"
     assert _differences(clr8, "full-tatoeba-gradbal-floor-lr4") == {"tasks.clr.batch_size"}
     assert next(t for t in _load(clr8).tasks if t.name == "clr").batch_size == 8
