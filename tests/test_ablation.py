@@ -239,6 +239,16 @@ def test_issue_27_arms_each_change_one_mechanism_of_full():
         "cbb.grad_balance_rate_floor"
     }
     assert _load(higher_floor).cbb.grad_balance_rate_floor == 0.7
+    cosent12 = "full-tatoeba-gradbal-floor07-lr4-cosent12"
+    assert _differences(cosent12, higher_floor) == {
+        "tasks.cnsd-sts.batch_size",
+        "tasks.zh-pairs.batch_size",
+    }
+    assert {t.name: t.batch_size for t in _load(cosent12).tasks if "-" in t.name} == {
+        "cnsd-sts": 12,
+        "zh-pairs": 12,
+        "parallel-pairs": 32,
+    }
     clr8 = "full-tatoeba-gradbal-floor-lr4-clr8"
     assert _differences(clr8, "full-tatoeba-gradbal-floor-lr4") == {"tasks.clr.batch_size"}
     assert next(t for t in _load(clr8).tasks if t.name == "clr").batch_size == 8
