@@ -8,9 +8,10 @@ How: :func:`load_results` groups the JSONs by arm (seeds together, tagged runs s
 ``full-620`` after the plain arms); :func:`write_results` renders the score table with the
 difference lines and the rows quoted from issue #9, the chart, the paper-shaped ablation,
 every arm against issue #27's bar, the truncated-dimension scores, the hard-negative
-statistics, the examples seen and the runs' provenance. The hand-written analysis between the ``<!-- analysis -->`` markers survives
-regeneration. :func:`backfill_negative_stats` adds the hard-negative statistics to JSONs
-written before they were recorded, where the arm's train log is still on disk.
+statistics, the examples seen and the runs' provenance. The hand-written analysis between the
+``<!-- analysis -->`` markers survives regeneration. :func:`backfill_negative_stats` adds the
+hard-negative statistics to JSONs written before they were recorded, where the arm's train log
+is still on disk.
 """
 
 from __future__ import annotations
@@ -297,7 +298,11 @@ def _bar_table(arms: list[ArmSummary]) -> str:
         average, reference = summary.average(), baseline.average()
         if average is None or reference is None:
             continue
-        gaps = {t: summary.mean(t) - baseline.mean(t) for t in RECIPE_TASKS}  # type: ignore[operator]
+        gaps: dict[str, float] = {}
+        for task in RECIPE_TASKS:
+            mine, theirs = summary.mean(task), baseline.mean(task)
+            assert mine is not None and theirs is not None  # both averages exist, so every row
+            gaps[task] = mine - theirs
         below = [
             f"{t} {g:+.2f}" for t, g in sorted(gaps.items(), key=lambda kv: kv[1]) if g < -0.005
         ]
@@ -513,10 +518,10 @@ in those, DHNM could not act in full-data runs (full-620 and minus-dhnm-620 are 
 {_paper_shape_table(arms)}
 ## Every arm against the bar of issue #27
 
-The bar: the seven-row average at least +{BAR_GAIN:.1f} above the baseline trained the same way
-(same steps and tag), mean of {BAR_SEEDS} seeds, and no row below the baseline's. Every arm with all
-seven rows, best gain first; "half-range" is the arm's own seed spread (the baseline's is in
-the table above); a row is "below" when its mean is under the baseline's mean.
+The bar: the seven-row average at least +{BAR_GAIN:.1f} above the baseline trained the same
+way (same steps and tag), mean of {BAR_SEEDS} seeds, and no row below the baseline's. Every arm
+with all seven rows, best gain first; "half-range" is the arm's own seed spread (the
+baseline's is in the table above); a row is "below" when its mean is under the baseline's.
 
 {_bar_table(arms)}
 ## Matryoshka: the same models with embeddings cut short
