@@ -67,21 +67,21 @@ class ArmSummary:
         values = self.values(task)
         return (max(values) - min(values)) / 2 if len(values) > 1 else None
 
-    def average(self) -> float | None:
-        """Mean over the issue's seven rows (per seed, then averaged), if all are there."""
-        per_seed = [
+    def seed_averages(self) -> list[float]:
+        """Each seed's mean over the issue's seven rows, for the seeds that have all seven."""
+        return [
             sum(r["scores"][t] for t in RECIPE_TASKS) / len(RECIPE_TASKS)
             for r in self.records
             if all(t in r.get("scores", {}) for t in RECIPE_TASKS)
         ]
+
+    def average(self) -> float | None:
+        """Mean over the issue's seven rows (per seed, then averaged), if all are there."""
+        per_seed = self.seed_averages()
         return sum(per_seed) / len(per_seed) if per_seed else None
 
     def average_half_range(self) -> float | None:
-        per_seed = [
-            sum(r["scores"][t] for t in RECIPE_TASKS) / len(RECIPE_TASKS)
-            for r in self.records
-            if all(t in r.get("scores", {}) for t in RECIPE_TASKS)
-        ]
+        per_seed = self.seed_averages()
         return (max(per_seed) - min(per_seed)) / 2 if len(per_seed) > 1 else None
 
 
@@ -290,7 +290,7 @@ def _bar_table(arms: list[ArmSummary]) -> str:
     """Every arm with all seven rows against its baseline, best average gain first: the gain,
     the rows below the baseline (by how much) and whether it clears :data:`BAR_GAIN`."""
     by_name = {s.arm: s for s in arms}
-    rows = []
+    rows: list[tuple[float, str]] = []  # (gain, table line)
     for summary in arms:
         baseline = by_name.get(_baseline_of(summary.arm))
         if summary.arm in ("base", _baseline_of(summary.arm)) or baseline is None:
@@ -306,23 +306,19 @@ def _bar_table(arms: list[ArmSummary]) -> str:
         below = [
             f"{t} {g:+.2f}" for t, g in sorted(gaps.items(), key=lambda kv: kv[1]) if g < -0.005
         ]
-        seeds = len(summary.seeds)
-        clears = seeds >= BAR_SEEDS and average - reference >= BAR_GAIN and not below
-        rows.append((average - reference, summary, baseline.arm, below, clears))
-    lines = [
+        gain, seeds, spread = average - reference, len(summary.seeds), summary.average_half_range()
+        clears = seeds >= BAR_SEEDS and gain >= BAR_GAIN and not below
+        cells = [
+            summary.arm, str(seeds), baseline.arm, f"{average:.2f}", f"{gain:+.2f}",
+            "" if spread is None else f"{spread:.2f}", ", ".join(below) or "none",
+            "yes" if clears else "no",
+        ]  # fmt: skip
+        rows.append((gain, "| " + " | ".join(cells) + " |"))
+    header = (
         "| arm | seeds | against | average | gain | half-range | rows below the baseline | "
-        f"clears +{BAR_GAIN:.1f} |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for gain, summary, baseline_name, below, clears in sorted(rows, key=lambda r: -r[0]):
-        spread = summary.average_half_range()
-        lines.append(
-            f"| {summary.arm} | {len(summary.seeds)} | {baseline_name} | "
-            f"{summary.average():.2f} | {gain:+.2f} | "
-            f"{'' if spread is None else f'{spread:.2f}'} | {', '.join(below) or 'none'} | "
-            f"{'yes' if clears else 'no'} |"
-        )
-    return "\n".join(lines) + "\n"
+        f"clears +{BAR_GAIN:.1f} |\n|---|---|---|---|---|---|---|---|"
+    )
+    return "\n".join([header, *(line for _, line in sorted(rows, key=lambda r: -r[0]))]) + "\n"
 
 
 def _precision(mixed_precision: str | None) -> str:
